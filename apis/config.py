@@ -1,0 +1,130 @@
+"""Server configuration: one YAML file, validated by pydantic, overridable from the command line.
+
+Everything an operator decides lives here (which models, where their weights are, batch and
+cache sizes, input and size limits), so the routes themselves carry no policy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MiB = 1024 * 1024
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Limits(_Strict):
+    """Caps that keep one request from exhausting the server."""
+
+    max_body_bytes: int = Field(64 * MiB, gt=0, description="Largest request body; larger -> 413.")
+    max_image_pixels: int = Field(40_000_000, gt=0, description="Largest decoded image (width x height).")
+    max_image_side: int = Field(16384, gt=0, description="Largest image width or height.")
+    max_response_bytes: int = Field(256 * MiB, gt=0, description="Largest dense tensor a response may carry.")
+    max_text_chars: int = Field(2000, gt=0, description="Longest text prompt.")
+
+
+class UrlInput(_Strict):
+    """``image_url`` input: off unless enabled; public addresses only unless told otherwise."""
+
+    enabled: bool = False
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names ('example.com', '*.example.com') or IPs/CIDRs allowed; empty = any public host.",
+    )
+    allow_private_networks: bool = Field(
+        False, description="Allow loopback/private/link-local targets (only for trusted networks)."
+    )
+    timeout_s: float = Field(10.0, gt=0)
+    max_redirects: int = Field(3, ge=0)
+
+
+class PathInput(_Strict):
+    """``image_path`` input: off unless at least one root folder is named."""
+
+    roots: list[Path] = Field(default_factory=list)
+
+
+class Inputs(_Strict):
+    url: UrlInput = Field(default_factory=UrlInput)
+    path: PathInput = Field(default_factory=PathInput)
+
+
+class ModelEntry(_Strict):
+    """One model an operator allows. ``name``/``pretrained`` are what requests ask for."""
+
+    name: str
+    pretrained: str = ""
+    weights: str | None = Field(
+        None,
+        description="'random', a local checkpoint path, or null to let the library fetch `pretrained`.",
+    )
+    arch_config: Path | None = Field(None, description="Architecture JSON for models the library lacks.")
+    aliases: list[list[str] | str] = Field(default_factory=list, description="Other spellings of this model.")
+
+    @property
+    def is_random(self) -> bool:
+        return self.weights == "random"
+
+    @property
+    def weights_source(self) -> str:
+        if self.is_random:
+            return "random (untrained weights: outputs are meaningless)"
+        if self.weights:
+            return f"file {self.weights}"
+        return f"library download of '{self.pretrained}'"
+
+
+class Family(_Strict):
+    """Settings shared by every model of one family (clip, dino, ...)."""
+
+    enabled: bool = True
+    models: list[ModelEntry] = Field(default_factory=list)
+    load: Literal["eager", "lazy"] = Field("eager", description="Load at worker start, or on first use.")
+    max_batch_size: int = Field(16, ge=1)
+    batch_timeout: float = Field(0.01, gt=0, description="Seconds to wait for a batch to fill (0 busy-spins).")
+    workers_per_device: int | None = Field(None, ge=1)
+
+    @field_validator("models")
+    @classmethod
+    def _some_models(cls, v: list[ModelEntry]) -> list[ModelEntry]:
+        if not v:
+            raise ValueError("list at least one model")
+        return v
+
+
+class ServerConfig(_Strict):
+    limits: Limits = Field(default_factory=Limits)
+    inputs: Inputs = Field(default_factory=Inputs)
+    public_docs: bool = Field(False, description="Serve /docs and /openapi.json without a key.")
+    clip: Family | None = None
+
+    def families(self) -> dict[str, Family]:
+        return {
+            name: fam
+            for name in ("clip",)
+            if (fam := getattr(self, name)) is not None and fam.enabled
+        }
+
+
+def load_config(path: str | Path | None) -> ServerConfig:
+    """Read and validate a YAML config; relative paths in it are taken from the file's folder."""
+    if path is None:
+        return ServerConfig()
+    path = Path(path)
+    raw = yaml.safe_load(path.read_text()) or {}
+    cfg = ServerConfig.model_validate(raw)
+    base = path.resolve().parent
+    for fam in cfg.families().values():
+        for m in fam.models:
+            if m.arch_config is not None and not m.arch_config.is_absolute():
+                m.arch_config = base / m.arch_config
+            if m.weights not in (None, "random") and not Path(m.weights).is_absolute():
+                m.weights = str(base / m.weights)
+    cfg.inputs.path.roots = [r if r.is_absolute() else base / r for r in cfg.inputs.path.roots]
+    return cfg

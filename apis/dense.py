@@ -1,0 +1,126 @@
+"""Dense-feature plumbing shared by CLIP and DINO: resize, pad, PCA, upsample, layout.
+
+Plain functions on PIL images and torch tensors; nothing here knows about HTTP.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+PaddingMode = Literal["constant", "reflect", "replicate", "circular"]
+InterpolationMode = Literal["nearest", "nearest-exact", "bilinear", "bicubic", "area"]
+TensorFormat = Literal["HWC", "CHW"]
+
+
+def resized_size(width: int, height: int, load_size: int | None) -> tuple[int, int]:
+    """Size after the seed's ``load_size`` rule.
+
+    > 0: the shorter side becomes ``load_size`` (aspect kept, the longer side truncated like
+    torchvision's ``Resize(int)``); < 0: the shorter side becomes ``|load_size|`` times itself;
+    None: unchanged.
+    """
+    if load_size is None:
+        return width, height
+    short, long = min(width, height), max(width, height)
+    new_short = load_size if load_size > 0 else -load_size * short
+    new_long = int(new_short * long / short)
+    return (new_short, new_long) if width <= height else (new_long, new_short)
+
+
+def prepare_image(img: Image.Image, load_size: int | None, center_crop: bool) -> Image.Image:
+    """Resize (bicubic) by the ``load_size`` rule, then optionally centre-crop a square.
+
+    The crop side is the shorter side after resizing, which equals ``load_size`` when it is
+    positive.
+    """
+    w, h = resized_size(*img.size, load_size)
+    if (w, h) != img.size:
+        img = img.resize((w, h), Image.BICUBIC)
+    if center_crop:
+        side = min(w, h)
+        left, top = int(round((w - side) / 2.0)), int(round((h - side) / 2.0))
+        img = img.crop((left, top, left + side, top + side))
+    return img
+
+
+def to_tensor(img: Image.Image, mean: tuple, std: tuple) -> torch.Tensor:
+    """(1, 3, H, W) float32, normalised."""
+    x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(img.height, img.width, 3)
+    x = x.permute(2, 0, 1).float().div_(255.0)
+    x = (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    return x.unsqueeze(0)
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int, mode: PaddingMode) -> torch.Tensor:
+    """Pad bottom and right so H and W are multiples of ``multiple`` (constant pads with 0)."""
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph == 0 and pw == 0:
+        return x
+    return F.pad(x, (0, pw, 0, ph), mode=mode) if mode != "constant" else F.pad(x, (0, pw, 0, ph), value=0.0)
+
+
+def padded_size(height: int, width: int, multiple: int) -> tuple[int, int]:
+    return height + (-height) % multiple, width + (-width) % multiple
+
+
+def pca_rgb(feats: torch.Tensor, niter: int, q_min: float, q_max: float) -> torch.Tensor:
+    """Project (h, w, C) features on their top 3 principal components, scaled to [0, 1].
+
+    Low-rank PCA with ``niter`` power iterations from a fixed seed, and each component's sign
+    fixed so its largest loading is positive: the same input always gives the same colours.
+    Each channel is stretched between its ``q_min`` and ``q_max`` quantiles and clamped.
+    """
+    h, w, c = feats.shape
+    x = feats.reshape(-1, c).float()
+    x = x - x.mean(dim=0, keepdim=True)
+    q = min(3, *x.shape)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        _, _, v = torch.pca_lowrank(x, q=q, center=False, niter=niter)
+    idx = v.abs().argmax(dim=0)
+    v = v * torch.where(v[idx, torch.arange(q)] < 0, -1.0, 1.0)
+    proj = x @ v
+    if q < 3:
+        proj = F.pad(proj, (0, 3 - q))
+    lo = torch.quantile(proj, q_min, dim=0)
+    hi = torch.quantile(proj, q_max, dim=0)
+    out = (proj - lo) / (hi - lo).clamp(min=1e-12)
+    return out.clamp(0.0, 1.0).reshape(h, w, 3)
+
+
+def upsample_unpad(
+    grid: torch.Tensor, padded_hw: tuple[int, int], out_hw: tuple[int, int], mode: InterpolationMode
+) -> torch.Tensor:
+    """Upsample an (h, w, C) patch grid to the padded image size, then crop the padding."""
+    x = grid.permute(2, 0, 1).unsqueeze(0).float()
+    kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
+    x = F.interpolate(x, size=padded_hw, mode=mode, **kwargs)
+    return x[0, :, : out_hw[0], : out_hw[1]].permute(1, 2, 0)
+
+
+def to_layout(x: torch.Tensor, fmt: TensorFormat) -> torch.Tensor:
+    """(H, W, C) -> the requested layout."""
+    return x.permute(2, 0, 1) if fmt == "CHW" else x
+
+
+def interpolate_pos_embed(pos: torch.Tensor, src_grid: tuple[int, int], dst_grid: tuple[int, int],
+                          n_prefix: int = 1) -> torch.Tensor:
+    """Bicubically resize the grid part of a (n_prefix + gh*gw, C) positional embedding."""
+    if tuple(src_grid) == tuple(dst_grid):
+        return pos
+    prefix, grid = pos[:n_prefix], pos[n_prefix:]
+    c = grid.shape[-1]
+    grid = grid.reshape(1, src_grid[0], src_grid[1], c).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=dst_grid, mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(dst_grid[0] * dst_grid[1], c).to(pos.dtype)
+    return torch.cat([prefix, grid], dim=0)

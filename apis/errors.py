@@ -1,0 +1,96 @@
+"""One error shape for every route, OpenAI style: ``{"error": {"message", "type", "param", "code"}}``.
+
+Model code raises :class:`APIError`; the HTTP layer turns it (and FastAPI's own validation and
+HTTP errors) into that JSON body. Inside a batch an error is carried as a value, never raised
+past ``predict``, so one bad request cannot fail its neighbours.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    422: "invalid_request_error",
+    500: "server_error",
+    503: "server_unavailable",
+}
+
+
+class APIError(Exception):
+    """A failure the client can act on; ``message`` says what to change."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.status, self.message, param=self.param, code=self.code)
+
+    def to_wire(self) -> dict[str, Any]:
+        """Picklable form that travels from a worker back to the HTTP process."""
+        return {"__error__": {"status": self.status, **self.body()}}
+
+    @classmethod
+    def from_wire(cls, payload: Any) -> APIError | None:
+        if isinstance(payload, dict) and "__error__" in payload:
+            err = payload["__error__"]
+            e = err["error"]
+            return cls(err["status"], e["message"], param=e.get("param"), code=e.get("code"))
+        return None
+
+    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+def error_body(status: int, message: str, *, param: str | None = None, code: str | None = None) -> dict:
+    return {
+        "error": {
+            "message": message,
+            "type": _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error"),
+            "param": param,
+            "code": code,
+        }
+    }
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    parts, first_param = [], None
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        where = ".".join(loc) or "body"
+        first_param = first_param or where
+        msg = err.get("msg", "invalid value")
+        if err.get("type") == "json_invalid":
+            msg = "request body is not valid JSON"
+        parts.append(f"{where}: {msg}")
+    return "; ".join(parts) or "invalid request", first_param
+
+
+def install_error_handlers(app) -> None:
+    """Render every error the app produces in the one shape above."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError):
+        message, param = _validation_message(exc)
+        return JSONResponse(error_body(422, message, param=param, code="validation_error"), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException):
+        detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        return JSONResponse(error_body(exc.status_code, detail), status_code=exc.status_code, headers=exc.headers)

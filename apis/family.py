@@ -1,0 +1,307 @@
+"""What every model family shares: one LitAPI per family serving several routes through one queue.
+
+A family's routes (``/clip/extract``, ``/clip/encode_text``, ...) are endpoints of one
+:class:`FamilySpec`, so one worker process holds ONE copy of each model however many routes
+use it. Work is split where it is cheapest to refuse bad input:
+
+* HTTP process (:meth:`FamilyAPI.prepare`): pydantic validation, model lookup, reading the
+  image bytes and checking the image header. Errors answer at once and never reach a worker.
+* worker (:meth:`FamilyAPI.predict`): pixel decoding and the model. Each request's failure is
+  carried as a value, so one bad request never fails the others in its batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import inspect
+import logging
+import os
+import pickle
+import signal
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import litserve as ls
+import torch
+from fastapi import HTTPException
+from fastapi.responses import JSONResponse
+from litserve.specs.base import LitSpec
+from litserve.utils import LitAPIStatus, ResponseBufferItem, WorkerSetupStatus
+from PIL import Image
+from pydantic import BaseModel
+
+from .config import ModelEntry, ServerConfig
+from .errors import APIError
+from .images import ImageInput, decode_image, probe_image, read_image_bytes
+from .registry import Key, ModelRegistry, canonical
+
+log = logging.getLogger("visionserve")
+
+_IMAGE_FIELDS = {"image", "image_url", "image_path"}
+
+
+@dataclass(frozen=True)
+class Route:
+    op: str
+    request: type[BaseModel]
+    response: type[BaseModel]
+    summary: str
+
+
+@dataclass
+class Job:
+    """One request as it travels to a worker: validated fields, the model's id, raw image bytes."""
+
+    op: str
+    model_id: str
+    params: dict[str, Any]
+    image_bytes: bytes | None = None
+    image: Image.Image | None = field(default=None, repr=False)
+
+
+def configure_logging(level: str) -> None:
+    """Same log format in the server process and in every (spawned) worker."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    log.setLevel(level.upper())
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _die_with_parent() -> None:
+    """Linux: have the kernel kill this worker if the server process dies, even by SIGKILL."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        return
+    if os.getppid() == 1:
+        os._exit(0)
+
+
+class FamilySpec(LitSpec):
+    """Registers a family's POST routes and its ``GET /<family>/health`` on one request queue."""
+
+    def __init__(self, api: FamilyAPI):
+        super().__init__()
+        self.api_path = f"/{api.family}"
+        self._api = api
+
+    def __getstate__(self):
+        # Endpoint closures stay in the HTTP process; workers only need the queue plumbing.
+        state = super().__getstate__()
+        state["_endpoints"] = []
+        return state
+
+    def pre_setup(self, lit_api: FamilyAPI):
+        for route in lit_api.routes:
+            self.add_endpoint(f"{self.api_path}/{route.op}", self._endpoint(route), ["POST"])
+        self.add_endpoint(f"{self.api_path}/health", self.health, ["GET"])
+
+    def _endpoint(self, route: Route) -> Callable:
+        async def endpoint(request):
+            try:
+                job = await asyncio.to_thread(self._api.prepare, route.op, request)
+            except APIError as e:
+                return e.response()
+            return await self._submit(job)
+
+        endpoint.__signature__ = inspect.Signature(
+            [inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=route.request)],
+            return_annotation=route.response,
+        )
+        endpoint.__name__ = f"{self._api.family}_{route.op}"
+        endpoint.__doc__ = route.summary
+        return endpoint
+
+    async def _submit(self, job: Job) -> JSONResponse:
+        uid = uuid.uuid4()
+        event = asyncio.Event()
+        self.response_buffer[uid] = ResponseBufferItem(event=event)
+        self.request_queue.put((self.response_queue_id, uid, time.monotonic(), job))
+        await event.wait()
+        response, status = self.response_buffer.pop(uid).response
+        if status == LitAPIStatus.ERROR:
+            return _worker_failure(response).response()
+        err = APIError.from_wire(response)
+        return err.response() if err else JSONResponse(response)
+
+    async def health(self) -> JSONResponse:
+        """Open readiness of this family's workers (what the seed clients poll)."""
+        prefix = f"{self._api.family}_"
+        states = [v for k, v in self._server.workers_setup_status.items() if k.startswith(prefix)]
+        ready = sum(v == WorkerSetupStatus.READY for v in states)
+        ok = bool(states) and ready == len(states)
+        body = {"status": "ok" if ok else "starting", "family": self._api.family, "workers_ready": ready,
+                "workers": len(states)}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+
+def _worker_failure(response: Any) -> APIError:
+    if isinstance(response, bytes):
+        try:
+            response = pickle.loads(response)
+        except Exception:
+            response = None
+    if isinstance(response, HTTPException) and response.status_code == 504:
+        return APIError(504, "the request waited in the queue longer than the server's timeout; retry later",
+                        code="queue_timeout")
+    if isinstance(response, HTTPException):
+        return APIError(response.status_code, str(response.detail))
+    if response is None:
+        return APIError(500, "the model worker stopped while handling this request; it is being restarted, retry",
+                        code="worker_died")
+    return APIError(500, "internal error in the model worker (details are in the server log)", code="internal_error")
+
+
+class FamilyAPI(ls.LitAPI):
+    """Base LitAPI of a model family. Subclasses set the class attributes and implement
+    :meth:`load_model` and one ``op_<name>(model, jobs) -> list[dict | APIError]`` per route."""
+
+    family: str
+    routes: tuple[Route, ...]
+    model_fields: tuple[str, ...]
+    model_key: Callable[..., Key] = staticmethod(canonical)
+
+    def __init__(self, cfg: ServerConfig, dtype: str = "auto", log_level: str = "info"):
+        fam = cfg.families()[self.family]
+        super().__init__(max_batch_size=fam.max_batch_size, batch_timeout=fam.batch_timeout, spec=FamilySpec(self))
+        self.cfg = cfg
+        self.fam = fam
+        self.dtype_name = dtype
+        self.log_level = log_level
+        self.registry = ModelRegistry(self.family, fam.models, self.model_fields, key=self.model_key)
+        self.stats: Any = None  # shared dict, set by the server before workers start
+
+    # ------------------------------------------------------------------ HTTP process
+    def prepare(self, op: str, request: BaseModel) -> Job:
+        """Validate what needs the config and read the image bytes; raises APIError."""
+        entry = self.registry.resolve(*(getattr(request, f, None) for f in self.model_fields))
+        self.check(op, request)
+        image = None
+        if isinstance(request, ImageInput):
+            image = read_image_bytes(request, self.cfg)
+            probe_image(image, self.cfg.limits)
+        params = request.model_dump(exclude=_IMAGE_FIELDS | set(self.model_fields))
+        return Job(op=op, model_id=self.registry.id_of(entry), params=params, image_bytes=image)
+
+    def check(self, op: str, request: BaseModel) -> None:
+        """Family-specific checks that pydantic cannot express; raise APIError."""
+
+    # ------------------------------------------------------------------ worker process
+    def setup(self, device: str) -> None:
+        _die_with_parent()
+        configure_logging(self.log_level)
+        if device.startswith("cuda"):
+            torch.cuda.set_device(torch.device(device))
+        self.torch_device = torch.device(device)
+        self.compute_dtype = resolve_dtype(self.dtype_name, device)
+        self.worker_id = int(os.environ.get("LITSERVE_WORKER_ID", "0"))
+        self._models: dict[str, Any] = {}
+        self._requests: dict[str, Counter] = defaultdict(Counter)
+        self._batches: dict[str, Counter] = defaultdict(Counter)
+        if self.fam.load == "eager":
+            for entry in self.registry.entries:
+                self.model(entry)
+        self._publish()
+
+    def load_model(self, entry: ModelEntry) -> Any:
+        raise NotImplementedError
+
+    def model(self, entry: ModelEntry) -> Any:
+        """The worker's one instance of ``entry``, loaded on first use."""
+        key = self.registry.id_of(entry)
+        if key not in self._models:
+            t0 = time.perf_counter()
+            self._models[key] = self.load_model(entry)
+            log.info("%s worker %d loaded %s on %s (%s, weights: %s) in %.1fs", self.family, self.worker_id, key,
+                     self.torch_device, str(self.compute_dtype).removeprefix("torch."), entry.weights_source,
+                     time.perf_counter() - t0)
+            if entry.is_random:
+                log.warning("%s model %s has RANDOM weights: its outputs are meaningless", self.family, key)
+        return self._models[key]
+
+    def decode_request(self, request: Job) -> Job | APIError:
+        if request.image_bytes is not None:
+            try:
+                request.image = decode_image(request.image_bytes, self.cfg.limits)
+            except APIError as e:
+                return e
+            request.image_bytes = None
+        return request
+
+    def batch(self, inputs: list) -> list:
+        return list(inputs)
+
+    def unbatch(self, output: list) -> list:
+        return output
+
+    def predict(self, x):
+        items = x if self.max_batch_size > 1 else [x]
+        results: list[Any] = list(items)
+        groups: dict[tuple[str, str], list[int]] = defaultdict(list)
+        for i, item in enumerate(items):
+            if isinstance(item, Job):
+                groups[(item.op, item.model_id)].append(i)
+        for (op, model_id), idx in groups.items():
+            self._batches[op][len(idx)] += 1
+            for i, out in zip(idx, self._run(op, model_id, [items[i] for i in idx])):
+                results[i] = out
+        for i, item in enumerate(items):
+            op = item.op if isinstance(item, Job) else "decode"
+            res = results[i]
+            self._requests[op]["ok" if not isinstance(res, APIError) else
+                               ("server_error" if res.status >= 500 else "client_error")] += 1
+        self._publish()
+        return results if self.max_batch_size > 1 else results[0]
+
+    def _run(self, op: str, model_id: str, jobs: list[Job]) -> list:
+        handler = getattr(self, f"op_{op}")
+        try:
+            model = self.model(self.registry.by_id(model_id))
+            return handler(model, jobs)
+        except APIError as e:
+            return [e] * len(jobs)
+        except Exception:
+            if len(jobs) > 1:  # find the culprit: run each request on its own
+                return [out for job in jobs for out in self._run(op, model_id, [job])]
+            log.exception("%s/%s failed", self.family, op)
+            return [APIError(500, f"internal error while running {self.family}/{op} (details are in the server log)",
+                             code="internal_error")]
+
+    def encode_response(self, output):
+        return output.to_wire() if isinstance(output, APIError) else output
+
+    def _publish(self) -> None:
+        if self.stats is None:
+            return
+        self.stats[f"{self.family}/{self.worker_id}"] = {
+            "family": self.family,
+            "worker": self.worker_id,
+            "pid": os.getpid(),
+            "device": str(self.torch_device),
+            "dtype": str(self.compute_dtype).removeprefix("torch."),
+            "models_loaded": sorted(self._models),
+            "requests": {op: dict(c) for op, c in self._requests.items()},
+            "batch_sizes": {op: {str(k): v for k, v in sorted(c.items())} for op, c in self._batches.items()},
+        }
+
+
+def per_item(jobs: list[Job], fn: Callable[[Job], dict]) -> list:
+    """Run ``fn`` on each job; an APIError becomes that job's answer, not the batch's."""
+    out = []
+    for job in jobs:
+        try:
+            out.append(fn(job))
+        except APIError as e:
+            out.append(e)
+    return out

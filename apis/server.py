@@ -1,0 +1,154 @@
+"""Assembles the one LitServer: family APIs, auth and size middleware, errors, ``/info``.
+
+Worker processes are placed by LitServe (``workers_per_device`` on every device). A worker that
+dies is restarted and its in-flight requests get an error (not a hang); for that LitServe needs
+its HTTP servers as threads of this process, which is why ``api_server_worker_type='thread'``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+import litserve as ls
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from litserve.utils import WorkerSetupStatus
+from starlette.middleware.gzip import GZipMiddleware
+
+from . import __version__
+from .clip_api import ClipAPI
+from .config import ServerConfig
+from .errors import install_error_handlers
+from .family import FamilyAPI
+from .middleware import BearerAuth, BodyLimit
+
+log = logging.getLogger("visionserve")
+
+FAMILIES: dict[str, type[FamilyAPI]] = {"clip": ClipAPI}
+_DOC_PATHS = {"/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"}
+
+
+@dataclass
+class Options:
+    """Process-level choices from the command line (the YAML holds the model-level ones)."""
+
+    accelerator: str = "auto"
+    devices: int | list[int] | str = "auto"
+    workers_per_device: int = 1
+    dtype: str = "auto"
+    api_keys: list[str] | None = field(default_factory=list)  # None = auth disabled
+    queue_timeout: float = 300.0
+    log_level: str = "info"
+
+
+class VisionServer(ls.LitServer):
+    """LitServer plus a shared stats dict, all-workers-ready startup and a clean stop."""
+
+    def _init_manager(self, num_api_servers: int):
+        manager = super()._init_manager(num_api_servers)
+        self.stats = manager.dict()
+        for api in self.litapi_connector:
+            api.stats = self.stats
+        return manager
+
+    def verify_worker_status(self):
+        """Serve only once EVERY worker loaded its models; fail fast (no restart loop) if one cannot."""
+        expected = sum(len(self._inference_workers_config_for_api(a.api_path)) for a in self.litapi_connector)
+        while True:
+            states = list(self.workers_setup_status.values())
+            if any(s == WorkerSetupStatus.ERROR for s in states) or any(
+                not p.is_alive() for p in self.inference_workers
+            ):
+                raise RuntimeError("a model worker failed to start (see its error above)")
+            if len(states) == expected and all(s == WorkerSetupStatus.READY for s in states):
+                return
+            time.sleep(0.1)
+
+    def _perform_graceful_shutdown(self, manager, uvicorn_workers, shutdown_reason: str = "normal"):
+        # Stop the monitor first, or it restarts the workers we are about to terminate.
+        with contextlib.suppress(Exception):
+            self._shutdown_event.set()
+        super()._perform_graceful_shutdown(manager, uvicorn_workers, shutdown_reason)
+
+
+def build_server(cfg: ServerConfig, opts: Options) -> VisionServer:
+    families = cfg.families()
+    if not families:
+        raise ValueError("no model family is enabled: configure at least one (see configs/demo.yaml)")
+    apis = [FAMILIES[name](cfg, dtype=opts.dtype, log_level=opts.log_level) for name in families]
+    wpd = {f"/{name}": fam.workers_per_device or opts.workers_per_device for name, fam in families.items()}
+
+    def is_open(path: str) -> bool:
+        return path == "/health" or (path.endswith("/health") and path[1:-7] in families) or (
+            cfg.public_docs and path in _DOC_PATHS
+        )
+
+    middlewares = [(BodyLimit, {"max_bytes": cfg.limits.max_body_bytes})]
+    if opts.api_keys is not None:
+        middlewares.append((BearerAuth, {"keys": opts.api_keys, "is_open": is_open}))
+    server = VisionServer(
+        apis,
+        accelerator=opts.accelerator,
+        devices=opts.devices,
+        workers_per_device=wpd,
+        timeout=opts.queue_timeout,
+        middlewares=middlewares,
+        restart_workers=True,
+    )
+    # LitServe adds gzip at level 9; on multi-MB base64 tensors it costs more CPU than it saves bytes.
+    server.app.user_middleware = [m for m in server.app.user_middleware if m.cls is not GZipMiddleware]
+    install_error_handlers(server.app)
+    _replace_info_route(server, cfg, opts, apis)
+    return server
+
+
+def _replace_info_route(server: VisionServer, cfg: ServerConfig, opts: Options, apis: list[FamilyAPI]) -> None:
+    server.app.router.routes = [r for r in server.app.router.routes if getattr(r, "path", None) != "/info"]
+
+    @server.app.get("/info", summary="Models, devices, workers, weights source and request counters.")
+    async def info(_: Request) -> JSONResponse:
+        stats = dict(getattr(server, "stats", {}) or {})
+        return JSONResponse(describe(cfg, opts, apis, server.devices, stats))
+
+
+def describe(cfg: ServerConfig, opts: Options, apis: list[FamilyAPI], devices, stats: dict) -> dict:
+    families = {}
+    for api in apis:
+        workers = sorted((v for v in stats.values() if v["family"] == api.family), key=lambda v: v["worker"])
+        totals: dict[str, dict[str, int]] = {}
+        for w in workers:
+            for op, counts in w["requests"].items():
+                for k, n in counts.items():
+                    totals.setdefault(op, {}).setdefault(k, 0)
+                    totals[op][k] += n
+        families[api.family] = {
+            "routes": [f"/{api.family}/{r.op}" for r in api.routes],
+            "models": [
+                {"id": api.registry.id_of(e), "weights": e.weights_source, "random_weights": e.is_random}
+                for e in api.registry.entries
+            ],
+            "default_model": api.registry.id_of(api.registry.default),
+            "load": api.fam.load,
+            "max_batch_size": api.fam.max_batch_size,
+            "batch_timeout_s": api.fam.batch_timeout,
+            "requests": totals,
+            "workers": workers,
+        }
+    return {
+        "name": "visionserve",
+        "version": __version__,
+        "random_weights": any(e.is_random for a in apis for e in a.registry.entries),
+        "auth": "disabled" if opts.api_keys is None else "bearer",
+        "devices": [d if isinstance(d, str) else list(d) for d in devices],
+        "dtype": opts.dtype,
+        "families": families,
+        "limits": cfg.limits.model_dump(),
+        "inputs": {"image_url": cfg.inputs.url.enabled, "image_path": bool(cfg.inputs.path.roots)},
+    }
+
+
+def random_weight_models(cfg: ServerConfig) -> list[str]:
+    return [f"{name}:{m.name}" for name, fam in cfg.families().items() for m in fam.models if m.is_random]

@@ -1,0 +1,51 @@
+"""Dense tensors on the wire: base64 of raw little-endian values, plus ``shape`` and ``dtype``.
+
+float32 is the default (what the seed clients decode); float16 halves the bytes on request.
+Sizes are checked before anything is computed, so nobody builds a 4 GB JSON by accident.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+
+from .errors import APIError
+
+OutputDType = Literal["float32", "float16"]
+_ITEMSIZE = {"float32": 4, "float16": 2}
+
+
+def base64_len(nbytes: int) -> int:
+    return 4 * math.ceil(nbytes / 3)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def check_response_size(shape: Sequence[int], dtype: OutputDType, limit: int, hint: str) -> None:
+    """Refuse, before computing it, a tensor whose base64 form would exceed ``limit`` bytes."""
+    nbytes = math.prod(shape) * _ITEMSIZE[dtype]
+    wire = base64_len(nbytes)
+    if wire > limit:
+        dims = "x".join(str(s) for s in shape)
+        raise APIError(
+            400,
+            f"the response would carry a {dims} {dtype} tensor: {_human(nbytes)} raw, {_human(wire)} as base64, "
+            f"over this server's limit of {_human(limit)}; {hint}",
+            code="response_too_large",
+        )
+
+
+def encode_array(arr: np.ndarray, dtype: OutputDType = "float32") -> tuple[str, list[int]]:
+    """(base64 of little-endian ``dtype`` values in C order, shape)."""
+    out = np.ascontiguousarray(arr, dtype=np.dtype(dtype).newbyteorder("<"))
+    return base64.b64encode(out.tobytes()).decode("ascii"), list(out.shape)

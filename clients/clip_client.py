@@ -1,0 +1,167 @@
+"""CLIP client, seed 004 names: ``extract_clip_features``, ``encode_clip_text``,
+``compute_clip_similarity``, their ``*_decoded`` forms and the decode helpers.
+
+``image`` is base64 text (as the seed sent) or anything :func:`encode_image` takes (path,
+bytes, PIL image, uint8 array); ``image_url`` / ``image_path`` work when the server allows them.
+``model_name`` / ``model_pretrained`` left as None use the server's default model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .common import VisionServeError, decode_array, encode_image, get, image_fields, post
+
+__all__ = [
+    "VisionServeError",
+    "compute_clip_similarity",
+    "compute_clip_similarity_decoded",
+    "decode_features",
+    "decode_similarity_map",
+    "decode_text_embedding",
+    "encode_clip_text",
+    "encode_clip_text_decoded",
+    "encode_image",
+    "extract_clip_features",
+    "extract_clip_features_decoded",
+    "health",
+]
+
+FAMILY = "clip"
+
+
+def health(base_url: str | None = None, api_key: str | None = None) -> dict:
+    return get(FAMILY, "health", base_url, api_key)
+
+
+def extract_clip_features(
+    image: Any = None,
+    model_name: str | None = None,
+    model_pretrained: str | None = None,
+    ret_pca: bool = False,
+    ret_patches: bool = True,
+    load_size: int | None = 1024,
+    center_crop: bool = False,
+    pca_niter: int = 5,
+    pca_q_min: float = 0.01,
+    pca_q_max: float = 0.99,
+    interpolation_mode: str = "bilinear",
+    tensor_format: str = "HWC",
+    padding_mode: str = "constant",
+    output_dtype: str = "float32",
+    base_url: str | None = None,
+    api_key: str | None = None,
+    image_url: str | None = None,
+    image_path: str | None = None,
+    timeout: float = 600.0,
+) -> dict:
+    """POST /clip/extract; returns the JSON (``features``, ``shape``, ``dtype``, ``is_pca``)."""
+    payload = {
+        **image_fields(image, image_url, image_path),
+        "model_name": model_name,
+        "model_pretrained": model_pretrained,
+        "ret_pca": ret_pca,
+        "ret_patches": ret_patches,
+        "load_size": load_size,
+        "center_crop": center_crop,
+        "pca_niter": pca_niter,
+        "pca_q_min": pca_q_min,
+        "pca_q_max": pca_q_max,
+        "interpolation_mode": interpolation_mode,
+        "tensor_format": tensor_format,
+        "padding_mode": padding_mode,
+        "output_dtype": output_dtype,
+    }
+    return post(FAMILY, "extract", payload, base_url, api_key, timeout)
+
+
+def encode_clip_text(
+    text: str,
+    model_name: str | None = None,
+    model_pretrained: str | None = None,
+    output_dtype: str = "float32",
+    base_url: str | None = None,
+    api_key: str | None = None,
+    timeout: float = 120.0,
+) -> dict:
+    """POST /clip/encode_text; returns ``text_embedding``, ``shape``, ``dtype``."""
+    payload = {"text": text, "model_name": model_name, "model_pretrained": model_pretrained,
+               "output_dtype": output_dtype}
+    return post(FAMILY, "encode_text", payload, base_url, api_key, timeout)
+
+
+def compute_clip_similarity(
+    image: Any = None,
+    text: str = "",
+    model_name: str | None = None,
+    model_pretrained: str | None = None,
+    softmax: float = 1.0,
+    ret_pca: bool = False,
+    ret_patches: bool = True,
+    load_size: int | None = 1024,
+    center_crop: bool = False,
+    interpolation_mode: str = "bilinear",
+    padding_mode: str = "constant",
+    similarity: str = "dot",
+    negatives: list[str] | None = None,
+    relevancy_temperature: float = 10.0,
+    output_dtype: str = "float32",
+    base_url: str | None = None,
+    api_key: str | None = None,
+    image_url: str | None = None,
+    image_path: str | None = None,
+    timeout: float = 600.0,
+) -> dict:
+    """POST /clip/similarity; returns ``similarity_map``, ``shape``, ``dtype``."""
+    payload = {
+        **image_fields(image, image_url, image_path),
+        "text": text,
+        "model_name": model_name,
+        "model_pretrained": model_pretrained,
+        "softmax": softmax,
+        "ret_pca": ret_pca,
+        "ret_patches": ret_patches,
+        "load_size": load_size,
+        "center_crop": center_crop,
+        "interpolation_mode": interpolation_mode,
+        "padding_mode": padding_mode,
+        "similarity": similarity,
+        "negatives": negatives,
+        "relevancy_temperature": relevancy_temperature,
+        "output_dtype": output_dtype,
+    }
+    return post(FAMILY, "similarity", payload, base_url, api_key, timeout)
+
+
+def decode_features(features_b64: str, shape: list[int], dtype: str = "float32") -> np.ndarray:
+    return decode_array(features_b64, shape, dtype)
+
+
+def decode_text_embedding(embedding_b64: str, shape: list[int], dtype: str = "float32") -> np.ndarray:
+    return decode_array(embedding_b64, shape, dtype)
+
+
+def decode_similarity_map(map_b64: str, shape: list[int], dtype: str = "float32") -> np.ndarray:
+    return decode_array(map_b64, shape, dtype)
+
+
+def _image_arg(image: Any) -> Any:
+    """The ``*_decoded`` helpers take a file path (as in the seed) or an image object."""
+    return encode_image(image) if isinstance(image, str) else image
+
+
+def extract_clip_features_decoded(image: Any, **kwargs) -> np.ndarray:
+    r = extract_clip_features(_image_arg(image), **kwargs)
+    return decode_features(r["features"], r["shape"], r["dtype"])
+
+
+def encode_clip_text_decoded(text: str, **kwargs) -> np.ndarray:
+    r = encode_clip_text(text, **kwargs)
+    return decode_text_embedding(r["text_embedding"], r["shape"], r["dtype"])
+
+
+def compute_clip_similarity_decoded(image: Any, text: str, **kwargs) -> np.ndarray:
+    r = compute_clip_similarity(_image_arg(image), text=text, **kwargs)
+    return decode_similarity_map(r["similarity_map"], r["shape"], r["dtype"])

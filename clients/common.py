@@ -1,0 +1,111 @@
+"""What every client shares: server settings, HTTP with clear errors, image and tensor coding."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import requests
+import yaml
+
+SERVERS_ENV = "VISIONSERVE_SERVERS"
+KEY_ENV = "VISIONSERVE_API_KEY"
+_DEFAULT_SERVERS = Path(__file__).with_name("servers.yaml")
+_local = threading.local()
+
+
+class VisionServeError(RuntimeError):
+    """The server refused or failed a request; ``message`` is the server's own explanation."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
+                 body: Any = None):
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        self.body = body
+
+
+def server_settings(family: str, base_url: str | None = None, api_key: str | None = None) -> tuple[str, str | None]:
+    """(base_url, api_key): explicit arguments first, then servers.yaml, then $VISIONSERVE_API_KEY."""
+    if base_url is None or api_key is None:
+        path = Path(os.environ.get(SERVERS_ENV, _DEFAULT_SERVERS))
+        entry = (yaml.safe_load(path.read_text()) or {}).get(family, {}) if path.exists() else {}
+        base_url = base_url or entry.get("base_url") or f"http://127.0.0.1:8000/{family}"
+        api_key = api_key or entry.get("api_key") or os.environ.get(KEY_ENV)
+    return base_url.rstrip("/"), api_key
+
+
+def _session() -> requests.Session:
+    if not hasattr(_local, "session"):
+        _local.session = requests.Session()
+    return _local.session
+
+
+def _raise_for(resp: requests.Response) -> None:
+    if resp.ok:
+        return
+    try:
+        body = resp.json()
+    except ValueError:
+        body = resp.text
+    err = body.get("error") if isinstance(body, dict) else None
+    if isinstance(err, dict):
+        raise VisionServeError(resp.status_code, err.get("message", ""), err.get("code"), err.get("param"), body)
+    detail = body.get("detail") if isinstance(body, dict) else body
+    raise VisionServeError(resp.status_code, str(detail or resp.reason), body=body)
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def post(family: str, route: str, payload: dict, base_url: str | None = None, api_key: str | None = None,
+         timeout: float = 600.0) -> dict:
+    url, key = server_settings(family, base_url, api_key)
+    resp = _session().post(f"{url}/{route}", json=payload, headers=_headers(key), timeout=timeout)
+    _raise_for(resp)
+    return resp.json()
+
+
+def get(family: str, route: str, base_url: str | None = None, api_key: str | None = None,
+        timeout: float = 10.0) -> dict:
+    url, key = server_settings(family, base_url, api_key)
+    resp = _session().get(f"{url}/{route}", headers=_headers(key), timeout=timeout)
+    _raise_for(resp)
+    return resp.json()
+
+
+def encode_image(image: Any) -> str:
+    """Base64 of an image: a file path, raw bytes, a PIL image or an HxWx3 uint8 array."""
+    if isinstance(image, (str, Path)):
+        return base64.b64encode(Path(image).read_bytes()).decode("ascii")
+    if isinstance(image, (bytes, bytearray)):
+        return base64.b64encode(bytes(image)).decode("ascii")
+    from PIL import Image
+
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def image_fields(image: Any = None, image_url: str | None = None, image_path: str | None = None) -> dict:
+    """The request's image fields. A ``str`` ``image`` is already base64 (as in the seed clients)."""
+    if image is not None and not isinstance(image, str):
+        image = encode_image(image)
+    fields = {"image": image, "image_url": image_url, "image_path": image_path}
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def decode_array(data: str, shape: list[int], dtype: str = "float32") -> np.ndarray:
+    """Inverse of the server's tensor encoding: base64 little-endian values -> array of ``shape``."""
+    raw = base64.b64decode(data)
+    return np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape).astype(dtype, copy=False)
