@@ -20,20 +20,33 @@ KEYS_ENV = "VISIONSERVE_API_KEYS"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="visionserve", description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=os.environ.get("VISIONSERVE_CONFIG", str(HERE / "configs" / "default.yaml")),
-                   help="YAML config: models, weights, batching, limits (default: configs/default.yaml; "
-                   "configs/demo.yaml runs offline with random weights)")
-    p.add_argument("--host", default="127.0.0.1", choices=["127.0.0.1", "0.0.0.0", "::"],
-                   help="interface to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument(
+        "--config",
+        default=os.environ.get("VISIONSERVE_CONFIG", str(HERE / "configs" / "default.yaml")),
+        help="YAML config: models, weights, batching, limits (default: configs/default.yaml; "
+        "configs/demo.yaml runs offline with random weights)",
+    )
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        choices=["127.0.0.1", "0.0.0.0", "::"],
+        help="interface to listen on (default: 127.0.0.1, this machine only)",
+    )
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--devices", default="auto", help="GPU count, a list like 0,2, or auto (ignored on CPU)")
     p.add_argument("--workers-per-device", type=int, default=1, help="model workers per device and family")
     p.add_argument("--api-servers", type=int, default=1, help="HTTP server threads")
     p.add_argument("--models", help="comma-separated families to serve (default: all enabled in the config)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="compute dtype (auto: float32 on CPU, bfloat16/float16 on CUDA)")
-    p.add_argument("--api-key", action="append", default=[], help=f"accepted key (repeatable; also ${KEYS_ENV})")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="compute dtype (auto: float32 on CPU, bfloat16/float16 on CUDA)",
+    )
+    p.add_argument(
+        "--api-key", action="append", default=[], help=f"accepted key (repeatable; also ${KEYS_ENV})"
+    )
     p.add_argument("--api-key-file", help="file with one accepted key per line (# comments allowed)")
     p.add_argument("--no-auth", action="store_true", help="serve WITHOUT keys (trusted networks only)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a request may wait in a queue")
@@ -73,8 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         wanted = {m.strip() for m in args.models.split(",")}
         unknown = wanted - set(cfg.families())
         if unknown:
-            log.error("--models names %s, not enabled in %s (enabled: %s)", ", ".join(sorted(unknown)),
-                      args.config, ", ".join(cfg.families()) or "none")
+            log.error(
+                "--models names %s, not enabled in %s (enabled: %s)",
+                ", ".join(sorted(unknown)),
+                args.config,
+                ", ".join(cfg.families()) or "none",
+            )
             return 2
         for name in cfg.families():
             if name not in wanted:
@@ -87,28 +104,50 @@ def main(argv: list[str] | None = None) -> int:
         keys = collect_keys(args)
         if not keys:
             keys = ["vs-" + secrets.token_urlsafe(24)]
-            print(f"No API key configured; generated one for this run (not stored anywhere):\n  {keys[0]}",
-                  file=sys.stderr, flush=True)
-    opts = Options(accelerator=args.accelerator, devices=parse_devices(args.devices),
-                   workers_per_device=args.workers_per_device, dtype=args.dtype, api_keys=keys,
-                   queue_timeout=args.timeout, log_level=args.log_level)
+            print(
+                f"No API key configured; generated one for this run (not stored anywhere):\n  {keys[0]}",
+                file=sys.stderr,
+                flush=True,
+            )
+    opts = Options(
+        accelerator=args.accelerator,
+        devices=parse_devices(args.devices),
+        workers_per_device=args.workers_per_device,
+        dtype=args.dtype,
+        api_keys=keys,
+        queue_timeout=args.timeout,
+        log_level=args.log_level,
+    )
     server = build_server(cfg, opts)
 
     for name, fam in cfg.families().items():
         for m in fam.models:
             log.info("%s model %s/%s: weights %s", name, m.name, m.pretrained, m.weights_source)
     if random_weight_models(cfg):
-        log.warning("RANDOM WEIGHTS for %s: outputs are meaningless (demo/testing only)",
-                    ", ".join(random_weight_models(cfg)))
-    log.info("serving %s on http://%s:%d (%s)", ", ".join(cfg.families()), args.host, args.port,
-             "no auth" if keys is None else f"{len(keys)} bearer key(s)")
+        log.warning(
+            "RANDOM WEIGHTS for %s: outputs are meaningless (demo/testing only)",
+            ", ".join(random_weight_models(cfg)),
+        )
+    log.info(
+        "serving %s on http://%s:%d (%s)",
+        ", ".join(cfg.families()),
+        args.host,
+        args.port,
+        "no auth" if keys is None else f"{len(keys)} bearer key(s)",
+    )
 
     # SIGTERM takes the same path as Ctrl-C: workers terminated, manager stopped, port released.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     code = 0
     try:
-        server.run(host=args.host, port=args.port, num_api_servers=args.api_servers, log_level=args.log_level,
-                   generate_client_file=False, api_server_worker_type="thread")
+        server.run(
+            host=args.host,
+            port=args.port,
+            num_api_servers=args.api_servers,
+            log_level=args.log_level,
+            generate_client_file=False,
+            api_server_worker_type="thread",
+        )
     except (RuntimeError, KeyboardInterrupt) as e:
         if isinstance(e, RuntimeError):
             log.error("startup failed: %s", e)

@@ -32,7 +32,9 @@ from .tensors import OutputDType, check_response_size, encode_array
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
-    model_name: str | None = Field(None, description="open_clip model name; null = the server's default model.")
+    model_name: str | None = Field(
+        None, description="open_clip model name; null = the server's default model."
+    )
     model_pretrained: str | None = Field(None, description="open_clip pretrained tag; null = the default's.")
 
 
@@ -42,7 +44,9 @@ class _DenseOptions(_Request, ImageInput):
         description=">0: shorter side resized to this; <0: shorter side times |load_size|; null: no resize.",
     )
     center_crop: bool = Field(False, description="Crop a centred square of the shorter side after resizing.")
-    ret_patches: bool = Field(True, description="true: one vector per patch; false: upsampled to image pixels.")
+    ret_patches: bool = Field(
+        True, description="true: one vector per patch; false: upsampled to image pixels."
+    )
     ret_pca: bool = Field(False, description="Return the top-3 PCA projection scaled to [0, 1].")
     pca_niter: int = Field(5, ge=1, le=100)
     pca_q_min: float = Field(0.01, ge=0.0, le=1.0)
@@ -50,7 +54,9 @@ class _DenseOptions(_Request, ImageInput):
     interpolation_mode: InterpolationMode = "bilinear"
     tensor_format: TensorFormat = "HWC"
     padding_mode: PaddingMode = "constant"
-    output_dtype: OutputDType = Field("float32", description="Dtype of the returned values (float16 halves bytes).")
+    output_dtype: OutputDType = Field(
+        "float32", description="Dtype of the returned values (float16 halves bytes)."
+    )
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -75,7 +81,8 @@ class ClipTextRequest(_Request):
 class ClipSimilarityRequest(_DenseOptions):
     text: str = Field(..., min_length=1, description="Text query.")
     softmax: float = Field(
-        1.0, description="> 0: spatial softmax of (similarity x softmax) over all positions; <= 0: raw scores."
+        1.0,
+        description="> 0: spatial softmax of (similarity x softmax) over all positions; <= 0: raw scores.",
     )
     similarity: SimilarityMode = Field("dot", description="dot (seed: features . text) or cosine.")
     negatives: list[str] | None = Field(
@@ -133,14 +140,21 @@ class ClipAPI(FamilyAPI):
     routes = (
         Route("extract", ClipExtractRequest, ClipExtractResponse, "Dense CLIP patch features (MaskCLIP)."),
         Route("encode_text", ClipTextRequest, ClipTextResponse, "L2-normalised CLIP text embedding."),
-        Route("similarity", ClipSimilarityRequest, ClipSimilarityResponse, "Per-patch image-text similarity map."),
+        Route(
+            "similarity",
+            ClipSimilarityRequest,
+            ClipSimilarityResponse,
+            "Per-patch image-text similarity map.",
+        ),
     )
 
     def check(self, op: str, request: BaseModel) -> None:
         limit = self.cfg.limits.max_text_chars
         texts = [getattr(request, "text", "")] + (getattr(request, "negatives", None) or [])
         if any(len(t) > limit for t in texts):
-            raise APIError(400, f"text is longer than this server's limit of {limit} characters", param="text")
+            raise APIError(
+                400, f"text is longer than this server's limit of {limit} characters", param="text"
+            )
 
     def load_model(self, entry: ModelEntry) -> ClipModel:
         return load_clip(entry, self.torch_device, self.compute_dtype)
@@ -150,10 +164,16 @@ class ClipAPI(FamilyAPI):
         """All texts of the batch in one forward pass."""
         emb = encode_texts(cm, [j.params["text"] for j in jobs]).cpu().numpy()
         out = []
-        for job, e in zip(jobs, emb):
+        for job, e in zip(jobs, emb, strict=True):
             data, shape = encode_array(e, job.params["output_dtype"])
-            out.append({"text_embedding": data, "shape": shape, "dtype": job.params["output_dtype"],
-                        "model": job.model_id})
+            out.append(
+                {
+                    "text_embedding": data,
+                    "shape": shape,
+                    "dtype": job.params["output_dtype"],
+                    "model": job.model_id,
+                }
+            )
         return out
 
     def op_extract(self, cm: ClipModel, jobs: list[Job]) -> list:
@@ -170,14 +190,20 @@ class ClipAPI(FamilyAPI):
         if p["center_crop"]:
             w = h = min(w, h)
         if w * h > self.cfg.limits.max_image_pixels:
-            raise APIError(400, f"load_size={p['load_size']} would resize the image to {w}x{h}, over this server's "
-                           f"{self.cfg.limits.max_image_pixels / 1e6:.0f} MP limit; use a smaller load_size",
-                           param="load_size")
+            raise APIError(
+                400,
+                f"load_size={p['load_size']} would resize the image to {w}x{h}, over this server's "
+                f"{self.cfg.limits.max_image_pixels / 1e6:.0f} MP limit; use a smaller load_size",
+                param="load_size",
+            )
         ph, pw = padded_size(h, w, cm.patch_size)
         if p["padding_mode"] in ("reflect", "circular") and (ph - h >= h or pw - w >= w):
-            raise APIError(400, f"padding_mode={p['padding_mode']!r} needs an image larger than the padding "
-                           f"({w}x{h} px for patch {cm.patch_size}); use 'constant' or 'replicate'",
-                           param="padding_mode")
+            raise APIError(
+                400,
+                f"padding_mode={p['padding_mode']!r} needs an image larger than the padding "
+                f"({w}x{h} px for patch {cm.patch_size}); use 'constant' or 'replicate'",
+                param="padding_mode",
+            )
         grid = (ph // cm.patch_size, pw // cm.patch_size)
         out_hw = grid if p["ret_patches"] else (h, w)
         shape = (*out_hw, channels) if channels > 1 else out_hw
@@ -193,8 +219,13 @@ class ClipAPI(FamilyAPI):
         if not p["ret_patches"]:
             feats = upsample(feats, padded, hw, p["interpolation_mode"])
         data, shape = encode_array(to_layout(feats, p["tensor_format"]).numpy(), p["output_dtype"])
-        return {"features": data, "shape": shape, "dtype": p["output_dtype"], "is_pca": p["ret_pca"],
-                "model": job.model_id}
+        return {
+            "features": data,
+            "shape": shape,
+            "dtype": p["output_dtype"],
+            "is_pca": p["ret_pca"],
+            "model": job.model_id,
+        }
 
     def _similarity(self, cm: ClipModel, job: Job) -> dict:
         p = job.params

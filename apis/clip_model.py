@@ -64,7 +64,9 @@ def load_clip(entry: ModelEntry, device: str | torch.device, dtype: torch.dtype 
     if not isinstance(visual, open_clip.transformer.VisionTransformer) or not all(
         isinstance(b.attn, torch.nn.MultiheadAttention) for b in visual.transformer.resblocks
     ):
-        raise ValueError(f"{entry.name}: dense features need an open_clip VisionTransformer with standard attention")
+        raise ValueError(
+            f"{entry.name}: dense features need an open_clip VisionTransformer with standard attention"
+        )
     if visual.attn_pool is not None:
         raise ValueError(f"{entry.name}: attention-pooled vision towers are not supported for dense features")
     return ClipModel(

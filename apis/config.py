@@ -35,7 +35,7 @@ class UrlInput(_Strict):
     enabled: bool = False
     allowed_hosts: list[str] = Field(
         default_factory=list,
-        description="Host names ('example.com', '*.example.com') or IPs/CIDRs allowed; empty = any public host.",
+        description="Host names ('example.com', '*.example.com') or IPs/CIDRs; empty = any public host.",
     )
     allow_private_networks: bool = Field(
         False, description="Allow loopback/private/link-local targets (only for trusted networks)."
@@ -87,7 +87,9 @@ class Family(_Strict):
     models: list[ModelEntry] = Field(default_factory=list)
     load: Literal["eager", "lazy"] = Field("eager", description="Load at worker start, or on first use.")
     max_batch_size: int = Field(16, ge=1)
-    batch_timeout: float = Field(0.01, gt=0, description="Seconds to wait for a batch to fill (0 busy-spins).")
+    batch_timeout: float = Field(
+        0.01, gt=0, description="Seconds to wait for a batch to fill (0 busy-spins)."
+    )
     workers_per_device: int | None = Field(None, ge=1)
 
     @field_validator("models")
@@ -105,11 +107,7 @@ class ServerConfig(_Strict):
     clip: Family | None = None
 
     def families(self) -> dict[str, Family]:
-        return {
-            name: fam
-            for name in ("clip",)
-            if (fam := getattr(self, name)) is not None and fam.enabled
-        }
+        return {name: fam for name in ("clip",) if (fam := getattr(self, name)) is not None and fam.enabled}
 
 
 def load_config(path: str | Path | None) -> ServerConfig:

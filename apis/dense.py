@@ -113,8 +113,9 @@ def to_layout(x: torch.Tensor, fmt: TensorFormat) -> torch.Tensor:
     return x.permute(2, 0, 1) if fmt == "CHW" else x
 
 
-def interpolate_pos_embed(pos: torch.Tensor, src_grid: tuple[int, int], dst_grid: tuple[int, int],
-                          n_prefix: int = 1) -> torch.Tensor:
+def interpolate_pos_embed(
+    pos: torch.Tensor, src_grid: tuple[int, int], dst_grid: tuple[int, int], n_prefix: int = 1
+) -> torch.Tensor:
     """Bicubically resize the grid part of a (n_prefix + gh*gw, C) positional embedding."""
     if tuple(src_grid) == tuple(dst_grid):
         return pos

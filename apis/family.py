@@ -66,7 +66,9 @@ class Job:
 
 def configure_logging(level: str) -> None:
     """Same log format in the server process and in every (spawned) worker."""
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
+    )
     log.setLevel(level.upper())
 
 
@@ -141,8 +143,12 @@ class FamilySpec(LitSpec):
         states = [v for k, v in self._server.workers_setup_status.items() if k.startswith(prefix)]
         ready = sum(v == WorkerSetupStatus.READY for v in states)
         ok = bool(states) and ready == len(states)
-        body = {"status": "ok" if ok else "starting", "family": self._api.family, "workers_ready": ready,
-                "workers": len(states)}
+        body = {
+            "status": "ok" if ok else "starting",
+            "family": self._api.family,
+            "workers_ready": ready,
+            "workers": len(states),
+        }
         return JSONResponse(body, status_code=200 if ok else 503)
 
 
@@ -153,14 +159,22 @@ def _worker_failure(response: Any) -> APIError:
         except Exception:
             response = None
     if isinstance(response, HTTPException) and response.status_code == 504:
-        return APIError(504, "the request waited in the queue longer than the server's timeout; retry later",
-                        code="queue_timeout")
+        return APIError(
+            504,
+            "the request waited in the queue longer than the server's timeout; retry later",
+            code="queue_timeout",
+        )
     if isinstance(response, HTTPException):
         return APIError(response.status_code, str(response.detail))
     if response is None:
-        return APIError(500, "the model worker stopped while handling this request; it is being restarted, retry",
-                        code="worker_died")
-    return APIError(500, "internal error in the model worker (details are in the server log)", code="internal_error")
+        return APIError(
+            500,
+            "the model worker stopped while handling this request; it is being restarted, retry",
+            code="worker_died",
+        )
+    return APIError(
+        500, "internal error in the model worker (details are in the server log)", code="internal_error"
+    )
 
 
 class FamilyAPI(ls.LitAPI):
@@ -174,7 +188,9 @@ class FamilyAPI(ls.LitAPI):
 
     def __init__(self, cfg: ServerConfig, dtype: str = "auto", log_level: str = "info"):
         fam = cfg.families()[self.family]
-        super().__init__(max_batch_size=fam.max_batch_size, batch_timeout=fam.batch_timeout, spec=FamilySpec(self))
+        super().__init__(
+            max_batch_size=fam.max_batch_size, batch_timeout=fam.batch_timeout, spec=FamilySpec(self)
+        )
         self.cfg = cfg
         self.fam = fam
         self.dtype_name = dtype
@@ -223,9 +239,16 @@ class FamilyAPI(ls.LitAPI):
         if key not in self._models:
             t0 = time.perf_counter()
             self._models[key] = self.load_model(entry)
-            log.info("%s worker %d loaded %s on %s (%s, weights: %s) in %.1fs", self.family, self.worker_id, key,
-                     self.torch_device, str(self.compute_dtype).removeprefix("torch."), entry.weights_source,
-                     time.perf_counter() - t0)
+            log.info(
+                "%s worker %d loaded %s on %s (%s, weights: %s) in %.1fs",
+                self.family,
+                self.worker_id,
+                key,
+                self.torch_device,
+                str(self.compute_dtype).removeprefix("torch."),
+                entry.weights_source,
+                time.perf_counter() - t0,
+            )
             if entry.is_random:
                 log.warning("%s model %s has RANDOM weights: its outputs are meaningless", self.family, key)
         return self._models[key]
@@ -254,13 +277,16 @@ class FamilyAPI(ls.LitAPI):
                 groups[(item.op, item.model_id)].append(i)
         for (op, model_id), idx in groups.items():
             self._batches[op][len(idx)] += 1
-            for i, out in zip(idx, self._run(op, model_id, [items[i] for i in idx])):
+            for i, out in zip(idx, self._run(op, model_id, [items[i] for i in idx]), strict=True):
                 results[i] = out
         for i, item in enumerate(items):
             op = item.op if isinstance(item, Job) else "decode"
             res = results[i]
-            self._requests[op]["ok" if not isinstance(res, APIError) else
-                               ("server_error" if res.status >= 500 else "client_error")] += 1
+            self._requests[op][
+                "ok"
+                if not isinstance(res, APIError)
+                else ("server_error" if res.status >= 500 else "client_error")
+            ] += 1
         self._publish()
         return results if self.max_batch_size > 1 else results[0]
 
@@ -275,8 +301,13 @@ class FamilyAPI(ls.LitAPI):
             if len(jobs) > 1:  # find the culprit: run each request on its own
                 return [out for job in jobs for out in self._run(op, model_id, [job])]
             log.exception("%s/%s failed", self.family, op)
-            return [APIError(500, f"internal error while running {self.family}/{op} (details are in the server log)",
-                             code="internal_error")]
+            return [
+                APIError(
+                    500,
+                    f"internal error while running {self.family}/{op} (details are in the server log)",
+                    code="internal_error",
+                )
+            ]
 
     def encode_response(self, output):
         return output.to_wire() if isinstance(output, APIError) else output

@@ -71,7 +71,9 @@ def decode_base64(text: str) -> bytes:
         data = base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError) as e:
         raise APIError(
-            400, f"'image' is not valid base64 ({e}); send the file's bytes base64-encoded", param="image",
+            400,
+            f"'image' is not valid base64 ({e}); send the file's bytes base64-encoded",
+            param="image",
             code="invalid_base64",
         ) from None
     if not data:
@@ -98,17 +100,23 @@ def read_path(path: str, cfg: PathInput, max_bytes: int) -> bytes:
     real = os.path.realpath(candidate)
     if not any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in roots):
         raise APIError(
-            400, "image_path must point inside one of the server's image roots", param="image_path",
+            400,
+            "image_path must point inside one of the server's image roots",
+            param="image_path",
             code="path_not_allowed",
         )
     try:
         st = os.stat(real)
     except OSError:
-        raise APIError(400, f"image_path {path!r} does not exist", param="image_path", code="image_not_found") from None
+        raise APIError(
+            400, f"image_path {path!r} does not exist", param="image_path", code="image_not_found"
+        ) from None
     if not stat.S_ISREG(st.st_mode):
         raise APIError(400, f"image_path {path!r} is not a regular file", param="image_path")
     if st.st_size > max_bytes:
-        raise APIError(413, f"image_path file is {st.st_size} bytes; the limit is {max_bytes}", param="image_path")
+        raise APIError(
+            413, f"image_path file is {st.st_size} bytes; the limit is {max_bytes}", param="image_path"
+        )
     with open(real, "rb") as f:
         return f.read()
 
@@ -141,13 +149,19 @@ def _pick_address(host: str, port: int, cfg: UrlInput) -> str:
     addrs = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
     listed_ip = [a for a in addrs if any(a in n for n in nets)]
     if cfg.allowed_hosts and not listed_ip and not _name_allowed(host, names):
-        raise APIError(400, f"image_url host {host!r} is not on this server's allow-list", param="image_url",
-                       code="url_not_allowed")
+        raise APIError(
+            400,
+            f"image_url host {host!r} is not on this server's allow-list",
+            param="image_url",
+            code="url_not_allowed",
+        )
     for a in addrs:
         # Every address the name has must be acceptable, so a second lookup cannot pick a worse one.
         if not (a.is_global or cfg.allow_private_networks or a in listed_ip):
             raise APIError(
-                400, f"image_url host {host!r} resolves to a non-public address; refused", param="image_url",
+                400,
+                f"image_url host {host!r} resolves to a non-public address; refused",
+                param="image_url",
                 code="url_not_allowed",
             )
     return str(addrs[0])
@@ -218,10 +232,16 @@ def _open(data: bytes, limits: Limits) -> Image.Image:
     try:
         img = Image.open(BytesIO(data))
     except UnidentifiedImageError:
-        raise APIError(400, "the image bytes are not an image format this server can read (PNG, JPEG, WebP, ...)",
-                       param="image", code="invalid_image") from None
+        raise APIError(
+            400,
+            "the image bytes are not an image format this server can read (PNG, JPEG, WebP, ...)",
+            param="image",
+            code="invalid_image",
+        ) from None
     except (OSError, ValueError, SyntaxError) as e:
-        raise APIError(400, f"the image could not be read: {e}", param="image", code="invalid_image") from None
+        raise APIError(
+            400, f"the image could not be read: {e}", param="image", code="invalid_image"
+        ) from None
     w, h = img.size
     if w < 1 or h < 1:
         raise APIError(400, f"image has no pixels ({w}x{h})", param="image", code="invalid_image")
@@ -248,8 +268,9 @@ def decode_image(data: bytes, limits: Limits) -> Image.Image:
         img.load()
         img = ImageOps.exif_transpose(img)
     except (OSError, ValueError, SyntaxError) as e:
-        raise APIError(400, f"the image data is truncated or corrupt: {e}", param="image",
-                       code="invalid_image") from None
+        raise APIError(
+            400, f"the image data is truncated or corrupt: {e}", param="image", code="invalid_image"
+        ) from None
     if img.mode.startswith("I;16") or img.mode == "I":
         # 16/32-bit grey: keep the top 8 of 16 bits instead of letting convert() clip to white.
         arr = np.clip(np.asarray(img, dtype=np.int64), 0, 65535) >> 8

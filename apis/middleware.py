@@ -21,12 +21,17 @@ MAX_AUTH_HEADER = 4096
 
 async def _send_json(send, status: int, body: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:
     payload = json.dumps(body).encode()
-    await send({
-        "type": "http.response.start",
-        "status": status,
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-                    *headers],
-    })
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+                *headers,
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": payload})
 
 
@@ -64,8 +69,9 @@ class BearerAuth:
         problem = self._problem(_header(scope, b"authorization"))
         if problem is None:
             return await self.app(scope, receive, send)
-        await _send_json(send, 401, error_body(401, problem, code="invalid_api_key"),
-                         [(b"www-authenticate", b"Bearer")])
+        await _send_json(
+            send, 401, error_body(401, problem, code="invalid_api_key"), [(b"www-authenticate", b"Bearer")]
+        )
 
 
 class _TooLarge(HTTPException):
@@ -78,8 +84,12 @@ class BodyLimit:
         self.max_bytes = max_bytes
 
     def _message(self) -> dict:
-        return error_body(413, f"request body is over this server's limit of {self.max_bytes} bytes; send a "
-                          "smaller (e.g. JPEG-compressed or downscaled) image", code="body_too_large")
+        return error_body(
+            413,
+            f"request body is over this server's limit of {self.max_bytes} bytes; send a "
+            "smaller (e.g. JPEG-compressed or downscaled) image",
+            code="body_too_large",
+        )
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":

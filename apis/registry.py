@@ -61,10 +61,13 @@ class ModelRegistry:
         """The entry a request asks for; all fields None means the configured default."""
         if all(r is None for r in requested):
             return self.default
-        filled = [r if r is not None else d for r, d in zip(requested, (self.default.name, self.default.pretrained))]
+        filled = [
+            r if r is not None else d
+            for r, d in zip(requested, (self.default.name, self.default.pretrained), strict=False)
+        ]
         entry = self._by_key.get(self._key(*filled))
         if entry is None:
-            asked = " + ".join(f"{f}={v!r}" for f, v in zip(self.fields, filled))
+            asked = " + ".join(f"{f}={v!r}" for f, v in zip(self.fields, filled, strict=True))
             raise APIError(
                 400,
                 f"unknown {self.family} model ({asked}); this server offers: {', '.join(self.available())}",

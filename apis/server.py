@@ -7,8 +7,8 @@ its HTTP servers as threads of this process, which is why ``api_server_worker_ty
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -68,10 +68,14 @@ class VisionServer(ls.LitServer):
             time.sleep(0.1)
 
     def _perform_graceful_shutdown(self, manager, uvicorn_workers, shutdown_reason: str = "normal"):
-        # Stop the monitor first, or it restarts the workers we are about to terminate.
-        with contextlib.suppress(Exception):
-            self._shutdown_event.set()
-        super()._perform_graceful_shutdown(manager, uvicorn_workers, shutdown_reason)
+        # Stop the monitor first, or it restarts the workers we are about to terminate. From a new
+        # thread: Ctrl-C/SIGTERM may have cut this thread's manager connection mid-call.
+        setter = threading.Thread(target=self._shutdown_event.set, daemon=True)
+        setter.start()
+        setter.join(timeout=2)
+        # HTTP server threads cannot be terminated; app.py exits the process once workers are gone.
+        processes = {k: w for k, w in uvicorn_workers.items() if not isinstance(w, threading.Thread)}
+        super()._perform_graceful_shutdown(manager, processes, shutdown_reason)
 
 
 def build_server(cfg: ServerConfig, opts: Options) -> VisionServer:
@@ -82,8 +86,10 @@ def build_server(cfg: ServerConfig, opts: Options) -> VisionServer:
     wpd = {f"/{name}": fam.workers_per_device or opts.workers_per_device for name, fam in families.items()}
 
     def is_open(path: str) -> bool:
-        return path == "/health" or (path.endswith("/health") and path[1:-7] in families) or (
-            cfg.public_docs and path in _DOC_PATHS
+        return (
+            path == "/health"
+            or (path.endswith("/health") and path[1:-7] in families)
+            or (cfg.public_docs and path in _DOC_PATHS)
         )
 
     middlewares = [(BodyLimit, {"max_bytes": cfg.limits.max_body_bytes})]
@@ -105,7 +111,9 @@ def build_server(cfg: ServerConfig, opts: Options) -> VisionServer:
     return server
 
 
-def _replace_info_route(server: VisionServer, cfg: ServerConfig, opts: Options, apis: list[FamilyAPI]) -> None:
+def _replace_info_route(
+    server: VisionServer, cfg: ServerConfig, opts: Options, apis: list[FamilyAPI]
+) -> None:
     server.app.router.routes = [r for r in server.app.router.routes if getattr(r, "path", None) != "/info"]
 
     @server.app.get("/info", summary="Models, devices, workers, weights source and request counters.")

@@ -39,8 +39,8 @@ def check_response_size(shape: Sequence[int], dtype: OutputDType, limit: int, hi
         dims = "x".join(str(s) for s in shape)
         raise APIError(
             400,
-            f"the response would carry a {dims} {dtype} tensor: {_human(nbytes)} raw, {_human(wire)} as base64, "
-            f"over this server's limit of {_human(limit)}; {hint}",
+            f"the response would carry a {dims} {dtype} tensor: {_human(nbytes)} raw, "
+            f"{_human(wire)} as base64, over this server's limit of {_human(limit)}; {hint}",
             code="response_too_large",
         )
 

@@ -87,8 +87,12 @@ def encode_clip_text(
     timeout: float = 120.0,
 ) -> dict:
     """POST /clip/encode_text; returns ``text_embedding``, ``shape``, ``dtype``."""
-    payload = {"text": text, "model_name": model_name, "model_pretrained": model_pretrained,
-               "output_dtype": output_dtype}
+    payload = {
+        "text": text,
+        "model_name": model_name,
+        "model_pretrained": model_pretrained,
+        "output_dtype": output_dtype,
+    }
     return post(FAMILY, "encode_text", payload, base_url, api_key, timeout)
 
 

@@ -22,8 +22,9 @@ _local = threading.local()
 class VisionServeError(RuntimeError):
     """The server refused or failed a request; ``message`` is the server's own explanation."""
 
-    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
-                 body: Any = None):
+    def __init__(
+        self, status: int, message: str, code: str | None = None, param: str | None = None, body: Any = None
+    ):
         super().__init__(f"HTTP {status}: {message}")
         self.status = status
         self.message = message
@@ -32,7 +33,9 @@ class VisionServeError(RuntimeError):
         self.body = body
 
 
-def server_settings(family: str, base_url: str | None = None, api_key: str | None = None) -> tuple[str, str | None]:
+def server_settings(
+    family: str, base_url: str | None = None, api_key: str | None = None
+) -> tuple[str, str | None]:
     """(base_url, api_key): explicit arguments first, then servers.yaml, then $VISIONSERVE_API_KEY."""
     if base_url is None or api_key is None:
         path = Path(os.environ.get(SERVERS_ENV, _DEFAULT_SERVERS))
@@ -57,7 +60,9 @@ def _raise_for(resp: requests.Response) -> None:
         body = resp.text
     err = body.get("error") if isinstance(body, dict) else None
     if isinstance(err, dict):
-        raise VisionServeError(resp.status_code, err.get("message", ""), err.get("code"), err.get("param"), body)
+        raise VisionServeError(
+            resp.status_code, err.get("message", ""), err.get("code"), err.get("param"), body
+        )
     detail = body.get("detail") if isinstance(body, dict) else body
     raise VisionServeError(resp.status_code, str(detail or resp.reason), body=body)
 
@@ -66,16 +71,23 @@ def _headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
-def post(family: str, route: str, payload: dict, base_url: str | None = None, api_key: str | None = None,
-         timeout: float = 600.0) -> dict:
+def post(
+    family: str,
+    route: str,
+    payload: dict,
+    base_url: str | None = None,
+    api_key: str | None = None,
+    timeout: float = 600.0,
+) -> dict:
     url, key = server_settings(family, base_url, api_key)
     resp = _session().post(f"{url}/{route}", json=payload, headers=_headers(key), timeout=timeout)
     _raise_for(resp)
     return resp.json()
 
 
-def get(family: str, route: str, base_url: str | None = None, api_key: str | None = None,
-        timeout: float = 10.0) -> dict:
+def get(
+    family: str, route: str, base_url: str | None = None, api_key: str | None = None, timeout: float = 10.0
+) -> dict:
     url, key = server_settings(family, base_url, api_key)
     resp = _session().get(f"{url}/{route}", headers=_headers(key), timeout=timeout)
     _raise_for(resp)
@@ -108,4 +120,6 @@ def image_fields(image: Any = None, image_url: str | None = None, image_path: st
 def decode_array(data: str, shape: list[int], dtype: str = "float32") -> np.ndarray:
     """Inverse of the server's tensor encoding: base64 little-endian values -> array of ``shape``."""
     raw = base64.b64decode(data)
-    return np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape).astype(dtype, copy=False)
+    return (
+        np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape).astype(dtype, copy=False)
+    )

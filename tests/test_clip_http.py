@@ -1,0 +1,250 @@
+"""CLIP routes end to end: real server subprocess, real client, values against open_clip directly."""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import open_clip
+import pytest
+import requests
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from clients import clip_client as cc
+from tests.conftest import CLIP_ARCH, KEYS
+
+MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+PATCH = 14
+
+
+@pytest.fixture(scope="module")
+def ref_model(clip_checkpoint):
+    open_clip.add_model_config(CLIP_ARCH)
+    model = open_clip.create_model("clip-tiny", pretrained=str(clip_checkpoint))
+    return model.eval()
+
+
+@pytest.fixture
+def kw(clip_url):
+    return {
+        "base_url": clip_url,
+        "api_key": KEYS[0],
+        "model_name": "clip-tiny",
+        "model_pretrained": "testfile",
+    }
+
+
+def reference_dense(model, img: Image.Image) -> np.ndarray:
+    """MaskCLIP dense features written out step by step on open_clip's modules."""
+    x = (np.asarray(img, dtype=np.float32) / 255.0 - MEAN) / STD
+    h, w = x.shape[:2]
+    x = np.pad(x, ((0, (-h) % PATCH), (0, (-w) % PATCH), (0, 0)))
+    x = torch.from_numpy(x).permute(2, 0, 1)[None]
+    v = model.visual
+    with torch.no_grad():
+        t = v.conv1(x)
+        gh, gw = t.shape[-2:]
+        t = t.reshape(1, t.shape[1], -1).permute(0, 2, 1)
+        t = torch.cat([v.class_embedding.reshape(1, 1, -1), t], dim=1)
+        n = int(math.sqrt(v.positional_embedding.shape[0] - 1))
+        grid = v.positional_embedding[1:].reshape(1, n, n, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False)
+        pos = torch.cat([v.positional_embedding[:1], grid.permute(0, 2, 3, 1).reshape(gh * gw, -1)])
+        t = v.ln_pre(t + pos)
+        for blk in v.transformer.resblocks[:-1]:
+            t = blk(t)
+        last = v.transformer.resblocks[-1]
+        _, _, value = F.linear(last.ln_1(t), last.attn.in_proj_weight, last.attn.in_proj_bias).chunk(
+            3, dim=-1
+        )
+        out = v.ln_post(last.attn.out_proj(value)[:, 1:]) @ v.proj
+    return out.reshape(gh, gw, -1).numpy()
+
+
+def reference_text(model, text: str) -> np.ndarray:
+    with torch.no_grad():
+        e = model.encode_text(open_clip.get_tokenizer("clip-tiny")([text]))
+    return F.normalize(e, dim=-1)[0].numpy()
+
+
+# ----------------------------------------------------------------------------- extract
+
+
+@pytest.mark.parametrize("load_size", [None, 100])
+def test_dense_features_equal_direct_open_clip(rgb_image, ref_model, kw, load_size):
+    img = rgb_image
+    if load_size:
+        img = img.resize((int(load_size * 61 / 45), load_size), Image.BICUBIC)  # shorter side -> load_size
+    got = cc.extract_clip_features_decoded(rgb_image, load_size=load_size, **kw)
+    want = reference_dense(ref_model, img)
+    assert got.shape == want.shape == (math.ceil(img.height / 14), math.ceil(img.width / 14), 32)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("load_size", "center_crop", "grid"),
+    [
+        (1024, False, (74, 100)),  # 45x61 -> 1024x1388, padded to 1036x1400
+        (-1, False, (4, 5)),  # original size 45x61
+        (-2, False, (7, 9)),  # 90x122
+        (None, False, (4, 5)),
+        (100, True, (8, 8)),  # 100x100 crop, padded to 112
+    ],
+)
+def test_extract_shapes_for_load_size_and_crop(rgb_image, kw, load_size, center_crop, grid):
+    r = cc.extract_clip_features(rgb_image, load_size=load_size, center_crop=center_crop, **kw)
+    assert r["shape"] == [*grid, 32] and r["dtype"] == "float32" and r["is_pca"] is False
+    assert cc.decode_features(r["features"], r["shape"]).shape == (*grid, 32)
+
+
+def test_ret_patches_false_upsamples_and_unpads_in_both_layouts(rgb_image, kw):
+    hwc = cc.extract_clip_features_decoded(rgb_image, load_size=None, ret_patches=False, **kw)
+    chw = cc.extract_clip_features_decoded(
+        rgb_image, load_size=None, ret_patches=False, tensor_format="CHW", **kw
+    )
+    assert hwc.shape == (45, 61, 32) and chw.shape == (32, 45, 61)
+    np.testing.assert_allclose(chw.transpose(1, 2, 0), hwc, rtol=1e-5, atol=1e-6)
+    # upsample the padded 4x5 grid to 56x70 bilinearly, then crop: same numbers
+    patches = cc.extract_clip_features_decoded(rgb_image, load_size=None, **kw)
+    up = (
+        F.interpolate(
+            torch.from_numpy(patches).permute(2, 0, 1)[None],
+            size=(56, 70),
+            mode="bilinear",
+            align_corners=False,
+        )[0, :, :45, :61]
+        .permute(1, 2, 0)
+        .numpy()
+    )
+    np.testing.assert_allclose(hwc, up, rtol=1e-5, atol=1e-5)
+    near = cc.extract_clip_features_decoded(
+        rgb_image, load_size=None, ret_patches=False, interpolation_mode="nearest", **kw
+    )
+    np.testing.assert_allclose(near[0, 0], patches[0, 0], rtol=1e-6)
+    assert not np.allclose(near, hwc)
+
+
+def test_ret_pca_in_unit_range_and_deterministic(rgb_image, kw):
+    a = cc.extract_clip_features(rgb_image, load_size=200, ret_pca=True, **kw)
+    b = cc.extract_clip_features(rgb_image, load_size=200, ret_pca=True, **kw)
+    assert a["is_pca"] is True and a["shape"] == [15, 20, 3]
+    x = cc.decode_features(a["features"], a["shape"])
+    assert x.min() >= 0.0 and x.max() <= 1.0 and x.std() > 0.05
+    assert a["features"] == b["features"]
+    full = cc.extract_clip_features_decoded(
+        rgb_image, load_size=200, ret_pca=True, ret_patches=False, tensor_format="CHW", **kw
+    )
+    assert full.shape == (3, 200, 271)
+
+
+def test_padding_mode_changes_the_padded_input(rgb_image, kw):
+    const = cc.extract_clip_features_decoded(rgb_image, load_size=None, **kw)
+    refl = cc.extract_clip_features_decoded(rgb_image, load_size=None, padding_mode="reflect", **kw)
+    again = cc.extract_clip_features_decoded(rgb_image, load_size=None, padding_mode="constant", **kw)
+    assert refl.shape == const.shape
+    assert not np.allclose(const, refl, atol=1e-3)
+    np.testing.assert_array_equal(const, again)
+
+
+def test_float16_output_halves_bytes_and_matches(rgb_image, kw):
+    a = cc.extract_clip_features(rgb_image, load_size=None, **kw)
+    b = cc.extract_clip_features(rgb_image, load_size=None, output_dtype="float16", **kw)
+    assert b["dtype"] == "float16" and len(b["features"]) < 0.55 * len(a["features"])
+    np.testing.assert_allclose(
+        cc.decode_features(b["features"], b["shape"], "float16"),
+        cc.decode_features(a["features"], a["shape"]),
+        rtol=2e-3,
+        atol=2e-3,
+    )
+
+
+def test_image_path_and_image_url_inputs(kw, image_root, image_host, rgb_image):
+    by_b64 = cc.extract_clip_features_decoded(Image.open(image_root / "photo.png"), load_size=None, **kw)
+    by_path = cc.extract_clip_features(image_path=str(image_root / "photo.png"), load_size=None, **kw)
+    by_url = cc.extract_clip_features(image_url=f"{image_host}/photo.png", load_size=None, **kw)
+    np.testing.assert_array_equal(cc.decode_features(by_path["features"], by_path["shape"]), by_b64)
+    np.testing.assert_array_equal(cc.decode_features(by_url["features"], by_url["shape"]), by_b64)
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def test_encode_text_equals_direct_and_is_normalised(ref_model, kw):
+    r = cc.encode_clip_text("a photo of a robot arm", **kw)
+    assert r["shape"] == [32] and r["model"] == "clip-tiny/testfile"
+    emb = cc.decode_text_embedding(r["text_embedding"], r["shape"])
+    np.testing.assert_allclose(emb, reference_text(ref_model, "a photo of a robot arm"), rtol=1e-4, atol=1e-5)
+    assert np.linalg.norm(emb) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_concurrent_encode_text_runs_as_batches(clip_server, ref_model, kw):
+    texts = [f"object number {i}" for i in range(24)]
+    with ThreadPoolExecutor(24) as pool:
+        embs = list(pool.map(lambda t: cc.encode_clip_text_decoded(t, **kw), texts))
+    for t, e in zip(texts[:3], embs[:3], strict=True):
+        np.testing.assert_allclose(e, reference_text(ref_model, t), rtol=1e-4, atol=1e-5)
+    info = requests.get(clip_server.url + "/info", headers={"Authorization": f"Bearer {KEYS[0]}"}).json()
+    sizes = info["families"]["clip"]["workers"][0]["batch_sizes"]["encode_text"]
+    assert max(int(s) for s in sizes) > 1, sizes
+
+
+def test_spellings_share_one_loaded_instance(clip_server, rgb_image, kw):
+    spellings = [("clip-tiny", "testfile"), ("CLIP_TINY", "TestFile"), ("tiny-clip", "test_file")]
+    outs = []
+    for name, pre in spellings:
+        r = cc.encode_clip_text("same", **{**kw, "model_name": name, "model_pretrained": pre})
+        assert r["model"] == "clip-tiny/testfile"
+        outs.append(r["text_embedding"])
+    assert len(set(outs)) == 1
+    other = cc.encode_clip_text("same", **{**kw, "model_pretrained": "random"})
+    assert other["model"] == "clip-tiny/random" and other["text_embedding"] != outs[0]
+    info = requests.get(clip_server.url + "/info", headers={"Authorization": f"Bearer {KEYS[1]}"}).json()
+    assert info["families"]["clip"]["workers"][0]["models_loaded"] == [
+        "clip-tiny/random",
+        "clip-tiny/testfile",
+    ]
+    assert info["random_weights"] is True
+    weights = {m["id"]: m for m in info["families"]["clip"]["models"]}
+    assert (
+        weights["clip-tiny/random"]["random_weights"] and not weights["clip-tiny/testfile"]["random_weights"]
+    )
+
+
+# ----------------------------------------------------------------------------- similarity
+
+
+def test_similarity_softmax_and_raw(rgb_image, ref_model, kw):
+    feats = reference_dense(ref_model, rgb_image)
+    text = reference_text(ref_model, "a cat")
+    raw = cc.compute_clip_similarity_decoded(rgb_image, "a cat", load_size=None, softmax=0, **kw)
+    np.testing.assert_allclose(raw, feats @ text, rtol=1e-4, atol=1e-4)
+    neg = cc.compute_clip_similarity_decoded(rgb_image, "a cat", load_size=None, softmax=-1.0, **kw)
+    np.testing.assert_array_equal(neg, raw)
+    soft = cc.compute_clip_similarity_decoded(rgb_image, "a cat", load_size=None, softmax=2.0, **kw)
+    z = np.exp(2.0 * (raw - raw.max()))
+    np.testing.assert_allclose(soft, z / z.sum(), rtol=1e-4, atol=1e-7)
+    assert soft.sum() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_similarity_softmax_does_not_overflow(rgb_image, kw):
+    m = cc.compute_clip_similarity_decoded(rgb_image, "a cat", load_size=None, softmax=1e6, **kw)
+    assert np.isfinite(m).all() and m.sum() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_similarity_full_resolution_cosine_and_negatives(rgb_image, ref_model, kw):
+    full = cc.compute_clip_similarity_decoded(rgb_image, "a cat", load_size=None, ret_patches=False, **kw)
+    assert full.shape == (45, 61) and full.sum() == pytest.approx(1.0, abs=1e-4)
+    cos = cc.compute_clip_similarity_decoded(
+        rgb_image, "a cat", load_size=None, softmax=0, similarity="cosine", **kw
+    )
+    feats = reference_dense(ref_model, rgb_image)
+    want = (feats / np.linalg.norm(feats, axis=-1, keepdims=True)) @ reference_text(ref_model, "a cat")
+    np.testing.assert_allclose(cos, want, rtol=1e-4, atol=1e-4)
+    rel = cc.compute_clip_similarity_decoded(
+        rgb_image, "a cat", load_size=None, negatives=["object", "stuff"], **kw
+    )
+    assert rel.shape == (4, 5) and rel.min() >= 0 and rel.max() <= 1

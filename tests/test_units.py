@@ -1,0 +1,97 @@
+"""Plain-function checks of the shared plumbing (no server): sizes, PCA, registry, input safety."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from apis.clip_api import clip_key
+from apis.config import ModelEntry, PathInput, UrlInput
+from apis.dense import pca_rgb, resized_size
+from apis.errors import APIError
+from apis.images import _pick_address, read_path
+from apis.middleware import BearerAuth
+from apis.registry import ModelRegistry
+
+
+@pytest.mark.parametrize(
+    ("size", "load_size", "want"),
+    [
+        ((61, 45), 100, (135, 100)),
+        ((45, 61), 100, (100, 135)),
+        ((61, 45), -1, (61, 45)),
+        ((61, 45), -2, (122, 90)),
+        ((61, 45), None, (61, 45)),
+        ((640, 480), 1024, (1365, 1024)),
+    ],
+)
+def test_load_size_rule(size, load_size, want):
+    assert resized_size(*size, load_size) == want
+
+
+def test_pca_is_deterministic_scaled_and_sign_fixed():
+    feats = torch.randn(9, 11, 16)
+    a, b = pca_rgb(feats, 5, 0.01, 0.99), pca_rgb(feats.clone(), 5, 0.01, 0.99)
+    assert a.shape == (9, 11, 3) and torch.equal(a, b)
+    assert a.min() >= 0 and a.max() <= 1
+    torch.manual_seed(123)  # the global RNG state must not matter
+    torch.testing.assert_close(pca_rgb(feats, 5, 0.01, 0.99), a)
+
+
+def test_registry_spellings_and_unknown_model_message():
+    entries = [
+        ModelEntry(name="ViT-L-14-336-quickgelu", pretrained="openai"),
+        ModelEntry(name="ViT-B-16", pretrained="laion2b_s34b_b88k", aliases=[["b16", "laion"]]),
+    ]
+    reg = ModelRegistry("clip", entries, ("model_name", "model_pretrained"), key=clip_key)
+    assert reg.resolve(None, None) is entries[0]
+    assert reg.resolve("ViT-L-14-336", "openai") is entries[0]
+    assert reg.resolve("vit_l_14_336_quickgelu", "OpenAI") is entries[0]
+    assert reg.resolve("B16", "LAION") is entries[1]
+    with pytest.raises(APIError) as e:
+        reg.resolve("ViT-H-14", None)
+    assert e.value.status == 400
+    assert "ViT-L-14-336-quickgelu/openai, ViT-B-16/laion2b_s34b_b88k" in e.value.message
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "10.1.2.3", "169.254.169.254", "::1"])
+def test_url_input_refuses_non_public_addresses(host):
+    with pytest.raises(APIError) as e:
+        _pick_address(host, 80, UrlInput(enabled=True))
+    assert "non-public" in e.value.message
+
+
+def test_url_allow_list():
+    cfg = UrlInput(enabled=True, allowed_hosts=["127.0.0.1", "*.example.org"])
+    assert _pick_address("127.0.0.1", 80, cfg) == "127.0.0.1"  # explicitly listed IP may be private
+    with pytest.raises(APIError, match="allow-list"):
+        _pick_address("10.0.0.1", 80, cfg)
+
+
+def test_path_input_refuses_escaping_symlinks_and_devices(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "ok.png").write_bytes(b"data")
+    os.symlink("/etc/hostname", root / "escape.png")
+    cfg = PathInput(roots=[root])
+    assert read_path(str(root / "ok.png"), cfg, 100) == b"data"
+    assert read_path("ok.png", cfg, 100) == b"data"
+    for bad in (str(root / "escape.png"), str(root / ".." / "root" / ".." / "x"), "/dev/zero"):
+        with pytest.raises(APIError, match="inside one of"):
+            read_path(bad, cfg, 100)
+    os.symlink("/dev/zero", root / "dev")
+    with pytest.raises(APIError):
+        read_path(str(root / "dev"), PathInput(roots=[root, "/dev"]), 100)
+    with pytest.raises(APIError, match="413|limit"):
+        read_path("ok.png", cfg, 2)
+
+
+def test_bearer_check():
+    auth = BearerAuth(None, ["k1", "k2"], lambda p: False)
+    assert auth._problem(b"Bearer k2") is None
+    assert auth._problem(b"bearer k1") is None
+    assert auth._problem(b"Bearer k3") == "invalid API key"
+    assert "Bearer scheme" in auth._problem(b"Token k1")
+    assert auth._problem(None).startswith("missing")
