@@ -99,9 +99,11 @@ class FamilySpec(LitSpec):
         self._api = api
 
     def __getstate__(self):
-        # Endpoint closures stay in the HTTP process; workers only need the queue plumbing.
+        # Endpoints and the response buffer (asyncio events of requests in flight) belong to the
+        # HTTP process; a worker, also one restarted while requests wait, needs neither.
         state = super().__getstate__()
         state["_endpoints"] = []
+        state["response_buffer"] = None
         return state
 
     def pre_setup(self, lit_api: FamilyAPI):

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import requests
 
-from clients import VisionServeError
+from clients import VisionServeError, encode_image
 from clients import clip_client as cc
 from tests.conftest import ROOT, ServerProcess
 
@@ -64,13 +67,30 @@ def test_generated_key_demo_config_inputs_off_and_clean_sigterm(tmp_path, rgb_im
     assert port_free(server.port)
 
 
-def test_no_auth_serves_without_key_and_says_so(tmp_path):
+def test_no_auth_and_a_worker_killed_mid_request(tmp_path, rgb_image):
     server = ServerProcess(None, tmp_path, ["--config", str(DEMO), "--no-auth"]).wait_ready()
     try:
         r = requests.post(server.url + "/clip/encode_text", json={"text": "x"})
         assert r.status_code == 200 and r.json()["shape"] == [32]
-        assert requests.get(server.url + "/info").json()["auth"] == "disabled"
-        assert "AUTH DISABLED" in server.log()
+        info = requests.get(server.url + "/info").json()
+        assert info["auth"] == "disabled" and "AUTH DISABLED" in server.log()
+        pid = info["families"]["clip"]["workers"][0]["pid"]
+        slow = {"image": encode_image(rgb_image.resize((800, 600))), "load_size": 2400, "ret_pca": True}
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(requests.post, server.url + "/clip/extract", json=slow, timeout=30)
+            time.sleep(1.5)
+            os.kill(pid, signal.SIGKILL)
+            t0 = time.monotonic()
+            r = pending.result()
+        assert time.monotonic() - t0 < 5
+        assert r.status_code == 500 and r.json()["error"]["code"] == "worker_died"
+        server.wait_ready(60)
+        deadline = time.monotonic() + 60
+        while requests.get(server.url + "/clip/health").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        r = requests.post(server.url + "/clip/encode_text", json={"text": "x"}, timeout=30)
+        assert r.status_code == 200 and r.json()["shape"] == [32]
+        assert requests.get(server.url + "/info").json()["families"]["clip"]["workers"][0]["pid"] != pid
     finally:
         assert server.stop() == 0
 
