@@ -37,12 +37,10 @@ from pydantic import BaseModel
 
 from .config import ModelEntry, ServerConfig
 from .errors import APIError
-from .images import ImageInput, decode_image, probe_image, read_image_bytes
+from .images import IMAGE_FIELDS, ImageInput, decode_image, probe_image, read_image_bytes
 from .registry import Key, ModelRegistry, canonical
 
 log = logging.getLogger("visionserve")
-
-_IMAGE_FIELDS = {"image", "image_url", "image_path"}
 
 
 @dataclass(frozen=True)
@@ -209,7 +207,7 @@ class FamilyAPI(ls.LitAPI):
         if isinstance(request, ImageInput):
             image = read_image_bytes(request, self.cfg)
             probe_image(image, self.cfg.limits)
-        params = request.model_dump(exclude=_IMAGE_FIELDS | set(self.model_fields))
+        params = request.model_dump(exclude={*IMAGE_FIELDS, *self.model_fields})
         return Job(op=op, model_id=self.registry.id_of(entry), params=params, image_bytes=image)
 
     def check(self, op: str, request: BaseModel) -> None:

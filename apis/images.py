@@ -29,7 +29,7 @@ from .errors import APIError
 # We enforce our own pixel limit (with a clear message) before any decoding happens.
 Image.MAX_IMAGE_PIXELS = None
 
-_IMAGE_FIELDS = ("image", "image_url", "image_path")
+IMAGE_FIELDS = ("image", "image_url", "image_path")
 
 
 class ImageInput(BaseModel):
@@ -43,7 +43,7 @@ class ImageInput(BaseModel):
 
     @model_validator(mode="after")
     def _exactly_one_image(self):
-        given = [f for f in _IMAGE_FIELDS if getattr(self, f) is not None]
+        given = [f for f in IMAGE_FIELDS if getattr(self, f) is not None]
         if len(given) != 1:
             raise ValueError(
                 "send exactly one of 'image' (base64), 'image_url' or 'image_path'"
