@@ -5,8 +5,10 @@ Schemas and the thin LitAPI; the maths lives in :mod:`apis.clip_model`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from .clip_model import (
     ClipModel,
@@ -14,71 +16,44 @@ from .clip_model import (
     dense_features,
     encode_texts,
     load_clip,
-    preprocess,
     relevancy,
     similarity,
     spatial_softmax,
 )
 from .config import ModelEntry
-from .dense import InterpolationMode, PaddingMode, TensorFormat, padded_size, pca_rgb, resized_size, to_layout
-from .dense import upsample_unpad as upsample
+from .dense import CLIP_MEAN, CLIP_STD, Geometry, plan, preprocess, respond, upsample_grid
 from .errors import APIError
-from .family import FamilyAPI, Job, Route, per_item
-from .images import ImageInput
+from .family import FamilyAPI, Job, Route
 from .registry import Key, canonical
-from .tensors import OutputDType, check_response_size, encode_array
+from .schemas import DenseOptions, DenseResponse, StrictRequest
+from .tensors import OutputDType, encode_array
 
 
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
-
+class _ClipModelFields(StrictRequest):
     model_name: str | None = Field(
         None, description="open_clip model name; null = the server's default model."
     )
     model_pretrained: str | None = Field(None, description="open_clip pretrained tag; null = the default's.")
 
 
-class _DenseOptions(_Request, ImageInput):
+class _ClipDense(_ClipModelFields, DenseOptions):
     load_size: int | None = Field(
         1024,
         description=">0: shorter side resized to this; <0: shorter side times |load_size|; null: no resize.",
     )
     center_crop: bool = Field(False, description="Crop a centred square of the shorter side after resizing.")
-    ret_patches: bool = Field(
-        True, description="true: one vector per patch; false: upsampled to image pixels."
-    )
-    ret_pca: bool = Field(False, description="Return the top-3 PCA projection scaled to [0, 1].")
-    pca_niter: int = Field(5, ge=1, le=100)
-    pca_q_min: float = Field(0.01, ge=0.0, le=1.0)
-    pca_q_max: float = Field(0.99, ge=0.0, le=1.0)
-    interpolation_mode: InterpolationMode = "bilinear"
-    tensor_format: TensorFormat = "HWC"
-    padding_mode: PaddingMode = "constant"
-    output_dtype: OutputDType = Field(
-        "float32", description="Dtype of the returned values (float16 halves bytes)."
-    )
-
-    @model_validator(mode="after")
-    def _consistent(self):
-        if self.load_size == 0:
-            raise ValueError("load_size must not be 0 (use null for no resize)")
-        if self.load_size is not None and self.load_size < -8:
-            raise ValueError("load_size below -8 would upscale the image more than 8x")
-        if self.pca_q_min >= self.pca_q_max:
-            raise ValueError("pca_q_min must be smaller than pca_q_max")
-        return self
 
 
-class ClipExtractRequest(_DenseOptions):
+class ClipExtractRequest(_ClipDense):
     pass
 
 
-class ClipTextRequest(_Request):
+class ClipTextRequest(_ClipModelFields):
     text: str = Field(..., min_length=1, description="Text to embed.")
     output_dtype: OutputDType = "float32"
 
 
-class ClipSimilarityRequest(_DenseOptions):
+class ClipSimilarityRequest(_ClipDense):
     text: str = Field(..., min_length=1, description="Text query.")
     softmax: float = Field(
         1.0,
@@ -102,12 +77,8 @@ class ClipSimilarityRequest(_DenseOptions):
         return self
 
 
-class ClipExtractResponse(BaseModel):
-    features: str = Field(..., description="base64 of little-endian values in `dtype`, C order.")
-    shape: list[int]
-    dtype: OutputDType
-    is_pca: bool
-    model: str
+class ClipExtractResponse(DenseResponse):
+    pass
 
 
 class ClipTextResponse(BaseModel):
@@ -130,7 +101,10 @@ def clip_key(name: str | None, pretrained: str | None) -> Key:
     return (n.removesuffix("-quickgelu") if p == "openai" else n, p)
 
 
-_SHRINK_HINT = "ask for ret_patches=true, ret_pca=true, a smaller load_size or output_dtype=float16"
+@dataclass
+class _Prepared:
+    x: torch.Tensor  # (1, 3, Hp, Wp) normalised, padded
+    geom: Geometry
 
 
 class ClipAPI(FamilyAPI):
@@ -162,82 +136,72 @@ class ClipAPI(FamilyAPI):
     # -- routes ---------------------------------------------------------------------------
     def op_encode_text(self, cm: ClipModel, jobs: list[Job]) -> list:
         """All texts of the batch in one forward pass."""
-        emb = encode_texts(cm, [j.params["text"] for j in jobs]).cpu().numpy()
-        out = []
-        for job, e in zip(jobs, emb, strict=True):
-            data, shape = encode_array(e, job.params["output_dtype"])
-            out.append(
-                {
-                    "text_embedding": data,
-                    "shape": shape,
-                    "dtype": job.params["output_dtype"],
-                    "model": job.model_id,
-                }
-            )
-        return out
+
+        def finish(job: Job, _, emb: torch.Tensor) -> dict:
+            data, shape = encode_array(emb.numpy(), job.params["output_dtype"])
+            return {
+                "text_embedding": data,
+                "shape": shape,
+                "dtype": job.params["output_dtype"],
+                "model": job.model_id,
+            }
+
+        return self.grouped(
+            "encode_text",
+            jobs,
+            prepare=lambda job: job.params["text"],
+            key=lambda _: None,
+            forward=lambda texts: encode_texts(cm, texts).cpu(),
+            finish=finish,
+        )
 
     def op_extract(self, cm: ClipModel, jobs: list[Job]) -> list:
-        return per_item(jobs, lambda job: self._extract(cm, job))
+        def prepare(job: Job) -> _Prepared:
+            return self._prepare(cm, job, 3 if job.params["ret_pca"] else cm.embed_dim)
+
+        return self.grouped(
+            "extract",
+            jobs,
+            prepare,
+            key=lambda item: item.x.shape,
+            forward=lambda items: self._forward(cm, items),
+            finish=lambda job, item, feats: respond(feats, item.geom, job.params, job.model_id),
+        )
 
     def op_similarity(self, cm: ClipModel, jobs: list[Job]) -> list:
-        return per_item(jobs, lambda job: self._similarity(cm, job))
+        return self.grouped(
+            "similarity",
+            jobs,
+            prepare=lambda job: self._prepare(cm, job, 1),
+            key=lambda item: item.x.shape,
+            forward=lambda items: self._forward(cm, items),
+            finish=lambda job, item, feats: self._similarity(cm, job, item.geom, feats),
+        )
 
-    # -- per request ----------------------------------------------------------------------
-    def _features(self, cm: ClipModel, job: Job, channels: int):
-        """Preprocess, check the response size in advance, return (patch features, padded, resized)."""
+    # -- steps ----------------------------------------------------------------------------
+    def _prepare(self, cm: ClipModel, job: Job, channels: int) -> _Prepared:
         p = job.params
-        w, h = resized_size(*job.image.size, p["load_size"])
-        if p["center_crop"]:
-            w = h = min(w, h)
-        if w * h > self.cfg.limits.max_image_pixels:
-            raise APIError(
-                400,
-                f"load_size={p['load_size']} would resize the image to {w}x{h}, over this server's "
-                f"{self.cfg.limits.max_image_pixels / 1e6:.0f} MP limit; use a smaller load_size",
-                param="load_size",
-            )
-        ph, pw = padded_size(h, w, cm.patch_size)
-        if p["padding_mode"] in ("reflect", "circular") and (ph - h >= h or pw - w >= w):
-            raise APIError(
-                400,
-                f"padding_mode={p['padding_mode']!r} needs an image larger than the padding "
-                f"({w}x{h} px for patch {cm.patch_size}); use 'constant' or 'replicate'",
-                param="padding_mode",
-            )
-        grid = (ph // cm.patch_size, pw // cm.patch_size)
-        out_hw = grid if p["ret_patches"] else (h, w)
-        shape = (*out_hw, channels) if channels > 1 else out_hw
-        check_response_size(shape, p["output_dtype"], self.cfg.limits.max_response_bytes, _SHRINK_HINT)
-        x, (h, w) = preprocess(job.image, p["load_size"], p["center_crop"], cm.patch_size, p["padding_mode"])
-        return dense_features(cm, x)[0], (ph, pw), (h, w)
+        geom = plan(job.image.size, p, cm.patch_size, cm.patch_size, channels, self.cfg.limits)
+        x = preprocess(
+            job.image, p["load_size"], p["center_crop"], cm.patch_size, p["padding_mode"], CLIP_MEAN, CLIP_STD
+        )
+        return _Prepared(x, geom)
 
-    def _extract(self, cm: ClipModel, job: Job) -> dict:
-        p = job.params
-        feats, padded, hw = self._features(cm, job, 3 if p["ret_pca"] else cm.embed_dim)
-        if p["ret_pca"]:
-            feats = pca_rgb(feats, p["pca_niter"], p["pca_q_min"], p["pca_q_max"])
-        if not p["ret_patches"]:
-            feats = upsample(feats, padded, hw, p["interpolation_mode"])
-        data, shape = encode_array(to_layout(feats, p["tensor_format"]).numpy(), p["output_dtype"])
-        return {
-            "features": data,
-            "shape": shape,
-            "dtype": p["output_dtype"],
-            "is_pca": p["ret_pca"],
-            "model": job.model_id,
-        }
+    @staticmethod
+    def _forward(cm: ClipModel, items: list[_Prepared]) -> torch.Tensor:
+        return dense_features(cm, torch.cat([item.x for item in items])).cpu()
 
-    def _similarity(self, cm: ClipModel, job: Job) -> dict:
+    @staticmethod
+    def _similarity(cm: ClipModel, job: Job, geom: Geometry, feats: torch.Tensor) -> dict:
         p = job.params
         negatives = p["negatives"] or []
-        feats, padded, hw = self._features(cm, job, 1)
-        text = encode_texts(cm, [p["text"], *negatives])
+        text = encode_texts(cm, [p["text"], *negatives]).cpu()
         if negatives:
             sim = relevancy(feats, text[0], text[1:], p["relevancy_temperature"])
         else:
             sim = similarity(feats, text[0], p["similarity"])
         if not p["ret_patches"]:
-            sim = upsample(sim[..., None], padded, hw, p["interpolation_mode"])[..., 0]
+            sim = upsample_grid(sim[..., None], geom, p["interpolation_mode"])[..., 0]
         if p["softmax"] > 0 and not negatives:
             sim = spatial_softmax(sim, p["softmax"])
         data, shape = encode_array(sim.to(torch.float32).numpy(), p["output_dtype"])

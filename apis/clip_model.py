@@ -15,10 +15,9 @@ from typing import Any, Literal
 import open_clip
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from .config import ModelEntry
-from .dense import CLIP_MEAN, CLIP_STD, interpolate_pos_embed, pad_to_multiple, prepare_image, to_tensor
+from .dense import interpolate_pos_embed
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +76,6 @@ def load_clip(entry: ModelEntry, device: str | torch.device, dtype: torch.dtype 
         device=torch.device(device),
         dtype=dtype,
     )
-
-
-def preprocess(img: Image.Image, load_size: int | None, center_crop: bool, patch: int, padding_mode: str):
-    """(padded normalised tensor (1, 3, Hp, Wp), (H, W) of the resized image before padding)."""
-    img = prepare_image(img, load_size, center_crop)
-    x = pad_to_multiple(to_tensor(img, CLIP_MEAN, CLIP_STD), patch, padding_mode)
-    return x, (img.height, img.width)
 
 
 @torch.inference_mode()

@@ -27,6 +27,9 @@ class Limits(_Strict):
     max_image_side: int = Field(16384, gt=0, description="Largest image width or height.")
     max_response_bytes: int = Field(256 * MiB, gt=0, description="Largest dense tensor a response may carry.")
     max_text_chars: int = Field(2000, gt=0, description="Longest text prompt.")
+    max_tokens: int = Field(
+        32768, gt=0, description="Largest ViT patch grid (rows x columns) a dense request may need."
+    )
 
 
 class UrlInput(_Strict):
@@ -100,14 +103,20 @@ class Family(_Strict):
         return v
 
 
+FAMILY_NAMES = ("clip", "dino")
+
+
 class ServerConfig(_Strict):
     limits: Limits = Field(default_factory=Limits)
     inputs: Inputs = Field(default_factory=Inputs)
     public_docs: bool = Field(False, description="Serve /docs and /openapi.json without a key.")
     clip: Family | None = None
+    dino: Family | None = None
 
     def families(self) -> dict[str, Family]:
-        return {name: fam for name in ("clip",) if (fam := getattr(self, name)) is not None and fam.enabled}
+        return {
+            name: fam for name in FAMILY_NAMES if (fam := getattr(self, name)) is not None and fam.enabled
+        }
 
 
 def load_config(path: str | Path | None) -> ServerConfig:

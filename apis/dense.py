@@ -1,15 +1,22 @@
 """Dense-feature plumbing shared by CLIP and DINO: resize, pad, PCA, upsample, layout.
 
-Plain functions on PIL images and torch tensors; nothing here knows about HTTP.
+Plain functions on PIL images and torch tensors, plus the two steps every dense route takes
+around its model: :func:`plan` (check a request against the image and limits before any pixel
+is computed) and :func:`respond` (PCA, upsampling, layout and encoding of the patch grid).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from .config import Limits
+from .errors import APIError
+from .tensors import check_response_size, encode_array
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -50,6 +57,20 @@ def prepare_image(img: Image.Image, load_size: int | None, center_crop: bool) ->
         left, top = int(round((w - side) / 2.0)), int(round((h - side) / 2.0))
         img = img.crop((left, top, left + side, top + side))
     return img
+
+
+def preprocess(
+    img: Image.Image,
+    load_size: int | None,
+    center_crop: bool,
+    patch: int,
+    padding_mode: PaddingMode,
+    mean: tuple,
+    std: tuple,
+) -> torch.Tensor:
+    """Resize/crop, normalise and pad to a multiple of ``patch``: (1, 3, Hp, Wp) float32."""
+    img = prepare_image(img, load_size, center_crop)
+    return pad_to_multiple(to_tensor(img, mean, std), patch, padding_mode)
 
 
 def to_tensor(img: Image.Image, mean: tuple, std: tuple) -> torch.Tensor:
@@ -125,3 +146,79 @@ def interpolate_pos_embed(
     grid = F.interpolate(grid, size=dst_grid, mode="bicubic", align_corners=False)
     grid = grid.permute(0, 2, 3, 1).reshape(dst_grid[0] * dst_grid[1], c).to(pos.dtype)
     return torch.cat([prefix, grid], dim=0)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where a dense request's pixels go: resized image, padded input and the patch grid, (H, W)."""
+
+    resized: tuple[int, int]
+    padded: tuple[int, int]
+    grid: tuple[int, int]
+
+
+_SHRINK_HINT = "ask for ret_patches=true, ret_pca=true, a smaller load_size or output_dtype=float16"
+
+
+def plan(
+    size: tuple[int, int], p: dict[str, Any], patch: int, stride: int, channels: int, limits: Limits
+) -> Geometry:
+    """Check a dense request before computing anything; raises APIError saying what to change.
+
+    ``size`` is the image's (width, height); ``p`` the request's dense options; the grid has
+    ``1 + (Hp - patch) // stride`` rows on the image padded to a multiple of ``patch``.
+    """
+    w, h = resized_size(*size, p["load_size"])
+    if p.get("center_crop"):
+        w = h = min(w, h)
+    if w * h > limits.max_image_pixels:
+        raise APIError(
+            400,
+            f"load_size={p['load_size']} would resize the image to {w}x{h}, over this server's "
+            f"{limits.max_image_pixels / 1e6:.0f} MP limit; use a smaller load_size",
+            param="load_size",
+        )
+    ph, pw = padded_size(h, w, patch)
+    if p["padding_mode"] in ("reflect", "circular") and (ph - h >= h or pw - w >= w):
+        raise APIError(
+            400,
+            f"padding_mode={p['padding_mode']!r} needs an image larger than the padding "
+            f"({w}x{h} px for patch {patch}); use 'constant' or 'replicate'",
+            param="padding_mode",
+        )
+    grid = (1 + (ph - patch) // stride, 1 + (pw - patch) // stride)
+    if grid[0] * grid[1] > limits.max_tokens:
+        raise APIError(
+            400,
+            f"the image makes a {grid[0]}x{grid[1]} patch grid ({grid[0] * grid[1]} tokens), over this "
+            f"server's limit of {limits.max_tokens}; use a smaller load_size or a larger stride",
+            param="load_size",
+        )
+    out_hw = grid if p["ret_patches"] else (h, w)
+    shape = (*out_hw, channels) if channels > 1 else out_hw
+    check_response_size(shape, p["output_dtype"], limits.max_response_bytes, _SHRINK_HINT)
+    return Geometry((h, w), (ph, pw), grid)
+
+
+def upsample_grid(grid: torch.Tensor, geom: Geometry, mode: InterpolationMode) -> torch.Tensor:
+    """(gh, gw, C) patch grid -> (H, W, C) pixels of the resized image.
+
+    The grid is stretched over the padded input, then the padding is cropped off.
+    """
+    return upsample_unpad(grid, geom.padded, geom.resized, mode)
+
+
+def respond(feats: torch.Tensor, geom: Geometry, p: dict[str, Any], model_id: str) -> dict[str, Any]:
+    """The dense routes' answer for one (gh, gw, C) grid: optional PCA, upsampling, layout, base64."""
+    if p["ret_pca"]:
+        feats = pca_rgb(feats, p["pca_niter"], p["pca_q_min"], p["pca_q_max"])
+    if not p["ret_patches"]:
+        feats = upsample_grid(feats, geom, p["interpolation_mode"])
+    data, shape = encode_array(to_layout(feats, p["tensor_format"]).numpy(), p["output_dtype"])
+    return {
+        "features": data,
+        "shape": shape,
+        "dtype": p["output_dtype"],
+        "is_pca": p["ret_pca"],
+        "model": model_id,
+    }

@@ -22,7 +22,7 @@ import signal
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -225,6 +225,7 @@ class FamilyAPI(ls.LitAPI):
         self._models: dict[str, Any] = {}
         self._requests: dict[str, Counter] = defaultdict(Counter)
         self._batches: dict[str, Counter] = defaultdict(Counter)
+        self._forwards: dict[str, Counter] = defaultdict(Counter)
         if self.fam.load == "eager":
             for entry in self.registry.entries:
                 self.model(entry)
@@ -309,6 +310,39 @@ class FamilyAPI(ls.LitAPI):
                 )
             ]
 
+    def grouped(
+        self,
+        op: str,
+        jobs: list[Job],
+        prepare: Callable[[Job], Any],
+        key: Callable[[Any], Hashable],
+        forward: Callable[[list[Any]], Sequence[Any]],
+        finish: Callable[[Job, Any, Any], dict],
+    ) -> list:
+        """Run the model once per group of requests whose prepared inputs share ``key``.
+
+        ``prepare`` and ``finish`` run per request, and an APIError there answers only that
+        request; ``forward`` takes a group's prepared inputs and returns one output each.
+        """
+        out: list[Any] = [None] * len(jobs)
+        groups: dict[Hashable, list[tuple[int, Any]]] = defaultdict(list)
+        for i, job in enumerate(jobs):
+            try:
+                item = prepare(job)
+            except APIError as e:
+                out[i] = e
+                continue
+            groups[key(item)].append((i, item))
+        for members in groups.values():
+            self._forwards[op][len(members)] += 1
+            results = forward([item for _, item in members])
+            for (i, item), res in zip(members, results, strict=True):
+                try:
+                    out[i] = finish(jobs[i], item, res)
+                except APIError as e:
+                    out[i] = e
+        return out
+
     def encode_response(self, output):
         return output.to_wire() if isinstance(output, APIError) else output
 
@@ -323,16 +357,10 @@ class FamilyAPI(ls.LitAPI):
             "dtype": str(self.compute_dtype).removeprefix("torch."),
             "models_loaded": sorted(self._models),
             "requests": {op: dict(c) for op, c in self._requests.items()},
-            "batch_sizes": {op: {str(k): v for k, v in sorted(c.items())} for op, c in self._batches.items()},
+            "batch_sizes": _histograms(self._batches),
+            "forward_batch_sizes": _histograms(self._forwards),
         }
 
 
-def per_item(jobs: list[Job], fn: Callable[[Job], dict]) -> list:
-    """Run ``fn`` on each job; an APIError becomes that job's answer, not the batch's."""
-    out = []
-    for job in jobs:
-        try:
-            out.append(fn(job))
-        except APIError as e:
-            out.append(e)
-    return out
+def _histograms(counters: dict[str, Counter]) -> dict[str, dict[str, int]]:
+    return {op: {str(k): v for k, v in sorted(c.items())} for op, c in counters.items()}

@@ -21,13 +21,14 @@ from starlette.middleware.gzip import GZipMiddleware
 from . import __version__
 from .clip_api import ClipAPI
 from .config import ServerConfig
+from .dino_api import DinoAPI
 from .errors import install_error_handlers
 from .family import FamilyAPI
 from .middleware import BearerAuth, BodyLimit
 
 log = logging.getLogger("visionserve")
 
-FAMILIES: dict[str, type[FamilyAPI]] = {"clip": ClipAPI}
+FAMILIES: dict[str, type[FamilyAPI]] = {"clip": ClipAPI, "dino": DinoAPI}
 _DOC_PATHS = {"/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"}
 
 

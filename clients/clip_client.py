@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .common import VisionServeError, decode_array, encode_image, get, image_fields, post
+from .common import VisionServeError, decode_array, encode_image, get, image_arg, image_fields, post
 
 __all__ = [
     "VisionServeError",
@@ -151,13 +151,8 @@ def decode_similarity_map(map_b64: str, shape: list[int], dtype: str = "float32"
     return decode_array(map_b64, shape, dtype)
 
 
-def _image_arg(image: Any) -> Any:
-    """The ``*_decoded`` helpers take a file path (as in the seed) or an image object."""
-    return encode_image(image) if isinstance(image, str) else image
-
-
 def extract_clip_features_decoded(image: Any, **kwargs) -> np.ndarray:
-    r = extract_clip_features(_image_arg(image), **kwargs)
+    r = extract_clip_features(image_arg(image), **kwargs)
     return decode_features(r["features"], r["shape"], r["dtype"])
 
 
@@ -167,5 +162,5 @@ def encode_clip_text_decoded(text: str, **kwargs) -> np.ndarray:
 
 
 def compute_clip_similarity_decoded(image: Any, text: str, **kwargs) -> np.ndarray:
-    r = compute_clip_similarity(_image_arg(image), text=text, **kwargs)
+    r = compute_clip_similarity(image_arg(image), text=text, **kwargs)
     return decode_similarity_map(r["similarity_map"], r["shape"], r["dtype"])

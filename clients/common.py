@@ -117,9 +117,14 @@ def image_fields(image: Any = None, image_url: str | None = None, image_path: st
     return {k: v for k, v in fields.items() if v is not None}
 
 
+def image_arg(image: Any) -> Any:
+    """The ``*_decoded`` helpers take a file path (as in the seed) or an image object."""
+    return encode_image(image) if isinstance(image, str) else image
+
+
 def decode_array(data: str, shape: list[int], dtype: str = "float32") -> np.ndarray:
     """Inverse of the server's tensor encoding: base64 little-endian values -> array of ``shape``."""
-    raw = base64.b64decode(data)
+    raw = bytearray(base64.b64decode(data))  # writable, so numpy and torch can use it in place
     return (
         np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape).astype(dtype, copy=False)
     )

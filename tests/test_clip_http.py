@@ -248,3 +248,14 @@ def test_similarity_full_resolution_cosine_and_negatives(rgb_image, ref_model, k
         rgb_image, "a cat", load_size=None, negatives=["object", "stuff"], **kw
     )
     assert rel.shape == (4, 5) and rel.min() >= 0 and rel.max() <= 1
+
+
+def test_concurrent_extracts_of_one_size_share_a_forward(clip_server, rgb_image, ref_model, kw):
+    imgs = [Image.fromarray(np.roll(np.asarray(rgb_image), i, axis=0)) for i in range(10)]
+    with ThreadPoolExecutor(10) as pool:
+        outs = list(pool.map(lambda im: cc.extract_clip_features_decoded(im, load_size=None, **kw), imgs))
+    for im, out in list(zip(imgs, outs, strict=True))[:3]:
+        np.testing.assert_allclose(out, reference_dense(ref_model, im), rtol=1e-4, atol=1e-4)
+    info = requests.get(clip_server.url + "/info", headers={"Authorization": f"Bearer {KEYS[0]}"}).json()
+    sizes = info["families"]["clip"]["workers"][0]["forward_batch_sizes"]["extract"]
+    assert max(int(s) for s in sizes) > 1, sizes

@@ -75,7 +75,7 @@ def test_no_auth_and_a_worker_killed_mid_request(tmp_path, rgb_image):
         info = requests.get(server.url + "/info").json()
         assert info["auth"] == "disabled" and "AUTH DISABLED" in server.log()
         pid = info["families"]["clip"]["workers"][0]["pid"]
-        slow = {"image": encode_image(rgb_image.resize((800, 600))), "load_size": 2400, "ret_pca": True}
+        slow = {"image": encode_image(rgb_image.resize((800, 600))), "load_size": 2000, "ret_pca": True}
         with ThreadPoolExecutor(1) as pool:
             pending = pool.submit(requests.post, server.url + "/clip/extract", json=slow, timeout=30)
             time.sleep(1.5)

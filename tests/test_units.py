@@ -10,6 +10,7 @@ import torch
 from apis.clip_api import clip_key
 from apis.config import ModelEntry, PathInput, UrlInput
 from apis.dense import pca_rgb, resized_size
+from apis.dino_model import HUB_TO_TIMM, architecture
 from apis.errors import APIError
 from apis.images import _pick_address, read_path
 from apis.middleware import BearerAuth
@@ -95,3 +96,11 @@ def test_bearer_check():
     assert auth._problem(b"Bearer k3") == "invalid API key"
     assert "Bearer scheme" in auth._problem(b"Token k1")
     assert auth._problem(None).startswith("missing")
+
+
+def test_dino_hub_names_map_to_timm_architectures():
+    assert architecture(ModelEntry(name="dinov2_vitl14"))[0] == "vit_large_patch14_dinov2.lvd142m"
+    assert architecture(ModelEntry(name="DINOv2-ViTg14-reg"))[0] == "vit_giant_patch14_reg4_dinov2.lvd142m"
+    assert len(HUB_TO_TIMM) == 8
+    with pytest.raises(ValueError, match="use a torch.hub name"):
+        architecture(ModelEntry(name="dinov2_vith14"))

@@ -1,0 +1,112 @@
+"""DINO route: ``/dino/extract`` (seed 004 fields). Schemas and the thin LitAPI; maths in
+:mod:`apis.dino_model`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from pydantic import Field
+
+from .config import ModelEntry
+from .dense import IMAGENET_MEAN, IMAGENET_STD, Geometry, plan, preprocess, respond
+from .dino_model import BIN_CELLS, DinoModel, Facet, dense_features, load_dino, log_bin
+from .errors import APIError
+from .family import FamilyAPI, Job, Route
+from .schemas import DenseOptions, DenseResponse
+
+
+class DinoExtractRequest(DenseOptions):
+    model_type: str | None = Field(
+        None,
+        description="torch.hub name (dinov2_vits14, _vitb14, _vitl14, _vitg14, each also _reg) among the "
+        "server's models; null = the server's default model.",
+    )
+    stride: int | None = Field(
+        None, gt=0, description="Patch-embedding stride; must divide the patch size (14). null = 14."
+    )
+    load_size: int | None = Field(
+        -1,
+        description=">0: shorter side resized to this; <0: shorter side times |load_size|; null: no resize.",
+    )
+    facet: Facet = Field(
+        "token",
+        description="token: block output (before the final norm); key/query/value: its qkv projection.",
+    )
+    layer: int = Field(-1, description="Block index; negative counts from the last block.")
+    bin: bool = Field(False, description="Log-binned descriptors (hierarchy 2): 17 x D channels.")
+
+
+class DinoExtractResponse(DenseResponse):
+    pass
+
+
+@dataclass
+class _Prepared:
+    x: torch.Tensor  # (1, 3, Hp, Wp) normalised, padded
+    geom: Geometry
+    stride: int
+    layer: int  # 0..depth-1
+    facet: Facet
+    bin: bool
+
+    def group(self) -> tuple:
+        """Requests with equal groups run as one forward pass."""
+        return (tuple(self.x.shape), self.stride, self.layer, self.facet, self.bin)
+
+
+class DinoAPI(FamilyAPI):
+    family = "dino"
+    model_fields = ("model_type",)
+    routes = (
+        Route(
+            "extract",
+            DinoExtractRequest,
+            DinoExtractResponse,
+            "Dense DINOv2 features: facet, layer, stride, log-binning.",
+        ),
+    )
+
+    def load_model(self, entry: ModelEntry) -> DinoModel:
+        return load_dino(entry, self.torch_device, self.compute_dtype)
+
+    def op_extract(self, dm: DinoModel, jobs: list[Job]) -> list:
+        return self.grouped(
+            "extract",
+            jobs,
+            prepare=lambda job: self._prepare(dm, job),
+            key=_Prepared.group,
+            forward=lambda items: self._forward(dm, items),
+            finish=lambda job, item, feats: respond(feats, item.geom, job.params, job.model_id),
+        )
+
+    def _prepare(self, dm: DinoModel, job: Job) -> _Prepared:
+        p = job.params
+        patch = dm.patch_size
+        stride = p["stride"] or patch
+        if patch % stride:
+            divisors = [s for s in range(1, patch + 1) if patch % s == 0]
+            raise APIError(
+                400,
+                f"stride {stride} does not divide the patch size {patch}; use one of {divisors} or null",
+                param="stride",
+            )
+        if not -dm.depth <= p["layer"] < dm.depth:
+            raise APIError(
+                400,
+                f"layer {p['layer']} is out of range: {job.model_id} has {dm.depth} blocks, so use "
+                f"0..{dm.depth - 1} or -{dm.depth}..-1",
+                param="layer",
+            )
+        channels = 3 if p["ret_pca"] else dm.embed_dim * (BIN_CELLS if p["bin"] else 1)
+        geom = plan(job.image.size, p, patch, stride, channels, self.cfg.limits)
+        x = preprocess(
+            job.image, p["load_size"], False, patch, p["padding_mode"], IMAGENET_MEAN, IMAGENET_STD
+        )
+        return _Prepared(x, geom, stride, p["layer"] % dm.depth, p["facet"], p["bin"])
+
+    @staticmethod
+    def _forward(dm: DinoModel, items: list[_Prepared]) -> torch.Tensor:
+        first = items[0]
+        feats = dense_features(dm, torch.cat([i.x for i in items]), first.stride, first.facet, first.layer)
+        return (log_bin(feats) if first.bin else feats).cpu()

@@ -1,0 +1,85 @@
+"""DINO client, seed 004 names: ``extract_dino_features``, ``decode_features`` and
+``extract_dino_features_decoded``.
+
+``image`` is base64 text (as the seed sent) or anything :func:`encode_image` takes (path,
+bytes, PIL image, uint8 array); ``image_url`` / ``image_path`` work when the server allows them.
+``model_type`` left as None uses the server's default model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .common import VisionServeError, decode_array, encode_image, get, image_arg, image_fields, post
+
+__all__ = [
+    "VisionServeError",
+    "decode_features",
+    "encode_image",
+    "extract_dino_features",
+    "extract_dino_features_decoded",
+    "health",
+]
+
+FAMILY = "dino"
+
+
+def health(base_url: str | None = None, api_key: str | None = None) -> dict:
+    return get(FAMILY, "health", base_url, api_key)
+
+
+def extract_dino_features(
+    image: Any = None,
+    model_type: str | None = None,
+    stride: int | None = None,
+    ret_pca: bool = False,
+    ret_patches: bool = True,
+    load_size: int | None = -1,
+    facet: str = "token",
+    layer: int = -1,
+    bin: bool = False,
+    pca_niter: int = 5,
+    pca_q_min: float = 0.01,
+    pca_q_max: float = 0.99,
+    interpolation_mode: str = "bilinear",
+    tensor_format: str = "HWC",
+    padding_mode: str = "constant",
+    output_dtype: str = "float32",
+    base_url: str | None = None,
+    api_key: str | None = None,
+    image_url: str | None = None,
+    image_path: str | None = None,
+    timeout: float = 600.0,
+) -> dict:
+    """POST /dino/extract; returns the JSON (``features``, ``shape``, ``dtype``, ``is_pca``)."""
+    payload = {
+        **image_fields(image, image_url, image_path),
+        "model_type": model_type,
+        "stride": stride,
+        "ret_pca": ret_pca,
+        "ret_patches": ret_patches,
+        "load_size": load_size,
+        "facet": facet,
+        "layer": layer,
+        "bin": bin,
+        "pca_niter": pca_niter,
+        "pca_q_min": pca_q_min,
+        "pca_q_max": pca_q_max,
+        "interpolation_mode": interpolation_mode,
+        "tensor_format": tensor_format,
+        "padding_mode": padding_mode,
+        "output_dtype": output_dtype,
+    }
+    return post(FAMILY, "extract", payload, base_url, api_key, timeout)
+
+
+def decode_features(features_b64: str, shape: list[int], dtype: str = "float32") -> np.ndarray:
+    return decode_array(features_b64, shape, dtype)
+
+
+def extract_dino_features_decoded(image: Any, **kwargs) -> np.ndarray:
+    """Like :func:`extract_dino_features` (``image`` may be a file path) but returns the array."""
+    r = extract_dino_features(image_arg(image), **kwargs)
+    return decode_features(r["features"], r["shape"], r["dtype"])
