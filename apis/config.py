@@ -103,7 +103,15 @@ class Family(_Strict):
         return v
 
 
-FAMILY_NAMES = ("clip", "dino")
+class CachedFamily(Family):
+    """A family whose workers keep image embeddings (SAM 2, SAM 3)."""
+
+    cache_size: int = Field(
+        16, ge=0, description="Image embeddings kept per model in each worker (LRU); 0 disables the cache."
+    )
+
+
+FAMILY_NAMES = ("clip", "dino", "sam2")
 
 
 class ServerConfig(_Strict):
@@ -112,6 +120,7 @@ class ServerConfig(_Strict):
     public_docs: bool = Field(False, description="Serve /docs and /openapi.json without a key.")
     clip: Family | None = None
     dino: Family | None = None
+    sam2: CachedFamily | None = None
 
     def families(self) -> dict[str, Family]:
         return {

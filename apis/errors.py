@@ -74,6 +74,10 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         msg = err.get("msg", "invalid value")
         if err.get("type") == "json_invalid":
             msg = "request body is not valid JSON"
+        if err.get("type") == "value_error":  # our own validators: the message says it all
+            msg = msg.removeprefix("Value error, ")
+            parts.append(msg if where == "body" else f"{where}: {msg}")
+            continue
         parts.append(f"{where}: {msg}")
     return "; ".join(parts) or "invalid request", first_param
 

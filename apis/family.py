@@ -185,6 +185,7 @@ class FamilyAPI(ls.LitAPI):
     routes: tuple[Route, ...]
     model_fields: tuple[str, ...]
     model_key: Callable[..., Key] = staticmethod(canonical)
+    model_fill_defaults: bool = True  # see ModelRegistry.resolve
 
     def __init__(self, cfg: ServerConfig, dtype: str = "auto", log_level: str = "info"):
         fam = cfg.families()[self.family]
@@ -195,7 +196,13 @@ class FamilyAPI(ls.LitAPI):
         self.fam = fam
         self.dtype_name = dtype
         self.log_level = log_level
-        self.registry = ModelRegistry(self.family, fam.models, self.model_fields, key=self.model_key)
+        self.registry = ModelRegistry(
+            self.family,
+            fam.models,
+            self.model_fields,
+            key=self.model_key,
+            fill_defaults=self.model_fill_defaults,
+        )
         self.stats: Any = None  # shared dict, set by the server before workers start
 
     # ------------------------------------------------------------------ HTTP process
@@ -206,12 +213,15 @@ class FamilyAPI(ls.LitAPI):
         image = None
         if isinstance(request, ImageInput):
             image = read_image_bytes(request, self.cfg)
-            probe_image(image, self.cfg.limits)
+            self.check_image(op, request, probe_image(image, self.cfg.limits))
         params = request.model_dump(exclude={*IMAGE_FIELDS, *self.model_fields})
         return Job(op=op, model_id=self.registry.id_of(entry), params=params, image_bytes=image)
 
     def check(self, op: str, request: BaseModel) -> None:
         """Family-specific checks that pydantic cannot express; raise APIError."""
+
+    def check_image(self, op: str, request: BaseModel, size: tuple[int, int]) -> None:
+        """Checks that need the image's (width, height), before it is decoded; raise APIError."""
 
     # ------------------------------------------------------------------ worker process
     def setup(self, device: str) -> None:
@@ -359,7 +369,12 @@ class FamilyAPI(ls.LitAPI):
             "requests": {op: dict(c) for op, c in self._requests.items()},
             "batch_sizes": _histograms(self._batches),
             "forward_batch_sizes": _histograms(self._forwards),
+            **self.extra_stats(),
         }
+
+    def extra_stats(self) -> dict[str, Any]:
+        """Family-specific counters for ``/info`` (caches, encoder calls)."""
+        return {}
 
 
 def _histograms(counters: dict[str, Counter]) -> dict[str, dict[str, int]]:

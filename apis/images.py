@@ -30,6 +30,7 @@ from .errors import APIError
 Image.MAX_IMAGE_PIXELS = None
 
 IMAGE_FIELDS = ("image", "image_url", "image_path")
+_EXIF_ORIENTATION = 0x0112
 
 
 class ImageInput(BaseModel):
@@ -257,8 +258,15 @@ def _open(data: bytes, limits: Limits) -> Image.Image:
 
 
 def probe_image(data: bytes, limits: Limits) -> tuple[int, int]:
-    """(width, height) from the header alone; refuses non-images and oversized images."""
-    return _open(data, limits).size
+    """(width, height) as decoded (EXIF rotation included), from the header alone; refuses
+    non-images and oversized images."""
+    img = _open(data, limits)
+    w, h = img.size
+    try:
+        rotated = img.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8)
+    except Exception:  # a damaged file: decoding will say what is wrong with it
+        rotated = False
+    return (h, w) if rotated else (w, h)
 
 
 def decode_image(data: bytes, limits: Limits) -> Image.Image:

@@ -28,11 +28,13 @@ class ModelRegistry:
         entries: Sequence[ModelEntry],
         fields: Sequence[str],
         key: Callable[..., Key] = canonical,
+        fill_defaults: bool = True,
     ):
         self.family = family
         self.entries = list(entries)
         self.fields = tuple(fields)
         self._key = key
+        self._fill = fill_defaults
         self._by_key: dict[Key, ModelEntry] = {}
         for entry in self.entries:
             spellings = [(entry.name, entry.pretrained)]
@@ -58,16 +60,22 @@ class ModelRegistry:
         return [self.id_of(e) for e in self.entries]
 
     def resolve(self, *requested: str | None) -> ModelEntry:
-        """The entry a request asks for; all fields None means the configured default."""
+        """The entry a request asks for; all fields None means the configured default.
+
+        With ``fill_defaults`` a field left None takes the default model's value (CLIP: a name
+        alone means the default's pretrained tag); without, the key function gets the Nones.
+        """
         if all(r is None for r in requested):
             return self.default
-        filled = [
-            r if r is not None else d
-            for r, d in zip(requested, (self.default.name, self.default.pretrained), strict=False)
-        ]
+        filled = list(requested)
+        if self._fill:
+            defaults = (self.default.name, self.default.pretrained)
+            filled = [r if r is not None else d for r, d in zip(requested, defaults, strict=False)]
         entry = self._by_key.get(self._key(*filled))
         if entry is None:
-            asked = " + ".join(f"{f}={v!r}" for f, v in zip(self.fields, filled, strict=True))
+            asked = " + ".join(
+                f"{f}={v!r}" for f, v in zip(self.fields, filled, strict=True) if v is not None
+            )
             raise APIError(
                 400,
                 f"unknown {self.family} model ({asked}); this server offers: {', '.join(self.available())}",

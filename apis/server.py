@@ -25,10 +25,11 @@ from .dino_api import DinoAPI
 from .errors import install_error_handlers
 from .family import FamilyAPI
 from .middleware import BearerAuth, BodyLimit
+from .sam2_api import Sam2API
 
 log = logging.getLogger("visionserve")
 
-FAMILIES: dict[str, type[FamilyAPI]] = {"clip": ClipAPI, "dino": DinoAPI}
+FAMILIES: dict[str, type[FamilyAPI]] = {"clip": ClipAPI, "dino": DinoAPI, "sam2": Sam2API}
 _DOC_PATHS = {"/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"}
 
 

@@ -3,13 +3,17 @@
 #   bash scripts/install.sh          server + clients
 #   bash scripts/install.sh test     server + clients + test tools
 # torch and torchvision go first, as a pair: the PyPI torchvision does not import next to
-# other torch builds, and later model packages (sam2) build against the installed torch.
+# other torch builds, and sam2 builds against the installed torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="server"
 [ "${1:-}" = "test" ] && extras="server,test"
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q --upgrade pip setuptools wheel
 .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+# sam2's sdist compiles against the torch above; without CUDA it skips its (optional) kernel,
+# whose CPU replacement lives in apis/sam2_model.py.
+.venv/bin/python -m pip show -q sam2 >/dev/null 2>&1 ||
+    SAM2_BUILD_CUDA=0 .venv/bin/python -m pip install -q --no-build-isolation "sam2==1.1.0"
 .venv/bin/python -m pip install -q -e ".[${extras}]"
 echo "visionserve installed in $(pwd)/.venv"

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import io
 import os
 
 import pytest
 import torch
+from PIL import Image
 
 from apis.clip_api import clip_key
-from apis.config import ModelEntry, PathInput, UrlInput
+from apis.config import Limits, ModelEntry, PathInput, UrlInput
 from apis.dense import pca_rgb, resized_size
 from apis.dino_model import HUB_TO_TIMM, architecture
 from apis.errors import APIError
-from apis.images import _pick_address, read_path
+from apis.images import _pick_address, decode_image, probe_image, read_path
 from apis.middleware import BearerAuth
 from apis.registry import ModelRegistry
+from apis.sam2_model import connected_components, variant_name
 
 
 @pytest.mark.parametrize(
@@ -104,3 +107,43 @@ def test_dino_hub_names_map_to_timm_architectures():
     assert len(HUB_TO_TIMM) == 8
     with pytest.raises(ValueError, match="use a torch.hub name"):
         architecture(ModelEntry(name="dinov2_vith14"))
+
+
+def test_probe_reports_the_size_after_exif_rotation():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30)).save(buf, format="JPEG", exif=exif.tobytes())
+    limits = Limits()
+    assert probe_image(buf.getvalue(), limits) == (30, 40) == decode_image(buf.getvalue(), limits).size
+
+
+@pytest.mark.parametrize(
+    ("text", "variant"),
+    [
+        ("configs/sam2.1/sam2.1_hiera_l.yaml", "sam2.1_hiera_l"),
+        ("./checkpoints/sam2.1_hiera_large.pt", "sam2.1_hiera_l"),
+        ("facebook/sam2.1-hiera-base-plus", "sam2.1_hiera_b+"),
+        ("sam2_hiera_base_plus.pt", "sam2_hiera_b+"),
+        ("configs/sam2/sam2_hiera_s.yaml", "sam2_hiera_s"),
+        ("SAM2.1_Hiera_Tiny", "sam2.1_hiera_t"),
+        ("my-finetune.pt", "my_finetune"),
+        ("  ", None),
+    ],
+)
+def test_sam2_variant_spellings(text, variant):
+    assert variant_name(text) == variant
+
+
+def test_sam2_connected_components_match_opencv_per_mask():
+    import cv2
+    import numpy as np
+
+    masks = torch.from_numpy(np.random.default_rng(0).random((4, 1, 17, 23)) > 0.55)
+    labels, areas = connected_components(masks)
+    for i in range(4):
+        _, lab, stats, _ = cv2.connectedComponentsWithStats(
+            masks[i, 0].numpy().astype(np.uint8), connectivity=8
+        )
+        assert np.array_equal(areas[i, 0].numpy(), np.where(lab > 0, stats[lab, cv2.CC_STAT_AREA], 0))
+        assert np.array_equal(labels[i, 0].numpy() > 0, lab > 0)

@@ -1,0 +1,412 @@
+"""SAM 2 routes: ``/sam2/auto_mask`` and ``/sam2/prompt_mask`` (seed 004 fields).
+
+Schemas and the thin LitAPI; the maths lives in :mod:`apis.sam2_model`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image
+from pydantic import BaseModel, Field, model_validator
+
+from .config import ModelEntry
+from .errors import APIError
+from .family import FamilyAPI, Job, Route
+from .images import ImageInput
+from .sam2_model import (
+    PRESETS,
+    Prompt,
+    Sam2Predictor,
+    auto_masks,
+    auto_settings,
+    load_sam2,
+    predict_prompt,
+    variant_name,
+)
+from .schemas import StrictRequest
+from .tensors import base64_len, check_response_size, encode_array
+
+OutputMode = Literal["binary_mask", "uncompressed_rle", "coco_rle"]
+MaskEncoding = Literal["float32", "packbits", "png"]
+_MAX_POINTS = 256
+
+
+class _Sam2Model(StrictRequest):
+    model_cfg: str | None = Field(
+        None,
+        description="Selects a configured model by its config name (e.g. "
+        "configs/sam2.1/sam2.1_hiera_l.yaml); never opens a file. null = the server's default model.",
+    )
+    checkpoint_path: str | None = Field(
+        None,
+        description="Selects a configured model by its checkpoint name (e.g. sam2.1_hiera_large.pt); "
+        "never opens a file.",
+    )
+
+
+class Sam2AutoMaskRequest(_Sam2Model, ImageInput):
+    preset: Literal["coarse", "fine_grained"] = Field(
+        "fine_grained", description="Starting values for every generator field below; explicit fields win."
+    )
+    points_per_side: int | None = Field(None, ge=1, le=128)
+    points_per_batch: int | None = Field(None, ge=1, le=1024)
+    pred_iou_thresh: float | None = Field(None, ge=0.0, le=1.0)
+    stability_score_thresh: float | None = Field(None, ge=0.0, le=1.0)
+    stability_score_offset: float | None = Field(None, ge=0.0)
+    mask_threshold: float | None = None
+    box_nms_thresh: float | None = Field(None, ge=0.0, le=1.0)
+    crop_n_layers: int | None = Field(None, ge=0, le=3)
+    crop_nms_thresh: float | None = Field(None, ge=0.0, le=1.0)
+    crop_overlap_ratio: float | None = Field(None, ge=0.0, lt=1.0)
+    crop_n_points_downscale_factor: int | None = Field(None, ge=1)
+    point_grids: list[list[list[float]]] | None = Field(
+        None, description="One list of [x, y] points in [0, 1] per crop layer; replaces points_per_side."
+    )
+    min_mask_region_area: float | None = Field(
+        None, ge=0.0, description="Fill holes and drop islands smaller than this many pixels."
+    )
+    use_m2m: bool | None = None
+    multimask_output: bool | None = None
+    output_mode: OutputMode = Field(
+        "binary_mask", description="binary_mask (see mask_encoding), uncompressed_rle or coco_rle."
+    )
+    mask_encoding: MaskEncoding = Field(
+        "float32",
+        description="binary_mask only: float32 (seed format: base64 float32 0/1, HxW), packbits "
+        "(numpy.packbits of the C-order mask, 32x smaller) or png (8-bit greyscale PNG, 0/255).",
+    )
+
+    @model_validator(mode="after")
+    def _grids(self):
+        for grid in self.point_grids or []:
+            if not grid or len(grid) > 128 * 128:
+                raise ValueError("each point grid needs 1 to 16384 points")
+            if any(len(p) != 2 or not (0.0 <= p[0] <= 1.0 and 0.0 <= p[1] <= 1.0) for p in grid):
+                raise ValueError("point_grids points must be [x, y] pairs within [0, 1]")
+        return self
+
+
+class Sam2Mask(BaseModel):
+    segmentation: str | dict[str, Any] = Field(
+        ..., description="binary_mask: base64 text per mask_encoding; RLE modes: {size: [H, W], counts}."
+    )
+    segmentation_shape: list[int] | None = Field(None, description="[H, W]; binary_mask only.")
+    area: int
+    bbox: list[float] = Field(..., description="[x, y, w, h]")
+    predicted_iou: float
+    stability_score: float
+    point_coords: list[list[float]]
+    crop_box: list[float] = Field(..., description="[x, y, w, h]")
+
+
+class Sam2AutoMaskResponse(BaseModel):
+    masks: list[Sam2Mask]
+    num_masks: int
+    image_size: list[int] = Field(..., description="[H, W]")
+    output_mode: OutputMode
+    mask_encoding: MaskEncoding
+    settings: dict[str, Any] = Field(..., description="The generator settings that ran (preset + overrides).")
+    model: str
+
+
+class Sam2PromptRequest(_Sam2Model, ImageInput):
+    point_coords: list[list[float]] | None = Field(
+        None,
+        max_length=_MAX_POINTS,
+        description="[[x, y], ...] in pixels (or [0, 1] if normalize_coords=false).",
+    )
+    point_labels: list[int] | None = Field(
+        None, max_length=_MAX_POINTS, description="1 = foreground, 0 = background; one per point."
+    )
+    box: list[float] | None = Field(None, description="[x1, y1, x2, y2]")
+    mask_input: str | None = Field(
+        None, description="base64 float32 low-res logits from a previous answer (low_res_masks[i])."
+    )
+    mask_input_shape: list[int] | None = Field(None, description="[1, L, L] (L = 256 for 1024-px models).")
+    multimask_output: bool = True
+    return_logits: bool = False
+    normalize_coords: bool = Field(
+        True, description="true: coordinates are pixels of the image; false: already in [0, 1]."
+    )
+    mask_threshold: float = 0.0
+    max_hole_area: float = Field(
+        0.0, ge=0.0, description="Fill background regions up to this many low-res px."
+    )
+    max_sprinkle_area: float = Field(
+        0.0, ge=0.0, description="Drop foreground specks up to this many low-res px."
+    )
+
+    @model_validator(mode="after")
+    def _prompts(self):
+        if (self.point_coords is None) != (self.point_labels is None):
+            raise ValueError("point_coords and point_labels go together: send both or neither")
+        if self.point_coords is not None:
+            if any(len(p) != 2 for p in self.point_coords):
+                raise ValueError("point_coords must be a list of [x, y] pairs")
+            if len(self.point_labels) != len(self.point_coords):
+                raise ValueError(
+                    f"point_labels has {len(self.point_labels)} labels for {len(self.point_coords)} points"
+                )
+            if any(label not in (0, 1) for label in self.point_labels):
+                raise ValueError("point_labels must be 1 (foreground) or 0 (background)")
+        if self.box is not None:
+            if len(self.box) != 4:
+                raise ValueError(f"box must be [x1, y1, x2, y2] (4 numbers), got {len(self.box)}")
+            if self.box[0] > self.box[2] or self.box[1] > self.box[3]:
+                raise ValueError("box must be [x1, y1, x2, y2] with x1 <= x2 and y1 <= y2")
+        if (self.mask_input is None) != (self.mask_input_shape is None):
+            raise ValueError("mask_input and mask_input_shape go together: send both or neither")
+        if not self.point_coords and self.box is None and self.mask_input is None:
+            raise ValueError("give at least one prompt: point_coords + point_labels, box or mask_input")
+        return self
+
+
+class Sam2PromptResponse(BaseModel):
+    masks: str = Field(..., description="base64 float32, masks_shape [C, H, W]; 0/1 unless return_logits.")
+    masks_shape: list[int]
+    iou_predictions: str = Field(..., description="base64 float32, iou_shape [C].")
+    iou_shape: list[int]
+    low_res_masks: str = Field(..., description="base64 float32 logits, low_res_shape [C, L, L].")
+    low_res_shape: list[int]
+    model: str
+
+
+def sam2_key(model_cfg: str | None, checkpoint_path: str | None = None) -> tuple[str]:
+    """Both request fields name a variant; they must not name two different ones."""
+    a, b = variant_name(model_cfg), variant_name(checkpoint_path)
+    if a and b and a != b:
+        raise APIError(
+            400,
+            f"model_cfg names {a} but checkpoint_path names {b}; send one of them, or two that agree",
+            param="checkpoint_path",
+            code="model_not_found",
+        )
+    return (a or b or "",)
+
+
+def decode_mask_input(data: str, shape: list[int]) -> np.ndarray:
+    """(1, L, L) float32 from base64; raises APIError on bad text or a size that does not fit."""
+    if len(shape) not in (2, 3) or (len(shape) == 3 and shape[0] != 1) or min(shape) < 1:
+        raise APIError(400, f"mask_input_shape must be [1, L, L], got {shape}", param="mask_input_shape")
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise APIError(400, "mask_input is not valid base64", param="mask_input") from None
+    want = math.prod(shape) * 4
+    if len(raw) != want:
+        raise APIError(
+            400,
+            f"mask_input has {len(raw)} bytes but mask_input_shape {shape} needs {want} (float32)",
+            param="mask_input",
+        )
+    return np.frombuffer(raw, dtype="<f4").reshape(1, shape[-2], shape[-1]).astype(np.float32)
+
+
+def encode_binary(mask: np.ndarray, encoding: MaskEncoding) -> str:
+    if encoding == "float32":
+        return encode_array(mask.astype(np.float32))[0]
+    if encoding == "packbits":
+        return base64.b64encode(np.packbits(mask.astype(bool).ravel()).tobytes()).decode("ascii")
+    buf = io.BytesIO()
+    Image.fromarray(mask.astype(np.uint8) * 255, "L").save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _binary_size(h: int, w: int, encoding: MaskEncoding) -> int:
+    """Upper bound of one encoded mask, in base64 bytes."""
+    return base64_len(
+        h * w * 4 if encoding == "float32" else (h * w + 7) // 8 + (1024 if encoding == "png" else 0)
+    )
+
+
+def generator_settings(params: dict[str, Any]) -> dict[str, Any]:
+    """The request's preset with its explicit generator fields on top."""
+    return auto_settings(params["preset"], {k: params[k] for k in PRESETS[params["preset"]]})
+
+
+@dataclass
+class _AutoJob:
+    image: np.ndarray
+    settings: dict[str, Any]
+    output_mode: str
+
+
+@dataclass
+class _PromptJob:
+    image: np.ndarray
+    prompt: Prompt
+
+
+class Sam2API(FamilyAPI):
+    family = "sam2"
+    model_fields = ("model_cfg", "checkpoint_path")
+    model_key = staticmethod(sam2_key)
+    model_fill_defaults = False
+    routes = (
+        Route("auto_mask", Sam2AutoMaskRequest, Sam2AutoMaskResponse, "SAM 2 automatic mask generation."),
+        Route(
+            "prompt_mask",
+            Sam2PromptRequest,
+            Sam2PromptResponse,
+            "SAM 2 masks from points, a box and/or a previous low-res mask.",
+        ),
+    )
+
+    def check(self, op: str, request: BaseModel) -> None:
+        if isinstance(request, Sam2PromptRequest) and request.mask_input is not None:
+            decode_mask_input(request.mask_input, request.mask_input_shape)
+        if isinstance(request, Sam2AutoMaskRequest) and request.point_grids is not None:
+            layers = generator_settings(request.model_dump())["crop_n_layers"]
+            if len(request.point_grids) != layers + 1:
+                raise APIError(
+                    400,
+                    f"point_grids has {len(request.point_grids)} grids; crop_n_layers={layers} needs "
+                    f"{layers + 1} (one per layer)",
+                    param="point_grids",
+                )
+
+    def check_image(self, op: str, request: BaseModel, size: tuple[int, int]) -> None:
+        if not isinstance(request, Sam2PromptRequest):
+            return
+        w, h = size
+        lim_x, lim_y = (w, h) if request.normalize_coords else (1.0, 1.0)
+        unit = "pixels" if request.normalize_coords else "normalised [0, 1] units (normalize_coords=false)"
+        where = f"the {w}x{h} image (x in 0..{lim_x}, y in 0..{lim_y}, {unit})"
+        for x, y in request.point_coords or []:
+            if not (0 <= x <= lim_x and 0 <= y <= lim_y):
+                raise APIError(400, f"point [{x}, {y}] is outside {where}", param="point_coords")
+        if request.box is not None:
+            x1, y1, x2, y2 = request.box
+            if not (x1 >= 0 and y1 >= 0 and x2 <= lim_x and y2 <= lim_y):
+                raise APIError(400, f"box {request.box} is outside {where}", param="box")
+        channels = 3 if request.multimask_output else 1
+        check_response_size(
+            (channels, h, w),
+            "float32",
+            self.cfg.limits.max_response_bytes,
+            "use multimask_output=false or send a smaller image",
+        )
+
+    def load_model(self, entry: ModelEntry) -> Sam2Predictor:
+        return load_sam2(entry, self.torch_device, self.compute_dtype, self.fam.cache_size)
+
+    def extra_stats(self) -> dict[str, Any]:
+        return {
+            "embedding_cache": {k: m.cache.stats() for k, m in self._models.items()},
+            "encoded_images": {k: m.encoded_images for k, m in self._models.items()},
+        }
+
+    # -- prompt_mask: images encoded together (cache first), then each prompt -------------
+    def op_prompt_mask(self, pred: Sam2Predictor, jobs: list[Job]) -> list:
+        return self.grouped(
+            "prompt_mask",
+            jobs,
+            prepare=lambda job: self._prompt_job(pred, job),
+            key=lambda _: None,
+            forward=lambda items: pred.embeddings([i.image for i in items]),
+            finish=lambda job, item, emb: self._prompt_answer(pred, job, item, emb),
+        )
+
+    @staticmethod
+    def _prompt_job(pred: Sam2Predictor, job: Job) -> _PromptJob:
+        p = dict(job.params)
+        mask = None
+        if p["mask_input"] is not None:
+            mask = decode_mask_input(p["mask_input"], p["mask_input_shape"])
+            side = pred.low_res_size
+            if mask.shape[1:] != (side, side):
+                raise APIError(
+                    400,
+                    f"mask_input_shape {p['mask_input_shape']} does not fit {job.model_id}: it takes "
+                    f"[1, {side}, {side}] (the low_res_masks of its own answers)",
+                    param="mask_input_shape",
+                )
+        prompt = Prompt(
+            point_coords=p["point_coords"],
+            point_labels=p["point_labels"],
+            box=p["box"],
+            mask_input=mask,
+            multimask_output=p["multimask_output"],
+            return_logits=p["return_logits"],
+            normalize_coords=p["normalize_coords"],
+            mask_threshold=p["mask_threshold"],
+            max_hole_area=p["max_hole_area"],
+            max_sprinkle_area=p["max_sprinkle_area"],
+        )
+        return _PromptJob(np.array(job.image), prompt)
+
+    @staticmethod
+    def _prompt_answer(pred: Sam2Predictor, job: Job, item: _PromptJob, emb) -> dict:
+        masks, iou, low = predict_prompt(pred, emb, item.prompt)
+        out: dict[str, Any] = {}
+        for name, arr, shape_key in (
+            ("masks", masks, "masks_shape"),
+            ("iou_predictions", iou, "iou_shape"),
+            ("low_res_masks", low, "low_res_shape"),
+        ):
+            out[name], out[shape_key] = encode_array(arr)
+        out["model"] = job.model_id
+        return out
+
+    # -- auto_mask: one image at a time (the generator batches its own points) -------------
+    def op_auto_mask(self, pred: Sam2Predictor, jobs: list[Job]) -> list:
+        return self.grouped(
+            "auto_mask",
+            jobs,
+            prepare=lambda job: _AutoJob(
+                np.array(job.image), generator_settings(job.params), job.params["output_mode"]
+            ),
+            key=id,
+            forward=lambda items: [auto_masks(pred, i.image, i.settings, i.output_mode) for i in items],
+            finish=self._auto_answer,
+        )
+
+    def _auto_answer(self, job: Job, item: _AutoJob, masks: list[dict]) -> dict:
+        p = job.params
+        image, settings = item.image, item.settings
+        h, w = image.shape[:2]
+        binary = p["output_mode"] == "binary_mask"
+        if binary:
+            total = len(masks) * _binary_size(h, w, p["mask_encoding"])
+            if total > self.cfg.limits.max_response_bytes:
+                raise APIError(
+                    400,
+                    f"{len(masks)} masks of {w}x{h} px as {p['mask_encoding']} would need about "
+                    f"{total / 2**20:.0f} MiB, over this server's limit of "
+                    f"{self.cfg.limits.max_response_bytes / 2**20:.0f} MiB; ask for mask_encoding=packbits "
+                    "or png, or output_mode=coco_rle",
+                    code="response_too_large",
+                )
+        out = []
+        for m in masks:
+            item = {
+                "segmentation": encode_binary(m["segmentation"], p["mask_encoding"])
+                if binary
+                else m["segmentation"],
+                "area": int(m["area"]),
+                "bbox": [float(v) for v in m["bbox"]],
+                "predicted_iou": float(m["predicted_iou"]),
+                "stability_score": float(m["stability_score"]),
+                "point_coords": [[float(v) for v in pt] for pt in m["point_coords"]],
+                "crop_box": [float(v) for v in m["crop_box"]],
+            }
+            if binary:
+                item["segmentation_shape"] = [h, w]
+            out.append(item)
+        shown = {k: v for k, v in settings.items() if k != "point_grids"}
+        return {
+            "masks": out,
+            "num_masks": len(out),
+            "image_size": [h, w],
+            "output_mode": p["output_mode"],
+            "mask_encoding": p["mask_encoding"],
+            "settings": {**shown, "point_grids": settings["point_grids"] is not None, "preset": p["preset"]},
+            "model": job.model_id,
+        }

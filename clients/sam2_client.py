@@ -1,0 +1,271 @@
+"""SAM 2 client, seed 004 names: ``generate_sam2_auto_masks``, ``generate_sam2_prompt_masks``,
+their ``*_decoded`` forms, the ``sam2_point_mask`` / ``sam2_box_mask`` / ``sam2_combined_mask``
+shortcuts, mask decoding (every output mode, no pycocotools needed) and a PNG overlay writer.
+
+``image`` is base64 text (as the seed sent) or anything :func:`encode_image` takes; the
+``*_decoded`` helpers and shortcuts also take a file path. ``model_cfg`` / ``checkpoint_path``
+only select among the server's models; None uses its default.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .common import VisionServeError, decode_array, encode_image, get, image_arg, image_fields, post
+
+__all__ = [
+    "VisionServeError",
+    "decode_rle",
+    "decode_segmentation",
+    "encode_image",
+    "encode_mask_input",
+    "generate_sam2_auto_masks",
+    "generate_sam2_auto_masks_decoded",
+    "generate_sam2_prompt_masks",
+    "generate_sam2_prompt_masks_decoded",
+    "health",
+    "sam2_box_mask",
+    "sam2_combined_mask",
+    "sam2_point_mask",
+    "save_mask_overlay",
+]
+
+FAMILY = "sam2"
+PromptAnswer = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def health(base_url: str | None = None, api_key: str | None = None) -> dict:
+    return get(FAMILY, "health", base_url, api_key)
+
+
+def generate_sam2_auto_masks(
+    image: Any = None,
+    preset: str = "fine_grained",
+    points_per_side: int | None = None,
+    points_per_batch: int | None = None,
+    pred_iou_thresh: float | None = None,
+    stability_score_thresh: float | None = None,
+    stability_score_offset: float | None = None,
+    mask_threshold: float | None = None,
+    box_nms_thresh: float | None = None,
+    crop_n_layers: int | None = None,
+    crop_nms_thresh: float | None = None,
+    crop_overlap_ratio: float | None = None,
+    crop_n_points_downscale_factor: int | None = None,
+    point_grids: Any = None,
+    min_mask_region_area: float | None = None,
+    use_m2m: bool | None = None,
+    multimask_output: bool | None = None,
+    output_mode: str = "binary_mask",
+    mask_encoding: str = "float32",
+    model_cfg: str | None = None,
+    checkpoint_path: str | None = None,
+    base_url: str | None = None,
+    api_key: str | None = None,
+    image_url: str | None = None,
+    image_path: str | None = None,
+    timeout: float = 600.0,
+) -> dict:
+    """POST /sam2/auto_mask; the JSON answer (``masks``, ``num_masks``, ``settings``, ...).
+
+    Generator fields left None take the ``preset``'s values.
+    """
+    if point_grids is not None:
+        point_grids = [np.asarray(g, dtype=float).tolist() for g in point_grids]
+    payload = {
+        **image_fields(image, image_url, image_path),
+        "model_cfg": model_cfg,
+        "checkpoint_path": checkpoint_path,
+        "preset": preset,
+        "points_per_side": points_per_side,
+        "points_per_batch": points_per_batch,
+        "pred_iou_thresh": pred_iou_thresh,
+        "stability_score_thresh": stability_score_thresh,
+        "stability_score_offset": stability_score_offset,
+        "mask_threshold": mask_threshold,
+        "box_nms_thresh": box_nms_thresh,
+        "crop_n_layers": crop_n_layers,
+        "crop_nms_thresh": crop_nms_thresh,
+        "crop_overlap_ratio": crop_overlap_ratio,
+        "crop_n_points_downscale_factor": crop_n_points_downscale_factor,
+        "point_grids": point_grids,
+        "min_mask_region_area": min_mask_region_area,
+        "use_m2m": use_m2m,
+        "multimask_output": multimask_output,
+        "output_mode": output_mode,
+        "mask_encoding": mask_encoding,
+    }
+    return post(FAMILY, "auto_mask", payload, base_url, api_key, timeout)
+
+
+def encode_mask_input(mask: np.ndarray) -> tuple[str, list[int]]:
+    """(base64, shape) of low-res logits for ``mask_input``; an (L, L) array becomes [1, L, L]."""
+    arr = np.asarray(mask, dtype="<f4")
+    if arr.ndim == 2:
+        arr = arr[None]
+    return base64.b64encode(np.ascontiguousarray(arr).tobytes()).decode("ascii"), list(arr.shape)
+
+
+def generate_sam2_prompt_masks(
+    image: Any = None,
+    point_coords: Any = None,
+    point_labels: Any = None,
+    box: Any = None,
+    mask_input: Any = None,
+    mask_input_shape: list[int] | None = None,
+    multimask_output: bool = True,
+    return_logits: bool = False,
+    normalize_coords: bool = True,
+    mask_threshold: float = 0.0,
+    max_hole_area: float = 0.0,
+    max_sprinkle_area: float = 0.0,
+    model_cfg: str | None = None,
+    checkpoint_path: str | None = None,
+    base_url: str | None = None,
+    api_key: str | None = None,
+    image_url: str | None = None,
+    image_path: str | None = None,
+    timeout: float = 600.0,
+) -> PromptAnswer:
+    """POST /sam2/prompt_mask; (masks [C, H, W], iou_predictions [C], low_res_masks [C, L, L]).
+
+    ``mask_input`` is a numpy array (e.g. ``low_res[i]`` of an earlier answer) or base64 text
+    with ``mask_input_shape``.
+    """
+    if mask_input is not None and not isinstance(mask_input, str):
+        mask_input, mask_input_shape = encode_mask_input(mask_input)
+    as_list = lambda v: None if v is None else np.asarray(v).tolist()  # noqa: E731
+    payload = {
+        **image_fields(image, image_url, image_path),
+        "model_cfg": model_cfg,
+        "checkpoint_path": checkpoint_path,
+        "point_coords": as_list(point_coords),
+        "point_labels": as_list(point_labels),
+        "box": as_list(box),
+        "mask_input": mask_input,
+        "mask_input_shape": mask_input_shape,
+        "multimask_output": multimask_output,
+        "return_logits": return_logits,
+        "normalize_coords": normalize_coords,
+        "mask_threshold": mask_threshold,
+        "max_hole_area": max_hole_area,
+        "max_sprinkle_area": max_sprinkle_area,
+    }
+    r = post(FAMILY, "prompt_mask", payload, base_url, api_key, timeout)
+    return (
+        decode_array(r["masks"], r["masks_shape"]),
+        decode_array(r["iou_predictions"], r["iou_shape"]),
+        decode_array(r["low_res_masks"], r["low_res_shape"]),
+    )
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def _coco_counts(text: str) -> list[int]:
+    """Run lengths of a COCO compressed RLE string: 5 bits per character (offset 48), the 6th
+    bit continues a number, the last bit read is its sign; from the third run on, each value
+    is a difference to the run two places back."""
+    counts: list[int] = []
+    pos = 0
+    while pos < len(text):
+        value, shift, more = 0, 0, True
+        while more:
+            c = ord(text[pos]) - 48
+            value |= (c & 0x1F) << shift
+            more = bool(c & 0x20)
+            pos += 1
+            shift += 5
+            if not more and c & 0x10:
+                value |= -1 << shift
+        if len(counts) > 2:
+            value += counts[-2]
+        counts.append(value)
+    return counts
+
+
+def decode_rle(rle: dict) -> np.ndarray:
+    """(H, W) bool mask from ``{"size": [H, W], "counts": ...}``: a COCO string or a list of
+    run lengths (column-major, starting with background), as SAM writes them."""
+    h, w = rle["size"]
+    counts = rle["counts"]
+    if isinstance(counts, bytes):
+        counts = counts.decode("ascii")
+    runs = _coco_counts(counts) if isinstance(counts, str) else list(counts)
+    flat = np.zeros(h * w, dtype=bool)
+    starts = np.cumsum([0, *runs[:-1]])
+    for start, length in list(zip(starts, runs, strict=True))[1::2]:
+        flat[start : start + length] = True
+    return flat.reshape(w, h).T
+
+
+def decode_segmentation(mask: dict, encoding: str | None = None) -> np.ndarray:
+    """(H, W) bool mask of one ``auto_mask`` entry, whatever its output mode.
+
+    ``encoding`` is the answer's ``mask_encoding``; without it binary masks are recognised by
+    their PNG signature or their length.
+    """
+    seg = mask["segmentation"]
+    if isinstance(seg, dict):
+        return decode_rle(seg)
+    h, w = mask["segmentation_shape"]
+    raw = base64.b64decode(seg)
+    if encoding is None:
+        encoding = "png" if raw.startswith(b"\x89PNG") else "float32" if len(raw) == h * w * 4 else "packbits"
+    if encoding == "float32":
+        return decode_array(seg, [h, w]) > 0.5
+    if encoding == "packbits":
+        return np.unpackbits(np.frombuffer(raw, dtype=np.uint8), count=h * w).reshape(h, w).astype(bool)
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(raw)).convert("L")) > 0
+
+
+def generate_sam2_auto_masks_decoded(image: Any, **kwargs) -> list[dict]:
+    """Like :func:`generate_sam2_auto_masks` (``image`` may be a path) with each
+    ``segmentation`` as an (H, W) bool array."""
+    r = generate_sam2_auto_masks(image_arg(image), **kwargs)
+    return [{**m, "segmentation": decode_segmentation(m, r["mask_encoding"])} for m in r["masks"]]
+
+
+def generate_sam2_prompt_masks_decoded(image: Any, **kwargs) -> PromptAnswer:
+    return generate_sam2_prompt_masks(image_arg(image), **kwargs)
+
+
+def sam2_point_mask(image: Any, point_coords: Any, point_labels: Any, **kwargs) -> PromptAnswer:
+    return generate_sam2_prompt_masks_decoded(
+        image, point_coords=point_coords, point_labels=point_labels, **kwargs
+    )
+
+
+def sam2_box_mask(image: Any, box: Any, **kwargs) -> PromptAnswer:
+    return generate_sam2_prompt_masks_decoded(image, box=box, **kwargs)
+
+
+def sam2_combined_mask(image: Any, point_coords: Any, point_labels: Any, box: Any, **kwargs) -> PromptAnswer:
+    return generate_sam2_prompt_masks_decoded(
+        image, point_coords=point_coords, point_labels=point_labels, box=box, **kwargs
+    )
+
+
+def save_mask_overlay(image: Any, masks: Any, path: str | Path, alpha: float = 0.5, seed: int = 0) -> Path:
+    """Write a PNG of ``image`` (path, PIL image or uint8 array) with each mask blended in its
+    own colour; ``masks``: (H, W) arrays, an (N, H, W) array, or decoded auto-mask dicts."""
+    from PIL import Image
+
+    if isinstance(image, (str, Path)):
+        image = Image.open(image)
+    base = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
+    colours = np.random.default_rng(seed).integers(40, 256, size=(len(masks), 3))
+    out = base.copy()
+    for mask, colour in zip(masks, colours, strict=True):
+        m = np.asarray(mask["segmentation"] if isinstance(mask, dict) else mask) > 0.5
+        out[m] = (1 - alpha) * out[m] + alpha * colour
+    path = Path(path)
+    Image.fromarray(out.round().astype(np.uint8)).save(path, format="PNG")
+    return path

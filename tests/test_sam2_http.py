@@ -1,0 +1,444 @@
+"""SAM 2 routes end to end: real server subprocess, real client, values against sam2 directly.
+
+The server loads a tiny SAM 2.1 (the real sam2 classes, 256-px input) from a checkpoint file
+written here; references call ``SAM2ImagePredictor`` on the same file in this process.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import cv2
+import numpy as np
+import pytest
+import requests
+import torch
+import torch.nn.functional as F
+from pycocotools import mask as coco_mask
+
+from clients import sam2_client as sc
+from clients.common import VisionServeError, encode_image, post
+from tests.conftest import KEYS, ROOT, ServerProcess
+
+ARCH = ROOT / "configs" / "models" / "sam2-tiny.json"
+SPEC = json.loads(ARCH.read_text())
+
+
+def build_tiny(ckpt=None):
+    from sam2.build_sam import build_sam2
+
+    return build_sam2(SPEC["config"], ckpt, device="cpu", hydra_overrides_extra=SPEC["overrides"])
+
+
+def scene(h: int = 72, w: int = 96, seed: int = 0) -> np.ndarray:
+    """Blobs plus noise: structured enough for masks, speckled enough for small regions."""
+    yy, xx = np.mgrid[:h, :w]
+    base = (np.sin(xx / 7.0 + seed) + np.cos(yy / 5.0)) * 60 + 128
+    noise = np.random.default_rng(seed).normal(0, 25, (h, w, 3))
+    return np.clip(base[..., None] + noise, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def sam2_checkpoint(assets):
+    torch.manual_seed(0)
+    path = assets / "sam2-tiny.pt"
+    torch.save({"model": build_tiny().state_dict()}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(sam2_checkpoint):
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    pred = SAM2ImagePredictor(build_tiny(str(sam2_checkpoint)))
+    s = pred.model.image_size
+    pred._bb_feat_sizes = [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]
+    return pred
+
+
+@pytest.fixture(scope="module")
+def sam2_server(tmp_path_factory, sam2_checkpoint, image_root):
+    config = {
+        "limits": {"max_response_bytes": 16 * 1024 * 1024},
+        "inputs": {"path": {"roots": [str(image_root)]}},
+        "sam2": {
+            "max_batch_size": 8,
+            "batch_timeout": 0.2,
+            "cache_size": 4,
+            "models": [
+                {"name": "sam2.1_hiera_t", "weights": str(sam2_checkpoint), "arch_config": str(ARCH)},
+                {"name": "sam2_hiera_t", "weights": "random", "arch_config": str(ARCH)},
+            ],
+        },
+    }
+    server = ServerProcess(config, tmp_path_factory.mktemp("sam2-server"), ["--api-key", KEYS[0]])
+    try:
+        yield server.wait_ready()
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def kw(sam2_server):
+    return {"base_url": sam2_server.url + "/sam2", "api_key": KEYS[0]}
+
+
+def info(server) -> dict:
+    body = requests.get(server.url + "/info", headers={"Authorization": f"Bearer {KEYS[0]}"}).json()
+    return body["families"]["sam2"]["workers"][0]
+
+
+def direct(pred, image: np.ndarray, **prompt):
+    pred.set_image(image)
+    args = {k: (np.asarray(v) if isinstance(v, list) else v) for k, v in prompt.items()}
+    return pred.predict(**args)
+
+
+def assert_same_answer(got, want, logits: bool = False):
+    (gm, gi, gl), (wm, wi, wl) = got, want
+    assert gm.shape == wm.shape and gi.shape == wi.shape and gl.shape == wl.shape
+    np.testing.assert_allclose(gi, wi, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(gl, wl, rtol=1e-4, atol=1e-4)
+    if logits:
+        np.testing.assert_allclose(gm, wm, rtol=1e-4, atol=1e-4)
+    else:
+        assert set(np.unique(gm)) <= {0.0, 1.0}
+        assert np.mean(gm != wm) < 1e-3  # a pixel exactly at the threshold may round either way
+
+
+# ----------------------------------------------------------------------------- prompt_mask
+
+
+PROMPTS = {
+    "one point": {"point_coords": [[30, 20]], "point_labels": [1]},
+    "two points, one negative": {"point_coords": [[30, 20], [70, 50]], "point_labels": [1, 0]},
+    "box": {"box": [10, 10, 60, 50]},
+    "box and points": {"box": [10, 10, 60, 50], "point_coords": [[30, 30]], "point_labels": [1]},
+    "single mask": {"point_coords": [[50, 40]], "point_labels": [1], "multimask_output": False},
+    "logits": {"point_coords": [[50, 40]], "point_labels": [1], "return_logits": True},
+}
+
+
+@pytest.mark.parametrize("case", PROMPTS)
+def test_prompt_masks_equal_the_predictor(reference, kw, case):
+    image = scene()
+    got = sc.generate_sam2_prompt_masks(image=encode_image(image), **PROMPTS[case], **kw)
+    want = direct(reference, image, **PROMPTS[case])
+    assert got[0].shape == ((1 if case == "single mask" else 3), 72, 96) and got[2].shape[1:] == (64, 64)
+    assert_same_answer(got, want, logits=case == "logits")
+
+
+def test_follow_up_with_the_previous_low_res_mask(reference, kw):
+    image = scene(seed=3)
+    first = sc.generate_sam2_prompt_masks(image=encode_image(image), **PROMPTS["one point"], **kw)
+    best = first[2][np.argmax(first[1])][None]  # (1, 64, 64) logits
+    follow = {"point_coords": [[30, 20], [60, 40]], "point_labels": [1, 1], "multimask_output": False}
+    got = sc.generate_sam2_prompt_masks(image=encode_image(image), mask_input=best, **follow, **kw)
+    want = direct(reference, image, mask_input=best, **follow)
+    assert_same_answer(got, want)
+    without = sc.generate_sam2_prompt_masks(image=encode_image(image), **follow, **kw)
+    assert not np.allclose(without[2], got[2])  # the mask prompt mattered
+
+
+def fill_like_sam2(low_res: np.ndarray, hole: float, sprinkle: float, hw, thr: float = 0.0) -> np.ndarray:
+    """sam2's post-processing written with OpenCV: fill small background regions, drop small
+    foreground ones (8-connected, on the low-res logits), upsample, threshold."""
+    out = low_res.copy()
+    for i, m in enumerate(low_res):
+        for select, area, value in ((m <= thr, hole, thr + 10.0), (m > thr, sprinkle, thr - 10.0)):
+            if area <= 0:
+                continue
+            n, lab, stats, _ = cv2.connectedComponentsWithStats(select.astype(np.uint8), connectivity=8)
+            small = (lab > 0) & (stats[lab, cv2.CC_STAT_AREA] <= area)
+            out[i][small] = value
+    up = F.interpolate(torch.from_numpy(out)[None], size=hw, mode="bilinear", align_corners=False)[0]
+    return (up > thr).float().numpy()
+
+
+def test_hole_and_sprinkle_filling_work_on_cpu(kw):
+    image = scene(seed=5)
+    prompt = {"point_coords": [[40, 30]], "point_labels": [1]}
+    plain = sc.generate_sam2_prompt_masks(image=encode_image(image), **prompt, **kw)
+    filled = sc.generate_sam2_prompt_masks(
+        image=encode_image(image), max_hole_area=40, max_sprinkle_area=10, **prompt, **kw
+    )
+    np.testing.assert_array_equal(filled[2], plain[2])  # low-res logits are returned unfilled
+    assert not np.array_equal(filled[0], plain[0])  # ... but the masks changed
+    want = fill_like_sam2(plain[2], 40, 10, (72, 96))
+    assert np.mean(filled[0] != want) < 1e-3
+
+
+def test_second_prompt_on_an_image_skips_the_encoder(sam2_server, kw):
+    image = encode_image(scene(seed=7))
+    before = info(sam2_server)
+    sc.generate_sam2_prompt_masks(image=image, **PROMPTS["one point"], **kw)
+    mid = info(sam2_server)
+    sc.generate_sam2_prompt_masks(image=image, **PROMPTS["box"], **kw)
+    after = info(sam2_server)
+    model = "sam2.1_hiera_t"
+    assert mid["encoded_images"][model] == before["encoded_images"][model] + 1
+    assert mid["embedding_cache"][model]["misses"] == before["embedding_cache"][model]["misses"] + 1
+    assert after["encoded_images"][model] == mid["encoded_images"][model]  # encoder not called
+    assert after["embedding_cache"][model]["hits"] == mid["embedding_cache"][model]["hits"] + 1
+    assert after["embedding_cache"][model]["misses"] == mid["embedding_cache"][model]["misses"]
+    assert after["embedding_cache"][model]["capacity"] == 4
+
+
+def test_concurrent_prompts_on_new_images_share_one_encoder_pass(sam2_server, reference, kw):
+    images = [scene(seed=100 + i) for i in range(6)]
+    with ThreadPoolExecutor(6) as pool:
+        outs = list(
+            pool.map(
+                lambda im: sc.generate_sam2_prompt_masks(
+                    image=encode_image(im), **PROMPTS["one point"], **kw
+                ),
+                images,
+            )
+        )
+    for im, out in list(zip(images, outs, strict=True))[:2]:
+        assert_same_answer(out, direct(reference, im, **PROMPTS["one point"]))
+    sizes = info(sam2_server)["forward_batch_sizes"]["prompt_mask"]
+    assert max(int(s) for s in sizes) > 1, sizes
+
+
+def test_model_spellings_select_configured_models_only(sam2_server, kw):
+    image = encode_image(scene())
+    answers = set()
+    for spelling in [
+        {"model_cfg": "configs/sam2.1/sam2.1_hiera_t.yaml"},
+        {"checkpoint_path": "./checkpoints/sam2.1_hiera_tiny.pt"},
+        {"model_cfg": "facebook/sam2.1-hiera-tiny", "checkpoint_path": "sam2.1_hiera_t.pt"},
+        {},
+    ]:
+        body = {"image": image, **PROMPTS["one point"], **spelling}
+        r = post("sam2", "prompt_mask", body, **kw)
+        assert r["model"] == "sam2.1_hiera_t"
+        answers.add(r["low_res_masks"])
+    assert len(answers) == 1
+    other = post(
+        "sam2",
+        "prompt_mask",
+        {"image": image, **PROMPTS["one point"], "model_cfg": "sam2_hiera_t.yaml"},
+        **kw,
+    )
+    assert other["model"] == "sam2_hiera_t" and other["low_res_masks"] not in answers
+    assert info(sam2_server)["models_loaded"] == ["sam2.1_hiera_t", "sam2_hiera_t"]
+
+
+# ----------------------------------------------------------------------------- auto_mask
+
+LOOSE = {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}  # random weights: keep what comes
+
+
+def check_mask(m: dict, mask: np.ndarray) -> None:
+    assert mask.shape == (72, 96) and mask.dtype == bool
+    assert m["area"] == int(mask.sum())
+    if m["area"]:
+        ys, xs = np.nonzero(mask)
+        assert m["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min(), ys.max() - ys.min()]
+    assert len(m["point_coords"]) == 1 and len(m["crop_box"]) == 4
+    assert 0 <= m["stability_score"] <= 1
+
+
+@pytest.mark.parametrize("preset", ["coarse", "fine_grained"])
+@pytest.mark.parametrize("output_mode", ["binary_mask", "uncompressed_rle", "coco_rle"])
+def test_auto_masks_for_each_preset_and_output_mode(kw, preset, output_mode):
+    extra = {"points_per_side": 8} if preset == "fine_grained" else {}  # its 64x64 grid is slow on CPU
+    r = sc.generate_sam2_auto_masks(
+        image=encode_image(scene()), preset=preset, output_mode=output_mode, **LOOSE, **extra, **kw
+    )
+    assert r["num_masks"] == len(r["masks"]) > 0 and r["image_size"] == [72, 96]
+    want_settings = {
+        "coarse": {"points_per_side": 16, "crop_n_layers": 0, "min_mask_region_area": 100, "use_m2m": False},
+        "fine_grained": {
+            "points_per_side": 8,
+            "crop_n_layers": 1,
+            "min_mask_region_area": 25,
+            "use_m2m": True,
+        },
+    }[preset]
+    assert r["settings"] | want_settings == r["settings"] and r["settings"]["pred_iou_thresh"] == 0.0
+    for m in r["masks"]:
+        if output_mode == "coco_rle":
+            rle = {"size": m["segmentation"]["size"], "counts": m["segmentation"]["counts"].encode()}
+            mask = coco_mask.decode(rle).astype(bool)
+            assert int(coco_mask.area(rle)) == m["area"]
+        else:
+            mask = sc.decode_segmentation(m)
+        check_mask(m, mask)
+
+
+def test_compact_binary_encodings_decode_to_the_same_masks(kw):
+    image = encode_image(scene())
+    runs = {
+        enc: sc.generate_sam2_auto_masks(image=image, preset="coarse", mask_encoding=enc, **LOOSE, **kw)
+        for enc in ("float32", "packbits", "png")
+    }
+    ref = [sc.decode_segmentation(m) for m in runs["float32"]["masks"]]
+    for enc in ("packbits", "png"):
+        assert runs[enc]["mask_encoding"] == enc
+        assert [m["area"] for m in runs[enc]["masks"]] == [m["area"] for m in runs["float32"]["masks"]]
+        for m, want in zip(runs[enc]["masks"], ref, strict=True):
+            np.testing.assert_array_equal(sc.decode_segmentation(m), want)
+    sizes = {enc: len(json.dumps(r["masks"])) for enc, r in runs.items()}
+    assert sizes["packbits"] * 10 < sizes["float32"]
+
+
+def test_presets_without_overrides_are_the_spec_values(kw):
+    r = sc.generate_sam2_auto_masks(image=encode_image(scene()), preset="coarse", **kw)
+    assert r["settings"] == {
+        "preset": "coarse",
+        "points_per_side": 16,
+        "points_per_batch": 64,
+        "pred_iou_thresh": 0.8,
+        "stability_score_thresh": 0.95,
+        "stability_score_offset": 1.0,
+        "crop_n_layers": 0,
+        "crop_n_points_downscale_factor": 1,
+        "min_mask_region_area": 100,
+        "use_m2m": False,
+        "mask_threshold": 0.0,
+        "box_nms_thresh": 0.7,
+        "crop_nms_thresh": 0.7,
+        "crop_overlap_ratio": 512 / 1500,
+        "multimask_output": True,
+        "point_grids": False,
+    }
+
+
+def kernel_on_cpu(mask: torch.Tensor):
+    """What sam2's CUDA connected-components kernel returns, one OpenCV call per mask."""
+    labels, areas = [], []
+    for m in mask[:, 0].to(torch.uint8).numpy():
+        _, lab, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
+        labels.append(lab)
+        areas.append(np.where(lab > 0, stats[lab, cv2.CC_STAT_AREA], 0))
+    return torch.from_numpy(np.stack(labels)[:, None]), torch.from_numpy(np.stack(areas)[:, None])
+
+
+def test_min_mask_region_area_works_as_with_sam2s_kernel(kw, sam2_checkpoint, monkeypatch):
+    """sam2 1.1.0 applies min_mask_region_area as hole/sprinkle filling of each mask's low-res
+    logits (its CUDA kernel); the server must give what the library gives with that kernel."""
+    import sam2.utils.misc
+    from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+
+    monkeypatch.setattr(sam2.utils.misc, "get_connected_components", kernel_on_cpu)
+    model = build_tiny(str(sam2_checkpoint))
+    image = scene(seed=2)
+    areas = {}
+    for area in (0, 30):
+        r = sc.generate_sam2_auto_masks(
+            image=encode_image(image),
+            preset="coarse",
+            points_per_side=8,
+            min_mask_region_area=area,
+            box_nms_thresh=1.0,  # keep every mask: compare them all
+            mask_encoding="packbits",
+            **LOOSE,
+            **kw,
+        )
+        settings = {k: v for k, v in r["settings"].items() if k not in ("preset", "point_grids")}
+        amg = SAM2AutomaticMaskGenerator(model, **settings)
+        s = model.image_size
+        amg.predictor._bb_feat_sizes = [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]
+        want = amg.generate(image)
+        assert r["num_masks"] == len(want) > 1
+        for m, w in zip(r["masks"], want, strict=True):
+            assert np.mean(sc.decode_segmentation(m) != w["segmentation"]) < 1e-3
+            assert m["predicted_iou"] == pytest.approx(w["predicted_iou"], abs=1e-4)
+        areas[area] = sorted(m["area"] for m in r["masks"])
+    assert areas[0] != areas[30]
+
+
+def test_point_grids_replace_points_per_side(kw):
+    grid = [[x, y] for x in (0.25, 0.75) for y in (0.25, 0.75)]
+    r = sc.generate_sam2_auto_masks(
+        image=encode_image(scene()), preset="coarse", point_grids=[grid], **LOOSE, **kw
+    )
+    assert r["settings"]["point_grids"] is True and r["settings"]["points_per_side"] is None
+    assert 0 < r["num_masks"] <= 4 * 3
+    seeds = {tuple(m["point_coords"][0]) for m in r["masks"]}
+    assert seeds <= {(24.0, 18.0), (24.0, 54.0), (72.0, 18.0), (72.0, 54.0)}
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "status", "needle"),
+    [
+        ("prompt_mask", {"point_coords": [[30, 20]], "point_labels": [1, 0]}, 422, "2 labels for 1 points"),
+        ("prompt_mask", {"point_coords": [[30, 20, 1]], "point_labels": [1]}, 422, "[x, y] pairs"),
+        ("prompt_mask", {"point_coords": [[30, 20]], "point_labels": [2]}, 422, "1 (foreground) or 0"),
+        ("prompt_mask", {"point_coords": [[30, 20]]}, 422, "point_labels go together"),
+        ("prompt_mask", {"box": [1, 2, 3]}, 422, "box must be [x1, y1, x2, y2] (4 numbers), got 3"),
+        ("prompt_mask", {"box": [50, 10, 20, 40]}, 422, "x1 <= x2"),
+        ("prompt_mask", {"box": [10, 10, 200, 40]}, 400, "outside the 96x72 image"),
+        (
+            "prompt_mask",
+            {"point_coords": [[97, 20]], "point_labels": [1]},
+            400,
+            "point [97.0, 20.0] is outside",
+        ),
+        (
+            "prompt_mask",
+            {"point_coords": [[0.5, 1.5]], "point_labels": [1], "normalize_coords": False},
+            400,
+            "normalised [0, 1] units",
+        ),
+        ("prompt_mask", {}, 422, "give at least one prompt"),
+        ("prompt_mask", {"mask_input": "AAAA"}, 422, "mask_input_shape go together"),
+        ("prompt_mask", {"mask_input": "AAAA", "mask_input_shape": [1, 64, 64]}, 400, "needs 16384"),
+        ("prompt_mask", {"mask_input": "@@@", "mask_input_shape": [1, 1, 1]}, 400, "not valid base64"),
+        ("prompt_mask", {"mask_input_shape": [1, 256, 256], "mask_input": "full"}, 400, "takes [1, 64, 64]"),
+        (
+            "prompt_mask",
+            {"box": [1, 1, 5, 5], "model_cfg": "sam2.1_hiera_l.yaml"},
+            400,
+            "offers: sam2.1_hiera_t",
+        ),
+        (
+            "prompt_mask",
+            {
+                "box": [1, 1, 5, 5],
+                "model_cfg": "sam2.1_hiera_t.yaml",
+                "checkpoint_path": "sam2_hiera_tiny.pt",
+            },
+            400,
+            "model_cfg names sam2.1_hiera_t but checkpoint_path names sam2_hiera_t",
+        ),
+        ("auto_mask", {"preset": "medium"}, 422, "preset"),
+        ("auto_mask", {"output_mode": "polygons"}, 422, "output_mode"),
+        ("auto_mask", {"points_per_side": 0}, 422, "points_per_side"),
+        ("auto_mask", {"point_grids": [[[0.5, 1.5]]]}, 422, "within [0, 1]"),
+        (
+            "auto_mask",
+            {"point_grids": [[[0.5, 0.5]]], "preset": "fine_grained"},
+            400,
+            "crop_n_layers=1 needs 2",
+        ),
+    ],
+)
+def test_bad_inputs_get_a_clear_4xx(kw, route, body, status, needle):
+    image = scene()
+    if body.get("mask_input") == "full":
+        body = {**body, "mask_input": sc.encode_mask_input(np.zeros((1, 256, 256), np.float32))[0]}
+    with pytest.raises(VisionServeError) as err:
+        post("sam2", route, {"image": encode_image(image), **body}, **kw)
+    assert err.value.status == status, err.value.message
+    assert needle in err.value.message
+    ok = sc.generate_sam2_prompt_masks(image=encode_image(image), **PROMPTS["box"], **kw)  # still serving
+    assert ok[0].shape == (3, 72, 96)
+
+
+def test_too_many_float32_masks_are_refused_with_advice(kw):
+    big = np.repeat(np.repeat(scene(), 4, axis=0), 4, axis=1)  # 288x384
+    with pytest.raises(VisionServeError) as err:
+        sc.generate_sam2_auto_masks(image=encode_image(big), preset="coarse", **LOOSE, **kw)
+    assert err.value.status == 400 and err.value.code == "response_too_large"
+    assert "mask_encoding=packbits" in err.value.message
+    r = sc.generate_sam2_auto_masks(
+        image=encode_image(big), preset="coarse", mask_encoding="packbits", **LOOSE, **kw
+    )
+    assert r["num_masks"] > 0
