@@ -108,6 +108,7 @@ def build_server(cfg: ServerConfig, opts: Options) -> VisionServer:
     )
     # LitServe adds gzip at level 9; on multi-MB base64 tensors it costs more CPU than it saves bytes.
     server.app.user_middleware = [m for m in server.app.user_middleware if m.cls is not GZipMiddleware]
+    server.app.title, server.app.version = "visionserve", __version__
     install_error_handlers(server.app)
     _replace_info_route(server, cfg, opts, apis)
     return server

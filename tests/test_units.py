@@ -147,3 +147,17 @@ def test_sam2_connected_components_match_opencv_per_mask():
         )
         assert np.array_equal(areas[i, 0].numpy(), np.where(lab > 0, stats[lab, cv2.CC_STAT_AREA], 0))
         assert np.array_equal(labels[i, 0].numpy() > 0, lab > 0)
+
+
+@pytest.mark.parametrize("size", ["t", "s", "b+", "l"])
+@pytest.mark.parametrize("version", ["sam2", "sam2.1"])
+def test_sam2_released_variants_map_to_package_configs(version, size):
+    from pathlib import Path
+
+    import sam2
+
+    from apis.sam2_model import architecture
+
+    config, overrides = architecture(ModelEntry(name=f"{version}_hiera_{size}"))
+    assert config == f"configs/{version}/{version}_hiera_{size}.yaml" and overrides == []
+    assert (Path(sam2.__file__).parent / config).is_file()
