@@ -50,6 +50,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--api-key-file", help="file with one accepted key per line (# comments allowed)")
     p.add_argument("--no-auth", action="store_true", help="serve WITHOUT keys (trusted networks only)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a request may wait in a queue")
+    p.add_argument(
+        "--cache-size",
+        type=int,
+        help="image embeddings kept per model and worker by caching families (SAM 2); overrides the config",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p.parse_args(argv)
 
@@ -75,7 +80,7 @@ def collect_keys(args: argparse.Namespace) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from apis.config import load_config
+    from apis.config import CachedFamily, load_config
     from apis.family import configure_logging
     from apis.server import Options, build_server, random_weight_models
 
@@ -96,6 +101,13 @@ def main(argv: list[str] | None = None) -> int:
         for name in cfg.families():
             if name not in wanted:
                 getattr(cfg, name).enabled = False
+    if args.cache_size is not None:
+        if args.cache_size < 0:
+            log.error("--cache-size must be 0 (off) or more, got %d", args.cache_size)
+            return 2
+        for fam in cfg.families().values():
+            if isinstance(fam, CachedFamily):
+                fam.cache_size = args.cache_size
 
     if args.no_auth:
         keys = None

@@ -65,14 +65,15 @@ def sam2_server(tmp_path_factory, sam2_checkpoint, image_root):
         "sam2": {
             "max_batch_size": 8,
             "batch_timeout": 0.2,
-            "cache_size": 4,
+            "cache_size": 16,  # --cache-size below overrides it
             "models": [
                 {"name": "sam2.1_hiera_t", "weights": str(sam2_checkpoint), "arch_config": str(ARCH)},
                 {"name": "sam2_hiera_t", "weights": "random", "arch_config": str(ARCH)},
             ],
         },
     }
-    server = ServerProcess(config, tmp_path_factory.mktemp("sam2-server"), ["--api-key", KEYS[0]])
+    args = ["--api-key", KEYS[0], "--cache-size", "4"]
+    server = ServerProcess(config, tmp_path_factory.mktemp("sam2-server"), args)
     try:
         yield server.wait_ready()
     finally:
