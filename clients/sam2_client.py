@@ -103,11 +103,18 @@ def generate_sam2_auto_masks(
     return post(FAMILY, "auto_mask", payload, base_url, api_key, timeout)
 
 
+def _as_list(value: Any) -> Any:
+    """JSON-ready prompts: numpy arrays (or nested lists of them) become plain lists."""
+    return None if value is None else np.asarray(value).tolist()
+
+
 def encode_mask_input(mask: np.ndarray) -> tuple[str, list[int]]:
     """(base64, shape) of low-res logits for ``mask_input``; an (L, L) array becomes [1, L, L]."""
     arr = np.asarray(mask, dtype="<f4")
     if arr.ndim == 2:
         arr = arr[None]
+    if arr.ndim != 3:
+        raise ValueError(f"mask_input must be (L, L) or (1, L, L) logits, got shape {arr.shape}")
     return base64.b64encode(np.ascontiguousarray(arr).tobytes()).decode("ascii"), list(arr.shape)
 
 
@@ -139,14 +146,13 @@ def generate_sam2_prompt_masks(
     """
     if mask_input is not None and not isinstance(mask_input, str):
         mask_input, mask_input_shape = encode_mask_input(mask_input)
-    as_list = lambda v: None if v is None else np.asarray(v).tolist()  # noqa: E731
     payload = {
         **image_fields(image, image_url, image_path),
         "model_cfg": model_cfg,
         "checkpoint_path": checkpoint_path,
-        "point_coords": as_list(point_coords),
-        "point_labels": as_list(point_labels),
-        "box": as_list(box),
+        "point_coords": _as_list(point_coords),
+        "point_labels": _as_list(point_labels),
+        "box": _as_list(box),
         "mask_input": mask_input,
         "mask_input_shape": mask_input_shape,
         "multimask_output": multimask_output,
@@ -192,16 +198,15 @@ def _coco_counts(text: str) -> list[int]:
 def decode_rle(rle: dict) -> np.ndarray:
     """(H, W) bool mask from ``{"size": [H, W], "counts": ...}``: a COCO string or a list of
     run lengths (column-major, starting with background), as SAM writes them."""
-    h, w = rle["size"]
+    h, w = (int(v) for v in rle["size"])
     counts = rle["counts"]
     if isinstance(counts, bytes):
         counts = counts.decode("ascii")
-    runs = _coco_counts(counts) if isinstance(counts, str) else list(counts)
-    flat = np.zeros(h * w, dtype=bool)
-    starts = np.cumsum([0, *runs[:-1]])
-    for start, length in list(zip(starts, runs, strict=True))[1::2]:
-        flat[start : start + length] = True
-    return flat.reshape(w, h).T
+    runs = np.asarray(_coco_counts(counts) if isinstance(counts, str) else counts, dtype=np.int64)
+    if (runs < 0).any() or runs.sum() != h * w:
+        raise ValueError(f"RLE runs add up to {runs.sum()}, not {h}x{w} = {h * w} pixels")
+    flat = np.repeat(np.arange(runs.size) % 2 == 1, runs)  # runs alternate background, mask
+    return np.ascontiguousarray(flat.reshape(w, h).T)
 
 
 def decode_segmentation(mask: dict, encoding: str | None = None) -> np.ndarray:
@@ -211,43 +216,61 @@ def decode_segmentation(mask: dict, encoding: str | None = None) -> np.ndarray:
     their PNG signature or their length.
     """
     seg = mask["segmentation"]
+    if isinstance(seg, np.ndarray):  # already decoded
+        return seg.astype(bool, copy=False)
     if isinstance(seg, dict):
         return decode_rle(seg)
-    h, w = mask["segmentation_shape"]
+    h, w = (int(v) for v in mask["segmentation_shape"])
     raw = base64.b64decode(seg)
     if encoding is None:
         encoding = "png" if raw.startswith(b"\x89PNG") else "float32" if len(raw) == h * w * 4 else "packbits"
     if encoding == "float32":
         return decode_array(seg, [h, w]) > 0.5
     if encoding == "packbits":
+        if len(raw) != (h * w + 7) // 8:
+            raise ValueError(f"packbits mask has {len(raw)} bytes, {h}x{w} needs {(h * w + 7) // 8}")
         return np.unpackbits(np.frombuffer(raw, dtype=np.uint8), count=h * w).reshape(h, w).astype(bool)
+    if encoding != "png":
+        raise ValueError(f"unknown mask_encoding {encoding!r}")
     from PIL import Image
 
-    return np.asarray(Image.open(io.BytesIO(raw)).convert("L")) > 0
+    out = np.asarray(Image.open(io.BytesIO(raw)).convert("L")) > 0
+    if out.shape != (h, w):
+        raise ValueError(f"PNG mask is {out.shape}, segmentation_shape says {(h, w)}")
+    return out
 
 
-def generate_sam2_auto_masks_decoded(image: Any, **kwargs) -> list[dict]:
+def generate_sam2_auto_masks_decoded(image: Any = None, **kwargs) -> list[dict]:
     """Like :func:`generate_sam2_auto_masks` (``image`` may be a path) with each
-    ``segmentation`` as an (H, W) bool array."""
+    ``segmentation`` as an (H, W) bool array, whatever output mode and encoding were asked for."""
     r = generate_sam2_auto_masks(image_arg(image), **kwargs)
-    return [{**m, "segmentation": decode_segmentation(m, r["mask_encoding"])} for m in r["masks"]]
+    encoding = r.get("mask_encoding")
+    return [{**m, "segmentation": decode_segmentation(m, encoding)} for m in r["masks"]]
 
 
-def generate_sam2_prompt_masks_decoded(image: Any, **kwargs) -> PromptAnswer:
+def generate_sam2_prompt_masks_decoded(image: Any = None, **kwargs) -> PromptAnswer:
+    """Like :func:`generate_sam2_prompt_masks`, but ``image`` may also be a file path."""
     return generate_sam2_prompt_masks(image_arg(image), **kwargs)
 
 
-def sam2_point_mask(image: Any, point_coords: Any, point_labels: Any, **kwargs) -> PromptAnswer:
+def sam2_point_mask(
+    image: Any = None, point_coords: Any = None, point_labels: Any = None, **kwargs
+) -> PromptAnswer:
+    """Masks from clicks: ``point_labels`` 1 keeps the point's object, 0 excludes it."""
     return generate_sam2_prompt_masks_decoded(
         image, point_coords=point_coords, point_labels=point_labels, **kwargs
     )
 
 
-def sam2_box_mask(image: Any, box: Any, **kwargs) -> PromptAnswer:
+def sam2_box_mask(image: Any = None, box: Any = None, **kwargs) -> PromptAnswer:
+    """Masks of the object inside ``box`` [x1, y1, x2, y2] (pixels)."""
     return generate_sam2_prompt_masks_decoded(image, box=box, **kwargs)
 
 
-def sam2_combined_mask(image: Any, point_coords: Any, point_labels: Any, box: Any, **kwargs) -> PromptAnswer:
+def sam2_combined_mask(
+    image: Any = None, point_coords: Any = None, point_labels: Any = None, box: Any = None, **kwargs
+) -> PromptAnswer:
+    """Masks from a box refined by clicks, for objects a box alone leaves ambiguous."""
     return generate_sam2_prompt_masks_decoded(
         image, point_coords=point_coords, point_labels=point_labels, box=box, **kwargs
     )
@@ -255,16 +278,20 @@ def sam2_combined_mask(image: Any, point_coords: Any, point_labels: Any, box: An
 
 def save_mask_overlay(image: Any, masks: Any, path: str | Path, alpha: float = 0.5, seed: int = 0) -> Path:
     """Write a PNG of ``image`` (path, PIL image or uint8 array) with each mask blended in its
-    own colour; ``masks``: (H, W) arrays, an (N, H, W) array, or decoded auto-mask dicts."""
+    own colour, to check masks by eye; ``masks``: (H, W) bool or 0/1 arrays, an (N, H, W) array,
+    or auto-mask dicts (decoded or not). Colours depend only on ``seed`` and the mask's index."""
     from PIL import Image
 
     if isinstance(image, (str, Path)):
         image = Image.open(image)
-    base = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
+    elif isinstance(image, np.ndarray):
+        image = Image.fromarray(np.asarray(image, dtype=np.uint8))
+    out = np.asarray(image.convert("RGB"), dtype=np.float32).copy()
     colours = np.random.default_rng(seed).integers(40, 256, size=(len(masks), 3))
-    out = base.copy()
     for mask, colour in zip(masks, colours, strict=True):
-        m = np.asarray(mask["segmentation"] if isinstance(mask, dict) else mask) > 0.5
+        m = decode_segmentation(mask) if isinstance(mask, dict) else np.asarray(mask) > 0.5
+        if m.shape != out.shape[:2]:
+            raise ValueError(f"mask of shape {m.shape} does not fit an image of {out.shape[:2]}")
         out[m] = (1 - alpha) * out[m] + alpha * colour
     path = Path(path)
     Image.fromarray(out.round().astype(np.uint8)).save(path, format="PNG")
