@@ -6,7 +6,6 @@ a server.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 
 from .config import ModelEntry
 from .dense import interpolate_pos_embed
+from .precision import Autocast
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ SimilarityMode = Literal["dot", "cosine"]
 
 
 @dataclass
-class ClipModel:
+class ClipModel(Autocast):
     """A loaded CLIP model plus what the routes need to know about it."""
 
     model: Any  # open_clip.CLIP
@@ -34,11 +34,6 @@ class ClipModel:
     embed_dim: int
     device: torch.device
     dtype: torch.dtype  # compute dtype (autocast when not float32)
-
-    def autocast(self):
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
 
 
 def load_clip(entry: ModelEntry, device: str | torch.device, dtype: torch.dtype = torch.float32) -> ClipModel:

@@ -111,7 +111,17 @@ class CachedFamily(Family):
     )
 
 
-FAMILY_NAMES = ("clip", "dino", "sam2")
+class Sam3Family(CachedFamily):
+    """SAM 3's instance filters: what a request gets when it leaves them out."""
+
+    score_threshold: float = Field(0.5, ge=0.0, le=1.0, description="Keep instances scoring above this.")
+    epsilon_factor: float = Field(
+        0.02, ge=0.0, le=1.0, description="Polygon simplification (approxPolyDP), x the contour perimeter."
+    )
+    min_area: float = Field(100, ge=0.0, description="Drop instances whose polygon covers fewer pixels.")
+
+
+FAMILY_NAMES = ("clip", "dino", "sam2", "sam3")
 
 
 class ServerConfig(_Strict):
@@ -121,6 +131,7 @@ class ServerConfig(_Strict):
     clip: Family | None = None
     dino: Family | None = None
     sam2: CachedFamily | None = None
+    sam3: Sam3Family | None = None
 
     def families(self) -> dict[str, Family]:
         return {

@@ -9,7 +9,6 @@ before), and the key/query/value facets are read from inside a block.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ModelEntry
+from .precision import Autocast
 
 Facet = Literal["token", "key", "query", "value"]
 
@@ -35,7 +35,7 @@ BIN_CELLS = 17
 
 
 @dataclass
-class DinoModel:
+class DinoModel(Autocast):
     """A loaded DINOv2 ViT plus what the routes need to know about it."""
 
     model: Any  # timm VisionTransformer
@@ -49,11 +49,6 @@ class DinoModel:
     @property
     def registers(self) -> bool:
         return self.model.num_reg_tokens > 0
-
-    def autocast(self):
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
 
 
 def architecture(entry: ModelEntry) -> tuple[str, dict[str, Any]]:

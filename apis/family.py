@@ -21,6 +21,7 @@ import pickle
 import signal
 import time
 import uuid
+import zlib
 from collections import Counter, defaultdict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -249,7 +250,12 @@ class FamilyAPI(ls.LitAPI):
         key = self.registry.id_of(entry)
         if key not in self._models:
             t0 = time.perf_counter()
-            self._models[key] = self.load_model(entry)
+            if entry.is_random:  # same random weights in every worker and after every restart
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(zlib.crc32(key.encode()))
+                    self._models[key] = self.load_model(entry)
+            else:
+                self._models[key] = self.load_model(entry)
             log.info(
                 "%s worker %d loaded %s on %s (%s, weights: %s) in %.1fs",
                 self.family,

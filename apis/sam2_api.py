@@ -7,19 +7,18 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-from PIL import Image
 from pydantic import BaseModel, Field, model_validator
 
 from .config import ModelEntry
 from .errors import APIError
 from .family import FamilyAPI, Job, Route
 from .images import ImageInput
+from .masks import png_base64
 from .sam2_model import (
     PRESETS,
     Prompt,
@@ -214,9 +213,7 @@ def encode_binary(mask: np.ndarray, encoding: MaskEncoding) -> str:
         return encode_array(mask.astype(np.float32))[0]
     if encoding == "packbits":
         return base64.b64encode(np.packbits(mask.astype(bool).ravel()).tobytes()).decode("ascii")
-    buf = io.BytesIO()
-    Image.fromarray(mask.astype(np.uint8) * 255, "L").save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    return png_base64(mask)
 
 
 def _binary_size(h: int, w: int, encoding: MaskEncoding) -> int:

@@ -11,10 +11,8 @@ ships for CUDA (without it ``max_hole_area``, ``max_sprinkle_area`` and AMG's
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import re
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,9 @@ from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
 from sam2.build_sam import build_sam2, build_sam2_hf
 from sam2.sam2_image_predictor import SAM2ImagePredictor
 
+from .cache import LRUCache, image_key
 from .config import ModelEntry
+from .precision import Autocast
 
 _SIZES = {"t": "tiny", "s": "small", "b+": "base_plus", "l": "large"}
 _SIZE_WORDS = {"tiny": "t", "small": "s", "base_plus": "b+", "baseplus": "b+", "large": "l"}
@@ -171,43 +171,7 @@ class Embedding:
     orig_hw: tuple[int, int]
 
 
-def image_key(image: np.ndarray) -> str:
-    """Cache key of a decoded HWC uint8 image: its shape and a hash of its pixels."""
-    digest = hashlib.sha256(np.ascontiguousarray(image).data).hexdigest()
-    return f"{'x'.join(map(str, image.shape))}:{digest}"
-
-
-class EmbeddingCache:
-    """LRU of image embeddings with hit/miss counters; capacity 0 disables it."""
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self._items: OrderedDict[str, Embedding] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, key: str) -> Embedding | None:
-        emb = self._items.get(key)
-        if emb is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        self._items.move_to_end(key)
-        return emb
-
-    def put(self, key: str, emb: Embedding) -> None:
-        if self.capacity <= 0:
-            return
-        self._items[key] = emb
-        self._items.move_to_end(key)
-        while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
-
-    def stats(self) -> dict[str, int]:
-        return {"hits": self.hits, "misses": self.misses, "size": len(self._items), "capacity": self.capacity}
-
-
-class Sam2Predictor(SAM2ImagePredictor):
+class Sam2Predictor(SAM2ImagePredictor, Autocast):
     """SAM2ImagePredictor whose image embeddings come from an LRU cache, missing ones computed
     in one batch. ``encoded_images`` counts what the image encoder actually processed."""
 
@@ -215,7 +179,7 @@ class Sam2Predictor(SAM2ImagePredictor):
         super().__init__(model)
         s = model.image_size  # the library hard-codes the feature sizes of 1024-px models
         self._bb_feat_sizes = [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]
-        self.cache = EmbeddingCache(cache_size)
+        self.cache: LRUCache[Embedding] = LRUCache(cache_size)
         self.dtype = dtype
         self.encoded_images = 0
         self._whole_shape: tuple[int, ...] | None = None
@@ -228,11 +192,6 @@ class Sam2Predictor(SAM2ImagePredictor):
     def low_res_size(self) -> int:
         return self.model.image_size // 4
 
-    def autocast(self):
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
-
     def configure(self, mask_threshold: float, max_hole_area: float, max_sprinkle_area: float) -> None:
         """Per-request post-processing settings (the library fixes them at construction)."""
         self.mask_threshold = mask_threshold
@@ -243,23 +202,23 @@ class Sam2Predictor(SAM2ImagePredictor):
     @torch.inference_mode()
     def embeddings(self, images: list[np.ndarray]) -> list[Embedding]:
         """Embeddings of whole HWC uint8 images: cached ones reused, the rest encoded as one batch."""
-        keys = [image_key(im) for im in images]
-        found = {k: e for k in dict.fromkeys(keys) if (e := self.cache.get(k)) is not None}
-        todo = {k: im for k, im in zip(keys, images, strict=True) if k not in found}
-        if todo:
+
+        def encode(todo: list[int]) -> list[Embedding]:
             with self.autocast():
-                super().set_image_batch(list(todo.values()))
+                SAM2ImagePredictor.set_image_batch(self, [images[i] for i in todo])
             feats = self._features
-            for i, (key, im) in enumerate(todo.items()):
-                emb = Embedding(  # copies, so an evicted entry frees its memory
-                    image_embed=feats["image_embed"][i : i + 1].clone(),
-                    high_res_feats=[f[i : i + 1].clone() for f in feats["high_res_feats"]],
-                    orig_hw=tuple(im.shape[:2]),
+            out = [
+                Embedding(  # copies, so an evicted entry frees its memory
+                    image_embed=feats["image_embed"][j : j + 1].clone(),
+                    high_res_feats=[f[j : j + 1].clone() for f in feats["high_res_feats"]],
+                    orig_hw=tuple(images[i].shape[:2]),
                 )
-                self.cache.put(key, emb)
-                found[key] = emb
+                for j, i in enumerate(todo)
+            ]
             self.reset_predictor()
-        return [found[k] for k in keys]
+            return out
+
+        return self.cache.fetch([image_key(im) for im in images], encode)
 
     def use(self, emb: Embedding) -> None:
         """Make ``emb`` the current image, as if ``set_image`` had just computed it."""

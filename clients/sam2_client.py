@@ -10,13 +10,13 @@ only select among the server's models; None uses its default.
 from __future__ import annotations
 
 import base64
-import io
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .common import VisionServeError, decode_array, encode_image, get, image_arg, image_fields, post
+from .masks import decode_png, decode_rle, save_overlay
 
 __all__ = [
     "VisionServeError",
@@ -173,42 +173,6 @@ def generate_sam2_prompt_masks(
 # ----------------------------------------------------------------------------- decoding
 
 
-def _coco_counts(text: str) -> list[int]:
-    """Run lengths of a COCO compressed RLE string: 5 bits per character (offset 48), the 6th
-    bit continues a number, the last bit read is its sign; from the third run on, each value
-    is a difference to the run two places back."""
-    counts: list[int] = []
-    pos = 0
-    while pos < len(text):
-        value, shift, more = 0, 0, True
-        while more:
-            c = ord(text[pos]) - 48
-            value |= (c & 0x1F) << shift
-            more = bool(c & 0x20)
-            pos += 1
-            shift += 5
-            if not more and c & 0x10:
-                value |= -1 << shift
-        if len(counts) > 2:
-            value += counts[-2]
-        counts.append(value)
-    return counts
-
-
-def decode_rle(rle: dict) -> np.ndarray:
-    """(H, W) bool mask from ``{"size": [H, W], "counts": ...}``: a COCO string or a list of
-    run lengths (column-major, starting with background), as SAM writes them."""
-    h, w = (int(v) for v in rle["size"])
-    counts = rle["counts"]
-    if isinstance(counts, bytes):
-        counts = counts.decode("ascii")
-    runs = np.asarray(_coco_counts(counts) if isinstance(counts, str) else counts, dtype=np.int64)
-    if (runs < 0).any() or runs.sum() != h * w:
-        raise ValueError(f"RLE runs add up to {runs.sum()}, not {h}x{w} = {h * w} pixels")
-    flat = np.repeat(np.arange(runs.size) % 2 == 1, runs)  # runs alternate background, mask
-    return np.ascontiguousarray(flat.reshape(w, h).T)
-
-
 def decode_segmentation(mask: dict, encoding: str | None = None) -> np.ndarray:
     """(H, W) bool mask of one ``auto_mask`` entry, whatever its output mode.
 
@@ -232,12 +196,7 @@ def decode_segmentation(mask: dict, encoding: str | None = None) -> np.ndarray:
         return np.unpackbits(np.frombuffer(raw, dtype=np.uint8), count=h * w).reshape(h, w).astype(bool)
     if encoding != "png":
         raise ValueError(f"unknown mask_encoding {encoding!r}")
-    from PIL import Image
-
-    out = np.asarray(Image.open(io.BytesIO(raw)).convert("L")) > 0
-    if out.shape != (h, w):
-        raise ValueError(f"PNG mask is {out.shape}, segmentation_shape says {(h, w)}")
-    return out
+    return decode_png(raw, (h, w))
 
 
 def generate_sam2_auto_masks_decoded(image: Any = None, **kwargs) -> list[dict]:
@@ -280,19 +239,5 @@ def save_mask_overlay(image: Any, masks: Any, path: str | Path, alpha: float = 0
     """Write a PNG of ``image`` (path, PIL image or uint8 array) with each mask blended in its
     own colour, to check masks by eye; ``masks``: (H, W) bool or 0/1 arrays, an (N, H, W) array,
     or auto-mask dicts (decoded or not). Colours depend only on ``seed`` and the mask's index."""
-    from PIL import Image
-
-    if isinstance(image, (str, Path)):
-        image = Image.open(image)
-    elif isinstance(image, np.ndarray):
-        image = Image.fromarray(np.asarray(image, dtype=np.uint8))
-    out = np.asarray(image.convert("RGB"), dtype=np.float32).copy()
-    colours = np.random.default_rng(seed).integers(40, 256, size=(len(masks), 3))
-    for mask, colour in zip(masks, colours, strict=True):
-        m = decode_segmentation(mask) if isinstance(mask, dict) else np.asarray(mask) > 0.5
-        if m.shape != out.shape[:2]:
-            raise ValueError(f"mask of shape {m.shape} does not fit an image of {out.shape[:2]}")
-        out[m] = (1 - alpha) * out[m] + alpha * colour
-    path = Path(path)
-    Image.fromarray(out.round().astype(np.uint8)).save(path, format="PNG")
-    return path
+    arrays = [decode_segmentation(m) if isinstance(m, dict) else m for m in masks]
+    return save_overlay(image, arrays, path, alpha=alpha, seed=seed)

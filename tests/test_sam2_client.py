@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as coco_mask
 
+from clients import masks as cm
 from clients import sam2_client as sc
 from clients.common import decode_array
 
@@ -61,7 +62,7 @@ def coco_text(m: np.ndarray) -> dict:
 def test_coco_and_uncompressed_rle_decode_to_the_mask(i):
     m = MASKS[i]
     text = coco_text(m)
-    assert sc._coco_counts(text["counts"]) == column_major_runs(m)
+    assert cm._coco_counts(text["counts"]) == column_major_runs(m)
     got = sc.decode_rle(text)
     assert got.dtype == bool and got.shape == m.shape
     np.testing.assert_array_equal(got, m)
@@ -76,7 +77,7 @@ def test_coco_counts_as_bytes_and_known_strings():
     m = MASKS[0]
     coco = coco_mask.encode(np.asfortranarray(m.astype(np.uint8)))
     np.testing.assert_array_equal(sc.decode_rle(coco), m)  # pycocotools' own dict, bytes counts
-    assert sc._coco_counts("") == []
+    assert cm._coco_counts("") == []
     # A 2x2 mask with only its last pixel set: runs [3, 1]; 3 -> "3", 1 -> "1".
     np.testing.assert_array_equal(sc.decode_rle({"size": [2, 2], "counts": "31"}), [[0, 0], [0, 1]])
 

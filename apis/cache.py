@@ -1,0 +1,63 @@
+"""LRU cache of encoded images, shared by the families that prompt one image many times (SAM 2, SAM 3)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
+
+import numpy as np
+
+T = TypeVar("T")
+
+
+def image_key(image: np.ndarray) -> str:
+    """Cache key of a decoded HWC uint8 image: its shape and a hash of its pixels (not of the
+    file: the same picture sent as PNG, JPEG-free base64 or a path hits the same entry)."""
+    digest = hashlib.sha256(np.ascontiguousarray(image).data).hexdigest()
+    return f"{'x'.join(map(str, image.shape))}:{digest}"
+
+
+class LRUCache(Generic[T]):
+    """Least-recently-used map with hit/miss counters for ``/info``; capacity 0 disables it."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._items: OrderedDict[str, T] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str) -> T | None:
+        value = self._items.get(key)
+        if value is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._items.move_to_end(key)
+        return value
+
+    def put(self, key: str, value: T) -> None:
+        if self.capacity <= 0:
+            return
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def fetch(self, keys: Sequence[str], compute: Callable[[list[int]], list[T]]) -> list[T]:
+        """The values of ``keys``: cached ones reused, the missing ones made by ONE call of
+        ``compute`` (given the position of each missing key's first occurrence, so a batch is
+        encoded together) and cached. Each distinct key counts one hit or one miss."""
+        distinct = list(dict.fromkeys(keys))
+        found = {k: v for k in distinct if (v := self.get(k)) is not None}
+        missing = [k for k in distinct if k not in found]
+        if missing:
+            made = compute([keys.index(k) for k in missing])
+            for k, v in zip(missing, made, strict=True):
+                self.put(k, v)
+                found[k] = v
+        return [found[k] for k in keys]
+
+    def stats(self) -> dict[str, int]:
+        return {"hits": self.hits, "misses": self.misses, "size": len(self._items), "capacity": self.capacity}

@@ -1,0 +1,217 @@
+"""SAM 3 client, seed 000 names: ``Sam3ServiceClient(base_url).predict(...)`` and
+``Sam3ServicePool([...urls]).predict(...)``, plus mask decoding and an overlay writer.
+
+``base_url`` is the family's prefix (``http://host:8000/sam3``); the seed's own servers
+(``http://host:8001``) answer the same routes. ``api_key`` is optional: seed servers and a
+server started with ``--no-auth`` need none.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import requests
+
+from .common import VisionServeError, get, image_fields, post, server_settings
+from .masks import decode_png, decode_rle, save_overlay
+
+__all__ = [
+    "NoLiveEndpointError",
+    "Sam3ServiceClient",
+    "Sam3ServicePool",
+    "VisionServeError",
+    "decode_instance_mask",
+    "decode_instance_masks",
+    "save_instances_overlay",
+]
+
+FAMILY = "sam3"
+
+
+class Sam3ServiceClient:
+    """One SAM 3 server. Blocking; safe to share between threads (one HTTP session per thread)."""
+
+    def __init__(self, base_url: str | None = None, api_key: str | None = None, timeout: float = 600.0):
+        self.base_url, self.api_key = server_settings(FAMILY, base_url, api_key)
+        self.timeout = timeout
+
+    def __repr__(self) -> str:
+        return f"Sam3ServiceClient({self.base_url!r})"
+
+    def health(self, timeout: float = 5.0) -> dict:
+        """``GET /health``: ``{"status": "ok", ...}`` when the server's SAM 3 workers are ready."""
+        return get(FAMILY, "health", self.base_url, self.api_key, timeout)
+
+    def predict(
+        self,
+        image_path: str | None = None,
+        prompts: Sequence[str] = (),
+        return_masks: bool = False,
+        mask_format: str = "rle",
+        score_threshold: float | None = None,
+        epsilon_factor: float | None = None,
+        min_area: float | None = None,
+        *,
+        image: Any = None,
+        image_url: str | None = None,
+        model: str | None = None,
+    ) -> dict:
+        """Instances of each text prompt: ``{"image_size": {...}, "results": [...]}``.
+
+        The image is one of ``image_path`` (a file on the server, inside its allowed roots),
+        ``image`` (base64 text, a local file path as ``Path``, bytes, PIL image or uint8 array)
+        or ``image_url``. Thresholds left None take the server's defaults.
+        """
+        payload = {
+            **image_fields(image, image_url, image_path),
+            "prompts": list(prompts),
+            "return_masks": return_masks,
+            "mask_format": mask_format,
+            "score_threshold": score_threshold,
+            "epsilon_factor": epsilon_factor,
+            "min_area": min_area,
+            "model": model,
+        }
+        payload = {k: v for k, v in payload.items() if v is not None}
+        return post(FAMILY, "predict", payload, self.base_url, self.api_key, self.timeout)
+
+
+class NoLiveEndpointError(RuntimeError):
+    """Every endpoint of a :class:`Sam3ServicePool` failed; ``errors`` maps each URL to why."""
+
+    def __init__(self, errors: dict[str, str]):
+        lines = "; ".join(f"{url}: {why}" for url, why in errors.items())
+        super().__init__(f"no live SAM 3 endpoint among {len(errors)}: {lines}")
+        self.errors = errors
+
+
+def _retryable(exc: Exception) -> bool:
+    """Failures of the endpoint, not of the request: the next endpoint may succeed."""
+    if isinstance(exc, VisionServeError):
+        return exc.status >= 500
+    return isinstance(exc, requests.RequestException)
+
+
+class Sam3ServicePool:
+    """Round-robin over several SAM 3 servers; blocking and thread-safe.
+
+    Each call starts at the next endpoint in turn. An endpoint that fails (connection refused or
+    reset, timeout, 5xx) is marked dead and the call moves on to the next live one; a 4xx answer
+    is the request's fault and is raised at once. Dead endpoints are skipped until
+    ``recheck_after`` seconds have passed, then tried again only if ``GET /health`` says ok.
+    When no endpoint can answer, :class:`NoLiveEndpointError` says what each one did.
+    """
+
+    def __init__(
+        self,
+        base_urls: Sequence[str],
+        api_key: str | None = None,
+        timeout: float = 600.0,
+        recheck_after: float = 10.0,
+    ):
+        if not base_urls:
+            raise ValueError("Sam3ServicePool needs at least one base URL")
+        self.clients = [Sam3ServiceClient(u, api_key, timeout) for u in base_urls]
+        self.recheck_after = recheck_after
+        self._lock = threading.Lock()
+        self._next = 0
+        self._dead_since: dict[int, float] = {}
+
+    def __repr__(self) -> str:
+        return f"Sam3ServicePool({[c.base_url for c in self.clients]!r})"
+
+    def live(self) -> list[str]:
+        """Base URLs whose ``/health`` answers ok now (and forget earlier failures of those)."""
+        up = []
+        for i, client in enumerate(self.clients):
+            if self._healthy(client):
+                with self._lock:
+                    self._dead_since.pop(i, None)
+                up.append(client.base_url)
+        return up
+
+    @staticmethod
+    def _healthy(client: Sam3ServiceClient) -> bool:
+        try:
+            return client.health(timeout=2.0).get("status") == "ok"
+        except (VisionServeError, requests.RequestException, ValueError):
+            return False
+
+    def _turn(self) -> list[int]:
+        """Endpoints to try for one call, in round-robin order, dead ones left out. A dead
+        endpoint whose ``recheck_after`` has passed rejoins if its ``/health`` answers ok."""
+        with self._lock:
+            n = len(self.clients)
+            start, self._next = self._next, (self._next + 1) % n
+            order = [(start + k) % n for k in range(n)]
+            now = time.monotonic()
+            due = [i for i, t in self._dead_since.items() if now - t >= self.recheck_after]
+        for i in due:
+            self._mark(i, dead=not self._healthy(self.clients[i]))
+        with self._lock:
+            return [i for i in order if i not in self._dead_since]
+
+    def _mark(self, i: int, dead: bool) -> None:
+        with self._lock:
+            if dead:
+                self._dead_since[i] = time.monotonic()
+            else:
+                self._dead_since.pop(i, None)
+
+    def predict(self, *args, **kwargs) -> dict:
+        """:meth:`Sam3ServiceClient.predict` on the next live endpoint (same arguments)."""
+        candidates = self._turn()
+        if not candidates:  # every endpoint failed recently: look again before giving up
+            self.live()
+            candidates = self._turn()
+        errors: dict[str, str] = {}
+        for i in candidates:
+            client = self.clients[i]
+            try:
+                result = client.predict(*args, **kwargs)
+            except Exception as exc:
+                if not _retryable(exc):
+                    raise
+                errors[client.base_url] = f"{type(exc).__name__}: {exc}"
+                self._mark(i, dead=True)
+                continue
+            self._mark(i, dead=False)
+            return result
+        for client in self.clients:
+            errors.setdefault(client.base_url, "marked dead and /health does not answer ok")
+        raise NoLiveEndpointError(errors)
+
+
+def decode_instance_mask(instance: dict) -> np.ndarray:
+    """(H, W) bool mask of one result that carries a ``mask`` (``return_masks=True``)."""
+    mask = instance.get("mask")
+    if mask is None:
+        raise ValueError("this instance has no mask: ask predict(..., return_masks=True)")
+    if mask["format"] == "rle":
+        data = mask["data"]
+        return decode_rle(data if isinstance(data, dict) else {"size": mask["shape"], "counts": data})
+    if mask["format"] == "png":
+        return decode_png(mask["data"], mask["shape"])
+    raise ValueError(f"unknown mask format {mask['format']!r}")
+
+
+def decode_instance_masks(response: dict) -> np.ndarray:
+    """(N, H, W) bool masks of every result of a ``predict`` answer, in result order."""
+    size = response["image_size"]
+    masks = [decode_instance_mask(r) for r in response["results"]]
+    return np.stack(masks) if masks else np.zeros((0, size["height"], size["width"]), dtype=bool)
+
+
+def save_instances_overlay(
+    image: Any, response: dict, path: str | Path, alpha: float = 0.5, seed: int = 0
+) -> Path:
+    """Write a PNG of ``image`` with each result's mask (when returned) blended in and its
+    polygon outlined, one colour per instance."""
+    results = response["results"]
+    masks = [decode_instance_mask(r) for r in results if r.get("mask") is not None]
+    return save_overlay(image, masks, path, polygons=[r["polygon"] for r in results], alpha=alpha, seed=seed)

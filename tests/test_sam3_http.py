@@ -1,0 +1,329 @@
+"""SAM 3 route end to end: real server subprocess, real client, values against Sam3Processor directly.
+
+The server loads a tiny SAM 3 (sam3's own classes, 224-px input) from a checkpoint file written
+here in the released layout (``detector.`` keys, plus a ``tracker.`` key it must ignore). Its
+scoring weights are scaled so that scores fall on both sides of the 0.5 threshold. References
+run sam3's ``Sam3Processor`` on the same file in this process.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import cv2
+import numpy as np
+import pytest
+import requests
+import torch
+from PIL import Image
+from pycocotools import mask as coco_mask
+
+from apis import sam3_compat
+from apis.sam3_model import Sam3Arch, build_sam3_image
+from clients.common import encode_image, post
+from clients.sam3_client import Sam3ServiceClient, VisionServeError, decode_instance_mask
+from tests.conftest import KEYS, ROOT, ServerProcess
+
+ARCH = ROOT / "configs" / "models" / "sam3-tiny.json"
+PROMPTS = ["a red car", "tree", "the dog on the left"]
+
+
+def scene(h: int = 61, w: int = 45, seed: int = 0) -> np.ndarray:
+    """Blobs plus noise: structure for masks, speckle for small regions."""
+    yy, xx = np.mgrid[:h, :w]
+    base = (np.sin(xx / 6.0 + seed) + np.cos(yy / 4.0 - seed)) * 60 + 128
+    noise = np.random.default_rng(seed).normal(0, 30, (h, w, 3))
+    return np.clip(base[..., None] + noise, 0, 255).astype(np.uint8)
+
+
+def tiny_model(seed: int = 0):
+    torch.manual_seed(seed)
+    model = build_sam3_image(Sam3Arch.from_json(ARCH))
+    sam3_compat.init_untrained(model)
+    with torch.no_grad():  # spread the scores around 0.5 (untrained ones sit near 0.15)
+        model.dot_prod_scoring.hs_proj.weight.mul_(8)
+        model.transformer.decoder.presence_token_head.layers[-1].bias.fill_(3.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def sam3_checkpoint(assets):
+    path = assets / "sam3-tiny.pt"
+    state = {f"detector.{k}": v for k, v in tiny_model().state_dict().items()}
+    state["tracker.maskmem_tpos_enc"] = torch.zeros(3)  # the released file has a tracker too
+    torch.save({"model": state}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def processor(sam3_checkpoint):
+    from sam3.model.sam3_image_processor import Sam3Processor
+
+    model = build_sam3_image(Sam3Arch.from_json(ARCH))
+    state = torch.load(sam3_checkpoint, weights_only=True)["model"]
+    model.load_state_dict({k.removeprefix("detector."): v for k, v in state.items() if "detector." in k})
+    return Sam3Processor(model.eval(), resolution=224, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def sam3_server(tmp_path_factory, sam3_checkpoint, image_root, image_host):
+    config = {
+        "inputs": {
+            "path": {"roots": [str(image_root)]},
+            "url": {"enabled": True, "allowed_hosts": ["127.0.0.1"], "allow_private_networks": True},
+        },
+        "sam3": {
+            "max_batch_size": 8,
+            "batch_timeout": 0.2,
+            "cache_size": 16,  # --cache-size below overrides it
+            "models": [{"name": "sam3-tiny", "weights": str(sam3_checkpoint), "arch_config": str(ARCH)}],
+        },
+    }
+    args = ["--api-key", KEYS[0], "--cache-size", "4"]
+    server = ServerProcess(config, tmp_path_factory.mktemp("sam3-server"), args)
+    try:
+        yield server.wait_ready()
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def client(sam3_server) -> Sam3ServiceClient:
+    return Sam3ServiceClient(sam3_server.url + "/sam3", api_key=KEYS[0])
+
+
+def info(server) -> dict:
+    body = requests.get(server.url + "/info", headers={"Authorization": f"Bearer {KEYS[0]}"}).json()
+    return body["families"]["sam3"]["workers"][0]
+
+
+def raw_scores(processor, image: np.ndarray, prompt: str) -> np.ndarray:
+    processor.confidence_threshold = 0.0
+    state = processor.set_text_prompt(prompt, processor.set_image(Image.fromarray(image)))
+    return state["scores"].numpy()
+
+
+def reference(processor, image, prompt, score_threshold=0.5, epsilon_factor=0.02, min_area=100) -> list[dict]:
+    """Sam3Processor's instances with the documented rules on top: best score first, box clipped
+    to the image, polygon = approxPolyDP of the largest external contour, kept when that
+    polygon's area >= min_area; empty masks have no polygon and are dropped."""
+    h, w = image.shape[:2]
+    processor.confidence_threshold = score_threshold
+    state = processor.set_text_prompt(prompt, processor.set_image(Image.fromarray(image)))
+    out = []
+    for i in torch.argsort(state["scores"], descending=True, stable=True).tolist():
+        mask = state["masks"][i, 0].numpy()
+        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        if not contours:
+            continue
+        contour = max(contours, key=cv2.contourArea)
+        poly = cv2.approxPolyDP(contour, epsilon_factor * cv2.arcLength(contour, True), True)
+        if cv2.contourArea(poly) < min_area:
+            continue
+        x1, y1, x2, y2 = state["boxes"][i].tolist()
+        box = [min(max(x1, 0), w), min(max(y1, 0), h), min(max(x2, 0), w), min(max(y2, 0), h)]
+        out.append(
+            {
+                "score": float(state["scores"][i]),
+                "bbox": box,
+                "polygon": poly.reshape(-1, 2).tolist(),
+                "mask": mask,
+            }
+        )
+    return out
+
+
+def assert_matches(got: list[dict], want: list[dict], prompt: str) -> None:
+    assert len(got) == len(want)
+    for g, r in zip(got, want, strict=True):
+        assert g["prompt"] == prompt
+        assert g["score"] == pytest.approx(r["score"], abs=1e-5)
+        np.testing.assert_allclose(g["bbox"], r["bbox"], atol=1e-3)
+        assert g["polygon"] == r["polygon"]
+        if "mask" in g:
+            np.testing.assert_array_equal(decode_instance_mask(g), r["mask"])
+        assert g["area"] == int(r["mask"].sum())
+
+
+# ----------------------------------------------------------------------------- values
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_instances_equal_sam3_processor_after_the_same_thresholds(client, processor, seed):
+    image = scene(seed=seed)
+    got = client.predict(image=image, prompts=PROMPTS, return_masks=True)
+    assert got["image_size"] == {"width": 45, "height": 61}
+    assert got["model"] == "sam3-tiny"
+    assert [r["prompt"] for r in got["results"]] == sorted(
+        (r["prompt"] for r in got["results"]), key=PROMPTS.index
+    )  # prompt order kept
+    for prompt in PROMPTS:
+        scores = raw_scores(processor, image, prompt)
+        assert (scores > 0.5).any() and (scores < 0.5).any()  # the threshold really selects
+        mine = [r for r in got["results"] if r["prompt"] == prompt]
+        assert_matches(mine, reference(processor, image, prompt), prompt)
+        assert all(r["score"] > 0.5 for r in mine)
+
+
+def test_rle_and_png_masks_decode_to_the_same_mask_and_area_is_its_pixel_count(client):
+    image = scene(seed=2)
+    rle = client.predict(image=image, prompts=["tree"], return_masks=True, mask_format="rle")["results"]
+    png = client.predict(image=image, prompts=["tree"], return_masks=True, mask_format="png")["results"]
+    assert rle and len(rle) == len(png)
+    for a, b in zip(rle, png, strict=True):
+        assert a["mask"]["format"] == "rle" and b["mask"]["format"] == "png"
+        assert a["mask"]["shape"] == b["mask"]["shape"] == [61, 45]
+        ma, mb = decode_instance_mask(a), decode_instance_mask(b)
+        np.testing.assert_array_equal(ma, mb)
+        coco = {"size": a["mask"]["data"]["size"], "counts": a["mask"]["data"]["counts"].encode()}
+        np.testing.assert_array_equal(coco_mask.decode(coco).astype(bool), ma)  # standard COCO RLE
+        assert a["area"] == b["area"] == int(ma.sum())
+        assert a["area"] != int((a["bbox"][2] - a["bbox"][0]) * (a["bbox"][3] - a["bbox"][1]))
+    plain = client.predict(image=image, prompts=["tree"])["results"]
+    assert all("mask" not in r or r["mask"] is None for r in plain)
+    assert [r["polygon"] for r in plain] == [r["polygon"] for r in rle]
+
+
+def test_score_threshold_min_area_and_epsilon_including_explicit_zero(client, processor):
+    image = scene(seed=3)
+    prompt = "a red car"
+    call = lambda **kw: client.predict(image=image, prompts=[prompt], **kw)["results"]  # noqa: E731
+    default = call()
+    everything = call(score_threshold=0, min_area=0)
+    scores = raw_scores(processor, image, prompt)
+    assert len(everything) > len(default)
+    assert_matches(everything, reference(processor, image, prompt, 0.0, 0.02, 0), prompt)
+    assert min(r["score"] for r in everything) < 0.5 < max(r["score"] for r in everything)
+    assert len(everything) <= (scores > 0).sum()  # only instances with an empty mask are missing
+
+    high = call(score_threshold=0.6, min_area=0)
+    assert_matches(high, reference(processor, image, prompt, 0.6, 0.02, 0), prompt)
+    assert len(high) < len(everything)
+
+    areas = sorted({cv2.contourArea(np.array(r["polygon"], np.int32)) for r in everything})
+    cut = areas[len(areas) // 2]
+    big = call(score_threshold=0, min_area=cut)
+    assert 0 < len(big) < len(everything)
+    assert all(cv2.contourArea(np.array(r["polygon"], np.int32)) >= cut for r in big)
+    assert call(score_threshold=0, min_area=10**9) == []
+
+    exact = call(score_threshold=0, min_area=0, epsilon_factor=0)
+    coarse = call(score_threshold=0, min_area=0, epsilon_factor=0.2)
+    assert_matches(exact, reference(processor, image, prompt, 0.0, 0.0, 0), prompt)
+    assert sum(len(r["polygon"]) for r in exact) > sum(len(r["polygon"]) for r in coarse)
+
+
+def test_image_path_and_url_equal_base64(client, image_root, image_host):
+    pixels = np.asarray(Image.open(image_root / "photo.png").convert("RGB"))
+    kw = {"prompts": ["tree"], "score_threshold": 0, "min_area": 0}
+    by_b64 = client.predict(image=pixels, **kw)
+    by_path = client.predict(str(image_root / "photo.png"), **kw)
+    by_url = client.predict(image_url=image_host + "/photo.png", **kw)
+    assert by_b64["results"] and by_path == by_b64 == by_url
+    assert by_path["image_size"] == {"width": 61, "height": 45}
+
+
+# ----------------------------------------------------------------------------- cache and batching
+
+
+def test_new_prompts_on_a_cached_image_skip_the_vision_backbone(sam3_server, client):
+    image = scene(seed=11)
+    model = "sam3-tiny"
+    before = info(sam3_server)
+    client.predict(image=image, prompts=["cat", "dog", "bird"])
+    mid = info(sam3_server)
+    assert mid["encoded_images"][model] == before["encoded_images"][model] + 1  # 3 prompts, 1 encoding
+    assert mid["embedding_cache"][model]["misses"] == before["embedding_cache"][model]["misses"] + 1
+    client.predict(image=encode_image(image), prompts=["horse"])
+    after = info(sam3_server)
+    assert after["encoded_images"][model] == mid["encoded_images"][model]
+    assert after["embedding_cache"][model]["hits"] == mid["embedding_cache"][model]["hits"] + 1
+    assert after["embedding_cache"][model]["capacity"] == 4  # from --cache-size
+    assert after["encoded_prompts"][model] >= mid["encoded_prompts"][model] + 1
+
+
+def test_concurrent_requests_batch_the_backbone_and_answer_like_single_ones(sam3_server, client):
+    images = [scene(seed=200 + i) for i in range(6)]
+    args = {"prompts": ["tree"], "score_threshold": 0, "min_area": 0}
+    with ThreadPoolExecutor(6) as pool:
+        together = list(pool.map(lambda im: client.predict(image=im, **args), images))
+    stats = info(sam3_server)
+    assert max(int(k) for k in stats["forward_batch_sizes"]["predict"]) > 1
+    for image, got in zip(images, together, strict=True):
+        alone = client.predict(image=image, **args)  # now a cache hit of the batched encoding
+        assert [r["polygon"] for r in got["results"]] == [r["polygon"] for r in alone["results"]]
+    fresh = scene(seed=299)
+    single = client.predict(image=fresh, **args)
+    with ThreadPoolExecutor(3) as pool:
+        batched = list(pool.map(lambda im: client.predict(image=im, **args), [scene(seed=298), fresh]))
+    for a, b in zip(single["results"], batched[1]["results"], strict=True):
+        assert a["score"] == pytest.approx(b["score"], abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+BAD = {
+    "no prompts": ({"prompts": []}, 422, "at least 1"),
+    "empty prompt": ({"prompts": [""]}, 422, "prompts[0] is empty"),
+    "blank prompt": ({"prompts": ["cat", "   "]}, 422, "prompts[1] is empty"),
+    "prompt not text": ({"prompts": [3]}, 422, "prompts"),
+    "prompts not a list": ({"prompts": "cat"}, 422, "prompts"),
+    "too many prompts": ({"prompts": ["x"] * 33}, 422, "at most 32"),
+    "prompt too long": ({"prompts": ["x" * 2001]}, 400, "2001 characters"),
+    "unknown mask_format": ({"prompts": ["cat"], "mask_format": "bmp"}, 422, "'rle' or 'png'"),
+    "threshold above 1": ({"prompts": ["cat"], "score_threshold": 1.5}, 422, "score_threshold"),
+    "negative min_area": ({"prompts": ["cat"], "min_area": -1}, 422, "min_area"),
+    "unknown model": ({"prompts": ["cat"], "model": "sam9"}, 400, "offers: sam3-tiny"),
+    "unknown field": ({"prompts": ["cat"], "box": [1, 2, 3, 4]}, 422, "box"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_requests_get_a_4xx_that_says_what_to_fix(sam3_server, case):
+    body, status, words = BAD[case]
+    with pytest.raises(VisionServeError) as err:
+        post("sam3", "predict", {"image": encode_image(scene()), **body}, sam3_server.url + "/sam3", KEYS[0])
+    assert err.value.status == status
+    assert words in err.value.message
+
+
+@pytest.mark.parametrize(
+    "path, words",
+    [
+        ("/etc/passwd", "inside one of"),
+        ("../photo.png", "inside one of"),
+        ("missing.png", "does not exist"),
+    ],
+)
+def test_bad_image_paths_are_refused_and_the_server_keeps_serving(client, image_root, path, words):
+    target = path if path.startswith("/") else str(image_root / path)
+    with pytest.raises(VisionServeError) as err:
+        client.predict(target, prompts=["cat"])
+    assert 400 <= err.value.status < 500
+    assert words in err.value.message.lower()
+    assert client.predict(image=scene(), prompts=["cat"])["image_size"]["width"] == 45
+
+
+def test_a_broken_image_in_a_batch_fails_alone(sam3_server, client):
+    good = encode_image(scene(seed=5))
+    broken = encode_image(scene(seed=6))[:200]
+    with ThreadPoolExecutor(4) as pool:
+        futures = [
+            pool.submit(post, "sam3", "predict", {"image": im, "prompts": ["cat"]}, client.base_url, KEYS[0])
+            for im in (good, broken, good, broken)
+        ]
+    outcomes = []
+    for f in futures:
+        try:
+            outcomes.append(f.result()["image_size"]["width"])
+        except VisionServeError as e:
+            outcomes.append(e.status)
+    assert outcomes[0] == outcomes[2] == 45
+    assert outcomes[1] == outcomes[3] == 400
+
+
+def test_key_is_required(sam3_server):
+    r = requests.post(sam3_server.url + "/sam3/predict", json={"image": "x", "prompts": ["cat"]})
+    assert r.status_code == 401
+    assert requests.get(sam3_server.url + "/sam3/health").json()["status"] == "ok"

@@ -1,0 +1,208 @@
+"""SAM 3 pieces without a server: architecture, checkpoint checks, CPU compatibility, instance
+rules, and the client's mask helpers."""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as coco_mask
+
+from apis import sam3_compat
+from apis.masks import coco_rle, largest_polygon, png_base64
+from apis.sam3_model import Detections, Filters, Sam3Arch, build_sam3_image, instances, load_checkpoint
+from clients.sam3_client import decode_instance_mask, decode_instance_masks, save_instances_overlay
+from tests.conftest import ROOT, ServerProcess
+
+TINY = ROOT / "configs" / "models" / "sam3-tiny.json"
+
+
+def test_default_architecture_is_the_released_one():
+    """Same parameter names and shapes as sam3's own builder, so facebook/sam3's sam3.pt loads."""
+    from sam3.model_builder import build_sam3_image_model
+
+    sam3_compat.install()  # the library's builder allocates on "cuda" otherwise
+    lib = build_sam3_image_model(bpe_path=sam3_compat.bpe_path(), device="cpu", load_from_HF=False)
+    want = {k: tuple(v.shape) for k, v in lib.state_dict().items()}
+    del lib
+    gc.collect()
+    got = {k: tuple(v.shape) for k, v in build_sam3_image(Sam3Arch()).state_dict().items()}
+    assert len(got) > 1000
+    assert got == want
+
+
+def test_checkpoints_that_do_not_fit_are_refused(tmp_path):
+    torch.manual_seed(0)
+    model = build_sam3_image(Sam3Arch.from_json(TINY))
+    sam3_compat.init_untrained(model)  # no NaNs from torch.empty, so tensors compare equal
+    state = model.state_dict()
+
+    plain = tmp_path / "plain.pt"
+    torch.save(state, plain)  # a bare Sam3Image state dict loads too
+    other = build_sam3_image(Sam3Arch.from_json(TINY))
+    load_checkpoint(other, plain)
+    assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), state.values(), strict=True))
+
+    missing = tmp_path / "missing.pt"
+    torch.save(
+        {"model": {f"detector.{k}": v for k, v in state.items() if "segmentation_head" not in k}}, missing
+    )
+    with pytest.raises(ValueError, match=r"missing keys \(e\.g\. \['segmentation_head"):
+        load_checkpoint(build_sam3_image(Sam3Arch.from_json(TINY)), missing)
+
+    extra = tmp_path / "extra.pt"
+    torch.save({**state, "not_a_layer.weight": torch.zeros(1)}, extra)
+    with pytest.raises(ValueError, match="1 unexpected keys"):
+        load_checkpoint(build_sam3_image(Sam3Arch.from_json(TINY)), extra)
+
+    wider = Sam3Arch.from_json(TINY).__class__(**{**Sam3Arch.from_json(TINY).__dict__, "d_model": 64})
+    with pytest.raises(ValueError, match="does not fit the configured architecture"):
+        load_checkpoint(build_sam3_image(wider), plain)
+
+
+def test_server_refuses_to_start_on_a_checkpoint_that_does_not_fit(tmp_path):
+    bad = tmp_path / "bad.pt"
+    torch.save({"model": {"detector.nothing": torch.zeros(1)}}, bad)
+    config = {"sam3": {"models": [{"name": "sam3-tiny", "weights": str(bad), "arch_config": str(TINY)}]}}
+    server = ServerProcess(config, tmp_path, ["--no-auth"])
+    assert server.proc.wait(120) != 0
+    server.stop()
+    assert "does not fit the configured architecture" in server.log()
+    assert str(bad) in server.log()
+
+
+def test_unknown_architecture_fields_are_refused(tmp_path):
+    path = tmp_path / "arch.json"
+    path.write_text('{"d_model": 32, "depth": 3}')
+    with pytest.raises(ValueError, match=r"unknown SAM 3 architecture fields \['depth'\]"):
+        Sam3Arch.from_json(path)
+
+
+def test_cpu_compatibility_patches():
+    from sam3.model.position_encoding import PositionEmbeddingSine
+
+    sam3_compat.install()
+    sam3_compat.install()  # idempotent
+    pos = PositionEmbeddingSine(num_pos_feats=32, normalize=True, precompute_resolution=224)
+    if not torch.cuda.is_available():
+        assert pos.cache == {}  # skipped, filled on first use instead
+        t = torch.zeros(3)
+        assert t.pin_memory() is t
+    out = pos(torch.zeros(1, 1, 14, 14))
+    assert out.shape == (1, 32, 14, 14) and (14, 14) in pos.cache
+    model = build_sam3_image(Sam3Arch.from_json(TINY))
+    sam3_compat.init_untrained(model)
+    text = model.backbone.language_backbone.encoder
+    assert torch.isfinite(text.positional_embedding).all() and text.positional_embedding.std() > 0
+    sam3_compat.move_caches(model, torch.device("cpu"))
+    assert model.transformer.decoder.compilable_cord_cache[0].device.type == "cpu"
+
+
+# ----------------------------------------------------------------------------- instance rules
+
+
+def _detections() -> tuple[Detections, list[np.ndarray]]:
+    """Four queries on a 20x30 image whose masks are known exactly: a logit of +-8 per pixel on
+    a grid as fine as the image, so upsampling keeps every pixel's sign."""
+    h, w = 20, 30
+    masks = [np.zeros((h, w), bool) for _ in range(4)]
+    masks[0][2:12, 3:13] = True  # 100 px square
+    masks[1][5:8, 20:24] = True  # 12 px
+    masks[2][:, :] = False  # empty
+    masks[3][10:20, 0:30] = True  # 300 px, box runs off the image
+    logits = torch.tensor(np.stack(masks), dtype=torch.float32) * 16 - 8
+    det = Detections(
+        scores=torch.tensor([0.7, 0.9, 0.95, 0.6]),
+        boxes=torch.tensor(
+            [[0.27, 0.35, 0.33, 0.5], [0.73, 0.33, 0.13, 0.15], [0.5, 0.5, 1, 1], [0.5, 0.9, 1.2, 0.6]]
+        ),
+        mask_logits=logits,
+    )
+    return det, masks
+
+
+def test_instance_rules_order_clipping_area_and_filters():
+    det, masks = _detections()
+    got = instances(det, 20, 30, "x", Filters(score_threshold=0.5, min_area=0, epsilon_factor=0.0))
+    assert [r["score"] for r in got] == pytest.approx([0.9, 0.7, 0.6])  # best first; empty mask dropped
+    assert [r["area"] for r in got] == [12, 100, 300]
+    assert got[2]["bbox"] == pytest.approx([0, 12, 30, 20])  # clipped to the image
+    assert sorted(map(tuple, got[1]["polygon"])) == [(3, 2), (3, 11), (12, 2), (12, 11)]
+    assert [r["score"] for r in instances(det, 20, 30, "x", Filters(score_threshold=0.65, min_area=0))] == (
+        pytest.approx([0.9, 0.7])
+    )
+    # min_area compares the polygon's area (9 x 9 for the 10 x 10 square of pixel centres)
+    kept = instances(det, 20, 30, "x", Filters(score_threshold=0, min_area=81))
+    assert [r["area"] for r in kept] == [100, 300]
+    assert [r["area"] for r in instances(det, 20, 30, "x", Filters(score_threshold=0, min_area=82))] == [300]
+    with_masks = instances(det, 20, 30, "x", Filters(score_threshold=0, min_area=0, return_masks=True))
+    for r, m in zip(with_masks, [masks[1], masks[0], masks[3]], strict=True):
+        np.testing.assert_array_equal(decode_instance_mask(r), m)
+
+
+def test_polygon_simplification():
+    disc = np.zeros((80, 80), np.uint8)
+    yy, xx = np.mgrid[:80, :80]
+    disc[(yy - 40) ** 2 + (xx - 40) ** 2 < 30**2] = 1
+    disc[2:5, 2:5] = 1  # a smaller second region: not the largest
+    exact, exact_area = largest_polygon(disc, 0.0)
+    rough, _ = largest_polygon(disc, 0.05)
+    assert len(exact) > 4 * len(rough) >= 12
+    assert all(abs(np.hypot(x - 40, y - 40) - 30) < 2 for x, y in rough)
+    assert exact_area == pytest.approx(np.pi * 29.5**2, rel=0.03)
+    assert largest_polygon(np.zeros((5, 5), bool), 0.02) is None
+
+
+# ----------------------------------------------------------------------------- client helpers
+
+
+def test_client_mask_decoders_match_pycocotools_and_png():
+    rng = np.random.default_rng(0)
+    masks = [rng.random((23, 31)) > 0.5, np.zeros((23, 31), bool), np.ones((23, 31), bool)]
+    results = []
+    for m in masks:
+        rle = coco_rle(m)
+        coco = coco_mask.decode({"size": rle["size"], "counts": rle["counts"].encode()}).astype(bool)
+        np.testing.assert_array_equal(coco, m)
+        for data, fmt in ((rle, "rle"), (rle["counts"], "rle"), (png_base64(m), "png")):
+            inst = {"polygon": [], "mask": {"data": data, "format": fmt, "shape": [23, 31]}}
+            np.testing.assert_array_equal(decode_instance_mask(inst), m)
+        results.append(
+            {
+                "polygon": [[1, 1], [20, 1], [20, 15]],
+                "mask": {"data": rle, "format": "rle", "shape": [23, 31]},
+            }
+        )
+    stacked = decode_instance_masks({"image_size": {"width": 31, "height": 23}, "results": results})
+    assert stacked.shape == (3, 23, 31) and stacked.dtype == bool
+    assert decode_instance_masks({"image_size": {"width": 31, "height": 23}, "results": []}).shape == (
+        0,
+        23,
+        31,
+    )
+    with pytest.raises(ValueError, match="return_masks=True"):
+        decode_instance_mask({"polygon": []})
+
+
+def test_overlay_shows_masks_and_polygons(tmp_path):
+    image = np.full((23, 31, 3), 10, np.uint8)
+    mask = np.zeros((23, 31), bool)
+    mask[5:10, 5:10] = True
+    response = {
+        "image_size": {"width": 31, "height": 23},
+        "results": [
+            {
+                "polygon": [[5, 5], [9, 5], [9, 9], [5, 9]],
+                "mask": {"data": coco_rle(mask), "format": "rle", "shape": [23, 31]},
+            },
+            {"polygon": [[15, 15], [28, 15], [28, 20]]},
+        ],
+    }
+    out = np.asarray(Image.open(save_instances_overlay(image, response, tmp_path / "o.png")))
+    assert out.shape == (23, 31, 3)
+    assert (out[7, 7] != 10).any()  # inside the mask: blended
+    assert (out[15, 20] != 10).any()  # on the second polygon's edge: drawn
+    assert (out[2, 25] == 10).all()  # elsewhere: untouched
