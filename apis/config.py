@@ -121,7 +121,25 @@ class Sam3Family(CachedFamily):
     min_area: float = Field(100, ge=0.0, description="Drop instances whose polygon covers fewer pixels.")
 
 
-FAMILY_NAMES = ("clip", "dino", "sam2", "sam3")
+class RmbgModelEntry(ModelEntry):
+    """An ONNX background-removal model and its processing. ``preset`` (or a name starting with
+    rmbg-2.0, rmbg-1.4 or birefnet) gives the model card's values; the fields below override them."""
+
+    preset: Literal["rmbg-2.0", "rmbg-1.4", "birefnet"] | None = None
+    input_size: int | None = Field(None, gt=0, le=4096, description="Square input side; null = preset/ONNX.")
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    activation: Literal["sigmoid", "none"] | None = Field(
+        None, description="sigmoid: the model outputs logits; none: it outputs probabilities."
+    )
+    min_max: bool | None = Field(None, description="Stretch each matte to [0, 1] (RMBG-1.4's card).")
+
+
+class RmbgFamily(Family):
+    models: list[RmbgModelEntry] = Field(default_factory=list)
+
+
+FAMILY_NAMES = ("clip", "dino", "sam2", "sam3", "rmbg")
 
 
 class ServerConfig(_Strict):
@@ -132,6 +150,7 @@ class ServerConfig(_Strict):
     dino: Family | None = None
     sam2: CachedFamily | None = None
     sam3: Sam3Family | None = None
+    rmbg: RmbgFamily | None = None
 
     def families(self) -> dict[str, Family]:
         return {

@@ -25,12 +25,19 @@ from .dino_api import DinoAPI
 from .errors import install_error_handlers
 from .family import FamilyAPI
 from .middleware import BearerAuth, BodyLimit
+from .rmbg_api import RmbgAPI
 from .sam2_api import Sam2API
 from .sam3_api import Sam3API
 
 log = logging.getLogger("visionserve")
 
-FAMILIES: dict[str, type[FamilyAPI]] = {"clip": ClipAPI, "dino": DinoAPI, "sam2": Sam2API, "sam3": Sam3API}
+FAMILIES: dict[str, type[FamilyAPI]] = {
+    "clip": ClipAPI,
+    "dino": DinoAPI,
+    "sam2": Sam2API,
+    "sam3": Sam3API,
+    "rmbg": RmbgAPI,
+}
 _DOC_PATHS = {"/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"}
 
 
