@@ -26,7 +26,7 @@ from .errors import APIError
 from .family import FamilyAPI, Job, Route
 from .registry import Key, canonical
 from .schemas import DenseOptions, DenseResponse, StrictRequest
-from .tensors import OutputDType, encode_array
+from .tensors import OutputDType, encode_array, tensor_answer
 
 
 class _ClipModelFields(StrictRequest):
@@ -204,5 +204,7 @@ class ClipAPI(FamilyAPI):
             sim = upsample_grid(sim[..., None], geom, p["interpolation_mode"])[..., 0]
         if p["softmax"] > 0 and not negatives:
             sim = spatial_softmax(sim, p["softmax"])
-        data, shape = encode_array(sim.to(torch.float32).numpy(), p["output_dtype"])
-        return {"similarity_map": data, "shape": shape, "dtype": p["output_dtype"], "model": job.model_id}
+        arr = sim.to(torch.float32).numpy()
+        return tensor_answer(
+            arr, "similarity_map", p["output_dtype"], p["response_format"], model=job.model_id
+        )

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip.transformer import text_global_pool
 
 from .config import ModelEntry
 from .dense import interpolate_pos_embed
@@ -107,12 +108,48 @@ def dense_features(cm: ClipModel, x: torch.Tensor) -> torch.Tensor:
     return v.float().reshape(b, gh, gw, -1)
 
 
+def _deciding_length(model: Any, tokens: torch.Tensor) -> int | None:
+    """How many leading tokens decide the pooled text embedding, or None if all may.
+
+    With a causal attention mask, token i only sees tokens <= i, so the embedding pooled at the
+    end-of-text token is the same whether the context continues with padding or not. Prompts
+    are short (a dozen tokens of CLIP's 77), so cutting the padding saves most of the work.
+    """
+    if not isinstance(model, open_clip.model.CLIP) or getattr(model, "attn_mask", None) is None:
+        return None
+    if model.text_pool_type == "argmax":
+        pooled_at = tokens.argmax(dim=-1)
+    elif model.text_pool_type == "eos" and getattr(model, "text_eos_id", None) is not None:
+        pooled_at = (tokens == model.text_eos_id).int().argmax(dim=-1)
+    else:
+        return None
+    return int(pooled_at.max()) + 1
+
+
+def _encode_text_prefix(model: Any, tokens: torch.Tensor) -> torch.Tensor:
+    """``CLIP.encode_text`` on the first ``n`` context positions only (see _deciding_length)."""
+    n = tokens.shape[1]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:n].to(cast_dtype)
+    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:n, :n]))
+    x = text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+    if model.text_projection is None:
+        return x
+    return (
+        model.text_projection(x)
+        if isinstance(model.text_projection, torch.nn.Linear)
+        else x @ model.text_projection
+    )
+
+
 @torch.inference_mode()
 def encode_texts(cm: ClipModel, texts: list[str]) -> torch.Tensor:
-    """L2-normalised text embeddings (N, D), float32, in one forward pass."""
+    """L2-normalised text embeddings (N, D), float32, in one forward pass over the context
+    positions that matter (the batch's longest prompt, not all 77)."""
     tokens = cm.tokenizer(texts).to(cm.device)
+    n = _deciding_length(cm.model, tokens)
     with cm.autocast():
-        emb = cm.model.encode_text(tokens)
+        emb = cm.model.encode_text(tokens) if n is None else _encode_text_prefix(cm.model, tokens[:, :n])
     return F.normalize(emb.float(), dim=-1)
 
 

@@ -91,7 +91,11 @@ class Family(_Strict):
     load: Literal["eager", "lazy"] = Field("eager", description="Load at worker start, or on first use.")
     max_batch_size: int = Field(16, ge=1)
     batch_timeout: float = Field(
-        0.01, gt=0, description="Seconds to wait for a batch to fill (0 busy-spins)."
+        0.002,
+        gt=0,
+        description="Seconds an idle worker waits for a batch to fill. A lone request waits up to this "
+        "long; under load requests pile up while the worker computes, so batches fill anyway. "
+        "(0 would busy-spin.)",
     )
     workers_per_device: int | None = Field(None, ge=1)
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from .config import Limits
 from .errors import APIError
-from .tensors import check_response_size, encode_array
+from .tensors import check_response_size, tensor_answer
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -214,11 +214,7 @@ def respond(feats: torch.Tensor, geom: Geometry, p: dict[str, Any], model_id: st
         feats = pca_rgb(feats, p["pca_niter"], p["pca_q_min"], p["pca_q_max"])
     if not p["ret_patches"]:
         feats = upsample_grid(feats, geom, p["interpolation_mode"])
-    data, shape = encode_array(to_layout(feats, p["tensor_format"]).numpy(), p["output_dtype"])
-    return {
-        "features": data,
-        "shape": shape,
-        "dtype": p["output_dtype"],
-        "is_pca": p["ret_pca"],
-        "model": model_id,
-    }
+    arr = to_layout(feats, p["tensor_format"]).numpy()
+    return tensor_answer(
+        arr, "features", p["output_dtype"], p["response_format"], is_pca=p["ret_pca"], model=model_id
+    )

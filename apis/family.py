@@ -30,7 +30,7 @@ from typing import Any
 import litserve as ls
 import torch
 from fastapi import HTTPException
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from litserve.specs.base import LitSpec
 from litserve.utils import LitAPIStatus, ResponseBufferItem, WorkerSetupStatus
 from PIL import Image
@@ -40,8 +40,10 @@ from .config import ModelEntry, ServerConfig
 from .errors import APIError
 from .images import IMAGE_FIELDS, ImageInput, decode_image, probe_image, read_image_bytes
 from .registry import Key, ModelRegistry, canonical
+from .tensors import NPY_KEY, NPY_MEDIA_TYPE
 
 log = logging.getLogger("visionserve")
+STATS_KEY = "__stats__"
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,14 @@ class FamilySpec(LitSpec):
         response, status = self.response_buffer.pop(uid).response
         if status == LitAPIStatus.ERROR:
             return _worker_failure(response).response()
+        if isinstance(response, dict) and STATS_KEY in response:
+            key, snapshot = response.pop(STATS_KEY)
+            self._api.live_stats[key] = snapshot
+        if isinstance(response, dict) and NPY_KEY in response:
+            meta = {
+                f"X-Visionserve-{k.replace('_', '-')}": str(v) for k, v in response.items() if k != NPY_KEY
+            }
+            return Response(response[NPY_KEY], media_type=NPY_MEDIA_TYPE, headers=meta)
         err = APIError.from_wire(response)
         return err.response() if err else JSONResponse(response)
 
@@ -205,6 +215,7 @@ class FamilyAPI(ls.LitAPI):
             fill_defaults=self.model_fill_defaults,
         )
         self.stats: Any = None  # shared dict, set by the server before workers start
+        self.live_stats: dict[str, dict] = {}  # HTTP process: counters that came with answers
 
     # ------------------------------------------------------------------ HTTP process
     def prepare(self, op: str, request: BaseModel) -> Job:
@@ -304,7 +315,6 @@ class FamilyAPI(ls.LitAPI):
                 if not isinstance(res, APIError)
                 else ("server_error" if res.status >= 500 else "client_error")
             ] += 1
-        self._publish()
         return results if self.max_batch_size > 1 else results[0]
 
     def _run(self, op: str, model_id: str, jobs: list[Job]) -> list:
@@ -360,12 +370,25 @@ class FamilyAPI(ls.LitAPI):
         return out
 
     def encode_response(self, output):
-        return output.to_wire() if isinstance(output, APIError) else output
+        wire = output.to_wire() if isinstance(output, APIError) else output
+        if self.stats is not None and isinstance(wire, dict):
+            # The worker's counters ride back with each answer (see FamilySpec._submit): fresh in
+            # /info as soon as the client has its answer, and no IPC round trip per request.
+            wire = {**wire, STATS_KEY: (self.stats_key, self._snapshot())}
+        return wire
+
+    @property
+    def stats_key(self) -> str:
+        return f"{self.family}/{self.worker_id}"
 
     def _publish(self) -> None:
-        if self.stats is None:
-            return
-        self.stats[f"{self.family}/{self.worker_id}"] = {
+        """Post the counters to the server's shared dict (at start-up, before any answer)."""
+        if self.stats is not None:
+            self.stats[self.stats_key] = self._snapshot()
+
+    def _snapshot(self) -> dict[str, Any]:
+        return {
+            "updated": time.time(),
             "family": self.family,
             "worker": self.worker_id,
             "pid": os.getpid(),
@@ -377,6 +400,14 @@ class FamilyAPI(ls.LitAPI):
             "forward_batch_sizes": _histograms(self._forwards),
             **self.extra_stats(),
         }
+
+    def worker_stats(self) -> dict[str, dict]:
+        """Every worker's latest counters: start-up posts and answers' copies, newest wins."""
+        latest = dict(self.stats or {})
+        for key, snap in list(self.live_stats.items()):
+            if key not in latest or snap["updated"] >= latest[key]["updated"]:
+                latest[key] = snap
+        return {k: v for k, v in latest.items() if v["family"] == self.family}
 
     def extra_stats(self) -> dict[str, Any]:
         """Family-specific counters for ``/info`` (caches, encoder calls)."""

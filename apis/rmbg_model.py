@@ -19,11 +19,10 @@ import onnxruntime as ort
 from PIL import Image
 
 from .config import RmbgModelEntry
+from .dense import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger("visionserve")
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_INPUT_SIZE = 1024  # RMBG-2.0 and RMBG-1.4 cards
 
 

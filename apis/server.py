@@ -129,7 +129,7 @@ def _replace_info_route(
 
     @server.app.get("/info", summary="Models, devices, workers, weights source and request counters.")
     async def info(_: Request) -> JSONResponse:
-        stats = dict(getattr(server, "stats", {}) or {})
+        stats = {k: v for api in apis for k, v in api.worker_stats().items()}
         return JSONResponse(describe(cfg, opts, apis, server.devices, stats))
 
 

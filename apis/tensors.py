@@ -1,12 +1,15 @@
-"""Dense tensors on the wire: base64 of raw little-endian values, plus ``shape`` and ``dtype``.
+"""Dense tensors on the wire: base64 of raw little-endian values, plus ``shape`` and ``dtype``,
+or (``response_format: npy``) the ``.npy`` file itself as the response body.
 
-float32 is the default (what the seed clients decode); float16 halves the bytes on request.
-Sizes are checked before anything is computed, so nobody builds a 4 GB JSON by accident.
+float32 is the default (what the seed clients decode); float16 halves the bytes on request and
+npy drops base64's third. Sizes are checked before anything is computed, so nobody builds a
+4 GB JSON by accident.
 """
 
 from __future__ import annotations
 
 import base64
+import io
 import math
 from collections.abc import Sequence
 from typing import Literal
@@ -16,6 +19,9 @@ import numpy as np
 from .errors import APIError
 
 OutputDType = Literal["float32", "float16"]
+ResponseFormat = Literal["json", "npy"]
+NPY_KEY = "__npy__"  # marks a worker answer whose body is .npy bytes (see FamilySpec._submit)
+NPY_MEDIA_TYPE = "application/x-npy"
 _ITEMSIZE = {"float32": 4, "float16": 2}
 
 
@@ -49,3 +55,17 @@ def encode_array(arr: np.ndarray, dtype: OutputDType = "float32") -> tuple[str, 
     """(base64 of little-endian ``dtype`` values in C order, shape)."""
     out = np.ascontiguousarray(arr, dtype=np.dtype(dtype).newbyteorder("<"))
     return base64.b64encode(out.tobytes()).decode("ascii"), list(out.shape)
+
+
+def tensor_answer(
+    arr: np.ndarray, field: str, dtype: OutputDType, fmt: ResponseFormat, **meta: str | bool
+) -> dict:
+    """A route's answer carrying one tensor: JSON with ``field`` (base64), ``shape``, ``dtype``
+    and ``meta``; or, for npy, the ``.npy`` bytes with ``meta`` (sent as ``X-Visionserve-*``
+    headers)."""
+    if fmt == "npy":
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(arr, dtype=np.dtype(dtype).newbyteorder("<")), allow_pickle=False)
+        return {NPY_KEY: buf.getvalue(), **meta}
+    data, shape = encode_array(arr, dtype)
+    return {field: data, "shape": shape, "dtype": dtype, **meta}

@@ -51,6 +51,7 @@ def extract_clip_features(
     tensor_format: str = "HWC",
     padding_mode: str = "constant",
     output_dtype: str = "float32",
+    response_format: str = "json",
     base_url: str | None = None,
     api_key: str | None = None,
     image_url: str | None = None,
@@ -73,6 +74,7 @@ def extract_clip_features(
         "tensor_format": tensor_format,
         "padding_mode": padding_mode,
         "output_dtype": output_dtype,
+        "response_format": response_format,
     }
     return post(FAMILY, "extract", payload, base_url, api_key, timeout)
 
@@ -112,6 +114,7 @@ def compute_clip_similarity(
     negatives: list[str] | None = None,
     relevancy_temperature: float = 10.0,
     output_dtype: str = "float32",
+    response_format: str = "json",
     base_url: str | None = None,
     api_key: str | None = None,
     image_url: str | None = None,
@@ -135,6 +138,7 @@ def compute_clip_similarity(
         "negatives": negatives,
         "relevancy_temperature": relevancy_temperature,
         "output_dtype": output_dtype,
+        "response_format": response_format,
     }
     return post(FAMILY, "similarity", payload, base_url, api_key, timeout)
 
@@ -151,9 +155,11 @@ def decode_similarity_map(map_b64: str, shape: list[int], dtype: str = "float32"
     return decode_array(map_b64, shape, dtype)
 
 
-def extract_clip_features_decoded(image: Any, **kwargs) -> np.ndarray:
-    r = extract_clip_features(image_arg(image), **kwargs)
-    return decode_features(r["features"], r["shape"], r["dtype"])
+def extract_clip_features_decoded(image: Any, response_format: str = "npy", **kwargs) -> np.ndarray:
+    """Like :func:`extract_clip_features` (``image`` may be a path) but returns the array; it
+    travels as .npy unless ``response_format="json"``."""
+    r = extract_clip_features(image_arg(image), response_format=response_format, **kwargs)
+    return r["array"] if "array" in r else decode_features(r["features"], r["shape"], r["dtype"])
 
 
 def encode_clip_text_decoded(text: str, **kwargs) -> np.ndarray:
@@ -161,6 +167,11 @@ def encode_clip_text_decoded(text: str, **kwargs) -> np.ndarray:
     return decode_text_embedding(r["text_embedding"], r["shape"], r["dtype"])
 
 
-def compute_clip_similarity_decoded(image: Any, text: str, **kwargs) -> np.ndarray:
-    r = compute_clip_similarity(image_arg(image), text=text, **kwargs)
+def compute_clip_similarity_decoded(
+    image: Any, text: str, response_format: str = "npy", **kwargs
+) -> np.ndarray:
+    """Like :func:`compute_clip_similarity` but returns the map (sent as .npy by default)."""
+    r = compute_clip_similarity(image_arg(image), text=text, response_format=response_format, **kwargs)
+    if "array" in r:
+        return r["array"]
     return decode_similarity_map(r["similarity_map"], r["shape"], r["dtype"])

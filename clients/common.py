@@ -14,6 +14,7 @@ import requests
 import yaml
 
 SERVERS_ENV = "VISIONSERVE_SERVERS"
+NPY_MEDIA_TYPE = "application/x-npy"
 KEY_ENV = "VISIONSERVE_API_KEY"
 _DEFAULT_SERVERS = Path(__file__).with_name("servers.yaml")
 _local = threading.local()
@@ -79,10 +80,23 @@ def post(
     api_key: str | None = None,
     timeout: float = 600.0,
 ) -> dict:
+    """POST JSON, return the answer: parsed JSON, or for a ``.npy`` body (dense routes with
+    ``response_format="npy"``) ``{"array": ndarray, "model": ..., "is_pca": ...}``."""
     url, key = server_settings(family, base_url, api_key)
     resp = _session().post(f"{url}/{route}", json=payload, headers=_headers(key), timeout=timeout)
     _raise_for(resp)
+    if resp.headers.get("content-type", "").startswith(NPY_MEDIA_TYPE):
+        return {"array": np.load(io.BytesIO(resp.content), allow_pickle=False), **_npy_meta(resp.headers)}
     return resp.json()
+
+
+def _npy_meta(headers) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
+    for name, value in headers.items():
+        if name.lower().startswith("x-visionserve-"):
+            key = name[len("x-visionserve-") :].lower().replace("-", "_")
+            meta[key] = {"True": True, "False": False}.get(value, value)
+    return meta
 
 
 def get(

@@ -47,6 +47,7 @@ def extract_dino_features(
     tensor_format: str = "HWC",
     padding_mode: str = "constant",
     output_dtype: str = "float32",
+    response_format: str = "json",
     base_url: str | None = None,
     api_key: str | None = None,
     image_url: str | None = None,
@@ -71,6 +72,7 @@ def extract_dino_features(
         "tensor_format": tensor_format,
         "padding_mode": padding_mode,
         "output_dtype": output_dtype,
+        "response_format": response_format,
     }
     return post(FAMILY, "extract", payload, base_url, api_key, timeout)
 
@@ -79,7 +81,8 @@ def decode_features(features_b64: str, shape: list[int], dtype: str = "float32")
     return decode_array(features_b64, shape, dtype)
 
 
-def extract_dino_features_decoded(image: Any, **kwargs) -> np.ndarray:
-    """Like :func:`extract_dino_features` (``image`` may be a file path) but returns the array."""
-    r = extract_dino_features(image_arg(image), **kwargs)
-    return decode_features(r["features"], r["shape"], r["dtype"])
+def extract_dino_features_decoded(image: Any, response_format: str = "npy", **kwargs) -> np.ndarray:
+    """Like :func:`extract_dino_features` (``image`` may be a file path) but returns the array;
+    it travels as .npy unless ``response_format="json"``."""
+    r = extract_dino_features(image_arg(image), response_format=response_format, **kwargs)
+    return r["array"] if "array" in r else decode_features(r["features"], r["shape"], r["dtype"])

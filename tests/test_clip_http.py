@@ -162,6 +162,31 @@ def test_float16_output_halves_bytes_and_matches(rgb_image, kw):
     )
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_npy_responses_carry_the_same_values_in_fewer_bytes(clip_server, rgb_image, kw, dtype):
+    common = {"load_size": None, "output_dtype": dtype, "ret_pca": True}
+    js = cc.extract_clip_features(rgb_image, **common, **kw)
+    npy = cc.extract_clip_features(rgb_image, response_format="npy", **common, **kw)
+    assert npy["array"].dtype == np.dtype(dtype) and list(npy["array"].shape) == js["shape"]
+    np.testing.assert_array_equal(npy["array"], cc.decode_features(js["features"], js["shape"], dtype))
+    assert npy["model"] == js["model"] == "clip-tiny/testfile" and npy["is_pca"] is True
+    sim = cc.compute_clip_similarity(rgb_image, "a cat", load_size=None, response_format="npy", **kw)
+    want = cc.compute_clip_similarity_decoded(
+        rgb_image, "a cat", load_size=None, response_format="json", **kw
+    )
+    np.testing.assert_array_equal(sim["array"], want)
+    # on the wire: the raw body, not base64
+    body = {"image": cc.encode_image(rgb_image), "load_size": None, "output_dtype": dtype}
+    headers = {"Authorization": f"Bearer {KEYS[0]}"}
+    raw = requests.post(
+        clip_server.url + "/clip/extract", json={**body, "response_format": "npy"}, headers=headers
+    )
+    as_json = requests.post(clip_server.url + "/clip/extract", json=body, headers=headers)
+    assert raw.headers["content-type"] == "application/x-npy"
+    assert raw.headers["x-visionserve-model"] == "clip-tiny/testfile"
+    assert len(raw.content) < 0.8 * len(as_json.content)
+
+
 def test_image_path_and_image_url_inputs(kw, image_root, image_host, rgb_image):
     by_b64 = cc.extract_clip_features_decoded(Image.open(image_root / "photo.png"), load_size=None, **kw)
     by_path = cc.extract_clip_features(image_path=str(image_root / "photo.png"), load_size=None, **kw)

@@ -1,0 +1,83 @@
+"""CLIP ``encode_text`` throughput at concurrency 32: batched (max_batch_size 32) vs one at a time.
+
+    python bench/batching.py [--config configs/bench-full.yaml] [--rounds 3] [--requests 96]
+
+Two servers with the same model, one batching and one not, are driven in turns (A, B, B, A,
+...) so both see the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.harness import ROOT, drive, machine, p, server, spread, table  # noqa: E402
+
+
+def with_batch(config: Path, size: int, tmp: Path) -> Path:
+    raw = yaml.safe_load(config.read_text())
+    raw["clip"]["max_batch_size"] = size
+    raw["clip"]["batch_timeout"] = 0.01
+    out = tmp / f"clip-batch-{size}.yaml"
+    base = config.resolve().parent
+    for m in raw["clip"]["models"]:  # keep relative paths working from the temporary file
+        if m.get("arch_config"):
+            m["arch_config"] = str(base / m["arch_config"])
+    out.write_text(yaml.safe_dump({"limits": raw.get("limits", {}), "clip": raw["clip"]}))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default=str(ROOT / "configs" / "bench-full.yaml"))
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--requests", type=int, default=96)
+    ap.add_argument("--concurrency", type=int, default=32)
+    args = ap.parse_args()
+    texts = [{"text": f"a photo of object number {i} on a table"} for i in range(args.requests)]
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = Path(args.config)
+        batched_cfg, single_cfg = with_batch(cfg, 32, Path(tmp)), with_batch(cfg, 1, Path(tmp))
+        with server(batched_cfg) as batched, server(single_cfg) as single:
+            urls = {"batched": batched + "/clip/encode_text", "one at a time": single + "/clip/encode_text"}
+            for url in urls.values():
+                drive(url, texts[:8], 8)  # warm-up
+            runs: dict[str, list] = {k: [] for k in urls}
+            for i in range(args.rounds):
+                order = list(urls) if i % 2 == 0 else list(urls)[::-1]
+                for name in order:
+                    runs[name].append(drive(urls[name], texts, args.concurrency))
+                    print(name, f"{runs[name][-1].throughput:.1f} req/s", flush=True)
+    rows = []
+    for name, rs in runs.items():
+        tp = [r.throughput for r in rs]
+        lat = [x for r in rs for x in r.latencies]
+        rows.append(
+            [
+                name,
+                f"{statistics.median(tp):.1f}",
+                spread(tp),
+                f"{p(lat, 50) * 1000:.0f}",
+                f"{p(lat, 95) * 1000:.0f}",
+            ]
+        )
+    ratio = statistics.median(r.throughput for r in runs["batched"]) / statistics.median(
+        r.throughput for r in runs["one at a time"]
+    )
+    print(
+        f"\n`python bench/batching.py --config {args.config}` on {machine()}; {args.rounds} rounds of "
+        f"{args.requests} requests at concurrency {args.concurrency}\n"
+    )
+    print(table(["encode_text", "requests/s (median)", "spread", "p50 ms", "p95 ms"], rows))
+    print(f"\nbatched / one at a time: **{ratio:.1f}x**")
+
+
+if __name__ == "__main__":
+    main()
