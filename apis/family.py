@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import litserve as ls
+import orjson
 import torch
 from fastapi import HTTPException
 from fastapi.responses import JSONResponse, Response
@@ -128,7 +129,7 @@ class FamilySpec(LitSpec):
         endpoint.__doc__ = route.summary
         return endpoint
 
-    async def _submit(self, job: Job) -> JSONResponse:
+    async def _submit(self, job: Job) -> Response:
         uid = uuid.uuid4()
         event = asyncio.Event()
         self.response_buffer[uid] = ResponseBufferItem(event=event)
@@ -146,7 +147,10 @@ class FamilySpec(LitSpec):
             }
             return Response(response[NPY_KEY], media_type=NPY_MEDIA_TYPE, headers=meta)
         err = APIError.from_wire(response)
-        return err.response() if err else JSONResponse(response)
+        if err:
+            return err.response()
+        # orjson: multi-MB base64 answers (SAM 2 float32 masks) render ~6x faster than json.dumps.
+        return Response(orjson.dumps(response), media_type="application/json")
 
     async def health(self) -> JSONResponse:
         """Open readiness of this family's workers (what the seed clients poll)."""

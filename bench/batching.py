@@ -18,7 +18,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.harness import ROOT, drive, machine, p, server, spread, table  # noqa: E402
+from bench.harness import ROOT, drive, machine, ms, p, server, spread, table, timed  # noqa: E402
 
 
 def with_batch(config: Path, size: int, tmp: Path) -> Path:
@@ -77,6 +77,23 @@ def main() -> None:
     )
     print(table(["encode_text", "requests/s (median)", "spread", "p50 ms", "p95 ms"], rows))
     print(f"\nbatched / one at a time: **{ratio:.1f}x**")
+    one, batch = model_ceiling(cfg, [t["text"] for t in texts[: args.concurrency]])
+    print(
+        f"\nThe model alone, in-process ({args.concurrency} texts one by one vs as one batch): "
+        f"{ms(one)} vs {ms(batch)} ms per text, **{one / batch:.1f}x**: the most batching can give here."
+    )
+
+
+def model_ceiling(cfg_path: Path, texts: list[str], rounds: int = 5) -> tuple[float, float]:
+    """Median seconds per text of ``encode_texts`` one at a time and as one batch."""
+    from apis.clip_model import encode_texts, load_clip
+    from apis.config import load_config
+
+    cm = load_clip(load_config(cfg_path).clip.models[0], "cpu")
+    encode_texts(cm, texts)  # warm-up
+    single = [timed(lambda t=t: encode_texts(cm, [t])) for t in texts]
+    batched = [timed(lambda: encode_texts(cm, texts)) / len(texts) for _ in range(rounds)]
+    return statistics.median(single), statistics.median(batched)
 
 
 if __name__ == "__main__":

@@ -161,7 +161,7 @@ def main() -> None:
                 "bf16 p50 ms",
                 "spread",
                 "speed-up",
-                "mask IoU median",
+                "agreement median",
                 "min",
             ],
             rows,
