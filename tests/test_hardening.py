@@ -31,7 +31,7 @@ from tests.conftest import KEYS, ROOT, ServerProcess
 
 DEMO = ROOT / "configs" / "demo.yaml"
 BODY_LIMIT = 4 * 1024 * 1024
-SOAK_SECONDS = float(os.environ.get("VISIONSERVE_SOAK_SECONDS", "150"))
+SOAK_SECONDS = float(os.environ.get("VISIONSERVE_SOAK_SECONDS", "180"))
 
 
 def auth(key: str = KEYS[0]) -> dict:
