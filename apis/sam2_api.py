@@ -141,9 +141,16 @@ class Sam2PromptRequest(_Sam2Model, ImageInput):
     max_sprinkle_area: float = Field(
         0.0, ge=0.0, description="Drop foreground specks up to this many low-res px."
     )
+    mask_encoding: Literal["float32", "packbits"] = Field(
+        "float32",
+        description="masks as base64 float32 (seed format) or packbits (numpy.packbits of the C-order "
+        "[C, H, W] 0/1 masks, 32x smaller); packbits needs return_logits=false.",
+    )
 
     @model_validator(mode="after")
     def _prompts(self):
+        if self.mask_encoding == "packbits" and self.return_logits:
+            raise ValueError("mask_encoding=packbits carries 0/1 masks; it cannot carry return_logits=true")
         if (self.point_coords is None) != (self.point_labels is None):
             raise ValueError("point_coords and point_labels go together: send both or neither")
         if self.point_coords is not None:
@@ -168,7 +175,10 @@ class Sam2PromptRequest(_Sam2Model, ImageInput):
 
 
 class Sam2PromptResponse(BaseModel):
-    masks: str = Field(..., description="base64 float32, masks_shape [C, H, W]; 0/1 unless return_logits.")
+    masks: str = Field(
+        ..., description="base64 per mask_encoding, masks_shape [C, H, W]; 0/1 unless return_logits."
+    )
+    mask_encoding: Literal["float32", "packbits"]
     masks_shape: list[int]
     iou_predictions: str = Field(..., description="base64 float32, iou_shape [C].")
     iou_shape: list[int]
@@ -285,10 +295,10 @@ class Sam2API(FamilyAPI):
                 raise APIError(400, f"box {request.box} is outside {where}", param="box")
         channels = 3 if request.multimask_output else 1
         check_response_size(
-            (channels, h, w),
+            (channels, h, (w + 31) // 32 if request.mask_encoding == "packbits" else w),
             "float32",
             self.cfg.limits.max_response_bytes,
-            "use multimask_output=false or send a smaller image",
+            "use mask_encoding=packbits, multimask_output=false or a smaller image",
         )
 
     def load_model(self, entry: ModelEntry) -> Sam2Predictor:
@@ -349,6 +359,9 @@ class Sam2API(FamilyAPI):
             ("low_res_masks", low, "low_res_shape"),
         ):
             out[name], out[shape_key] = encode_array(arr)
+        if job.params["mask_encoding"] == "packbits":
+            out["masks"] = encode_binary(masks, "packbits")
+        out["mask_encoding"] = job.params["mask_encoding"]
         out["model"] = job.model_id
         return out
 

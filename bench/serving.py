@@ -47,6 +47,11 @@ def routes(full: bool) -> list[tuple[str, str, dict]]:
         ("clip", "similarity", {"image": img, "text": "a mug", "load_size": size}),
         ("dino", "extract", {"image": img, "load_size": size}),
         ("sam2", "prompt_mask", {"image": img, "point_coords": [[320, 240]], "point_labels": [1]}),
+        (
+            "sam2",
+            "prompt_mask",
+            {"image": img, "point_coords": [[320, 240]], "point_labels": [1], "mask_encoding": "packbits"},
+        ),
         ("sam2", "auto_mask", {"image": img, "preset": "coarse", "points_per_side": 4 if full else 8}),
         ("sam3", "predict", {"image": img, "prompts": ["mug", "robot"]}),
         *([] if full else [("rmbg", "remove", {"image": img})]),
@@ -87,6 +92,9 @@ def main() -> None:
         with server(config, "--models", family) as url:
             for fam, op, payload in (r for r in todo if r[0] == family):
                 route_url = f"{url}/{fam}/{op}"
+                label = f"/{fam}/{op}" + (
+                    f" ({payload['mask_encoding']})" if "mask_encoding" in payload else ""
+                )
 
                 def http(route_url=route_url, payload=payload):
                     r = requests.post(route_url, json=payload, timeout=3600)
@@ -97,7 +105,7 @@ def main() -> None:
                 ratio = statistics.median(t_http) / statistics.median(t_proc)
                 overhead_rows.append(
                     [
-                        f"/{fam}/{op}",
+                        label,
                         ms(statistics.median(t_http)),
                         spread(t_http),
                         ms(statistics.median(t_proc)),
@@ -111,7 +119,7 @@ def main() -> None:
                         run = drive(route_url, [payload] * max(2 * c, 16), c)
                         load_rows.append(
                             [
-                                f"/{fam}/{op}",
+                                label,
                                 c,
                                 ms(p(run.latencies, 50)),
                                 ms(p(run.latencies, 95)),
@@ -120,9 +128,7 @@ def main() -> None:
                         )
                         print(load_rows[-1], flush=True)
         del api
-    print(
-        f"\n`python bench/serving.py{' --full' if args.full else ''}` on {machine()}; {rounds} alternations\n"
-    )
+    print(f"\n`python bench/serving.py {' '.join(sys.argv[1:])}` on {machine()}; {rounds} alternations\n")
     print(
         table(
             ["route", "HTTP p50 ms", "spread", "in-process p50 ms", "spread", "HTTP / in-process"],

@@ -10,6 +10,8 @@ only select among the server's models; None uses its default.
 from __future__ import annotations
 
 import base64
+import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ __all__ = [
     "sam2_combined_mask",
     "sam2_point_mask",
     "save_mask_overlay",
+    "unpack_bits",
 ]
 
 FAMILY = "sam2"
@@ -138,11 +141,13 @@ def generate_sam2_prompt_masks(
     image_url: str | None = None,
     image_path: str | None = None,
     timeout: float = 600.0,
+    mask_encoding: str = "float32",
 ) -> PromptAnswer:
     """POST /sam2/prompt_mask; (masks [C, H, W], iou_predictions [C], low_res_masks [C, L, L]).
 
     ``mask_input`` is a numpy array (e.g. ``low_res[i]`` of an earlier answer) or base64 text
-    with ``mask_input_shape``.
+    with ``mask_input_shape``. ``mask_encoding="packbits"`` makes the answer's masks 32x
+    smaller on the wire; they decode to the same float32 0/1 array.
     """
     if mask_input is not None and not isinstance(mask_input, str):
         mask_input, mask_input_shape = encode_mask_input(mask_input)
@@ -161,16 +166,30 @@ def generate_sam2_prompt_masks(
         "mask_threshold": mask_threshold,
         "max_hole_area": max_hole_area,
         "max_sprinkle_area": max_sprinkle_area,
+        "mask_encoding": mask_encoding,
     }
     r = post(FAMILY, "prompt_mask", payload, base_url, api_key, timeout)
+    if r.get("mask_encoding") == "packbits":
+        masks = unpack_bits(r["masks"], r["masks_shape"]).astype(np.float32)
+    else:
+        masks = decode_array(r["masks"], r["masks_shape"])
     return (
-        decode_array(r["masks"], r["masks_shape"]),
+        masks,
         decode_array(r["iou_predictions"], r["iou_shape"]),
         decode_array(r["low_res_masks"], r["low_res_shape"]),
     )
 
 
 # ----------------------------------------------------------------------------- decoding
+
+
+def unpack_bits(data: str | bytes, shape: Sequence[int]) -> np.ndarray:
+    """Bool array of ``shape`` from ``numpy.packbits`` bytes (or their base64) in C order."""
+    raw = base64.b64decode(data) if isinstance(data, str) else data
+    n = math.prod(shape)
+    if len(raw) != (n + 7) // 8:
+        raise ValueError(f"packbits data has {len(raw)} bytes, shape {list(shape)} needs {(n + 7) // 8}")
+    return np.unpackbits(np.frombuffer(raw, dtype=np.uint8), count=n).reshape(shape).astype(bool)
 
 
 def decode_segmentation(mask: dict, encoding: str | None = None) -> np.ndarray:
@@ -191,9 +210,7 @@ def decode_segmentation(mask: dict, encoding: str | None = None) -> np.ndarray:
     if encoding == "float32":
         return decode_array(seg, [h, w]) > 0.5
     if encoding == "packbits":
-        if len(raw) != (h * w + 7) // 8:
-            raise ValueError(f"packbits mask has {len(raw)} bytes, {h}x{w} needs {(h * w + 7) // 8}")
-        return np.unpackbits(np.frombuffer(raw, dtype=np.uint8), count=h * w).reshape(h, w).astype(bool)
+        return unpack_bits(raw, (h, w))
     if encoding != "png":
         raise ValueError(f"unknown mask_encoding {encoding!r}")
     return decode_png(raw, (h, w))

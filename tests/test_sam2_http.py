@@ -130,6 +130,22 @@ def test_prompt_masks_equal_the_predictor(reference, kw, case):
     assert_same_answer(got, want, logits=case == "logits")
 
 
+def test_packbits_prompt_masks_decode_to_the_float32_ones_in_a_smaller_answer(kw):
+    body = {"image": encode_image(scene()), **PROMPTS["one point"]}
+    plain = sc.generate_sam2_prompt_masks(**body, **kw)
+    packed = sc.generate_sam2_prompt_masks(**body, mask_encoding="packbits", **kw)
+    assert packed[0].dtype == np.float32 and np.array_equal(packed[0], plain[0])
+    np.testing.assert_array_equal(packed[1], plain[1])
+    sizes = {
+        enc: len(post("sam2", "prompt_mask", {**body, "mask_encoding": enc}, **kw)["masks"])
+        for enc in ("float32", "packbits")
+    }
+    assert sizes["packbits"] * 30 < sizes["float32"]
+    with pytest.raises(VisionServeError) as err:
+        post("sam2", "prompt_mask", {**body, "mask_encoding": "packbits", "return_logits": True}, **kw)
+    assert err.value.status == 422 and "cannot carry return_logits" in err.value.message
+
+
 def test_follow_up_with_the_previous_low_res_mask(reference, kw):
     image = scene(seed=3)
     first = sc.generate_sam2_prompt_masks(image=encode_image(image), **PROMPTS["one point"], **kw)
