@@ -22,7 +22,6 @@ from .clip_model import (
 )
 from .config import ModelEntry
 from .dense import CLIP_MEAN, CLIP_STD, Geometry, plan, preprocess, respond, upsample_grid
-from .errors import APIError
 from .family import FamilyAPI, Job, Route
 from .registry import Key, canonical
 from .schemas import DenseOptions, DenseResponse, StrictRequest
@@ -123,12 +122,9 @@ class ClipAPI(FamilyAPI):
     )
 
     def check(self, op: str, request: BaseModel) -> None:
-        limit = self.cfg.limits.max_text_chars
-        texts = [getattr(request, "text", "")] + (getattr(request, "negatives", None) or [])
-        if any(len(t) > limit for t in texts):
-            raise APIError(
-                400, f"text is longer than this server's limit of {limit} characters", param="text"
-            )
+        texts = [("text", getattr(request, "text", ""))]
+        texts += [(f"negatives[{i}]", t) for i, t in enumerate(getattr(request, "negatives", None) or [])]
+        self.check_text_length(texts, "text")
 
     def load_model(self, entry: ModelEntry) -> ClipModel:
         return load_clip(entry, self.torch_device, self.compute_dtype)

@@ -236,6 +236,17 @@ class FamilyAPI(ls.LitAPI):
     def check(self, op: str, request: BaseModel) -> None:
         """Family-specific checks that pydantic cannot express; raise APIError."""
 
+    def check_text_length(self, texts: Sequence[tuple[str, str]], param: str) -> None:
+        """400 for the first of ``texts`` ((name, text) pairs) over ``limits.max_text_chars``."""
+        limit = self.cfg.limits.max_text_chars
+        for name, text in texts:
+            if len(text) > limit:
+                raise APIError(
+                    400,
+                    f"{name} has {len(text)} characters, longer than this server's limit of {limit}",
+                    param=param,
+                )
+
     def check_image(self, op: str, request: BaseModel, size: tuple[int, int]) -> None:
         """Checks that need the image's (width, height), before it is decoded; raise APIError."""
 

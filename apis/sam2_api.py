@@ -295,8 +295,8 @@ class Sam2API(FamilyAPI):
                 raise APIError(400, f"box {request.box} is outside {where}", param="box")
         channels = 3 if request.multimask_output else 1
         check_response_size(
-            (channels, h, (w + 31) // 32 if request.mask_encoding == "packbits" else w),
-            "float32",
+            (channels, h, w),
+            request.mask_encoding,
             self.cfg.limits.max_response_bytes,
             "use mask_encoding=packbits, multimask_output=false or a smaller image",
         )

@@ -102,12 +102,7 @@ class Sam3API(FamilyAPI):
     )
 
     def check(self, op: str, request: BaseModel) -> None:
-        limit = self.cfg.limits.max_text_chars
-        for i, p in enumerate(request.prompts):
-            if len(p) > limit:
-                raise APIError(
-                    400, f"prompts[{i}] has {len(p)} characters; the limit is {limit}", param="prompts"
-                )
+        self.check_text_length([(f"prompts[{i}]", p) for i, p in enumerate(request.prompts)], "prompts")
 
     def load_model(self, entry: ModelEntry) -> Sam3Runner:
         return load_sam3(entry, self.torch_device, self.compute_dtype, self.fam.cache_size)

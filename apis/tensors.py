@@ -22,7 +22,7 @@ OutputDType = Literal["float32", "float16"]
 ResponseFormat = Literal["json", "npy"]
 NPY_KEY = "__npy__"  # marks a worker answer whose body is .npy bytes (see FamilySpec._submit)
 NPY_MEDIA_TYPE = "application/x-npy"
-_ITEMSIZE = {"float32": 4, "float16": 2}
+_BITS = {"float32": 32, "float16": 16, "packbits": 1}  # per value on the wire, before base64
 
 
 def base64_len(nbytes: int) -> int:
@@ -37,9 +37,12 @@ def _human(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
-def check_response_size(shape: Sequence[int], dtype: OutputDType, limit: int, hint: str) -> None:
-    """Refuse, before computing it, a tensor whose base64 form would exceed ``limit`` bytes."""
-    nbytes = math.prod(shape) * _ITEMSIZE[dtype]
+def check_response_size(
+    shape: Sequence[int], dtype: OutputDType | Literal["packbits"], limit: int, hint: str
+) -> None:
+    """Refuse, before computing it, a tensor whose base64 form would exceed ``limit`` bytes
+    (``packbits``: 0/1 values sent as ``numpy.packbits`` bytes)."""
+    nbytes = math.ceil(math.prod(shape) * _BITS[dtype] / 8)
     wire = base64_len(nbytes)
     if wire > limit:
         dims = "x".join(str(s) for s in shape)
