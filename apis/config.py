@@ -91,11 +91,11 @@ class Family(_Strict):
     load: Literal["eager", "lazy"] = Field("eager", description="Load at worker start, or on first use.")
     max_batch_size: int = Field(16, ge=1)
     batch_timeout: float = Field(
-        0.002,
-        gt=0,
-        description="Seconds an idle worker waits for a batch to fill. A lone request waits up to this "
-        "long; under load requests pile up while the worker computes, so batches fill anyway. "
-        "(0 would busy-spin.)",
+        0.0,
+        ge=0,
+        description="Seconds a batch waits, from its first request, for more to arrive (up to "
+        "max_batch_size). 0 takes only what is already queued: under load requests pile up while the "
+        "worker computes, so batches fill anyway.",
     )
     workers_per_device: int | None = Field(None, ge=1)
 

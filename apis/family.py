@@ -37,6 +37,7 @@ from litserve.utils import LitAPIStatus, ResponseBufferItem, WorkerSetupStatus
 from PIL import Image
 from pydantic import BaseModel
 
+from .batching import FirstArrivalBatchedLoop
 from .config import ModelEntry, ServerConfig
 from .errors import APIError
 from .images import IMAGE_FIELDS, ImageInput, decode_image, probe_image, read_image_bytes
@@ -205,7 +206,10 @@ class FamilyAPI(ls.LitAPI):
     def __init__(self, cfg: ServerConfig, dtype: str = "auto", log_level: str = "info"):
         fam = cfg.families()[self.family]
         super().__init__(
-            max_batch_size=fam.max_batch_size, batch_timeout=fam.batch_timeout, spec=FamilySpec(self)
+            max_batch_size=fam.max_batch_size,
+            batch_timeout=fam.batch_timeout,
+            spec=FamilySpec(self),
+            loop=FirstArrivalBatchedLoop() if fam.max_batch_size > 1 else "auto",
         )
         self.cfg = cfg
         self.fam = fam

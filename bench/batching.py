@@ -1,6 +1,7 @@
 """CLIP ``encode_text`` throughput at concurrency 32: batched (max_batch_size 32) vs one at a time.
 
-    python bench/batching.py [--config configs/bench-full.yaml] [--rounds 3] [--requests 96]
+    python bench/batching.py [--config configs/bench-full.yaml] [--dtypes float32,bfloat16]
+        [--rounds 3] [--requests 96]
 
 Two servers with the same model, one batching and one not, are driven in turns (A, B, B, A,
 ...) so both see the same machine.
@@ -24,7 +25,6 @@ from bench.harness import ROOT, drive, machine, ms, p, server, spread, table, ti
 def with_batch(config: Path, size: int, tmp: Path) -> Path:
     raw = yaml.safe_load(config.read_text())
     raw["clip"]["max_batch_size"] = size
-    raw["clip"]["batch_timeout"] = 0.01
     out = tmp / f"clip-batch-{size}.yaml"
     base = config.resolve().parent
     for m in raw["clip"]["models"]:  # keep relative paths working from the temporary file
@@ -37,59 +37,56 @@ def with_batch(config: Path, size: int, tmp: Path) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default=str(ROOT / "configs" / "bench-full.yaml"))
+    ap.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated compute dtypes")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--requests", type=int, default=96)
     ap.add_argument("--concurrency", type=int, default=32)
     args = ap.parse_args()
     texts = [{"text": f"a photo of object number {i} on a table"} for i in range(args.requests)]
+    cfg = Path(args.config)
+    rows, ceilings = [], []
+    for dtype in args.dtypes.split(","):
+        runs = compare(cfg, dtype, texts, args.rounds, args.concurrency)
+        tps = {name: statistics.median(r.throughput for r in rs) for name, rs in runs.items()}
+        for name, rs in runs.items():
+            lat = [x for r in rs for x in r.latencies]
+            tp = [r.throughput for r in rs]
+            rows.append([dtype, name, f"{tps[name]:.1f}", spread(tp), ms(p(lat, 50)), ms(p(lat, 95))])
+        ratio = tps["batched"] / tps["one at a time"]
+        rows.append([dtype, "**batched / one at a time**", f"**{ratio:.1f}x**", "", "", ""])
+        one, batch = model_ceiling(cfg, dtype, [t["text"] for t in texts[: args.concurrency]])
+        ceilings.append([dtype, ms(one), ms(batch), f"**{one / batch:.1f}x**"])
+    print(f"\n`{' '.join(['python', *sys.argv])}` on {machine()}; {args.rounds} rounds of ", end="")
+    print(f"{args.requests} requests at concurrency {args.concurrency}, a dtype's two servers in turns\n")
+    print(table(["dtype", "encode_text", "requests/s (median)", "spread", "p50 ms", "p95 ms"], rows))
+    print(f"\nThe model alone in-process, ms per text: {args.concurrency} one by one vs as one batch\n")
+    print(table(["dtype", "one by one", "one batch", "the most batching can give"], ceilings))
+
+
+def compare(cfg: Path, dtype: str, texts: list[dict], rounds: int, concurrency: int) -> dict[str, list]:
+    """Throughput runs of a batching and a one-at-a-time server, driven in turns."""
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = Path(args.config)
         batched_cfg, single_cfg = with_batch(cfg, 32, Path(tmp)), with_batch(cfg, 1, Path(tmp))
-        with server(batched_cfg) as batched, server(single_cfg) as single:
+        with server(batched_cfg, "--dtype", dtype) as batched, server(single_cfg, "--dtype", dtype) as single:
             urls = {"batched": batched + "/clip/encode_text", "one at a time": single + "/clip/encode_text"}
             for url in urls.values():
                 drive(url, texts[:8], 8)  # warm-up
             runs: dict[str, list] = {k: [] for k in urls}
-            for i in range(args.rounds):
-                order = list(urls) if i % 2 == 0 else list(urls)[::-1]
-                for name in order:
-                    runs[name].append(drive(urls[name], texts, args.concurrency))
-                    print(name, f"{runs[name][-1].throughput:.1f} req/s", flush=True)
-    rows = []
-    for name, rs in runs.items():
-        tp = [r.throughput for r in rs]
-        lat = [x for r in rs for x in r.latencies]
-        rows.append(
-            [
-                name,
-                f"{statistics.median(tp):.1f}",
-                spread(tp),
-                f"{p(lat, 50) * 1000:.0f}",
-                f"{p(lat, 95) * 1000:.0f}",
-            ]
-        )
-    ratio = statistics.median(r.throughput for r in runs["batched"]) / statistics.median(
-        r.throughput for r in runs["one at a time"]
-    )
-    print(
-        f"\n`python bench/batching.py --config {args.config}` on {machine()}; {args.rounds} rounds of "
-        f"{args.requests} requests at concurrency {args.concurrency}\n"
-    )
-    print(table(["encode_text", "requests/s (median)", "spread", "p50 ms", "p95 ms"], rows))
-    print(f"\nbatched / one at a time: **{ratio:.1f}x**")
-    one, batch = model_ceiling(cfg, [t["text"] for t in texts[: args.concurrency]])
-    print(
-        f"\nThe model alone, in-process ({args.concurrency} texts one by one vs as one batch): "
-        f"{ms(one)} vs {ms(batch)} ms per text, **{one / batch:.1f}x**: the most batching can give here."
-    )
+            for i in range(rounds):
+                for name in list(urls) if i % 2 == 0 else list(urls)[::-1]:
+                    runs[name].append(drive(urls[name], texts, concurrency))
+                    print(dtype, name, f"{runs[name][-1].throughput:.1f} req/s", flush=True)
+    return runs
 
 
-def model_ceiling(cfg_path: Path, texts: list[str], rounds: int = 5) -> tuple[float, float]:
+def model_ceiling(cfg_path: Path, dtype: str, texts: list[str], rounds: int = 5) -> tuple[float, float]:
     """Median seconds per text of ``encode_texts`` one at a time and as one batch."""
+    import torch
+
     from apis.clip_model import encode_texts, load_clip
     from apis.config import load_config
 
-    cm = load_clip(load_config(cfg_path).clip.models[0], "cpu")
+    cm = load_clip(load_config(cfg_path).clip.models[0], "cpu", getattr(torch, dtype))
     encode_texts(cm, texts)  # warm-up
     single = [timed(lambda t=t: encode_texts(cm, [t])) for t in texts]
     batched = [timed(lambda: encode_texts(cm, texts)) / len(texts) for _ in range(rounds)]

@@ -6,8 +6,9 @@
 "In-process" is the worker's own work without HTTP: the route's LitAPI object, set up in this
 process with the same config and seeded weights, runs ``prepare`` (validation, base64, header
 check), ``decode_request`` and ``predict`` (decode, model, response encoding) on the same
-payload. The ratio HTTP p50 / in-process p50 is what the server adds: JSON, the queue, the
-process hop. Both sides alternate, one call at a time.
+payload. The ratio HTTP p50 / in-process p50 is what the server adds: HTTP, JSON, the queue,
+the process hop. Both sides alternate, one call at a time; the HTTP side times request bytes
+out to response bytes in on a keep-alive connection (see bench/harness.py).
 """
 
 from __future__ import annotations
@@ -19,14 +20,25 @@ import statistics
 import sys
 
 import numpy as np
-import requests
 from PIL import Image
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 
 from apis.config import load_config  # noqa: E402
 from apis.server import FAMILIES  # noqa: E402
-from bench.harness import ROOT, alternate, drive, machine, ms, p, server, spread, table  # noqa: E402
+from bench.harness import (  # noqa: E402
+    ROOT,
+    Client,
+    alternate,
+    drive,
+    encode,
+    machine,
+    ms,
+    p,
+    server,
+    spread,
+    table,
+)
 
 
 def photo(h: int = 480, w: int = 640, seed: int = 0) -> str:
@@ -90,16 +102,15 @@ def main() -> None:
         api = FAMILIES[family](cfg)
         api.setup("cpu")
         with server(config, "--models", family) as url:
+            client = Client(url)
             for fam, op, payload in (r for r in todo if r[0] == family):
                 route_url = f"{url}/{fam}/{op}"
                 label = f"/{fam}/{op}" + (
                     f" ({payload['mask_encoding']})" if "mask_encoding" in payload else ""
                 )
 
-                def http(route_url=route_url, payload=payload):
-                    r = requests.post(route_url, json=payload, timeout=3600)
-                    r.raise_for_status()
-                    return r.json()
+                def http(client=client, path=f"/{fam}/{op}", body=encode(payload)):
+                    return client.post(path, body)
 
                 t_http, t_proc = alternate(http, lambda a=api, o=op, pl=payload: in_process(a, o, pl), rounds)
                 ratio = statistics.median(t_http) / statistics.median(t_proc)
@@ -127,6 +138,7 @@ def main() -> None:
                             ]
                         )
                         print(load_rows[-1], flush=True)
+            client.close()
         del api
     print(f"\n`python bench/serving.py {' '.join(sys.argv[1:])}` on {machine()}; {rounds} alternations\n")
     print(

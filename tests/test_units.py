@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import io
 import os
+import struct
+import zlib
 
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
 from apis.clip_api import clip_key
 from apis.config import Limits, ModelEntry, PathInput, UrlInput
@@ -116,6 +118,35 @@ def test_probe_reports_the_size_after_exif_rotation():
     Image.new("RGB", (40, 30)).save(buf, format="JPEG", exif=exif.tobytes())
     limits = Limits()
     assert probe_image(buf.getvalue(), limits) == (30, 40) == decode_image(buf.getvalue(), limits).size
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+@pytest.mark.parametrize("where", ["before IDAT", "after IDAT"])
+def test_probe_finds_png_exif_rotation_before_and_after_the_image_data(where):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30)).save(buf, format="PNG")
+    png, raw = buf.getvalue(), exif.tobytes()[6:]  # eXIf holds the TIFF data without "Exif\0\0"
+    at = png.index(b"IDAT" if where == "before IDAT" else b"IEND") - 4  # start of that chunk
+    data = png[:at] + _png_chunk(b"eXIf", raw) + png[at:]
+    limits = Limits()
+    assert probe_image(data, limits) == (30, 40) == decode_image(data, limits).size
+
+
+def test_probe_of_a_png_without_exif_reads_the_header_only(monkeypatch):
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30)).save(buf, format="PNG")
+    loads = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda im: loads.append(im) or real_load(im))
+    assert probe_image(buf.getvalue(), Limits()) == (40, 30)
+    assert loads == []
+    assert decode_image(buf.getvalue(), Limits()).size == (40, 30)
+    assert loads  # decoding does load the pixels
 
 
 @pytest.mark.parametrize(
