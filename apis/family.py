@@ -83,6 +83,25 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters
+
+
+def reuse_freed_memory() -> bool:
+    """glibc: keep memory a request freed for the next one instead of returning it to the OS.
+
+    By default glibc maps every allocation above 32 MB afresh and unmaps it when freed, and trims
+    the heap. A model's activations are that large, so every request page-faults (zero-fills)
+    gigabytes again: a SAM 3 prompt on CPU took 5.1 s instead of 4.2 s (bench/allocator.py).
+    The price is that a worker keeps the memory of its largest request, as PyTorch's CUDA
+    allocator does on GPUs. Returns False where this is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30))
+
+
 def _die_with_parent() -> None:
     """Linux: have the kernel kill this worker if the server process dies, even by SIGKILL."""
     try:
@@ -116,11 +135,17 @@ class FamilySpec(LitSpec):
 
     def _endpoint(self, route: Route) -> Callable:
         async def endpoint(request):
+            uid = uuid.uuid4()
+            event = asyncio.Event()
+            self.response_buffer[uid] = ResponseBufferItem(event=event)
             try:
-                job = await asyncio.to_thread(self._api.prepare, route.op, request)
+                await asyncio.to_thread(self._enqueue, route.op, request, uid)
+                await event.wait()
             except APIError as e:
                 return e.response()
-            return await self._submit(job)
+            finally:
+                item = self.response_buffer.pop(uid, None)
+            return self._answer(*item.response)
 
         endpoint.__signature__ = inspect.Signature(
             [inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=route.request)],
@@ -130,13 +155,14 @@ class FamilySpec(LitSpec):
         endpoint.__doc__ = route.summary
         return endpoint
 
-    async def _submit(self, job: Job) -> Response:
-        uid = uuid.uuid4()
-        event = asyncio.Event()
-        self.response_buffer[uid] = ResponseBufferItem(event=event)
+    def _enqueue(self, op: str, request: BaseModel, uid: uuid.UUID) -> None:
+        """Validate and read the request, then queue it for a worker. Runs in a thread: reading
+        images may block, and a put is a round trip to LitServe's manager process, which would
+        otherwise hold up the event loop and every other request with it."""
+        job = self._api.prepare(op, request)
         self.request_queue.put((self.response_queue_id, uid, time.monotonic(), job))
-        await event.wait()
-        response, status = self.response_buffer.pop(uid).response
+
+    def _answer(self, response: Any, status: str) -> Response:
         if status == LitAPIStatus.ERROR:
             return _worker_failure(response).response()
         if isinstance(response, dict) and STATS_KEY in response:
@@ -257,6 +283,7 @@ class FamilyAPI(ls.LitAPI):
     # ------------------------------------------------------------------ worker process
     def setup(self, device: str) -> None:
         _die_with_parent()
+        reuse_freed_memory()
         configure_logging(self.log_level)
         if device.startswith("cuda"):
             torch.cuda.set_device(torch.device(device))
@@ -391,7 +418,7 @@ class FamilyAPI(ls.LitAPI):
     def encode_response(self, output):
         wire = output.to_wire() if isinstance(output, APIError) else output
         if self.stats is not None and isinstance(wire, dict):
-            # The worker's counters ride back with each answer (see FamilySpec._submit): fresh in
+            # The worker's counters ride back with each answer (see FamilySpec._answer): fresh in
             # /info as soon as the client has its answer, and no IPC round trip per request.
             wire = {**wire, STATS_KEY: (self.stats_key, self._snapshot())}
         return wire

@@ -20,7 +20,7 @@ from .errors import APIError
 
 OutputDType = Literal["float32", "float16"]
 ResponseFormat = Literal["json", "npy"]
-NPY_KEY = "__npy__"  # marks a worker answer whose body is .npy bytes (see FamilySpec._submit)
+NPY_KEY = "__npy__"  # marks a worker answer whose body is .npy bytes (see FamilySpec._answer)
 NPY_MEDIA_TYPE = "application/x-npy"
 _BITS = {"float32": 32, "float16": 16, "packbits": 1}  # per value on the wire, before base64
 

@@ -136,15 +136,21 @@ def drive(url: str, payloads: list[dict], concurrency: int) -> Run:
 class Client:
     """One keep-alive connection for timing requests one at a time."""
 
+    IDLE_S = 2.0  # uvicorn closes a connection idle for 5 s; reconnect before that can bite
+
     def __init__(self, url: str):
         parts = urlsplit(url)
         self._conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=3600)
+        self._used = 0.0
 
     def post(self, path: str, body: bytes) -> bytes:
         """The response bytes of a POST of an encoded JSON body; raises unless 200."""
+        if time.monotonic() - self._used > self.IDLE_S:
+            self._conn.close()  # the next request opens a new one
         self._conn.request("POST", path, body, {"Content-Type": "application/json"})
         resp = self._conn.getresponse()
         data = resp.read()
+        self._used = time.monotonic()
         if resp.status != 200:
             raise RuntimeError(f"{path}: HTTP {resp.status}: {data[:300]!r}")
         return data
@@ -160,20 +166,21 @@ def timed(fn: Callable[[], object]) -> float:
 
 
 def alternate(
-    a: Callable[[], object], b: Callable[[], object], rounds: int, settle: float = 0.05
+    a: Callable[[], object], b: Callable[[], object], rounds: int, block: int = 3
 ) -> tuple[list[float], list[float]]:
-    """Time ``a`` and ``b`` in turns (a, b, b, a, a, b, ...), so drift on a shared machine hits
-    both sides alike. One untimed warm-up call of each first, and ``settle`` seconds of rest
-    before each timed call: torch's OpenMP threads keep spinning for a while after a call, and
-    on two cores that would bill one side's leftovers to the other."""
-    a()
-    b()
+    """Steady-state latency of one caller of ``a`` and one of ``b``, taken in turns.
+
+    Each round runs a block of back-to-back calls per side, in the order a, b, b, a, a, b, ... so
+    drift on a shared machine hits both sides alike. The first call of a block is not timed: it
+    pays for what the other side left behind (torch's OpenMP threads spin on for a while after
+    a call, and on two cores that lands on whoever runs next) and for waking an idle path.
+    """
     ta: list[float] = []
     tb: list[float] = []
     for i in range(rounds):
         for fn, times in ((a, ta), (b, tb)) if i % 2 == 0 else ((b, tb), (a, ta)):
-            time.sleep(settle)
-            times.append(timed(fn))
+            fn()
+            times.extend(timed(fn) for _ in range(block))
     return ta, tb
 
 

@@ -7,8 +7,8 @@
 process with the same config and seeded weights, runs ``prepare`` (validation, base64, header
 check), ``decode_request`` and ``predict`` (decode, model, response encoding) on the same
 payload. The ratio HTTP p50 / in-process p50 is what the server adds: HTTP, JSON, the queue,
-the process hop. Both sides alternate, one call at a time; the HTTP side times request bytes
-out to response bytes in on a keep-alive connection (see bench/harness.py).
+the process hop. Both sides alternate in blocks of back-to-back calls (``harness.alternate``);
+the HTTP side times request bytes out to response bytes in on a keep-alive connection.
 """
 
 from __future__ import annotations
@@ -83,7 +83,9 @@ def in_process(api, op: str, payload: dict):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--full", action="store_true", help="full-size models (configs/bench-full.yaml)")
-    ap.add_argument("--rounds", type=int, default=None, help="alternations per route (default 10 / 3)")
+    ap.add_argument(
+        "--rounds", type=int, default=None, help="alternations per route, 3 timed calls each (default 10 / 3)"
+    )
     ap.add_argument("--families", default=None, help="comma-separated subset")
     ap.add_argument(
         "--load",
@@ -140,7 +142,8 @@ def main() -> None:
                         print(load_rows[-1], flush=True)
             client.close()
         del api
-    print(f"\n`python bench/serving.py {' '.join(sys.argv[1:])}` on {machine()}; {rounds} alternations\n")
+    cmd = " ".join(["python", *sys.argv])
+    print(f"\n`{cmd}` on {machine()}; {rounds} alternations of 3 timed calls\n")
     print(
         table(
             ["route", "HTTP p50 ms", "spread", "in-process p50 ms", "spread", "HTTP / in-process"],

@@ -10,6 +10,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
 
@@ -76,9 +77,14 @@ def test_no_auth_and_a_worker_killed_mid_request(tmp_path, rgb_image):
         assert info["auth"] == "disabled" and "AUTH DISABLED" in server.log()
         pid = info["families"]["clip"]["workers"][0]["pid"]
         slow = {"image": encode_image(rgb_image.resize((800, 600))), "load_size": 2000, "ret_pca": True}
+        worker = psutil.Process(pid)
+        cpu0 = sum(worker.cpu_times()[:2])
         with ThreadPoolExecutor(1) as pool:
             pending = pool.submit(requests.post, server.url + "/clip/extract", json=slow, timeout=30)
-            time.sleep(1.5)
+            # kill once the worker is busy with it (0.3 CPU-seconds into a ~3 CPU-second request)
+            deadline = time.monotonic() + 10
+            while sum(worker.cpu_times()[:2]) - cpu0 < 0.3 and time.monotonic() < deadline:
+                time.sleep(0.01)
             os.kill(pid, signal.SIGKILL)
             t0 = time.monotonic()
             r = pending.result()
