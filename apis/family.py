@@ -86,28 +86,35 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters
 
 
+def _libc() -> ctypes.CDLL | None:
+    """glibc, for the worker's process settings; None elsewhere (they are then skipped)."""
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
 def reuse_freed_memory() -> bool:
     """glibc: keep memory a request freed for the next one instead of returning it to the OS.
 
     By default glibc maps every allocation above 32 MB afresh and unmaps it when freed, and trims
     the heap. A model's activations are that large, so every request page-faults (zero-fills)
-    gigabytes again: a SAM 3 prompt on CPU took 5.1 s instead of 4.2 s (bench/allocator.py).
+    gigabytes again: a SAM 3 prompt on CPU took 6.1 s instead of 4.5 s (bench/allocator.py).
     The price is that a worker keeps the memory of its largest request, as PyTorch's CUDA
     allocator does on GPUs. Returns False where this is not glibc.
     """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
+    libc = _libc()
+    if libc is None:
         return False
-    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30))
+    return bool(libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30))
 
 
 def _die_with_parent() -> None:
     """Linux: have the kernel kill this worker if the server process dies, even by SIGKILL."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
+    libc = _libc()
+    if libc is None:
         return
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     if os.getppid() == 1:
         os._exit(0)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.harness import ROOT, machine, ms, spread, table  # noqa: E402
+from bench.harness import ROOT, ms, ran, spread, table  # noqa: E402
 
 CASES = {
     "sam3": ("predict", {"prompts": ["mug", "robot"]}),
@@ -91,8 +91,7 @@ def main() -> None:
         speedup = f"**{d / r:.2f}x**"
         rows.append([route, ms(d), spread(times["default"]), ms(r), spread(times["reuse"]), speedup])
         print(rows[-1], flush=True)
-    cmd = " ".join(["python", *sys.argv])
-    print(f"\n`{cmd}` on {machine()}; {args.rounds} calls a side in turns, {PAUSE_S:.0f} s apart\n")
+    print(ran(f"{args.rounds} calls a side in turns, {PAUSE_S:.0f} s apart"))
     header = ["route (in-process)", "glibc default ms", "spread", "reuse freed ms", "spread", "speed-up"]
     print(table(header, rows))
 

@@ -19,7 +19,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.harness import ROOT, drive, machine, ms, p, server, spread, table, timed  # noqa: E402
+from bench.harness import ROOT, drive, ms, p, ran, server, spread, table, timed  # noqa: E402
 
 
 def with_batch(config: Path, size: int, tmp: Path) -> Path:
@@ -56,8 +56,9 @@ def main() -> None:
         rows.append([dtype, "**batched / one at a time**", f"**{ratio:.1f}x**", "", "", ""])
         one, batch = model_ceiling(cfg, dtype, [t["text"] for t in texts[: args.concurrency]])
         ceilings.append([dtype, ms(one), ms(batch), f"**{one / batch:.1f}x**"])
-    print(f"\n`{' '.join(['python', *sys.argv])}` on {machine()}; {args.rounds} rounds of ", end="")
-    print(f"{args.requests} requests at concurrency {args.concurrency}, a dtype's two servers in turns\n")
+    print(
+        ran(f"{args.rounds} rounds of {args.requests} requests at concurrency {args.concurrency}, in turns")
+    )
     print(table(["dtype", "encode_text", "requests/s (median)", "spread", "p50 ms", "p95 ms"], rows))
     print(f"\nThe model alone in-process, ms per text: {args.concurrency} one by one vs as one batch\n")
     print(table(["dtype", "one by one", "one batch", "the most batching can give"], ceilings))

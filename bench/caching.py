@@ -20,7 +20,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.harness import ROOT, machine, ms, server, spread, table, timed  # noqa: E402
+from bench.harness import ROOT, ms, ran, server, spread, table, timed  # noqa: E402
 
 
 def image(seed: int, h: int = 480, w: int = 640) -> str:
@@ -75,7 +75,7 @@ def main() -> None:
         route = f"/{family}/{CASES[family][0]}"
         new, cached = statistics.median(new_t), statistics.median(cached_t)
         rows.append([route, ms(new), spread(new_t), ms(cached), spread(cached_t), f"**{ratio:.0f}x**"])
-    print(f"\n`python bench/caching.py --config {args.config}` on {machine()}; {args.rounds} alternations\n")
+    print(ran(f"{args.rounds} alternations"))
     print(table(["route", "new image p50 ms", "spread", "cached image p50 ms", "spread", "speed-up"], rows))
 
 

@@ -113,9 +113,12 @@ async def _drive(url: str, bodies: list[bytes], concurrency: int) -> Run:
                 t0 = time.perf_counter()
                 writer.write(_request_head(parts.path, parts.netloc, body) + body)
                 head = await reader.readuntil(b"\r\n\r\n")
-                fields = dict(line.split(b":", 1) for line in head.split(b"\r\n")[1:] if b":" in line)
-                length = {k.strip().lower(): v for k, v in fields.items()}[b"content-length"]
-                data = await reader.readexactly(int(length))
+                length = next(
+                    int(line.split(b":", 1)[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+                data = await reader.readexactly(length)
                 latencies.append(time.perf_counter() - t0)
                 if head[9:12] != b"200":
                     raise RuntimeError(f"{url}: {head[:12].decode()}: {data[:300]!r}")
@@ -210,6 +213,11 @@ def table(header: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def ran(detail: str) -> str:
+    """The line above every table: the exact command, the machine, and how it was measured."""
+    return f"\n`{' '.join(['python', *sys.argv])}` on {machine()}; {detail}\n"
 
 
 def machine() -> str:

@@ -17,7 +17,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.harness import ROOT, machine, server, table  # noqa: E402
+from bench.harness import ROOT, ran, server, table  # noqa: E402
 
 
 def cpu_seconds(procs: list[psutil.Process]) -> dict[int, float]:
@@ -47,8 +47,7 @@ def main() -> None:
     rows = [[pid, kinds[pid], f"{100 * (after[pid] - before[pid]) / args.seconds:.1f}"] for pid in after]
     total = 100 * sum(after[p] - before[p] for p in after) / args.seconds
     rows.append(["", "**all**", f"**{total:.1f}**"])
-    cmd = " ".join(["python", *sys.argv])
-    print(f"\n`{cmd}` on {machine()}; idle for {args.seconds:.0f} s\n")
+    print(ran(f"idle for {args.seconds:.0f} s"))
     print(table(["pid", "process", "% of one core"], rows))
 
 

@@ -28,7 +28,7 @@ from apis.dino_model import dense_features as dino_dense  # noqa: E402
 from apis.dino_model import load_dino  # noqa: E402
 from apis.sam2_model import Prompt, load_sam2, predict_prompt  # noqa: E402
 from apis.sam3_model import instance_mask, load_sam3  # noqa: E402
-from bench.harness import ROOT, machine, ms, spread, table, timed  # noqa: E402
+from bench.harness import ROOT, ms, ran, spread, table, timed  # noqa: E402
 
 PHOTOS = ("astronaut", "coffee", "chelsea")
 
@@ -149,8 +149,10 @@ def main() -> None:
             ]
         )
     print(
-        f"\n`python bench/precision.py --rounds {args.rounds}` on {machine()}; photos: {', '.join(PHOTOS)} "
-        "(scikit-image); random seeded weights; agreement = mask IoU (SAM) or feature cosine (CLIP, DINO)\n"
+        ran(
+            f"photos: {', '.join(PHOTOS)} (scikit-image); random seeded weights; "
+            "agreement = mask IoU (SAM) or feature cosine (CLIP, DINO)"
+        )
     )
     print(
         table(

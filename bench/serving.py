@@ -32,13 +32,15 @@ from bench.harness import (  # noqa: E402
     alternate,
     drive,
     encode,
-    machine,
     ms,
     p,
+    ran,
     server,
     spread,
     table,
 )
+
+BLOCK = 3  # timed back-to-back calls per side and round
 
 
 def photo(h: int = 480, w: int = 640, seed: int = 0) -> str:
@@ -84,7 +86,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--full", action="store_true", help="full-size models (configs/bench-full.yaml)")
     ap.add_argument(
-        "--rounds", type=int, default=None, help="alternations per route, 3 timed calls each (default 10 / 3)"
+        "--rounds",
+        type=int,
+        default=None,
+        help=f"alternations per route, {BLOCK} timed calls each (default 10 / 3)",
     )
     ap.add_argument("--families", default=None, help="comma-separated subset")
     ap.add_argument(
@@ -114,7 +119,9 @@ def main() -> None:
                 def http(client=client, path=f"/{fam}/{op}", body=encode(payload)):
                     return client.post(path, body)
 
-                t_http, t_proc = alternate(http, lambda a=api, o=op, pl=payload: in_process(a, o, pl), rounds)
+                t_http, t_proc = alternate(
+                    http, lambda a=api, o=op, pl=payload: in_process(a, o, pl), rounds, BLOCK
+                )
                 ratio = statistics.median(t_http) / statistics.median(t_proc)
                 overhead_rows.append(
                     [
@@ -142,8 +149,7 @@ def main() -> None:
                         print(load_rows[-1], flush=True)
             client.close()
         del api
-    cmd = " ".join(["python", *sys.argv])
-    print(f"\n`{cmd}` on {machine()}; {rounds} alternations of 3 timed calls\n")
+    print(ran(f"{rounds} alternations of {BLOCK} timed calls"))
     print(
         table(
             ["route", "HTTP p50 ms", "spread", "in-process p50 ms", "spread", "HTTP / in-process"],

@@ -19,7 +19,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.harness import ROOT, machine, ms, server, spread, table, timed  # noqa: E402
+from bench.harness import ROOT, ms, ran, server, spread, table, timed  # noqa: E402
 from bench.serving import photo  # noqa: E402
 from clients.common import decode_array  # noqa: E402
 
@@ -79,8 +79,10 @@ def main() -> None:
         )
     shape = "x".join(map(str, reference.shape))
     print(
-        f"\n`python bench/transport.py --load-size {args.load_size}` on {machine()}: a 640x480 image, "
-        f"default options, features {shape}; decode = client parse to numpy, {args.repeats} repeats\n"
+        ran(
+            f"a 640x480 image, default options, features {shape}; "
+            f"decode = client parse to numpy, {args.repeats} repeats"
+        )
     )
     print(table(["format", "MiB on the wire", "vs seed", "decode p50 ms", "spread", "max abs error"], rows))
 
