@@ -36,7 +36,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--devices", default="auto", help="GPU count, a list like 0,2, or auto (ignored on CPU)")
     p.add_argument("--workers-per-device", type=int, default=1, help="model workers per device and family")
-    p.add_argument("--api-servers", type=int, default=1, help="HTTP server threads")
     p.add_argument("--models", help="comma-separated families to serve (default: all enabled in the config)")
     p.add_argument(
         "--dtype",
@@ -155,10 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         server.run(
             host=args.host,
             port=args.port,
-            num_api_servers=args.api_servers,
             log_level=args.log_level,
-            generate_client_file=False,
-            api_server_worker_type="thread",
         )
     except (RuntimeError, KeyboardInterrupt) as e:
         if isinstance(e, RuntimeError):
@@ -169,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         manager = getattr(server.transport_config, "manager", None)
         if manager is not None:
             manager.shutdown()
+    server.close_dispatchers()
     logging.shutdown()
     # The HTTP servers are non-daemon threads that never return on their own; the workers and
     # the manager are already gone, so leave now (this also releases the port).

@@ -17,10 +17,8 @@ import ctypes
 import inspect
 import logging
 import os
-import pickle
 import signal
 import time
-import uuid
 import zlib
 from collections import Counter, defaultdict
 from collections.abc import Callable, Hashable, Sequence
@@ -30,19 +28,19 @@ from typing import Any
 import litserve as ls
 import orjson
 import torch
-from fastapi import HTTPException
 from fastapi.responses import JSONResponse, Response
 from litserve.specs.base import LitSpec
-from litserve.utils import LitAPIStatus, ResponseBufferItem, WorkerSetupStatus
+from litserve.utils import WorkerSetupStatus
 from PIL import Image
 from pydantic import BaseModel
 
-from .batching import FirstArrivalBatchedLoop
 from .config import ModelEntry, ServerConfig
+from .dispatch import Dispatcher
 from .errors import APIError
 from .images import IMAGE_FIELDS, ImageInput, decode_image, probe_image, read_image_bytes
 from .registry import Key, ModelRegistry, canonical
 from .tensors import NPY_KEY, NPY_MEDIA_TYPE
+from .worker_loop import WorkerLoop
 
 log = logging.getLogger("visionserve")
 STATS_KEY = "__stats__"
@@ -120,39 +118,42 @@ def _die_with_parent() -> None:
 
 
 class FamilySpec(LitSpec):
-    """Registers a family's POST routes and its ``GET /<family>/health`` on one request queue."""
+    """Registers a family's POST routes and its ``GET /<family>/health``; requests go to the
+    family's workers through its :class:`~apis.dispatch.Dispatcher`."""
 
     def __init__(self, api: FamilyAPI):
         super().__init__()
         self.api_path = f"/{api.family}"
         self._api = api
+        self.dispatcher: Dispatcher | None = None
+        self.address: str | None = None  # what a worker connects to
 
     def __getstate__(self):
-        # Endpoints and the response buffer (asyncio events of requests in flight) belong to the
-        # HTTP process; a worker, also one restarted while requests wait, needs neither.
+        # Endpoints and the dispatcher (sockets, requests in flight) belong to the HTTP process;
+        # a worker, also one restarted while requests wait, needs only the address.
         state = super().__getstate__()
         state["_endpoints"] = []
-        state["response_buffer"] = None
+        state["dispatcher"] = None
         return state
 
     def pre_setup(self, lit_api: FamilyAPI):
+        self.dispatcher = Dispatcher(lit_api.family)
+        self.address = self.dispatcher.address
         for route in lit_api.routes:
             self.add_endpoint(f"{self.api_path}/{route.op}", self._endpoint(route), ["POST"])
         self.add_endpoint(f"{self.api_path}/health", self.health, ["GET"])
 
     def _endpoint(self, route: Route) -> Callable:
         async def endpoint(request):
-            uid = uuid.uuid4()
-            event = asyncio.Event()
-            self.response_buffer[uid] = ResponseBufferItem(event=event)
             try:
-                await asyncio.to_thread(self._enqueue, route.op, request, uid)
-                await event.wait()
+                if isinstance(request, ImageInput) and request.image is None:
+                    # image_url / image_path: network or disk I/O, kept off the event loop
+                    job = await asyncio.to_thread(self._api.prepare, route.op, request)
+                else:
+                    job = self._api.prepare(route.op, request)
             except APIError as e:
                 return e.response()
-            finally:
-                item = self.response_buffer.pop(uid, None)
-            return self._answer(*item.response)
+            return self._answer(await self.dispatcher.submit(job))
 
         endpoint.__signature__ = inspect.Signature(
             [inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=route.request)],
@@ -162,27 +163,18 @@ class FamilySpec(LitSpec):
         endpoint.__doc__ = route.summary
         return endpoint
 
-    def _enqueue(self, op: str, request: BaseModel, uid: uuid.UUID) -> None:
-        """Validate and read the request, then queue it for a worker. Runs in a thread: reading
-        images may block, and a put is a round trip to LitServe's manager process, which would
-        otherwise hold up the event loop and every other request with it."""
-        job = self._api.prepare(op, request)
-        self.request_queue.put((self.response_queue_id, uid, time.monotonic(), job))
-
-    def _answer(self, response: Any, status: str) -> Response:
-        if status == LitAPIStatus.ERROR:
-            return _worker_failure(response).response()
+    def _answer(self, response: Any) -> Response:
         if isinstance(response, dict) and STATS_KEY in response:
             key, snapshot = response.pop(STATS_KEY)
             self._api.live_stats[key] = snapshot
-        if isinstance(response, dict) and NPY_KEY in response:
+        err = APIError.from_wire(response)
+        if err:
+            return err.response()
+        if NPY_KEY in response:
             meta = {
                 f"X-Visionserve-{k.replace('_', '-')}": str(v) for k, v in response.items() if k != NPY_KEY
             }
             return Response(response[NPY_KEY], media_type=NPY_MEDIA_TYPE, headers=meta)
-        err = APIError.from_wire(response)
-        if err:
-            return err.response()
         # orjson: multi-MB base64 answers (SAM 2 float32 masks) render ~6x faster than json.dumps.
         return Response(orjson.dumps(response), media_type="application/json")
 
@@ -201,31 +193,6 @@ class FamilySpec(LitSpec):
         return JSONResponse(body, status_code=200 if ok else 503)
 
 
-def _worker_failure(response: Any) -> APIError:
-    if isinstance(response, bytes):
-        try:
-            response = pickle.loads(response)
-        except Exception:
-            response = None
-    if isinstance(response, HTTPException) and response.status_code == 504:
-        return APIError(
-            504,
-            "the request waited in the queue longer than the server's timeout; retry later",
-            code="queue_timeout",
-        )
-    if isinstance(response, HTTPException):
-        return APIError(response.status_code, str(response.detail))
-    if response is None:
-        return APIError(
-            500,
-            "the model worker stopped while handling this request; it is being restarted, retry",
-            code="worker_died",
-        )
-    return APIError(
-        500, "internal error in the model worker (details are in the server log)", code="internal_error"
-    )
-
-
 class FamilyAPI(ls.LitAPI):
     """Base LitAPI of a model family. Subclasses set the class attributes and implement
     :meth:`load_model` and one ``op_<name>(model, jobs) -> list[dict | APIError]`` per route."""
@@ -242,7 +209,7 @@ class FamilyAPI(ls.LitAPI):
             max_batch_size=fam.max_batch_size,
             batch_timeout=fam.batch_timeout,
             spec=FamilySpec(self),
-            loop=FirstArrivalBatchedLoop() if fam.max_batch_size > 1 else "auto",
+            loop=WorkerLoop(),
         )
         self.cfg = cfg
         self.fam = fam

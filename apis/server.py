@@ -1,8 +1,11 @@
 """Assembles the one LitServer: family APIs, auth and size middleware, errors, ``/info``.
 
-Worker processes are placed by LitServe (``workers_per_device`` on every device). A worker that
-dies is restarted and its in-flight requests get an error (not a hang); for that LitServe needs
-its HTTP servers as threads of this process, which is why ``api_server_worker_type='thread'``.
+Worker processes are placed by LitServe (``workers_per_device`` on every device) and restarted
+by its monitor when they die. Requests reach them through each family's dispatcher
+(apis/dispatch.py), which lives on the event loop of the one HTTP server, a thread of this
+process (``api_server_worker_type='thread'``). There is one HTTP server: LitServe 0.2.19's
+thread servers share each family's spec and its answer-queue id, which ends up the last
+server's (``_start_server``), and the work that needs cores is in the model workers anyway.
 """
 
 from __future__ import annotations
@@ -10,10 +13,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import litserve as ls
-from fastapi import Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from litserve.utils import WorkerSetupStatus
 from starlette.middleware.gzip import GZipMiddleware
@@ -63,6 +67,24 @@ class VisionServer(ls.LitServer):
         for api in self.litapi_connector:
             api.stats = self.stats
         return manager
+
+    def run(self, **kwargs) -> None:
+        """LitServer.run with what the dispatchers need: one HTTP server, a thread of this process."""
+        super().run(num_api_servers=1, api_server_worker_type="thread", generate_client_file=False, **kwargs)
+
+    @asynccontextmanager
+    async def lifespan(self, app: FastAPI):
+        """LitServe's start-up, then each family's dispatcher on the HTTP server's event loop."""
+        async with super().lifespan(app):
+            for api in self.litapi_connector:
+                await api.spec.dispatcher.start(api.request_timeout)
+            yield
+
+    def close_dispatchers(self) -> None:
+        """Remove the worker sockets (app.py calls it on every way out)."""
+        for api in self.litapi_connector:
+            if api.spec.dispatcher is not None:
+                api.spec.dispatcher.close()
 
     def verify_worker_status(self):
         """Serve only once EVERY worker loaded its models; fail fast (no restart loop) if one cannot."""

@@ -1,0 +1,171 @@
+"""Requests to workers and back (apis/dispatch.py, apis/worker_loop.py), driven directly."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from apis.dispatch import Dispatcher, WorkerLink, frame
+from apis.errors import APIError
+from apis.worker_loop import run_batch
+
+
+def link_pair() -> tuple[socket.socket, WorkerLink]:
+    server_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    return server_end, WorkerLink(worker_end)
+
+
+def send(sock: socket.socket, i: int, age: float = 0.0, job=None) -> None:
+    sock.sendall(frame((i, time.monotonic() - age, job if job is not None else f"job-{i}")))
+
+
+def test_zero_window_takes_what_is_there_up_to_the_limit():
+    server, link = link_pair()
+    for i in range(6):
+        send(server, i)
+    t0 = time.monotonic()
+    assert [job for _, _, job in link.collect(4, 0.0, 1.0)] == ["job-0", "job-1", "job-2", "job-3"]
+    assert time.monotonic() - t0 < 0.05
+    assert [job for _, _, job in link.collect(4, 0.0, 1.0)] == ["job-4", "job-5"]
+
+
+def test_window_opens_at_the_first_arrival():
+    for window, expected in ((0.15, 2), (0.0, 1)):
+        server, link = link_pair()
+
+        def later(server=server):
+            time.sleep(0.2)
+            send(server, 0)
+            time.sleep(0.03)
+            send(server, 1)
+
+        # the first request comes 0.2 s after the worker started waiting, later than a 0.15 s
+        # window timed from when the worker became free would last; the second is still gathered
+        threading.Thread(target=later).start()
+        assert len(link.collect(8, window, 1.0)) == expected
+        time.sleep(0.1)
+
+
+def test_idle_wait_returns_nothing_and_a_closed_server_ends_the_worker():
+    server, link = link_pair()
+    t0 = time.monotonic()
+    assert link.collect(4, 0.0, 0.05) == []
+    assert 0.04 < time.monotonic() - t0 < 0.5
+    server.close()
+    with pytest.raises(EOFError):
+        link.collect(4, 0.0, 1.0)
+
+
+def test_a_large_request_arrives_whole_across_many_reads():
+    server, link = link_pair()
+    big = bytes(range(256)) * (12 * 4096)  # 12 MB, far more than one read
+    threading.Thread(target=send, args=(server, 7), kwargs={"job": big}).start()
+    items = []
+    while not items:
+        items = link.collect(4, 0.0, 1.0)
+    assert items[0][0] == 7 and items[0][2] == big
+
+
+def api(predict, max_batch_size=4, request_timeout=30.0):
+    return SimpleNamespace(
+        api_path="/test",
+        max_batch_size=max_batch_size,
+        request_timeout=request_timeout,
+        decode_request=lambda job: job,
+        batch=list,
+        predict=predict,
+        unbatch=list,
+        encode_response=lambda y: {"y": y},
+    )
+
+
+def test_run_batch_answers_in_order_and_skips_requests_that_waited_too_long():
+    seen = []
+
+    def predict(xs):
+        seen.append(list(xs))
+        return [x * 10 for x in xs]
+
+    items = [(0, time.monotonic() - 60, 1), (1, time.monotonic(), 2), (2, time.monotonic(), 3)]
+    answers = dict(run_batch(api(predict), items))
+    assert seen == [[2, 3]]
+    assert answers[1] == {"y": 20} and answers[2] == {"y": 30}
+    err = APIError.from_wire(answers[0])
+    assert err.status == 504 and err.code == "queue_timeout"
+
+
+def test_run_batch_turns_a_crash_into_500s_and_single_apis_get_one_input():
+    def crash(xs):
+        raise RuntimeError("boom")
+
+    answers = run_batch(api(crash), [(0, time.monotonic(), 1), (1, time.monotonic(), 2)])
+    assert [APIError.from_wire(a).code for _, a in answers] == ["internal_error"] * 2
+    single = run_batch(api(lambda x: x + 1, max_batch_size=1), [(5, time.monotonic(), 1)])
+    assert single == [(5, {"y": 2})]
+
+
+class FakeWorker:
+    """A worker process stand-in: connects, answers each job with (worker, job) after ``delay``."""
+
+    def __init__(self, address: str, worker: int, delay: float = 0.0):
+        self.link = WorkerLink.connect(address, worker)
+        self.worker, self.delay = worker, delay
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        try:
+            while True:
+                for uid, _, job in self.link.collect(8, 0.0, 0.1):
+                    time.sleep(self.delay)
+                    self.link.answer(uid, {"worker": self.worker, "job": job})
+        except (EOFError, OSError):
+            pass
+
+    def die(self):
+        self.link.sock.shutdown(socket.SHUT_RDWR)
+
+
+def test_dispatcher_balances_fails_a_dead_workers_requests_and_waits_for_a_restart():
+    async def scenario():
+        d = Dispatcher("test")
+        try:
+            await d.start(queue_timeout=0.5)
+            slow = FakeWorker(d.address, 0, delay=0.3)
+            fast = FakeWorker(d.address, 1)
+            while d.connected < 2:
+                await asyncio.sleep(0.01)
+            # the busy worker is skipped: four requests at once spread over both
+            answers = await asyncio.gather(*(d.submit(i) for i in range(4)))
+            assert sorted(a["job"] for a in answers) == [0, 1, 2, 3]
+            assert {a["worker"] for a in answers} == {0, 1}
+
+            # a worker that goes away: what it held is answered worker_died at once
+            fast.die()
+            while d.connected > 1:
+                await asyncio.sleep(0.01)
+            held = asyncio.ensure_future(d.submit("held"))
+            await asyncio.sleep(0.05)
+            t0 = time.monotonic()
+            slow.die()
+            err = APIError.from_wire(await held)
+            assert err.status == 500 and err.code == "worker_died"
+            assert time.monotonic() - t0 < 0.2
+
+            # no worker: a request waits for one to connect, up to the queue timeout
+            t0 = time.monotonic()
+            err = APIError.from_wire(await d.submit("lost"))
+            assert err.code == "queue_timeout" and 0.45 < time.monotonic() - t0 < 1.0
+            waiting = asyncio.ensure_future(d.submit("restarted"))
+            await asyncio.sleep(0.1)
+            FakeWorker(d.address, 0)
+            assert (await waiting) == {"worker": 0, "job": "restarted"}
+        finally:
+            d.close()
+
+    asyncio.run(scenario())
