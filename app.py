@@ -80,10 +80,13 @@ def collect_keys(args: argparse.Namespace) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from apis.config import CachedFamily, load_config
-    from apis.family import configure_logging
+    from apis.family import configure_logging, reuse_freed_memory
     from apis.server import Options, build_server, random_weight_models
 
     configure_logging(args.log_level)
+    # The HTTP process moves multi-MB bodies and answers too: without this, each one page-faulted
+    # fresh memory (a 6 MB SAM 2 answer took 4.4 ms to read from its worker, 1.1 ms with it).
+    reuse_freed_memory()
     log = logging.getLogger("visionserve")
     cfg = load_config(args.config)
     if args.models:

@@ -14,6 +14,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MiB = 1024 * 1024
 
+# Environment of the model workers (set by the server before it starts them; a value already in
+# the environment wins). PyTorch's CPU threads (GNU OpenMP) spin after each parallel region
+# before they sleep: 300,000 PAUSE instructions by default, milliseconds on recent Xeons. After a
+# forward the spinning thread kept a core that the HTTP side needed to deliver the answer; with
+# 10,000 spins the model is no slower and the core is free (docs/benchmarks.md, Serving).
+WORKER_ENV = {"GOMP_SPINCOUNT": "10000"}
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")

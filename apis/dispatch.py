@@ -31,24 +31,53 @@ import struct
 import tempfile
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import APIError
 
 log = logging.getLogger("visionserve")
 _LENGTH = struct.Struct("!Q")
-_CHUNK = 1 << 20
+_SOCKET_BUFFER = 8 << 20
 
 
-def frame(obj: Any) -> bytes:
+def frame(obj: Any) -> tuple[bytes, bytes]:
+    """Length and pickle, sent one after the other: joining them would copy a large answer."""
     data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    return _LENGTH.pack(len(data)) + data
+    return _LENGTH.pack(len(data)), data
 
 
-async def _read_frame(reader: asyncio.StreamReader) -> Any:
-    (size,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
-    return pickle.loads(await reader.readexactly(size))
+def _widen(sock: socket.socket) -> None:
+    """Socket buffers big enough for a large answer in a few reads, not one per 208 KB
+    (the kernel caps them at net.core.wmem_max / rmem_max)."""
+    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        sock.setsockopt(socket.SOL_SOCKET, option, _SOCKET_BUFFER)
+
+
+class _Frames:
+    """Reassembles frames from a byte stream, reading each straight into a buffer of its size."""
+
+    def __init__(self):
+        self._length = bytearray(_LENGTH.size)
+        self._body: bytearray | None = None
+        self._filled = 0
+
+    def buffer(self) -> memoryview:
+        """Where the next bytes of the stream go."""
+        target = self._length if self._body is None else self._body
+        return memoryview(target)[self._filled :]
+
+    def filled(self, nbytes: int) -> tuple[bool, Any]:
+        """Account for ``nbytes`` written into :meth:`buffer`; (True, obj) once a frame is whole."""
+        self._filled += nbytes
+        if self._body is None:
+            if self._filled == _LENGTH.size:
+                (size,) = _LENGTH.unpack(self._length)
+                self._body, self._filled = bytearray(size), 0
+            return False, None
+        if self._filled < len(self._body):
+            return False, None
+        body, self._body, self._filled = self._body, None, 0
+        return True, pickle.loads(body)
 
 
 def worker_died() -> dict:
@@ -67,14 +96,43 @@ def queue_timeout() -> dict:
     ).to_wire()
 
 
-@dataclass(eq=False)
-class _Link:
-    """One connected worker, as the HTTP process sees it."""
+class _Link(asyncio.BufferedProtocol):
+    """One worker's connection, as the HTTP process sees it: requests out, answers in."""
 
-    worker: int
-    pid: int
-    writer: asyncio.StreamWriter
-    waiting: dict[int, asyncio.Future] = field(default_factory=dict)
+    def __init__(self, dispatcher: Dispatcher):
+        self.dispatcher = dispatcher
+        self.worker: int | None = None  # from the worker's first frame
+        self.pid: int | None = None
+        self.waiting: dict[int, asyncio.Future] = {}
+        self._frames = _Frames()
+        self._transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        _widen(transport.get_extra_info("socket"))
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._frames.buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        whole, obj = self._frames.filled(nbytes)
+        if not whole:
+            return
+        if self.worker is None:
+            self.worker, self.pid = obj
+            self.dispatcher._joined(self)
+            return
+        uid, answer = obj
+        waiting = self.waiting.pop(uid, None)
+        if waiting is not None and not waiting.done():
+            waiting.set_result(answer)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.worker is not None:
+            self.dispatcher._left(self)
+
+    def send(self, obj: Any) -> None:
+        self._transport.writelines(frame(obj))
 
 
 class Dispatcher:
@@ -97,7 +155,8 @@ class Dispatcher:
         """Accept workers on the running event loop (the HTTP server's)."""
         self.queue_timeout = queue_timeout
         self._connected = asyncio.Event()
-        self._server = await asyncio.start_unix_server(self._serve, sock=self._listener)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(lambda: _Link(self), sock=self._listener)
 
     def close(self) -> None:
         if self._server is not None:
@@ -125,46 +184,32 @@ class Dispatcher:
         link = min(self._links, key=lambda k: len(k.waiting))
         uid = next(self._ids)
         answer = link.waiting[uid] = asyncio.get_running_loop().create_future()
-        link.writer.write(frame((uid, sent, job)))
+        link.send((uid, sent, job))
         try:
             return await answer
         finally:
             link.waiting.pop(uid, None)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            worker, pid = await _read_frame(reader)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            writer.close()
-            return
-        link = _Link(worker, pid, writer)
+    def _joined(self, link: _Link) -> None:
         self._links.append(link)
         self._connected.set()
-        log.debug("%s worker %d (pid %d) connected", self.family, worker, pid)
-        try:
-            while True:
-                uid, answer = await _read_frame(reader)
-                waiting = link.waiting.pop(uid, None)
-                if waiting is not None and not waiting.done():
-                    waiting.set_result(answer)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            self._links.remove(link)
-            if not self._links:
-                self._connected.clear()
-            writer.close()
-            if link.waiting:
-                log.warning(
-                    "%s worker %d (pid %d) went away with %d request(s) in flight; they get worker_died",
-                    self.family,
-                    worker,
-                    pid,
-                    len(link.waiting),
-                )
-            for waiting in link.waiting.values():
-                if not waiting.done():
-                    waiting.set_result(worker_died())
+        log.debug("%s worker %d (pid %d) connected", self.family, link.worker, link.pid)
+
+    def _left(self, link: _Link) -> None:
+        self._links.remove(link)
+        if not self._links:
+            self._connected.clear()
+        if link.waiting:
+            log.warning(
+                "%s worker %d (pid %d) went away with %d request(s) in flight; they get worker_died",
+                self.family,
+                link.worker,
+                link.pid,
+                len(link.waiting),
+            )
+        for waiting in link.waiting.values():
+            if not waiting.done():
+                waiting.set_result(worker_died())
 
 
 class WorkerLink:
@@ -172,48 +217,51 @@ class WorkerLink:
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
-        self._buffer = bytearray()
-        self._frames: deque = deque()
+        self._frames = _Frames()
+        self._ready: deque = deque()
 
     @classmethod
     def connect(cls, address: str, worker: int) -> WorkerLink:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        _widen(sock)
         sock.connect(address)
-        sock.sendall(frame((worker, os.getpid())))
-        return cls(sock)
+        link = cls(sock)
+        link._send((worker, os.getpid()))
+        return link
 
     def collect(self, limit: int, window: float, idle_wait: float) -> list:
         """Up to ``limit`` requests ``(uid, sent, job)``. Blocks up to ``idle_wait`` for the
         first ([] if none comes), then takes more until ``window`` seconds after it arrived;
         window 0 takes what is already there. Raises EOFError once the server has gone."""
-        if not self._frames:
-            self._receive(idle_wait)
-            if not self._frames:
+        if not self._ready:
+            deadline = time.monotonic() + idle_wait
+            while not self._ready and self._receive(max(deadline - time.monotonic(), 0.0)):
+                pass
+            if not self._ready:
                 return []
         deadline = time.monotonic() + window
-        while len(self._frames) < limit and self._receive(max(deadline - time.monotonic(), 0.0)):
+        while len(self._ready) < limit and self._receive(max(deadline - time.monotonic(), 0.0)):
             pass
-        return [self._frames.popleft() for _ in range(min(limit, len(self._frames)))]
+        return [self._ready.popleft() for _ in range(min(limit, len(self._ready)))]
 
     def answer(self, uid: int, answer: Any) -> None:
-        self.sock.sendall(frame((uid, answer)))
+        self._send((uid, answer))
 
     def close(self) -> None:
         self.sock.close()
+
+    def _send(self, obj: Any) -> None:
+        for part in frame(obj):
+            self.sock.sendall(part)
 
     def _receive(self, timeout: float) -> bool:
         """Read what arrives within ``timeout`` (0: what is there now); False if nothing did."""
         if not select.select([self.sock], [], [], timeout)[0]:
             return False
-        chunk = self.sock.recv(_CHUNK)
-        if not chunk:
+        nbytes = self.sock.recv_into(self._frames.buffer())
+        if not nbytes:
             raise EOFError("the HTTP process closed the connection")
-        self._buffer += chunk
-        while len(self._buffer) >= _LENGTH.size:
-            (size,) = _LENGTH.unpack_from(self._buffer)
-            end = _LENGTH.size + size
-            if len(self._buffer) < end:
-                break
-            self._frames.append(pickle.loads(memoryview(self._buffer)[_LENGTH.size : end]))
-            del self._buffer[:end]
+        whole, obj = self._frames.filled(nbytes)
+        if whole:
+            self._ready.append(obj)
         return True

@@ -11,6 +11,7 @@ server's (``_start_server``), and the work that needs cores is in the model work
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -24,7 +25,7 @@ from starlette.middleware.gzip import GZipMiddleware
 
 from . import __version__
 from .clip_api import ClipAPI
-from .config import ServerConfig
+from .config import WORKER_ENV, ServerConfig
 from .dino_api import DinoAPI
 from .errors import install_error_handlers
 from .family import FamilyAPI
@@ -70,6 +71,8 @@ class VisionServer(ls.LitServer):
 
     def run(self, **kwargs) -> None:
         """LitServer.run with what the dispatchers need: one HTTP server, a thread of this process."""
+        for name, value in WORKER_ENV.items():  # read by libraries as workers import them
+            os.environ.setdefault(name, value)
         super().run(num_api_servers=1, api_server_worker_type="thread", generate_client_file=False, **kwargs)
 
     @asynccontextmanager

@@ -31,6 +31,14 @@ from urllib.parse import urlsplit
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from apis.config import WORKER_ENV  # noqa: E402
+
+# In-process sides run with the model workers' thread settings, so both sides of a comparison do
+# the same work the same way. Scripts import this module before anything that loads torch.
+for _name, _value in WORKER_ENV.items():
+    os.environ.setdefault(_name, _value)
 
 
 def free_port() -> int:

@@ -16,9 +16,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.harness import ROOT, ms, ran, spread, table, timed  # noqa: E402
+
+# isort: split
+import torch  # noqa: E402
 
 from apis.clip_model import dense_features as clip_dense  # noqa: E402
 from apis.clip_model import load_clip  # noqa: E402
@@ -28,7 +32,6 @@ from apis.dino_model import dense_features as dino_dense  # noqa: E402
 from apis.dino_model import load_dino  # noqa: E402
 from apis.sam2_model import Prompt, load_sam2, predict_prompt  # noqa: E402
 from apis.sam3_model import instance_mask, load_sam3  # noqa: E402
-from bench.harness import ROOT, ms, ran, spread, table, timed  # noqa: E402
 
 PHOTOS = ("astronaut", "coffee", "chelsea")
 

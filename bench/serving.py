@@ -24,8 +24,6 @@ from PIL import Image
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 
-from apis.config import load_config  # noqa: E402
-from apis.server import FAMILIES  # noqa: E402
 from bench.harness import (  # noqa: E402
     ROOT,
     Client,
@@ -39,6 +37,10 @@ from bench.harness import (  # noqa: E402
     spread,
     table,
 )
+
+# isort: split
+from apis.config import load_config  # noqa: E402
+from apis.server import FAMILIES  # noqa: E402
 
 BLOCK = 3  # timed back-to-back calls per side and round
 

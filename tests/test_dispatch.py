@@ -21,7 +21,8 @@ def link_pair() -> tuple[socket.socket, WorkerLink]:
 
 
 def send(sock: socket.socket, i: int, age: float = 0.0, job=None) -> None:
-    sock.sendall(frame((i, time.monotonic() - age, job if job is not None else f"job-{i}")))
+    for part in frame((i, time.monotonic() - age, job if job is not None else f"job-{i}")):
+        sock.sendall(part)
 
 
 def test_zero_window_takes_what_is_there_up_to_the_limit():
