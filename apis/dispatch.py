@@ -2,10 +2,9 @@
 
 LitServe 0.2.19 sends every request through its manager process: the HTTP process puts it on a
 manager queue, the worker takes it from there, reports "started" on a second queue and answers
-on it, and a thread hands each answer to the event loop. That is four round trips to a third
-process per request, ~3 ms of a 33 ms ``encode_text`` (docs/benchmarks.md). Here the HTTP
-process's event loop writes each request straight to a worker's socket and reads the answer
-from it:
+on it, and a thread hands each answer to the event loop: four round trips to a third process
+and two thread hand-offs per request. Here the HTTP process's event loop writes each request
+straight to a worker's socket and reads the answer from it (docs/benchmarks.md, Serving):
 
 * each family listens on one socket, made before its workers start; a worker connects once its
   models are loaded, and a restarted worker connects again;
@@ -13,7 +12,9 @@ from it:
 * a worker that dies closes its socket, and the requests it held are answered at once (500
   ``worker_died``): no polling, and no request of another family is touched.
 
-Frames are an 8-byte length and a pickle, both ways. The socket lives in a private (0700)
+Frames are an 8-byte length and a pickle, both ways, each read straight into a buffer of its
+size; socket buffers of up to 8 MB let a worker hand over a multi-MB answer without waiting on
+the reader. The socket lives in a private (0700)
 directory: only this user's processes can reach it, as with LitServe's manager.
 """
 
