@@ -12,10 +12,11 @@ straight to a worker's socket and reads the answer from it (docs/benchmarks.md, 
 * a worker that dies closes its socket, and the requests it held are answered at once (500
   ``worker_died``): no polling, and no request of another family is touched.
 
-Frames are an 8-byte length and a pickle, both ways, each read straight into a buffer of its
-size; socket buffers of up to 8 MB let a worker hand over a multi-MB answer without waiting on
-the reader. The socket lives in a private (0700)
-directory: only this user's processes can reach it, as with LitServe's manager.
+A frame is a pickle and an optional blob of raw bytes (an answer's rendered body,
+:class:`~apis.replies.Reply`), each read straight into a buffer of its size, so the HTTP process
+sends a multi-MB body without unpickling or copying it. Socket buffers of up to 8 MB let a
+worker hand over such an answer without waiting on the reader. The socket lives in a private
+(0700) directory: only this user's processes can reach it, as with LitServe's manager.
 """
 
 from __future__ import annotations
@@ -32,19 +33,21 @@ import struct
 import tempfile
 import time
 from collections import deque
+from dataclasses import replace
 from typing import Any
 
 from .errors import APIError
+from .replies import Reply
 
 log = logging.getLogger("visionserve")
-_LENGTH = struct.Struct("!Q")
+_HEAD = struct.Struct("!QQ")  # the lengths of a frame's pickle and of its blob
 _SOCKET_BUFFER = 8 << 20
 
 
-def frame(obj: Any) -> tuple[bytes, bytes]:
-    """Length and pickle, sent one after the other: joining them would copy a large answer."""
+def frame(obj: Any, blob: bytes | bytearray = b"") -> tuple[bytes, bytes, bytes | bytearray]:
+    """Head, pickle and blob, sent one after the other: joining them would copy a large body."""
     data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    return _LENGTH.pack(len(data)), data
+    return _HEAD.pack(len(data), len(blob)), data, blob
 
 
 def _widen(sock: socket.socket) -> None:
@@ -55,46 +58,54 @@ def _widen(sock: socket.socket) -> None:
 
 
 class _Frames:
-    """Reassembles frames from a byte stream, reading each straight into a buffer of its size."""
+    """Reassembles frames from a byte stream, reading each part straight into a buffer of its size."""
 
     def __init__(self):
-        self._length = bytearray(_LENGTH.size)
-        self._body: bytearray | None = None
+        self._head = bytearray(_HEAD.size)
+        self._pickle = self._blob = bytearray()
+        self._target = self._head  # the part being filled
         self._filled = 0
 
     def buffer(self) -> memoryview:
         """Where the next bytes of the stream go."""
-        target = self._length if self._body is None else self._body
-        return memoryview(target)[self._filled :]
+        return memoryview(self._target)[self._filled :]
 
-    def filled(self, nbytes: int) -> tuple[bool, Any]:
-        """Account for ``nbytes`` written into :meth:`buffer`; (True, obj) once a frame is whole."""
+    def filled(self, nbytes: int) -> tuple[Any, bytearray] | None:
+        """Account for ``nbytes`` written into :meth:`buffer`; (obj, blob) once a frame is whole."""
         self._filled += nbytes
-        if self._body is None:
-            if self._filled == _LENGTH.size:
-                (size,) = _LENGTH.unpack(self._length)
-                self._body, self._filled = bytearray(size), 0
-            return False, None
-        if self._filled < len(self._body):
-            return False, None
-        body, self._body, self._filled = self._body, None, 0
-        return True, pickle.loads(body)
+        if self._filled < len(self._target):
+            return None
+        self._filled = 0
+        if self._target is self._head:  # a pickle is never empty
+            sizes = _HEAD.unpack(self._head)
+            self._pickle, self._blob = bytearray(sizes[0]), bytearray(sizes[1])
+            self._target = self._pickle
+            return None
+        if self._target is self._pickle and self._blob:
+            self._target = self._blob
+            return None
+        self._target = self._head
+        return pickle.loads(self._pickle), self._blob
 
 
-def worker_died() -> dict:
-    return APIError(
-        500,
-        "the model worker stopped while handling this request; it is being restarted, retry",
-        code="worker_died",
-    ).to_wire()
+def worker_died() -> Reply:
+    return Reply.of(
+        APIError(
+            500,
+            "the model worker stopped while handling this request; it is being restarted, retry",
+            code="worker_died",
+        )
+    )
 
 
-def queue_timeout() -> dict:
-    return APIError(
-        504,
-        "the request waited in the queue longer than the server's timeout; retry later",
-        code="queue_timeout",
-    ).to_wire()
+def queue_timeout() -> Reply:
+    return Reply.of(
+        APIError(
+            504,
+            "the request waited in the queue longer than the server's timeout; retry later",
+            code="queue_timeout",
+        )
+    )
 
 
 class _Link(asyncio.BufferedProtocol):
@@ -116,17 +127,19 @@ class _Link(asyncio.BufferedProtocol):
         return self._frames.buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
-        whole, obj = self._frames.filled(nbytes)
-        if not whole:
+        whole = self._frames.filled(nbytes)
+        if whole is None:
             return
+        obj, body = whole
         if self.worker is None:
             self.worker, self.pid = obj
             self.dispatcher._joined(self)
             return
-        uid, answer = obj
+        uid, reply = obj
+        reply.body = body
         waiting = self.waiting.pop(uid, None)
         if waiting is not None and not waiting.done():
-            waiting.set_result(answer)
+            waiting.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.worker is not None:
@@ -169,8 +182,8 @@ class Dispatcher:
     def connected(self) -> int:
         return len(self._links)
 
-    async def submit(self, job: Any) -> Any:
-        """The answer (a wire value) of the least busy worker to ``job``. Waits for a worker to
+    async def submit(self, job: Any) -> Reply:
+        """The answer of the least busy worker to ``job``. Waits for a worker to
         connect (a restart) up to the queue timeout; the worker itself drops a request that
         waited longer than that before it could start it."""
         sent = time.monotonic()
@@ -245,15 +258,16 @@ class WorkerLink:
             pass
         return [self._ready.popleft() for _ in range(min(limit, len(self._ready)))]
 
-    def answer(self, uid: int, answer: Any) -> None:
-        self._send((uid, answer))
+    def answer(self, uid: int, reply: Reply) -> None:
+        self._send((uid, replace(reply, body=b"")), reply.body)
 
     def close(self) -> None:
         self.sock.close()
 
-    def _send(self, obj: Any) -> None:
-        for part in frame(obj):
-            self.sock.sendall(part)
+    def _send(self, obj: Any, blob: bytes | bytearray = b"") -> None:
+        for part in frame(obj, blob):
+            if part:
+                self.sock.sendall(part)
 
     def _receive(self, timeout: float) -> bool:
         """Read what arrives within ``timeout`` (0: what is there now); False if nothing did."""
@@ -262,7 +276,7 @@ class WorkerLink:
         nbytes = self.sock.recv_into(self._frames.buffer())
         if not nbytes:
             raise EOFError("the HTTP process closed the connection")
-        whole, obj = self._frames.filled(nbytes)
-        if whole:
-            self._ready.append(obj)
+        whole = self._frames.filled(nbytes)
+        if whole is not None:
+            self._ready.append(whole[0])
         return True

@@ -38,18 +38,6 @@ class APIError(Exception):
     def body(self) -> dict[str, Any]:
         return error_body(self.status, self.message, param=self.param, code=self.code)
 
-    def to_wire(self) -> dict[str, Any]:
-        """Picklable form that travels from a worker back to the HTTP process."""
-        return {"__error__": {"status": self.status, **self.body()}}
-
-    @classmethod
-    def from_wire(cls, payload: Any) -> APIError | None:
-        if isinstance(payload, dict) and "__error__" in payload:
-            err = payload["__error__"]
-            e = err["error"]
-            return cls(err["status"], e["message"], param=e.get("param"), code=e.get("code"))
-        return None
-
     def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 

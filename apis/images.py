@@ -20,6 +20,7 @@ from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
 import numpy as np
+import pybase64
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, Field, model_validator
 
@@ -69,7 +70,19 @@ def decode_base64(text: str) -> bytes:
         if not sep or not head.endswith(";base64"):
             raise APIError(400, "image data URI must look like 'data:image/png;base64,<data>'", param="image")
     try:
-        data = base64.b64decode("".join(text.split()), validate=True)
+        data = pybase64.b64decode(text, validate=True)  # SIMD: ~40x the standard library's speed
+    except (binascii.Error, ValueError):
+        data = _decode_base64_slowly(text)
+    if not data:
+        raise APIError(400, "'image' is empty", param="image", code="invalid_image")
+    return data
+
+
+def _decode_base64_slowly(text: str) -> bytes:
+    """Line-wrapped base64 (what the ``base64`` tool writes), or the exact reason it is invalid:
+    pybase64 says "Non-base64 digit found" for every fault, including padding."""
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError) as e:
         raise APIError(
             400,
@@ -77,9 +90,6 @@ def decode_base64(text: str) -> bytes:
             param="image",
             code="invalid_base64",
         ) from None
-    if not data:
-        raise APIError(400, "'image' is empty", param="image", code="invalid_image")
-    return data
 
 
 # --------------------------------------------------------------------------- image_path

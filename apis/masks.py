@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import base64
 import io
 
 import cv2
 import numpy as np
+import pybase64
 from PIL import Image
 from pycocotools import mask as coco_mask
 
@@ -15,7 +15,7 @@ def png_base64(mask: np.ndarray) -> str:
     """(H, W) mask as a base64 8-bit greyscale PNG, 0 or 255 (any image tool opens it)."""
     buf = io.BytesIO()
     Image.fromarray(mask.astype(np.uint8) * 255, "L").save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    return pybase64.b64encode_as_string(buf.getvalue())
 
 
 def coco_rle(mask: np.ndarray) -> dict:

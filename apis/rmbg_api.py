@@ -3,11 +3,11 @@ Schemas and the thin LitAPI; the maths lives in :mod:`apis.rmbg_model`."""
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+import pybase64
 from PIL import Image
 from pydantic import BaseModel, Field
 
@@ -86,9 +86,11 @@ class RmbgAPI(FamilyAPI):
         alpha = alpha_channel(alpha_matte(raw, width, height, model.processing), p["threshold"])
         out: dict[str, Any] = {"format": p["output_format"], "width": width, "height": height}
         if p["output"] in ("rgba", "both"):
-            out["image"] = _b64(encode_image(cutout(item.image, alpha), p["output_format"]))
+            rgba = encode_image(cutout(item.image, alpha), p["output_format"])
+            out["image"] = pybase64.b64encode_as_string(rgba)
         if p["output"] in ("mask", "both"):
-            out["mask"] = _b64(encode_image(Image.fromarray(alpha), p["output_format"]))
+            matte = encode_image(Image.fromarray(alpha), p["output_format"])
+            out["mask"] = pybase64.b64encode_as_string(matte)
         size = sum(len(out.get(k) or "") for k in ("image", "mask"))
         if size > self.cfg.limits.max_response_bytes:
             raise APIError(
@@ -100,7 +102,3 @@ class RmbgAPI(FamilyAPI):
             )
         out["model"] = job.model_id
         return out
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")

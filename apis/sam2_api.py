@@ -5,13 +5,13 @@ Schemas and the thin LitAPI; the maths lives in :mod:`apis.sam2_model`.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+import pybase64
 from pydantic import BaseModel, Field, model_validator
 
 from .config import ModelEntry
@@ -205,7 +205,7 @@ def decode_mask_input(data: str, shape: list[int]) -> np.ndarray:
     if len(shape) not in (2, 3) or (len(shape) == 3 and shape[0] != 1) or min(shape) < 1:
         raise APIError(400, f"mask_input_shape must be [1, L, L], got {shape}", param="mask_input_shape")
     try:
-        raw = base64.b64decode(data, validate=True)
+        raw = pybase64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
         raise APIError(400, "mask_input is not valid base64", param="mask_input") from None
     want = math.prod(shape) * 4
@@ -222,7 +222,7 @@ def encode_binary(mask: np.ndarray, encoding: MaskEncoding) -> str:
     if encoding == "float32":
         return encode_array(mask.astype(np.float32))[0]
     if encoding == "packbits":
-        return base64.b64encode(np.packbits(mask.astype(bool).ravel()).tobytes()).decode("ascii")
+        return pybase64.b64encode_as_string(np.packbits(mask.astype(bool).ravel()))
     return png_base64(mask)
 
 
@@ -352,16 +352,15 @@ class Sam2API(FamilyAPI):
     @staticmethod
     def _prompt_answer(pred: Sam2Predictor, job: Job, item: _PromptJob, emb) -> dict:
         masks, iou, low = predict_prompt(pred, emb, item.prompt)
+        encoding = job.params["mask_encoding"]
         out: dict[str, Any] = {}
-        for name, arr, shape_key in (
-            ("masks", masks, "masks_shape"),
-            ("iou_predictions", iou, "iou_shape"),
-            ("low_res_masks", low, "low_res_shape"),
-        ):
-            out[name], out[shape_key] = encode_array(arr)
-        if job.params["mask_encoding"] == "packbits":
-            out["masks"] = encode_binary(masks, "packbits")
-        out["mask_encoding"] = job.params["mask_encoding"]
+        if encoding == "float32":  # also carries logits (return_logits)
+            out["masks"], out["masks_shape"] = encode_array(masks)
+        else:
+            out["masks"], out["masks_shape"] = encode_binary(masks, encoding), list(masks.shape)
+        out["iou_predictions"], out["iou_shape"] = encode_array(iou)
+        out["low_res_masks"], out["low_res_shape"] = encode_array(low)
+        out["mask_encoding"] = encoding
         out["model"] = job.model_id
         return out
 

@@ -31,6 +31,7 @@ from .errors import install_error_handlers
 from .family import FamilyAPI
 from .middleware import BearerAuth, BodyLimit
 from .rmbg_api import RmbgAPI
+from .routing import JsonBodyRoute
 from .sam2_api import Sam2API
 from .sam3_api import Sam3API
 
@@ -74,6 +75,13 @@ class VisionServer(ls.LitServer):
         for name, value in WORKER_ENV.items():  # read by libraries as workers import them
             os.environ.setdefault(name, value)
         super().run(num_api_servers=1, api_server_worker_type="thread", generate_client_file=False, **kwargs)
+
+    def _register_spec_endpoints(self, lit_api: FamilyAPI) -> None:
+        """The family's routes, with bodies parsed by :class:`~apis.routing.JsonBodyRoute`.
+        LitServe's auth dependency is left out: BearerAuth guards every route before this."""
+        lit_api.spec._server = self
+        for path, endpoint, methods in lit_api.spec.endpoints:
+            self.app.router.add_api_route(path, endpoint, methods=methods, route_class_override=JsonBodyRoute)
 
     @asynccontextmanager
     async def lifespan(self, app: FastAPI):

@@ -8,20 +8,19 @@ npy drops base64's third. Sizes are checked before anything is computed, so nobo
 
 from __future__ import annotations
 
-import base64
 import io
 import math
 from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
+import pybase64
 
 from .errors import APIError
+from .replies import Reply
 
 OutputDType = Literal["float32", "float16"]
 ResponseFormat = Literal["json", "npy"]
-NPY_KEY = "__npy__"  # marks a worker answer whose body is .npy bytes (see FamilySpec._answer)
-NPY_MEDIA_TYPE = "application/x-npy"
 _BITS = {"float32": 32, "float16": 16, "packbits": 1}  # per value on the wire, before base64
 
 
@@ -57,18 +56,18 @@ def check_response_size(
 def encode_array(arr: np.ndarray, dtype: OutputDType = "float32") -> tuple[str, list[int]]:
     """(base64 of little-endian ``dtype`` values in C order, shape)."""
     out = np.ascontiguousarray(arr, dtype=np.dtype(dtype).newbyteorder("<"))
-    return base64.b64encode(out.tobytes()).decode("ascii"), list(out.shape)
+    return pybase64.b64encode_as_string(out), list(out.shape)
 
 
 def tensor_answer(
     arr: np.ndarray, field: str, dtype: OutputDType, fmt: ResponseFormat, **meta: str | bool
-) -> dict:
+) -> dict | Reply:
     """A route's answer carrying one tensor: JSON with ``field`` (base64), ``shape``, ``dtype``
     and ``meta``; or, for npy, the ``.npy`` bytes with ``meta`` (sent as ``X-Visionserve-*``
     headers)."""
     if fmt == "npy":
         buf = io.BytesIO()
         np.save(buf, np.ascontiguousarray(arr, dtype=np.dtype(dtype).newbyteorder("<")), allow_pickle=False)
-        return {NPY_KEY: buf.getvalue(), **meta}
+        return Reply.npy(buf.getvalue(), meta)
     data, shape = encode_array(arr, dtype)
     return {field: data, "shape": shape, "dtype": dtype, **meta}

@@ -18,6 +18,7 @@ from litserve.loops.base import _BaseLoop
 
 from .dispatch import WorkerLink, queue_timeout
 from .errors import APIError
+from .replies import Reply
 
 log = logging.getLogger("visionserve")
 IDLE_WAIT_S = 1.0  # one blocking wait for the first request; the loop then asks again
@@ -39,12 +40,13 @@ class WorkerLoop(_BaseLoop):
             link.close()
 
 
-def run_batch(lit_api: LitAPI, items: list) -> list[tuple[int, Any]]:
-    """``(uid, answer)`` for each collected ``(uid, sent, job)``; never raises. A request that
-    waited longer than the server's timeout is answered 504 without running."""
+def run_batch(lit_api: LitAPI, items: list) -> list[tuple[int, Reply]]:
+    """``(uid, reply)`` for each collected ``(uid, sent, job)``; never raises. A request that
+    waited longer than the server's timeout is answered 504 without running. ``encode_response``
+    returns a :class:`~apis.replies.Reply`."""
     limit = lit_api.request_timeout
     now = time.monotonic()
-    answers: list[tuple[int, Any]] = []
+    answers: list[tuple[int, Reply]] = []
     live: list[tuple[int, Any]] = []
     for uid, sent, job in items:
         if limit not in (None, -1, False) and now - sent > limit:
@@ -62,13 +64,12 @@ def run_batch(lit_api: LitAPI, items: list) -> list[tuple[int, Any]]:
             outputs = list(lit_api.unbatch(lit_api.predict(lit_api.batch(inputs))))
         else:
             outputs = [lit_api.predict(x) for x in inputs]
-        if len(outputs) != len(inputs):
-            raise RuntimeError(f"predict/unbatch gave {len(outputs)} outputs for {len(inputs)} inputs")
         answers += [(uid, lit_api.encode_response(y)) for (uid, _), y in zip(live, outputs, strict=True)]
     except Exception:
         log.exception("%s: a batch of %d request(s) failed", lit_api.api_path, len(live))
-        failed = APIError(
+        error = APIError(
             500, "internal error in the model worker (details are in the server log)", code="internal_error"
-        ).to_wire()
+        )
+        failed = Reply.of(error)
         answers += [(uid, failed) for uid, _ in live]
     return answers

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from apis.dispatch import Dispatcher, WorkerLink, frame
-from apis.errors import APIError
+from apis.replies import Reply
 from apis.worker_loop import run_batch
 
 
@@ -81,7 +81,7 @@ def api(predict, max_batch_size=4, request_timeout=30.0):
         batch=list,
         predict=predict,
         unbatch=list,
-        encode_response=lambda y: {"y": y},
+        encode_response=lambda y: Reply.of({"y": y}),
     )
 
 
@@ -95,9 +95,8 @@ def test_run_batch_answers_in_order_and_skips_requests_that_waited_too_long():
     items = [(0, time.monotonic() - 60, 1), (1, time.monotonic(), 2), (2, time.monotonic(), 3)]
     answers = dict(run_batch(api(predict), items))
     assert seen == [[2, 3]]
-    assert answers[1] == {"y": 20} and answers[2] == {"y": 30}
-    err = APIError.from_wire(answers[0])
-    assert err.status == 504 and err.code == "queue_timeout"
+    assert answers[1].json() == {"y": 20} and answers[2].json() == {"y": 30}
+    assert answers[0].status == 504 and answers[0].json()["error"]["code"] == "queue_timeout"
 
 
 def test_run_batch_turns_a_crash_into_500s_and_single_apis_get_one_input():
@@ -105,9 +104,9 @@ def test_run_batch_turns_a_crash_into_500s_and_single_apis_get_one_input():
         raise RuntimeError("boom")
 
     answers = run_batch(api(crash), [(0, time.monotonic(), 1), (1, time.monotonic(), 2)])
-    assert [APIError.from_wire(a).code for _, a in answers] == ["internal_error"] * 2
+    assert [(a.status, a.json()["error"]["code"]) for _, a in answers] == [(500, "internal_error")] * 2
     single = run_batch(api(lambda x: x + 1, max_batch_size=1), [(5, time.monotonic(), 1)])
-    assert single == [(5, {"y": 2})]
+    assert [(uid, a.json()) for uid, a in single] == [(5, {"y": 2})]
 
 
 class FakeWorker:
@@ -124,7 +123,7 @@ class FakeWorker:
             while True:
                 for uid, _, job in self.link.collect(8, 0.0, 0.1):
                     time.sleep(self.delay)
-                    self.link.answer(uid, {"worker": self.worker, "job": job})
+                    self.link.answer(uid, Reply.of({"worker": self.worker, "job": job}))
         except (EOFError, OSError):
             pass
 
@@ -142,7 +141,7 @@ def test_dispatcher_balances_fails_a_dead_workers_requests_and_waits_for_a_resta
             while d.connected < 2:
                 await asyncio.sleep(0.01)
             # the busy worker is skipped: four requests at once spread over both
-            answers = await asyncio.gather(*(d.submit(i) for i in range(4)))
+            answers = [r.json() for r in await asyncio.gather(*(d.submit(i) for i in range(4)))]
             assert sorted(a["job"] for a in answers) == [0, 1, 2, 3]
             assert {a["worker"] for a in answers} == {0, 1}
 
@@ -154,18 +153,53 @@ def test_dispatcher_balances_fails_a_dead_workers_requests_and_waits_for_a_resta
             await asyncio.sleep(0.05)
             t0 = time.monotonic()
             slow.die()
-            err = APIError.from_wire(await held)
-            assert err.status == 500 and err.code == "worker_died"
+            died = await held
+            assert died.status == 500 and died.json()["error"]["code"] == "worker_died"
             assert time.monotonic() - t0 < 0.2
 
             # no worker: a request waits for one to connect, up to the queue timeout
             t0 = time.monotonic()
-            err = APIError.from_wire(await d.submit("lost"))
-            assert err.code == "queue_timeout" and 0.45 < time.monotonic() - t0 < 1.0
+            lost = await d.submit("lost")
+            assert lost.status == 504 and 0.45 < time.monotonic() - t0 < 1.0
             waiting = asyncio.ensure_future(d.submit("restarted"))
             await asyncio.sleep(0.1)
             FakeWorker(d.address, 0)
-            assert (await waiting) == {"worker": 0, "job": "restarted"}
+            assert (await waiting).json() == {"worker": 0, "job": "restarted"}
+        finally:
+            d.close()
+
+    asyncio.run(scenario())
+
+
+def test_an_answer_body_travels_as_raw_bytes_with_its_status_headers_and_stats():
+    body = bytes(range(256)) * (12 * 4096)  # 12 MB, more than the socket buffers
+
+    async def scenario():
+        d = Dispatcher("test")
+        try:
+            await d.start(queue_timeout=5.0)
+            link = WorkerLink.connect(d.address, 3)
+
+            def serve():
+                items = []
+                while not items:
+                    items = link.collect(1, 0.0, 1.0)
+                reply = Reply(201, body, "application/x-npy", {"X-Visionserve-Model": "m"}, ("k", {"n": 1}))
+                link.answer(items[0][0], reply)
+
+            threading.Thread(target=serve, daemon=True).start()
+            reply = await d.submit("job")
+            assert (reply.status, reply.media_type, reply.headers, reply.stats) == (
+                201,
+                "application/x-npy",
+                {"X-Visionserve-Model": "m"},
+                ("k", {"n": 1}),
+            )
+            assert reply.body == body
+            response = reply.response()
+            assert response.body == body and response.headers["content-length"] == str(len(body))
+            assert response.headers["x-visionserve-model"] == "m"
+            link.close()
         finally:
             d.close()
 

@@ -1,0 +1,52 @@
+"""Answers as the HTTP process sends them, rendered by the worker that made them.
+
+A worker turns each result into its response body (JSON by orjson, or ``.npy`` bytes) and the
+HTTP process sends that body as it came off the worker's socket. It never unpickles multi-MB
+base64 strings nor renders them a second time on the event loop, which every other request
+waits for (a SAM 2 answer with float32 masks is 6 MB: docs/benchmarks.md, Serving).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from fastapi.responses import Response
+
+from .errors import APIError
+
+JSON_MEDIA_TYPE = "application/json"
+NPY_MEDIA_TYPE = "application/x-npy"
+
+
+@dataclass
+class Reply:
+    status: int
+    body: bytes | bytearray
+    media_type: str = JSON_MEDIA_TYPE
+    headers: dict[str, str] = field(default_factory=dict)
+    stats: tuple[str, dict] | None = None  # the answering worker's counters, for /info
+
+    @classmethod
+    def of(cls, result: dict | APIError | Reply) -> Reply:
+        """A route's result (an answer dict, an error, or a Reply already made) as a Reply."""
+        if isinstance(result, Reply):
+            return result
+        if isinstance(result, APIError):
+            return cls(result.status, orjson.dumps(result.body()))
+        return cls(200, orjson.dumps(result))
+
+    @classmethod
+    def npy(cls, data: bytes, meta: dict[str, Any]) -> Reply:
+        """A body that IS a ``.npy`` file; ``meta`` travels as ``X-Visionserve-*`` headers."""
+        headers = {f"X-Visionserve-{k.replace('_', '-')}": str(v) for k, v in meta.items()}
+        return cls(200, data, NPY_MEDIA_TYPE, headers)
+
+    def json(self) -> Any:
+        """The body as Python values (tests, benchmarks)."""
+        return orjson.loads(self.body)
+
+    def response(self) -> Response:
+        # A memoryview is sent as is; bytes(bytearray) would copy the body once more.
+        return Response(memoryview(self.body), self.status, self.headers, self.media_type)
