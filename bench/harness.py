@@ -50,19 +50,28 @@ def free_port() -> int:
 @contextmanager
 def server(config: str | Path, *args: str, timeout: float = 900.0) -> Iterator[str]:
     """``python app.py --config ... --no-auth`` on a free port; yields its base URL."""
+    with _serving(
+        [sys.executable, str(ROOT / "app.py"), "--config", str(config), "--no-auth", *args], timeout
+    ) as url:
+        yield url
+
+
+@contextmanager
+def floor_server() -> Iterator[str]:
+    """``bench/floor.py``: uvicorn alone, answering ``POST /<N>`` with N bytes."""
+    with _serving([sys.executable, "-m", "bench.floor"], 60.0) as url:
+        yield url
+
+
+@contextmanager
+def _serving(cmd: list[str], timeout: float) -> Iterator[str]:
+    """Run ``cmd --port <free port>`` from the repository root until ``/health`` answers 200;
+    yield its base URL, stop it afterwards. Its output goes to bench-server-<port>.log."""
     port = free_port()
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-server-{port}.log", "w")  # noqa: SIM115
-    cmd = [
-        sys.executable,
-        str(ROOT / "app.py"),
-        "--config",
-        str(config),
-        "--port",
-        str(port),
-        "--no-auth",
-        *args,
-    ]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [*cmd, "--port", str(port)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout

@@ -9,6 +9,10 @@ check), ``decode_request`` and ``predict`` (decode, model, response encoding) on
 payload. The ratio HTTP p50 / in-process p50 is what the server adds: HTTP, JSON, the queue,
 the process hop. Both sides alternate in blocks of back-to-back calls (``harness.alternate``);
 the HTTP side times request bytes out to response bytes in on a keep-alive connection.
+
+"uvicorn alone" (``bench/floor.py``) then takes the same request bytes and answers as many bytes
+as the route did, doing nothing else: the part of the HTTP time no server on this stack can
+remove. (in-process + uvicorn alone) / in-process is the lowest ratio a route can reach here.
 """
 
 from __future__ import annotations
@@ -30,12 +34,14 @@ from bench.harness import (  # noqa: E402
     alternate,
     drive,
     encode,
+    floor_server,
     ms,
     p,
     ran,
     server,
     spread,
     table,
+    timed,
 )
 
 # isort: split
@@ -43,6 +49,7 @@ from apis.config import load_config  # noqa: E402
 from apis.server import FAMILIES  # noqa: E402
 
 BLOCK = 3  # timed back-to-back calls per side and round
+FLOOR_CALLS = 30  # timed calls to uvicorn alone per route
 
 
 def photo(h: int = 480, w: int = 640, seed: int = 0) -> str:
@@ -84,6 +91,27 @@ def in_process(api, op: str, payload: dict):
     return out
 
 
+def overhead(client: Client, floor: Client, api, op: str, payload: dict, rounds: int) -> list[str]:
+    """HTTP vs in-process (alternated), then uvicorn alone with the same bytes: table cells."""
+    path, body = f"/{api.family}/{op}", encode(payload)
+    t_http, t_proc = alternate(
+        lambda: client.post(path, body), lambda: in_process(api, op, payload), rounds, BLOCK
+    )
+    answer = f"/{len(client.post(path, body))}"
+    floor.post(answer, body)
+    t_floor = [timed(lambda: floor.post(answer, body)) for _ in range(FLOOR_CALLS)]
+    http, proc, alone = (statistics.median(t) for t in (t_http, t_proc, t_floor))
+    return [
+        ms(http),
+        spread(t_http),
+        ms(proc),
+        spread(t_proc),
+        f"**{http / proc:.3f}**",
+        ms(alone),
+        f"{(proc + alone) / proc:.3f}",
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--full", action="store_true", help="full-size models (configs/bench-full.yaml)")
@@ -107,54 +135,40 @@ def main() -> None:
     wanted = set(args.families.split(",")) if args.families else None
     todo = [r for r in routes(args.full) if wanted is None or r[0] in wanted]
     overhead_rows, load_rows = [], []
-    for family in dict.fromkeys(f for f, _, _ in todo):
-        api = FAMILIES[family](cfg)
-        api.setup("cpu")
-        with server(config, "--models", family) as url:
-            client = Client(url)
-            for fam, op, payload in (r for r in todo if r[0] == family):
-                route_url = f"{url}/{fam}/{op}"
-                label = f"/{fam}/{op}" + (
-                    f" ({payload['mask_encoding']})" if "mask_encoding" in payload else ""
-                )
-
-                def http(client=client, path=f"/{fam}/{op}", body=encode(payload)):
-                    return client.post(path, body)
-
-                t_http, t_proc = alternate(
-                    http, lambda a=api, o=op, pl=payload: in_process(a, o, pl), rounds, BLOCK
-                )
-                ratio = statistics.median(t_http) / statistics.median(t_proc)
-                overhead_rows.append(
-                    [
-                        label,
-                        ms(statistics.median(t_http)),
-                        spread(t_http),
-                        ms(statistics.median(t_proc)),
-                        spread(t_proc),
-                        f"**{ratio:.3f}**",
-                    ]
-                )
-                print(overhead_rows[-1], flush=True)
-                if args.load if args.load is not None else not args.full:
-                    for c in (1, 8, 32):
-                        run = drive(route_url, [payload] * max(2 * c, 16), c)
-                        load_rows.append(
-                            [
-                                label,
-                                c,
-                                ms(p(run.latencies, 50)),
-                                ms(p(run.latencies, 95)),
-                                f"{run.throughput:.1f}",
-                            ]
-                        )
-                        print(load_rows[-1], flush=True)
-            client.close()
-        del api
+    with floor_server() as floor_url:
+        floor = Client(floor_url)
+        for family in dict.fromkeys(f for f, _, _ in todo):
+            api = FAMILIES[family](cfg)
+            api.setup("cpu")
+            with server(config, "--models", family) as url:
+                client = Client(url)
+                for fam, op, payload in (r for r in todo if r[0] == family):
+                    label = f"/{fam}/{op}" + (
+                        f" ({payload['mask_encoding']})" if "mask_encoding" in payload else ""
+                    )
+                    overhead_rows.append([label, *overhead(client, floor, api, op, payload, rounds)])
+                    print(overhead_rows[-1], flush=True)
+                    if args.load if args.load is not None else not args.full:
+                        for c in (1, 8, 32):
+                            run = drive(f"{url}/{fam}/{op}", [payload] * max(2 * c, 16), c)
+                            row = [label, c, ms(p(run.latencies, 50)), ms(p(run.latencies, 95))]
+                            load_rows.append([*row, f"{run.throughput:.1f}"])
+                            print(load_rows[-1], flush=True)
+                client.close()
+            del api
     print(ran(f"{rounds} alternations of {BLOCK} timed calls"))
     print(
         table(
-            ["route", "HTTP p50 ms", "spread", "in-process p50 ms", "spread", "HTTP / in-process"],
+            [
+                "route",
+                "HTTP p50 ms",
+                "spread",
+                "in-process p50 ms",
+                "spread",
+                "HTTP / in-process",
+                "uvicorn alone ms",
+                "lowest possible ratio",
+            ],
             overhead_rows,
         )
     )
