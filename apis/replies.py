@@ -43,10 +43,6 @@ class Reply:
         headers = {f"X-Visionserve-{k.replace('_', '-')}": str(v) for k, v in meta.items()}
         return cls(200, data, NPY_MEDIA_TYPE, headers)
 
-    def json(self) -> Any:
-        """The body as Python values (tests, benchmarks)."""
-        return orjson.loads(self.body)
-
     def response(self) -> Response:
         # A memoryview is sent as is; bytes(bytearray) would copy the body once more.
         return Response(memoryview(self.body), self.status, self.headers, self.media_type)

@@ -8,6 +8,7 @@ import threading
 import time
 from types import SimpleNamespace
 
+import orjson
 import pytest
 
 from apis.dispatch import Dispatcher, WorkerLink, frame
@@ -95,8 +96,8 @@ def test_run_batch_answers_in_order_and_skips_requests_that_waited_too_long():
     items = [(0, time.monotonic() - 60, 1), (1, time.monotonic(), 2), (2, time.monotonic(), 3)]
     answers = dict(run_batch(api(predict), items))
     assert seen == [[2, 3]]
-    assert answers[1].json() == {"y": 20} and answers[2].json() == {"y": 30}
-    assert answers[0].status == 504 and answers[0].json()["error"]["code"] == "queue_timeout"
+    assert orjson.loads(answers[1].body) == {"y": 20} and orjson.loads(answers[2].body) == {"y": 30}
+    assert answers[0].status == 504 and orjson.loads(answers[0].body)["error"]["code"] == "queue_timeout"
 
 
 def test_run_batch_turns_a_crash_into_500s_and_single_apis_get_one_input():
@@ -104,9 +105,10 @@ def test_run_batch_turns_a_crash_into_500s_and_single_apis_get_one_input():
         raise RuntimeError("boom")
 
     answers = run_batch(api(crash), [(0, time.monotonic(), 1), (1, time.monotonic(), 2)])
-    assert [(a.status, a.json()["error"]["code"]) for _, a in answers] == [(500, "internal_error")] * 2
+    codes = [(a.status, orjson.loads(a.body)["error"]["code"]) for _, a in answers]
+    assert codes == [(500, "internal_error")] * 2
     single = run_batch(api(lambda x: x + 1, max_batch_size=1), [(5, time.monotonic(), 1)])
-    assert [(uid, a.json()) for uid, a in single] == [(5, {"y": 2})]
+    assert [(uid, orjson.loads(a.body)) for uid, a in single] == [(5, {"y": 2})]
 
 
 class FakeWorker:
@@ -141,7 +143,7 @@ def test_dispatcher_balances_fails_a_dead_workers_requests_and_waits_for_a_resta
             while d.connected < 2:
                 await asyncio.sleep(0.01)
             # the busy worker is skipped: four requests at once spread over both
-            answers = [r.json() for r in await asyncio.gather(*(d.submit(i) for i in range(4)))]
+            answers = [orjson.loads(r.body) for r in await asyncio.gather(*(d.submit(i) for i in range(4)))]
             assert sorted(a["job"] for a in answers) == [0, 1, 2, 3]
             assert {a["worker"] for a in answers} == {0, 1}
 
@@ -154,7 +156,7 @@ def test_dispatcher_balances_fails_a_dead_workers_requests_and_waits_for_a_resta
             t0 = time.monotonic()
             slow.die()
             died = await held
-            assert died.status == 500 and died.json()["error"]["code"] == "worker_died"
+            assert died.status == 500 and orjson.loads(died.body)["error"]["code"] == "worker_died"
             assert time.monotonic() - t0 < 0.2
 
             # no worker: a request waits for one to connect, up to the queue timeout
@@ -164,7 +166,7 @@ def test_dispatcher_balances_fails_a_dead_workers_requests_and_waits_for_a_resta
             waiting = asyncio.ensure_future(d.submit("restarted"))
             await asyncio.sleep(0.1)
             FakeWorker(d.address, 0)
-            assert (await waiting).json() == {"worker": 0, "job": "restarted"}
+            assert orjson.loads((await waiting).body) == {"worker": 0, "job": "restarted"}
         finally:
             d.close()
 
