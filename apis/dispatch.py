@@ -88,6 +88,11 @@ class _Frames:
         return pickle.loads(self._pickle), self._blob
 
 
+def timeout_seconds(setting: float | bool | None) -> float | None:
+    """LitServe's ``timeout`` setting in seconds; None when there is none (-1, False or None)."""
+    return None if setting in (None, -1, False) else float(setting)
+
+
 def worker_died() -> Reply:
     return Reply.of(
         APIError(
@@ -163,11 +168,11 @@ class Dispatcher:
         self._ids = itertools.count()
         self._server: asyncio.Server | None = None
         self._connected: asyncio.Event | None = None
-        self.queue_timeout = -1.0
+        self._timeout: float | None = None  # seconds a request waits for a worker to connect
 
-    async def start(self, queue_timeout: float) -> None:
+    async def start(self, queue_timeout: float | bool | None) -> None:
         """Accept workers on the running event loop (the HTTP server's)."""
-        self.queue_timeout = queue_timeout
+        self._timeout = timeout_seconds(queue_timeout)
         self._connected = asyncio.Event()
         loop = asyncio.get_running_loop()
         self._server = await loop.create_unix_server(lambda: _Link(self), sock=self._listener)
@@ -188,9 +193,7 @@ class Dispatcher:
         waited longer than that before it could start it."""
         sent = time.monotonic()
         while not self._links:
-            limit = (
-                None if self.queue_timeout in (-1, False) else sent + self.queue_timeout - time.monotonic()
-            )
+            limit = None if self._timeout is None else sent + self._timeout - time.monotonic()
             try:
                 await asyncio.wait_for(self._connected.wait(), limit)
             except TimeoutError:

@@ -219,8 +219,8 @@ def decode_mask_input(data: str, shape: list[int]) -> np.ndarray:
 
 
 def encode_binary(mask: np.ndarray, encoding: MaskEncoding) -> str:
-    if encoding == "float32":
-        return encode_array(mask.astype(np.float32))[0]
+    if encoding == "float32":  # the values as they are: 0/1, or logits (return_logits)
+        return encode_array(mask)[0]
     if encoding == "packbits":
         return pybase64.b64encode_as_string(np.packbits(mask.astype(bool).ravel()))
     return png_base64(mask)
@@ -354,10 +354,7 @@ class Sam2API(FamilyAPI):
         masks, iou, low = predict_prompt(pred, emb, item.prompt)
         encoding = job.params["mask_encoding"]
         out: dict[str, Any] = {}
-        if encoding == "float32":  # also carries logits (return_logits)
-            out["masks"], out["masks_shape"] = encode_array(masks)
-        else:
-            out["masks"], out["masks_shape"] = encode_binary(masks, encoding), list(masks.shape)
+        out["masks"], out["masks_shape"] = encode_binary(masks, encoding), list(masks.shape)
         out["iou_predictions"], out["iou_shape"] = encode_array(iou)
         out["low_res_masks"], out["low_res_shape"] = encode_array(low)
         out["mask_encoding"] = encoding

@@ -16,7 +16,7 @@ from typing import Any
 from litserve import LitAPI
 from litserve.loops.base import _BaseLoop
 
-from .dispatch import WorkerLink, queue_timeout
+from .dispatch import WorkerLink, queue_timeout, timeout_seconds
 from .errors import APIError
 from .replies import Reply
 
@@ -44,12 +44,12 @@ def run_batch(lit_api: LitAPI, items: list) -> list[tuple[int, Reply]]:
     """``(uid, reply)`` for each collected ``(uid, sent, job)``; never raises. A request that
     waited longer than the server's timeout is answered 504 without running. ``encode_response``
     returns a :class:`~apis.replies.Reply`."""
-    limit = lit_api.request_timeout
+    limit = timeout_seconds(lit_api.request_timeout)
     now = time.monotonic()
     answers: list[tuple[int, Reply]] = []
     live: list[tuple[int, Any]] = []
     for uid, sent, job in items:
-        if limit not in (None, -1, False) and now - sent > limit:
+        if limit is not None and now - sent > limit:
             log.error(
                 "%s: a request waited %.1fs (timeout %ss); answered 504", lit_api.api_path, now - sent, limit
             )
