@@ -15,6 +15,7 @@ import os
 import socket
 import ssl
 import stat
+import struct
 from io import BytesIO
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
@@ -32,6 +33,7 @@ Image.MAX_IMAGE_PIXELS = None
 
 IMAGE_FIELDS = ("image", "image_url", "image_path")
 _EXIF_ORIENTATION = 0x0112
+_PNG_CHUNK_HEAD = struct.Struct(">I4s")  # data length, chunk type
 
 
 class ImageInput(BaseModel):
@@ -272,7 +274,7 @@ def probe_image(data: bytes, limits: Limits) -> tuple[int, int]:
     non-images and oversized images."""
     img = _open(data, limits)
     w, h = img.size
-    if img.format == "PNG" and "exif" not in img.info and b"eXIf" not in data:
+    if img.format == "PNG" and "exif" not in img.info and not _png_has_chunk(data, b"eXIf"):
         # No EXIF chunk anywhere. Pillow's PNG getexif() would decode every pixel to look for
         # one after the image data (5 ms of a 640x480 prompt in the HTTP process, repeated by
         # the worker).
@@ -282,6 +284,21 @@ def probe_image(data: bytes, limits: Limits) -> tuple[int, int]:
     except Exception:  # a damaged file: decoding will say what is wrong with it
         rotated = False
     return (h, w) if rotated else (w, h)
+
+
+def _png_has_chunk(data: bytes, kind: bytes) -> bool:
+    """Whether a chunk of type ``kind`` is in the PNG, from the chunk headers alone: a few dozen
+    8-byte reads where searching the bytes (``kind in data``) took 0.37 ms for a 640x480 photo.
+    A file whose chunks run past its end answers True, so the caller takes the careful path."""
+    at = 8  # after the signature
+    while at + 8 <= len(data):
+        length, found = _PNG_CHUNK_HEAD.unpack_from(data, at)
+        if found == kind:
+            return True
+        if found == b"IEND":
+            return False
+        at += 12 + length  # head, data, CRC
+    return True
 
 
 def decode_image(data: bytes, limits: Limits) -> Image.Image:

@@ -7,6 +7,7 @@ import os
 import struct
 import zlib
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageFile
@@ -16,7 +17,7 @@ from apis.config import Limits, ModelEntry, PathInput, UrlInput
 from apis.dense import pca_rgb, resized_size
 from apis.dino_model import HUB_TO_TIMM, architecture
 from apis.errors import APIError
-from apis.images import _pick_address, decode_image, probe_image, read_path
+from apis.images import _pick_address, _png_has_chunk, decode_image, probe_image, read_path
 from apis.middleware import BearerAuth
 from apis.registry import ModelRegistry
 from apis.sam2_model import connected_components, variant_name
@@ -135,6 +136,18 @@ def test_probe_finds_png_exif_rotation_before_and_after_the_image_data(where):
     data = png[:at] + _png_chunk(b"eXIf", raw) + png[at:]
     limits = Limits()
     assert probe_image(data, limits) == (30, 40) == decode_image(data, limits).size
+
+
+def test_png_chunk_walk_finds_chunks_across_many_image_data_chunks():
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(buf, format="PNG")
+    png = buf.getvalue()
+    assert png.count(b"IDAT") > 2  # Pillow splits the image data into 64 KB chunks
+    at = png.index(b"IEND") - 4
+    assert not _png_has_chunk(png, b"eXIf")
+    assert _png_has_chunk(png[:at] + _png_chunk(b"eXIf", b"MM") + png[at:], b"eXIf")
+    assert _png_has_chunk(png[: len(png) // 2], b"eXIf")  # cut short: cannot tell, so look properly
 
 
 def test_probe_of_a_png_without_exif_reads_the_header_only(monkeypatch):
