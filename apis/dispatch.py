@@ -12,11 +12,11 @@ straight to a worker's socket and reads the answer from it (docs/benchmarks.md, 
 * a worker that dies closes its socket, and the requests it held are answered at once (500
   ``worker_died``): no polling, and no request of another family is touched.
 
-A frame is a pickle and an optional blob of raw bytes (an answer's rendered body,
-:class:`~apis.replies.Reply`), each read straight into a buffer of its size, so the HTTP process
-sends a multi-MB body without unpickling or copying it. Socket buffers of up to 8 MB let a
-worker hand over such an answer without waiting on the reader. The socket lives in a private
-(0700) directory: only this user's processes can reach it, as with LitServe's manager.
+A frame is a pickle and an optional blob of raw bytes, each read straight into a buffer of its
+size. An answer's rendered body (:class:`~apis.replies.Reply`) goes through the worker's shared
+memory arena (apis/arena.py) when it has one, or else as the blob, so the HTTP process sends a
+multi-MB body without unpickling it. The socket lives in a private (0700) directory: only this
+user's processes can reach it, as with LitServe's manager.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from collections import deque
 from dataclasses import replace
 from typing import Any
 
+from .arena import ARENA_BYTES, Arena, ArenaOffer
 from .errors import APIError
 from .replies import Reply
 
@@ -123,10 +124,16 @@ class _Link(asyncio.BufferedProtocol):
         self.waiting: dict[int, asyncio.Future] = {}
         self._frames = _Frames()
         self._transport: asyncio.Transport | None = None
+        self._arena: Arena | None = None
+        self._arena_fd: int | None = None  # open until the link closes: the worker maps it by /proc
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         self._transport = transport
         _widen(transport.get_extra_info("socket"))
+        made = Arena.create(ARENA_BYTES)
+        if made is not None:
+            self._arena, self._arena_fd = made
+            self.send(ArenaOffer(os.getpid(), self._arena_fd, self._arena.capacity))
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._frames.buffer()
@@ -140,8 +147,8 @@ class _Link(asyncio.BufferedProtocol):
             self.worker, self.pid = obj
             self.dispatcher._joined(self)
             return
-        uid, reply = obj
-        reply.body = body
+        uid, reply, where = obj
+        reply.body = body if where is None else self._arena.take(*where)
         waiting = self.waiting.pop(uid, None)
         if waiting is not None and not waiting.done():
             waiting.set_result(reply)
@@ -149,6 +156,9 @@ class _Link(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.worker is not None:
             self.dispatcher._left(self)
+        if self._arena is not None:
+            self._arena.close()
+            os.close(self._arena_fd)
 
     def send(self, obj: Any) -> None:
         self._transport.writelines(frame(obj))
@@ -236,6 +246,7 @@ class WorkerLink:
         self.sock = sock
         self._frames = _Frames()
         self._ready: deque = deque()
+        self._arena: Arena | None = None  # the HTTP process offers one before any request
 
     @classmethod
     def connect(cls, address: str, worker: int) -> WorkerLink:
@@ -262,10 +273,13 @@ class WorkerLink:
         return [self._ready.popleft() for _ in range(min(limit, len(self._ready)))]
 
     def answer(self, uid: int, reply: Reply) -> None:
-        self._send((uid, replace(reply, body=b"")), reply.body)
+        where = self._arena.put(reply.body) if self._arena is not None else None
+        self._send((uid, replace(reply, body=b""), where), b"" if where else reply.body)
 
     def close(self) -> None:
         self.sock.close()
+        if self._arena is not None:
+            self._arena.close()
 
     def _send(self, obj: Any, blob: bytes | bytearray = b"") -> None:
         for part in frame(obj, blob):
@@ -280,6 +294,10 @@ class WorkerLink:
         if not nbytes:
             raise EOFError("the HTTP process closed the connection")
         whole = self._frames.filled(nbytes)
-        if whole is not None:
+        if whole is None:
+            return True
+        if isinstance(whole[0], ArenaOffer):
+            self._arena = whole[0].join()
+        else:
             self._ready.append(whole[0])
         return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import threading
 import time
@@ -11,6 +12,7 @@ from types import SimpleNamespace
 import orjson
 import pytest
 
+from apis.arena import Arena, ArenaOffer
 from apis.dispatch import Dispatcher, WorkerLink, frame
 from apis.replies import Reply
 from apis.worker_loop import run_batch
@@ -173,7 +175,33 @@ def test_dispatcher_balances_fails_a_dead_workers_requests_and_waits_for_a_resta
     asyncio.run(scenario())
 
 
-def test_an_answer_body_travels_as_raw_bytes_with_its_status_headers_and_stats():
+def test_the_arena_ring_starts_over_when_read_wraps_and_refuses_what_does_not_fit_now():
+    reader, fd = Arena.create(100)
+    writer = ArenaOffer(os.getpid(), fd, 100).join()  # a second mapping, as a worker maps it
+    try:
+        a, b = writer.put(b"a" * 40), writer.put(b"b" * 40)
+        assert (a, b) == ((0, 40), (40, 80))
+        assert writer.put(b"c" * 30) is None  # only 20 left at the end, and "a" is unread
+        assert reader.take(*a) == b"a" * 40
+        assert writer.put(b"c" * 30) == (100, 130)  # wraps to offset 0, where "a" was
+        assert reader.take(*b) == b"b" * 40 and reader.take(100, 130) == b"c" * 30
+        assert writer.put(b"d" * 100) == (200, 300)  # all read: starts at offset 0 again
+        assert reader.take(200, 300) == b"d" * 100
+        assert writer.put(b"e" * 101) is None  # larger than the arena: the socket takes it
+    finally:
+        writer.close()
+        reader.close()
+        os.close(fd)
+
+
+def test_a_worker_that_cannot_map_the_arena_says_so_and_keeps_the_socket(caplog):
+    assert ArenaOffer(os.getpid(), 987654, 100).join() is None
+    assert "answers go through the socket" in caplog.text
+
+
+@pytest.mark.parametrize("arena_bytes", [64 << 20, 1 << 20], ids=["through the arena", "too big for it"])
+def test_an_answer_body_travels_as_raw_bytes_with_its_status_headers_and_stats(monkeypatch, arena_bytes):
+    monkeypatch.setattr("apis.dispatch.ARENA_BYTES", arena_bytes)
     body = bytes(range(256)) * (12 * 4096)  # 12 MB, more than the socket buffers
 
     async def scenario():
@@ -198,6 +226,7 @@ def test_an_answer_body_travels_as_raw_bytes_with_its_status_headers_and_stats()
                 ("k", {"n": 1}),
             )
             assert reply.body == body
+            assert link._arena._written == (len(body) if arena_bytes > len(body) else 0)
             response = reply.response()
             assert response.body == body and response.headers["content-length"] == str(len(body))
             assert response.headers["x-visionserve-model"] == "m"
