@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import io
 import os
 import threading
@@ -10,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pybase64
 import requests
 import yaml
 
@@ -111,16 +111,16 @@ def get(
 def encode_image(image: Any) -> str:
     """Base64 of an image: a file path, raw bytes, a PIL image or an HxWx3 uint8 array."""
     if isinstance(image, (str, Path)):
-        return base64.b64encode(Path(image).read_bytes()).decode("ascii")
+        return pybase64.b64encode_as_string(Path(image).read_bytes())
     if isinstance(image, (bytes, bytearray)):
-        return base64.b64encode(bytes(image)).decode("ascii")
+        return pybase64.b64encode_as_string(image)
     from PIL import Image
 
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
     buf = io.BytesIO()
     image.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    return pybase64.b64encode_as_string(buf.getvalue())
 
 
 def image_fields(image: Any = None, image_url: str | None = None, image_path: str | None = None) -> dict:
@@ -138,7 +138,7 @@ def image_arg(image: Any) -> Any:
 
 def decode_array(data: str, shape: list[int], dtype: str = "float32") -> np.ndarray:
     """Inverse of the server's tensor encoding: base64 little-endian values -> array of ``shape``."""
-    raw = bytearray(base64.b64decode(data))  # writable, so numpy and torch can use it in place
+    raw = pybase64.b64decode_as_bytearray(data)  # writable, so numpy and torch can use it in place
     return (
         np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape).astype(dtype, copy=False)
     )

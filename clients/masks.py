@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import base64
 import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pybase64
 
 
 def _coco_counts(text: str) -> list[int]:
@@ -51,7 +51,7 @@ def decode_png(data: str | bytes, shape: Sequence[int] | None = None) -> np.ndar
     """(H, W) bool mask from a (base64) PNG: every non-zero pixel is in the mask."""
     from PIL import Image
 
-    raw = base64.b64decode(data) if isinstance(data, str) else data
+    raw = pybase64.b64decode(data) if isinstance(data, str) else data
     out = np.asarray(Image.open(io.BytesIO(raw)).convert("L")) > 0
     if shape is not None and out.shape != tuple(int(v) for v in shape):
         raise ValueError(f"PNG mask is {out.shape}, expected {tuple(shape)}")

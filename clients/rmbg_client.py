@@ -9,13 +9,13 @@ The seed's RMBG servers took ``POST /remove {image}`` and answered ``{image}``; 
 from __future__ import annotations
 
 import argparse
-import base64
 import io
 import sys
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
+import pybase64
 from PIL import Image
 
 from .common import VisionServeError, get, image_fields, post
@@ -65,7 +65,7 @@ def remove_background(image: Any, output: str = "rgba", **kwargs) -> Image.Image
     if isinstance(image, str):
         image = Path(image)  # a path here, never base64
     r = remove_background_response(image, output=output, **kwargs)
-    picture = Image.open(io.BytesIO(base64.b64decode(r["image" if output == "rgba" else "mask"])))
+    picture = Image.open(io.BytesIO(pybase64.b64decode(r["image" if output == "rgba" else "mask"])))
     picture.load()
     return picture
 

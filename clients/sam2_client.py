@@ -9,13 +9,13 @@ only select among the server's models; None uses its default.
 
 from __future__ import annotations
 
-import base64
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pybase64
 
 from .common import VisionServeError, decode_array, encode_image, get, image_arg, image_fields, post
 from .masks import decode_png, decode_rle, save_overlay
@@ -118,7 +118,7 @@ def encode_mask_input(mask: np.ndarray) -> tuple[str, list[int]]:
         arr = arr[None]
     if arr.ndim != 3:
         raise ValueError(f"mask_input must be (L, L) or (1, L, L) logits, got shape {arr.shape}")
-    return base64.b64encode(np.ascontiguousarray(arr).tobytes()).decode("ascii"), list(arr.shape)
+    return pybase64.b64encode_as_string(np.ascontiguousarray(arr).tobytes()), list(arr.shape)
 
 
 def generate_sam2_prompt_masks(
@@ -185,7 +185,7 @@ def generate_sam2_prompt_masks(
 
 def unpack_bits(data: str | bytes, shape: Sequence[int]) -> np.ndarray:
     """Bool array of ``shape`` from ``numpy.packbits`` bytes (or their base64) in C order."""
-    raw = base64.b64decode(data) if isinstance(data, str) else data
+    raw = pybase64.b64decode(data) if isinstance(data, str) else data
     n = math.prod(shape)
     if len(raw) != (n + 7) // 8:
         raise ValueError(f"packbits data has {len(raw)} bytes, shape {list(shape)} needs {(n + 7) // 8}")
@@ -204,7 +204,7 @@ def decode_segmentation(mask: dict, encoding: str | None = None) -> np.ndarray:
     if isinstance(seg, dict):
         return decode_rle(seg)
     h, w = (int(v) for v in mask["segmentation_shape"])
-    raw = base64.b64decode(seg)
+    raw = pybase64.b64decode(seg)
     if encoding is None:
         encoding = "png" if raw.startswith(b"\x89PNG") else "float32" if len(raw) == h * w * 4 else "packbits"
     if encoding == "float32":
