@@ -47,9 +47,16 @@ class Arena:
         """HTTP process: a new arena and its file descriptor (to offer), or None without memfd."""
         if not hasattr(os, "memfd_create"):
             return None
-        fd = os.memfd_create("visionserve-answers")
-        os.ftruncate(fd, _HEAD + capacity)
-        return cls(mmap.mmap(fd, _HEAD + capacity), capacity), fd
+        fd = -1
+        try:
+            fd = os.memfd_create("visionserve-answers")
+            os.ftruncate(fd, _HEAD + capacity)
+            return cls(mmap.mmap(fd, _HEAD + capacity), capacity), fd
+        except OSError as e:  # out of file descriptors or memory: the socket still works
+            log.warning("cannot make an answer arena (%s); answers go through the socket", e)
+            if fd >= 0:
+                os.close(fd)
+            return None
 
     def put(self, body: bytes | bytearray) -> tuple[int, int] | None:
         """Worker: copy ``body`` in; its (start, end) positions, or None when it does not fit now."""
