@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import statistics
 import sys
 from pathlib import Path
 
 import numpy as np
-import orjson
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -35,7 +35,7 @@ def decode(content: bytes, npy: bool) -> np.ndarray:
     """What a client does with the body: parse JSON + base64, or read the .npy."""
     if npy:
         return np.load(io.BytesIO(content), allow_pickle=False)
-    r = orjson.loads(content)  # as clients.common does
+    r = json.loads(content)
     return decode_array(r["features"], r["shape"], r["dtype"])
 
 
