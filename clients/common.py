@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 import pybase64
 import requests
 import yaml
@@ -84,10 +83,7 @@ def post(
     """POST JSON, return the answer: parsed JSON, or for a ``.npy`` body (dense routes with
     ``response_format="npy"``) ``{"array": ndarray, "model": ..., "is_pca": ...}``."""
     url, key = server_settings(family, base_url, api_key)
-    # orjson encodes a 1 MB base64 image in 0.03 ms, json.dumps in 1.3. Answers stay with json:
-    # after orjson.loads, decoding a 28 MB answer's base64 took 25 ms, not 15 (benchmarks.md).
-    headers = {**_headers(key), "Content-Type": "application/json"}
-    resp = _session().post(f"{url}/{route}", data=orjson.dumps(payload), headers=headers, timeout=timeout)
+    resp = _session().post(f"{url}/{route}", json=payload, headers=_headers(key), timeout=timeout)
     _raise_for(resp)
     if resp.headers.get("content-type", "").startswith(NPY_MEDIA_TYPE):
         return {"array": np.load(io.BytesIO(resp.content), allow_pickle=False), **_npy_meta(resp.headers)}
