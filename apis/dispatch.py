@@ -274,7 +274,7 @@ class WorkerLink:
 
     def answer(self, uid: int, reply: Reply) -> None:
         where = self._arena.put(reply.body) if self._arena is not None else None
-        self._send((uid, replace(reply, body=b""), where), b"" if where else reply.body)
+        self._send((uid, replace(reply, body=b""), where), reply.body if where is None else b"")
 
     def close(self) -> None:
         self.sock.close()
