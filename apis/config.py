@@ -120,6 +120,11 @@ class CachedFamily(Family):
     cache_size: int = Field(
         16, ge=0, description="Image embeddings kept per model in each worker (LRU); 0 disables the cache."
     )
+    route_by_image: bool = Field(
+        True,
+        description="With several workers: send the requests on one image to the worker that has it "
+        "cached, while that worker's queue is at most max_batch_size longer than the least busy one's.",
+    )
 
 
 class Sam3Family(CachedFamily):

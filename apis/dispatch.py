@@ -8,7 +8,9 @@ straight to a worker's socket and reads the answer from it (docs/benchmarks.md, 
 
 * each family listens on one socket, made before its workers start; a worker connects once its
   models are loaded, and a restarted worker connects again;
-* a request goes to the connected worker with the fewest requests in flight;
+* a request goes to the connected worker with the fewest requests in flight, unless it names an
+  image that a worker has cached (``affinity``): then it goes to that worker while its queue is
+  at most ``slack`` requests longer than the least busy one's;
 * a worker that dies closes its socket, and the requests it held are answered at once (500
   ``worker_died``): no polling, and no request of another family is touched.
 
@@ -32,7 +34,8 @@ import socket
 import struct
 import tempfile
 import time
-from collections import deque
+from collections import OrderedDict, deque
+from collections.abc import Hashable
 from dataclasses import replace
 from typing import Any
 
@@ -43,6 +46,7 @@ from .replies import Reply
 log = logging.getLogger("visionserve")
 _HEAD = struct.Struct("!QQ")  # the lengths of a frame's pickle and of its blob
 _SOCKET_BUFFER = 8 << 20
+HOMES_KEPT = 4096  # affinity keys remembered per family; a forgotten one costs one image encoding
 
 
 def frame(obj: Any, blob: bytes | bytearray = b"") -> tuple[bytes, bytes, bytes | bytearray]:
@@ -164,11 +168,26 @@ class _Link(asyncio.BufferedProtocol):
         self._transport.writelines(frame(obj))
 
 
-class Dispatcher:
-    """HTTP process: a family's listening socket, its connected workers and their open requests."""
+def _load(link: _Link) -> int:
+    return len(link.waiting)
 
-    def __init__(self, family: str):
+
+class Dispatcher:
+    """HTTP process: a family's listening socket, its connected workers and their open requests.
+
+    Workers cache encoded images (SAM 2, SAM 3), each its own. Sending the prompts on one image
+    to whichever worker is least busy would encode that image again on every worker it lands
+    on (N times the encoder's work and N copies in the caches on N GPUs). So a request may name
+    an affinity key (its image): it goes to a worker that was sent that key before (its "home")
+    unless that worker has more than ``slack`` requests in flight beyond the least busy one;
+    then the least busy worker takes it and becomes a home too. Homes are a hint: a worker that
+    evicted the image encodes it again, as without them.
+    """
+
+    def __init__(self, family: str, slack: int = 0):
         self.family = family
+        self.slack = slack
+        self._homes: OrderedDict[Hashable, list[_Link]] = OrderedDict()
         self._dir = tempfile.mkdtemp(prefix=f"visionserve-{family}-")
         self.address = os.path.join(self._dir, "workers.sock")
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -197,10 +216,10 @@ class Dispatcher:
     def connected(self) -> int:
         return len(self._links)
 
-    async def submit(self, job: Any) -> Reply:
-        """The answer of the least busy worker to ``job``. Waits for a worker to
-        connect (a restart) up to the queue timeout; the worker itself drops a request that
-        waited longer than that before it could start it."""
+    async def submit(self, job: Any, affinity: Hashable | None = None) -> Reply:
+        """A worker's answer to ``job``: the least busy one, or a home of ``affinity``. Waits
+        for a worker to connect (a restart) up to the queue timeout; the worker itself drops a
+        request that waited longer than that before it could start it."""
         sent = time.monotonic()
         while not self._links:
             limit = None if self._timeout is None else sent + self._timeout - time.monotonic()
@@ -208,7 +227,7 @@ class Dispatcher:
                 await asyncio.wait_for(self._connected.wait(), limit)
             except TimeoutError:
                 return queue_timeout()
-        link = min(self._links, key=lambda k: len(k.waiting))
+        link = self._pick(affinity)
         uid = next(self._ids)
         answer = link.waiting[uid] = asyncio.get_running_loop().create_future()
         link.send((uid, sent, job))
@@ -216,6 +235,20 @@ class Dispatcher:
             return await answer
         finally:
             link.waiting.pop(uid, None)
+
+    def _pick(self, affinity: Hashable | None) -> _Link:
+        least = min(self._links, key=_load)
+        if affinity is None:
+            return least
+        homes = [h for h in self._homes.pop(affinity, ()) if h in self._links]  # gone: restarted
+        home = min(homes, key=_load, default=None)
+        if home is None or _load(home) > _load(least) + self.slack:
+            home = least
+            homes.append(least)
+        self._homes[affinity] = homes  # now the most recently used key
+        if len(self._homes) > HOMES_KEPT:
+            self._homes.popitem(last=False)
+        return home
 
     def _joined(self, link: _Link) -> None:
         self._links.append(link)

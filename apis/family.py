@@ -136,7 +136,9 @@ class FamilySpec(LitSpec):
         return state
 
     def pre_setup(self, lit_api: FamilyAPI):
-        self.dispatcher = Dispatcher(lit_api.family)
+        # a worker takes its queue a batch at a time: one batch more than the least busy worker
+        # delays a request by one batch, less than encoding its image again elsewhere
+        self.dispatcher = Dispatcher(lit_api.family, slack=lit_api.max_batch_size)
         self.address = self.dispatcher.address
         for route in lit_api.routes:
             self.add_endpoint(f"{self.api_path}/{route.op}", self._endpoint(route), ["POST"])
@@ -152,7 +154,8 @@ class FamilySpec(LitSpec):
                     job = self._api.prepare(route.op, request)
             except APIError as e:
                 return e.response()
-            reply = await self.dispatcher.submit(job)
+            affinity = self._api.affinity(job) if self.dispatcher.connected > 1 else None
+            reply = await self.dispatcher.submit(job, affinity)
             if reply.stats is not None:
                 key, snapshot = reply.stats
                 self._api.live_stats[key] = snapshot
@@ -190,6 +193,7 @@ class FamilyAPI(ls.LitAPI):
     model_fields: tuple[str, ...]
     model_key: Callable[..., Key] = staticmethod(canonical)
     model_fill_defaults: bool = True  # see ModelRegistry.resolve
+    cached_ops: frozenset[str] = frozenset()  # routes whose workers cache the encoded image
 
     def __init__(self, cfg: ServerConfig, dtype: str = "auto", log_level: str = "info"):
         fam = cfg.families()[self.family]
@@ -224,6 +228,15 @@ class FamilyAPI(ls.LitAPI):
             self.check_image(op, request, probe_image(image, self.cfg.limits))
         params = request.model_dump(exclude={*IMAGE_FIELDS, *self.model_fields})
         return Job(op=op, model_id=self.registry.id_of(entry), params=params, image_bytes=image)
+
+    def affinity(self, job: Job) -> Hashable | None:
+        """For a route that caches encoded images, the key that sends every request with these
+        image bytes for this model to the same worker (:class:`~apis.dispatch.Dispatcher`).
+        CRC-32 of the file (0.14 ms per MB), not the pixel hash the cache uses: the same picture
+        in another file format only misses the hint, never gets a wrong answer."""
+        if job.op not in self.cached_ops or job.image_bytes is None or not self.fam.route_by_image:
+            return None
+        return job.model_id, len(job.image_bytes), zlib.crc32(job.image_bytes)
 
     def check(self, op: str, request: BaseModel) -> None:
         """Family-specific checks that pydantic cannot express; raise APIError."""

@@ -254,6 +254,7 @@ class _PromptJob:
 class Sam2API(FamilyAPI):
     family = "sam2"
     model_fields = ("model_cfg", "checkpoint_path")
+    cached_ops = frozenset({"prompt_mask", "auto_mask"})  # both encode the whole image through the cache
     model_key = staticmethod(sam2_key)
     model_fill_defaults = False
     routes = (

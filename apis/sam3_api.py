@@ -92,6 +92,7 @@ class _Prepared:
 class Sam3API(FamilyAPI):
     family = "sam3"
     model_fields = ("model",)
+    cached_ops = frozenset({"predict"})
     routes = (
         Route(
             "predict",

@@ -175,6 +175,45 @@ def test_dispatcher_balances_fails_a_dead_workers_requests_and_waits_for_a_resta
     asyncio.run(scenario())
 
 
+def test_requests_naming_an_image_stay_with_its_worker_until_it_is_busier_by_more_than_the_slack():
+    async def scenario():
+        d = Dispatcher("test", slack=1)
+        try:
+            await d.start(queue_timeout=1.0)
+            FakeWorker(d.address, 0, delay=0.05)
+            while d.connected < 1:
+                await asyncio.sleep(0.01)
+            FakeWorker(d.address, 1, delay=0.05)
+            while d.connected < 2:
+                await asyncio.sleep(0.01)
+
+            async def workers(*jobs):
+                answers = await asyncio.gather(*(d.submit(job, affinity) for job, affinity in jobs))
+                return [orjson.loads(a.body)["worker"] for a in answers]
+
+            # all idle: the first worker; the same image again goes back there although the
+            # other one is idle, and without a key the load is spread as before
+            assert await workers(("a1", "A")) == [0]
+            assert await workers(("b1", None), ("a2", "A")) == [0, 0]
+            assert await workers(("x", None), ("y", None)) == [0, 1]
+            # four at once on one image: its home takes them while it has at most slack (1)
+            # more in flight than the least busy; then the other worker becomes a home too
+            assert await workers(*((f"a{i}", "A") for i in range(3, 7))) == [0, 0, 1, 1]
+            # another image starts on the least busy worker, both homes of A stay homes
+            assert await workers(("c1", "C"), ("a7", "A"), ("c2", "C")) == [0, 1, 0]
+            # a home that went away is forgotten
+            for link in list(d._links):
+                if link.worker == 0:
+                    link._transport.close()
+            while d.connected > 1:
+                await asyncio.sleep(0.01)
+            assert await workers(("c3", "C")) == [1]
+        finally:
+            d.close()
+
+    asyncio.run(scenario())
+
+
 def test_the_arena_ring_starts_over_when_read_wraps_and_refuses_what_does_not_fit_now():
     reader, fd = Arena.create(100)
     writer = ArenaOffer(os.getpid(), fd, 100).join()  # a second mapping, as a worker maps it

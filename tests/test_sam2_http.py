@@ -7,6 +7,8 @@ written here; references call ``SAM2ImagePredictor`` on the same file in this pr
 from __future__ import annotations
 
 import json
+import random
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import cv2
@@ -200,6 +202,40 @@ def test_second_prompt_on_an_image_skips_the_encoder(sam2_server, kw):
     assert after["embedding_cache"][model]["hits"] == mid["embedding_cache"][model]["hits"] + 1
     assert after["embedding_cache"][model]["misses"] == mid["embedding_cache"][model]["misses"]
     assert after["embedding_cache"][model]["capacity"] == 4
+
+
+def test_with_two_workers_each_image_is_encoded_once(tmp_path, sam2_checkpoint, reference):
+    """Five users clicking on their own image at once: every prompt on an image goes to the worker
+    that encoded it (least busy first), so five encoder runs in all, on both workers."""
+    model = {"name": "sam2.1_hiera_t", "weights": str(sam2_checkpoint), "arch_config": str(ARCH)}
+    config = {"sam2": {"max_batch_size": 8, "models": [model]}}
+    args = ["--no-auth", "--workers-per-device", "2"]
+    server = ServerProcess(config, tmp_path, args).wait_ready()
+    try:
+        images = [scene(seed=200 + i) for i in range(5)]
+
+        def user(i: int):
+            think = random.Random(i)
+            for k in range(6):
+                time.sleep(think.uniform(0, 0.03))
+                got = sc.generate_sam2_prompt_masks(
+                    image=encode_image(images[i]), base_url=server.url + "/sam2", **click(k)
+                )
+            return got
+
+        def click(k: int) -> dict:
+            return {"point_coords": [[20 + 5 * k, 30]], "point_labels": [1]}
+
+        with ThreadPoolExecutor(5) as pool:
+            answers = list(pool.map(user, range(5)))
+        for image, got in zip(images, answers, strict=True):
+            assert_same_answer(got, direct(reference, image, **click(5)))
+        workers = requests.get(server.url + "/info").json()["families"]["sam2"]["workers"]
+        assert len(workers) == 2
+        assert sum(w["encoded_images"]["sam2.1_hiera_t"] for w in workers) == 5
+        assert all(w["requests"]["prompt_mask"]["ok"] > 0 for w in workers)
+    finally:
+        server.stop()
 
 
 def test_concurrent_prompts_on_new_images_share_one_encoder_pass(sam2_server, reference, kw):

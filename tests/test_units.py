@@ -13,14 +13,17 @@ import torch
 from PIL import Image, ImageFile
 
 from apis.clip_api import clip_key
-from apis.config import Limits, ModelEntry, PathInput, UrlInput
+from apis.config import Limits, ModelEntry, PathInput, UrlInput, load_config
 from apis.dense import pca_rgb, resized_size
 from apis.dino_model import HUB_TO_TIMM, architecture
 from apis.errors import APIError
+from apis.family import Job
 from apis.images import _pick_address, _png_has_chunk, decode_image, probe_image, read_path
 from apis.middleware import BearerAuth
 from apis.registry import ModelRegistry
 from apis.sam2_model import connected_components, variant_name
+from apis.server import FAMILIES
+from tests.conftest import ROOT
 
 
 @pytest.mark.parametrize(
@@ -205,3 +208,16 @@ def test_sam2_released_variants_map_to_package_configs(version, size):
     config, overrides = architecture(ModelEntry(name=f"{version}_hiera_{size}"))
     assert config == f"configs/{version}/{version}_hiera_{size}.yaml" and overrides == []
     assert (Path(sam2.__file__).parent / config).is_file()
+
+
+def test_affinity_keys_name_the_image_file_and_model_of_the_routes_that_cache_images():
+    cfg = load_config(ROOT / "configs" / "demo.yaml")
+    sam2, sam3, clip = (FAMILIES[f](cfg) for f in ("sam2", "sam3", "clip"))
+    photo, other = b"\x89PNG one picture", b"\x89PNG another"
+    key = sam2.affinity(Job("prompt_mask", "m", {}, photo))
+    assert key == sam2.affinity(Job("auto_mask", "m", {"preset": "fine"}, photo))  # one cache
+    assert key != sam2.affinity(Job("prompt_mask", "m", {}, other))
+    assert key != sam2.affinity(Job("prompt_mask", "m2", {}, photo))  # a cache per model
+    assert sam3.affinity(Job("predict", "m", {}, photo)) is not None
+    assert clip.affinity(Job("extract", "m", {}, photo)) is None  # CLIP keeps no image cache
+    assert sam3.affinity(Job("predict", "m", {}, None)) is None
