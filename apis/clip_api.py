@@ -1,4 +1,5 @@
-"""CLIP routes: ``/clip/extract``, ``/clip/encode_text``, ``/clip/similarity`` (seed 004 fields).
+"""CLIP routes: ``/clip/extract``, ``/clip/encode_text``, ``/clip/similarity`` (seed 004 fields),
+``/clip/embed`` and ``/clip/classify``.
 
 Schemas and the thin LitAPI; the maths lives in :mod:`apis.clip_model`.
 """
@@ -11,18 +12,27 @@ import torch
 from pydantic import BaseModel, Field, model_validator
 
 from .clip_model import (
+    DEFAULT_TEMPLATES,
     ClipModel,
     SimilarityMode,
+    class_embeddings,
+    count_tokens,
     dense_features,
+    encode_images,
     encode_texts,
     load_clip,
+    prompts,
     relevancy,
     similarity,
     spatial_softmax,
+    zero_shot_logits,
 )
 from .config import ModelEntry
 from .dense import CLIP_MEAN, CLIP_STD, Geometry, plan, preprocess, respond, upsample_grid
+from .embed import EmbeddingRoutes, check_count, openai_answer
+from .errors import APIError
 from .family import FamilyAPI, Job, Route
+from .images import ImageInput
 from .registry import Key, canonical
 from .schemas import DenseOptions, DenseResponse, StrictRequest
 from .tensors import OutputDType, encode_array, tensor_answer
@@ -76,8 +86,66 @@ class ClipSimilarityRequest(_ClipDense):
         return self
 
 
+class ClipEmbedRequest(_ClipModelFields):
+    images: list[str] = Field(
+        default_factory=list, description="Base64 image files (optionally data: URIs), embedded in order."
+    )
+    texts: list[str] = Field(
+        default_factory=list, description="Texts, embedded in the same space as the images."
+    )
+    output_dtype: OutputDType = "float32"
+
+    @model_validator(mode="after")
+    def _no_blank_text(self):
+        for i, text in enumerate(self.texts):
+            if not text.strip():
+                raise ValueError(f"texts[{i}] is empty; send non-blank texts")
+        return self
+
+
+class ClipClassifyRequest(_ClipModelFields, ImageInput):
+    labels: list[str] = Field(..., description="Candidate labels (class names), at least one.")
+    templates: list[str] | None = Field(
+        None,
+        min_length=1,
+        max_length=32,
+        description="Prompt templates, each with '{}' where the label goes; the label's embedding is "
+        "the normalised mean over them. null = the server's default set (README).",
+    )
+
+    @model_validator(mode="after")
+    def _well_formed(self):
+        for i, label in enumerate(self.labels):
+            if not label.strip():
+                raise ValueError(f"labels[{i}] is empty; send non-blank labels")
+        for i, template in enumerate(self.templates or []):
+            if "{}" not in template:
+                raise ValueError(f"templates[{i}] has no '{{}}' where the label goes: {template!r}")
+        return self
+
+
 class ClipExtractResponse(DenseResponse):
     pass
+
+
+class ClipEmbedResponse(BaseModel):
+    image_embeddings: str = Field(
+        ..., description="base64 of little-endian (N_images, D) values in `dtype`, L2-normalised."
+    )
+    image_shape: list[int]
+    text_embeddings: str = Field(..., description="The same for the texts: (N_texts, D).")
+    text_shape: list[int]
+    dtype: OutputDType
+    model: str
+
+
+class ClipClassifyResponse(BaseModel):
+    labels: list[str]
+    probabilities: list[float] = Field(..., description="Softmax over the labels, in their order.")
+    logits: list[float] = Field(..., description="Cosine x logit_scale, per label.")
+    logit_scale: float
+    templates: int = Field(..., description="How many templates each label was averaged over.")
+    model: str
 
 
 class ClipTextResponse(BaseModel):
@@ -106,10 +174,11 @@ class _Prepared:
     geom: Geometry
 
 
-class ClipAPI(FamilyAPI):
+class ClipAPI(EmbeddingRoutes, FamilyAPI):
     family = "clip"
     model_fields = ("model_name", "model_pretrained")
     model_key = staticmethod(clip_key)
+    embeds_texts = True
     routes = (
         Route("extract", ClipExtractRequest, ClipExtractResponse, "Dense CLIP patch features (MaskCLIP)."),
         Route("encode_text", ClipTextRequest, ClipTextResponse, "L2-normalised CLIP text embedding."),
@@ -119,12 +188,38 @@ class ClipAPI(FamilyAPI):
             ClipSimilarityResponse,
             "Per-patch image-text similarity map.",
         ),
+        Route(
+            "embed",
+            ClipEmbedRequest,
+            ClipEmbedResponse,
+            "L2-normalised image and text embeddings in one space (open_clip encode_image / encode_text).",
+        ),
+        Route(
+            "classify",
+            ClipClassifyRequest,
+            ClipClassifyResponse,
+            "Zero-shot label probabilities of one image (prompt templates, softmax at the logit scale).",
+        ),
     )
 
     def check(self, op: str, request: BaseModel) -> None:
         texts = [("text", getattr(request, "text", ""))]
         texts += [(f"negatives[{i}]", t) for i, t in enumerate(getattr(request, "negatives", None) or [])]
         self.check_text_length(texts, "text")
+        if op == "embed":
+            check_count(
+                len(request.images) + len(request.texts), self.cfg.limits, "images", "images and texts"
+            )
+            self.check_text_length([(f"texts[{i}]", t) for i, t in enumerate(request.texts)], "texts")
+        elif op == "classify":
+            check_count(len(request.labels), self.cfg.limits, "labels", "labels")
+            self.check_text_length([(f"labels[{i}]", t) for i, t in enumerate(request.labels)], "labels")
+            templates = request.templates or []
+            self.check_text_length([(f"templates[{i}]", t) for i, t in enumerate(templates)], "templates")
+
+    def prepare(self, op: str, request: BaseModel) -> Job:
+        job = super().prepare(op, request)
+        return self.prepare_embed(job) if op == "embed" else job
 
     def load_model(self, entry: ModelEntry) -> ClipModel:
         return load_clip(entry, self.torch_device, self.compute_dtype)
@@ -150,6 +245,65 @@ class ClipAPI(FamilyAPI):
             forward=lambda texts: encode_texts(cm, texts).cpu(),
             finish=finish,
         )
+
+    def op_embed(self, cm: ClipModel, jobs: list[Job]) -> list:
+        """Every image of the batch's requests in one forward, every text in another."""
+        results = self.embed_batch(
+            "embed",
+            jobs,
+            cm.embed_dim,
+            cm.preprocess,
+            lambda x: encode_images(cm, x),
+            lambda texts: encode_texts(cm, texts),
+        )
+        return [
+            r if isinstance(r, APIError) else self._embed_answer(cm, job, *r)
+            for job, r in zip(jobs, results, strict=True)
+        ]
+
+    @staticmethod
+    def _embed_answer(cm: ClipModel, job: Job, images: torch.Tensor, texts: torch.Tensor) -> dict:
+        p = job.params
+        if p["openai"] is not None:
+            return openai_answer(job, images, texts, cm.image_tokens, count_tokens(cm, p["texts"]))
+        image_data, image_shape = encode_array(images.numpy(), p["output_dtype"])
+        text_data, text_shape = encode_array(texts.numpy(), p["output_dtype"])
+        return {
+            "image_embeddings": image_data,
+            "image_shape": image_shape,
+            "text_embeddings": text_data,
+            "text_shape": text_shape,
+            "dtype": p["output_dtype"],
+            "model": job.model_id,
+        }
+
+    def op_classify(self, cm: ClipModel, jobs: list[Job]) -> list:
+        """The batch's images in one forward; its distinct prompts (label x template) in chunks."""
+
+        def prepare(job: Job) -> tuple[torch.Tensor, list[str]]:
+            templates = job.params["templates"] or list(DEFAULT_TEMPLATES)
+            return cm.preprocess(job.image), prompts(job.params["labels"], templates)
+
+        def forward(items: list[tuple[torch.Tensor, list[str]]]) -> list:
+            images = encode_images(cm, torch.stack([x for x, _ in items])).cpu()
+            index = {text: i for i, text in enumerate(dict.fromkeys(t for _, ps in items for t in ps))}
+            texts = self._chunked(lambda chunk: encode_texts(cm, chunk), list(index), None)
+            return [(images[k], texts[[index[t] for t in ps]]) for k, (_, ps) in enumerate(items)]
+
+        def finish(job: Job, _, res: tuple[torch.Tensor, torch.Tensor]) -> dict:
+            image, prompt_emb = res
+            labels = job.params["labels"]
+            logits = zero_shot_logits(cm, image, class_embeddings(prompt_emb, len(labels)))
+            return {
+                "labels": labels,
+                "probabilities": torch.softmax(logits, dim=0).tolist(),
+                "logits": logits.tolist(),
+                "logit_scale": float(cm.model.logit_scale.detach().float().exp()),
+                "templates": len(job.params["templates"] or DEFAULT_TEMPLATES),
+                "model": job.model_id,
+            }
+
+        return self.grouped("classify", jobs, prepare, key=lambda _: None, forward=forward, finish=finish)
 
     def op_extract(self, cm: ClipModel, jobs: list[Job]) -> list:
         def prepare(job: Job) -> _Prepared:

@@ -1,4 +1,5 @@
-"""CLIP maths: loading, MaskCLIP dense features, text embeddings, similarity maps.
+"""CLIP maths: loading, MaskCLIP dense features, image and text embeddings, zero-shot labels,
+similarity maps.
 
 Plain functions on open_clip models and tensors, callable from tests and benchmarks without
 a server.
@@ -14,6 +15,7 @@ from typing import Any, Literal
 import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip.transform import PreprocessCfg, image_transform_v2
 from open_clip.transformer import text_global_pool
 
 from .config import ModelEntry
@@ -23,6 +25,19 @@ from .precision import Autocast
 log = logging.getLogger(__name__)
 
 SimilarityMode = Literal["dot", "cosine"]
+
+#: /clip/classify's prompt templates when a request names none: a selection from the 80 that
+#: OpenAI's CLIP paper ensembled for ImageNet; each label's embedding is their normalised mean.
+DEFAULT_TEMPLATES = (
+    "a photo of a {}.",
+    "a bad photo of a {}.",
+    "a photo of the large {}.",
+    "a photo of the small {}.",
+    "a close-up photo of a {}.",
+    "a cropped photo of the {}.",
+    "art of the {}.",
+    "itap of a {}.",
+)
 
 
 @dataclass
@@ -35,6 +50,13 @@ class ClipModel(Autocast):
     embed_dim: int
     device: torch.device
     dtype: torch.dtype  # compute dtype (autocast when not float32)
+    preprocess: Any = None  # open_clip's eval transform: PIL image -> (3, S, S) for encode_image
+
+    @property
+    def image_tokens(self) -> int:
+        """Tokens the vision tower sees for one embedded image: the patch grid plus the class token."""
+        gh, gw = self.model.visual.grid_size
+        return gh * gw + 1
 
 
 def load_clip(entry: ModelEntry, device: str | torch.device, dtype: torch.dtype = torch.float32) -> ClipModel:
@@ -71,6 +93,8 @@ def load_clip(entry: ModelEntry, device: str | torch.device, dtype: torch.dtype 
         embed_dim=visual.output_dim,
         device=torch.device(device),
         dtype=dtype,
+        # what create_model_and_transforms returns as its validation transform
+        preprocess=image_transform_v2(PreprocessCfg(**visual.preprocess_cfg), is_train=False),
     )
 
 
@@ -185,6 +209,43 @@ def encode_texts(cm: ClipModel, texts: list[str]) -> torch.Tensor:
     with cm.autocast():
         emb = cm.model.encode_text(tokens) if n is None else _encode_text_prefix(cm.model, tokens[:, :n])
     return F.normalize(emb.float(), dim=-1)
+
+
+@torch.inference_mode()
+def encode_images(cm: ClipModel, x: torch.Tensor) -> torch.Tensor:
+    """L2-normalised ``encode_image`` of (B, 3, S, S) images made by ``cm.preprocess``: (B, D) float32."""
+    with cm.autocast():
+        emb = cm.model.encode_image(x.to(cm.device))
+    return F.normalize(emb.float(), dim=-1)
+
+
+def count_tokens(cm: ClipModel, texts: list[str]) -> list[int]:
+    """Tokens the text tower reads for each text: start and end tokens included, cut at the
+    context length as the tokenizer cuts the text."""
+    tok = cm.tokenizer
+    ctx = tok.context_length
+    if isinstance(tok, open_clip.tokenizer.SimpleTokenizer):
+        return [min(len(tok.encode(t)) + 2, ctx) for t in texts]
+    pad = getattr(getattr(tok, "tokenizer", None), "pad_token_id", None)
+    ids = tok(texts)
+    return (ids != (0 if pad is None else pad)).sum(dim=-1).tolist()
+
+
+def prompts(labels: list[str], templates: list[str]) -> list[str]:
+    """Every template filled with every label, label-major (``{}`` stands for the label)."""
+    return [t.replace("{}", label) for label in labels for t in templates]
+
+
+def class_embeddings(prompt_emb: torch.Tensor, n_labels: int) -> torch.Tensor:
+    """(L, D) label embeddings from (L * T, D) normalised prompt embeddings (label-major): the
+    mean over each label's templates, normalised again, as CLIP's zero-shot classifier builds them."""
+    return F.normalize(prompt_emb.reshape(n_labels, -1, prompt_emb.shape[-1]).mean(dim=1), dim=-1)
+
+
+def zero_shot_logits(cm: ClipModel, image_emb: torch.Tensor, labels_emb: torch.Tensor) -> torch.Tensor:
+    """(L,) logits of one normalised image embedding against normalised label embeddings: cosine
+    x the model's logit scale (its softmax is CLIP's zero-shot label probability)."""
+    return cm.model.logit_scale.detach().float().exp().cpu() * (labels_emb @ image_emb)
 
 
 def similarity(feats: torch.Tensor, text: torch.Tensor, mode: SimilarityMode) -> torch.Tensor:

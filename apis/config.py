@@ -37,6 +37,12 @@ class Limits(_Strict):
     max_tokens: int = Field(
         32768, gt=0, description="Largest ViT patch grid (rows x columns) a dense request may need."
     )
+    max_embed_inputs: int = Field(
+        64,
+        gt=0,
+        description="Most inputs (images + texts) of one /clip/embed, /dino/embed or /v1/embeddings "
+        "request, and most labels of one /clip/classify request.",
+    )
 
 
 class UrlInput(_Strict):

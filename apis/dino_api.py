@@ -1,27 +1,41 @@
-"""DINO route: ``/dino/extract`` (seed 004 fields). Schemas and the thin LitAPI; maths in
-:mod:`apis.dino_model`."""
+"""DINO routes: ``/dino/extract`` (seed 004 fields) and ``/dino/embed``. Schemas and the thin
+LitAPI; maths in :mod:`apis.dino_model`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-from pydantic import Field
+import torch.nn.functional as F
+from pydantic import BaseModel, Field
 
 from .config import ModelEntry
 from .dense import IMAGENET_MEAN, IMAGENET_STD, Geometry, plan, preprocess, respond
-from .dino_model import BIN_CELLS, DinoModel, Facet, dense_features, load_dino, log_bin
+from .dino_model import (
+    BIN_CELLS,
+    DinoModel,
+    Facet,
+    Pooling,
+    dense_features,
+    global_embeddings,
+    load_dino,
+    log_bin,
+)
+from .embed import EmbeddingRoutes, check_count, openai_answer
 from .errors import APIError
 from .family import FamilyAPI, Job, Route
-from .schemas import DenseOptions, DenseResponse
+from .schemas import DenseOptions, DenseResponse, StrictRequest
+from .tensors import OutputDType, encode_array
+
+_MODEL_TYPE = Field(
+    None,
+    description="torch.hub name (dinov2_vits14, _vitb14, _vitl14, _vitg14, each also _reg) among the "
+    "server's models; null = the server's default model.",
+)
 
 
 class DinoExtractRequest(DenseOptions):
-    model_type: str | None = Field(
-        None,
-        description="torch.hub name (dinov2_vits14, _vitb14, _vitl14, _vitg14, each also _reg) among the "
-        "server's models; null = the server's default model.",
-    )
+    model_type: str | None = _MODEL_TYPE
     stride: int | None = Field(
         None, gt=0, description="Patch-embedding stride; must divide the patch size (14). null = 14."
     )
@@ -37,8 +51,30 @@ class DinoExtractRequest(DenseOptions):
     bin: bool = Field(False, description="Log-binned descriptors (hierarchy 2): 17 x D channels.")
 
 
+class DinoEmbedRequest(StrictRequest):
+    model_type: str | None = _MODEL_TYPE
+    images: list[str] = Field(
+        ..., description="Base64 image files (optionally data: URIs), embedded in order."
+    )
+    pooling: Pooling = Field(
+        "cls",
+        description="cls: the class token (timm's pre-logits output); mean: the mean of the patch tokens.",
+    )
+    normalize: bool = Field(False, description="L2-normalise each embedding.")
+    output_dtype: OutputDType = "float32"
+
+
 class DinoExtractResponse(DenseResponse):
     pass
+
+
+class DinoEmbedResponse(BaseModel):
+    embeddings: str = Field(..., description="base64 of little-endian (N, D) values in `dtype`.")
+    shape: list[int]
+    dtype: OutputDType
+    pooling: Pooling
+    normalized: bool
+    model: str
 
 
 @dataclass
@@ -55,7 +91,7 @@ class _Prepared:
         return (tuple(self.x.shape), self.stride, self.layer, self.facet, self.bin)
 
 
-class DinoAPI(FamilyAPI):
+class DinoAPI(EmbeddingRoutes, FamilyAPI):
     family = "dino"
     model_fields = ("model_type",)
     routes = (
@@ -65,10 +101,62 @@ class DinoAPI(FamilyAPI):
             DinoExtractResponse,
             "Dense DINOv2 features: facet, layer, stride, log-binning.",
         ),
+        Route(
+            "embed",
+            DinoEmbedRequest,
+            DinoEmbedResponse,
+            "Global DINOv2 image embeddings: the class token or the mean of the patch tokens.",
+        ),
     )
+
+    def check(self, op: str, request: BaseModel) -> None:
+        if op == "embed":
+            check_count(len(request.images), self.cfg.limits, "images", "images")
+
+    def prepare(self, op: str, request: BaseModel) -> Job:
+        job = super().prepare(op, request)
+        if op == "embed":
+            job.params["texts"] = []
+            job = self.prepare_embed(job)
+        return job
 
     def load_model(self, entry: ModelEntry) -> DinoModel:
         return load_dino(entry, self.torch_device, self.compute_dtype)
+
+    def op_embed(self, dm: DinoModel, jobs: list[Job]) -> list:
+        """Every image of the batch's requests in one forward (per pooling)."""
+        out: list = [None] * len(jobs)
+        for pooling in ("cls", "mean"):
+            idx = [i for i, job in enumerate(jobs) if job.params["pooling"] == pooling]
+            if not idx:
+                continue
+            results = self.embed_batch(
+                "embed",
+                [jobs[i] for i in idx],
+                dm.embed_dim,
+                dm.preprocess,
+                lambda x, pooling=pooling: global_embeddings(dm, x, pooling),
+            )
+            for i, r in zip(idx, results, strict=True):
+                out[i] = r if isinstance(r, APIError) else self._embed_answer(dm, jobs[i], r[0])
+        return out
+
+    @staticmethod
+    def _embed_answer(dm: DinoModel, job: Job, emb: torch.Tensor) -> dict:
+        p = job.params
+        if p["normalize"]:
+            emb = F.normalize(emb, dim=-1)
+        if p["openai"] is not None:
+            return openai_answer(job, emb, emb[:0], dm.image_tokens, [])
+        data, shape = encode_array(emb.numpy(), p["output_dtype"])
+        return {
+            "embeddings": data,
+            "shape": shape,
+            "dtype": p["output_dtype"],
+            "pooling": p["pooling"],
+            "normalized": p["normalize"],
+            "model": job.model_id,
+        }
 
     def op_extract(self, dm: DinoModel, jobs: list[Job]) -> list:
         return self.grouped(

@@ -1,4 +1,5 @@
-"""DINOv2 maths: loading timm ViTs from hub names, dense facets at any stride, log-binning.
+"""DINOv2 maths: loading timm ViTs from hub names, dense facets at any stride, log-binning,
+global embeddings.
 
 Plain functions on timm models and tensors, callable from tests and benchmarks without a server.
 The forward pass is written out (instead of timm's ``forward_features``) for three reasons:
@@ -22,6 +23,7 @@ from .config import ModelEntry
 from .precision import Autocast
 
 Facet = Literal["token", "key", "query", "value"]
+Pooling = Literal["cls", "mean"]
 
 #: torch.hub names (what requests send as ``model_type``) -> timm architectures.
 HUB_TO_TIMM = {
@@ -45,10 +47,17 @@ class DinoModel(Autocast):
     num_prefix: int  # class + register tokens, dropped from every output
     device: torch.device
     dtype: torch.dtype  # compute dtype (autocast when not float32)
+    preprocess: Any = None  # timm's eval transform at the native size: PIL image -> (3, S, S)
 
     @property
     def registers(self) -> bool:
         return self.model.num_reg_tokens > 0
+
+    @property
+    def image_tokens(self) -> int:
+        """Tokens the ViT sees for one embedded image: the native patch grid plus the prefix tokens."""
+        gh, gw = self.model.patch_embed.grid_size
+        return gh * gw + self.num_prefix
 
 
 def architecture(entry: ModelEntry) -> tuple[str, dict[str, Any]]:
@@ -102,7 +111,29 @@ def load_dino(entry: ModelEntry, device: str | torch.device, dtype: torch.dtype 
         num_prefix=model.num_prefix_tokens,
         device=torch.device(device),
         dtype=dtype,
+        preprocess=eval_transform(model),
     )
+
+
+def eval_transform(model: Any) -> Any:
+    """timm's evaluation transform for the model's data config (for DINOv2: bicubic resize of
+    the shorter side, centre crop, ImageNet mean/std) at the model's own input size, which the
+    config states for the released models and the tiny test ones lack."""
+    cfg = timm.data.resolve_model_data_config(model)
+    cfg["input_size"] = (3, *model.patch_embed.img_size)
+    return timm.data.create_transform(**cfg, is_training=False)
+
+
+@torch.inference_mode()
+def global_embeddings(dm: DinoModel, x: torch.Tensor, pooling: Pooling) -> torch.Tensor:
+    """(B, D) float32 embeddings of (B, 3, S, S) images made by ``dm.preprocess``: timm's
+    ``forward_features`` (blocks, then the final norm), then its class token (``cls``, what
+    timm's ``forward_head(pre_logits=True)`` returns for DINOv2) or the mean of the patch tokens
+    (``mean``, timm's ``avg`` pooling: class and register tokens left out)."""
+    with dm.autocast():
+        t = dm.model.forward_features(x.to(dm.device))
+    t = t.float()
+    return t[:, 0] if pooling == "cls" else t[:, dm.num_prefix :].mean(dim=1)
 
 
 def grid_pos_embed(dm: DinoModel, grid: tuple[int, int]) -> torch.Tensor:

@@ -154,12 +154,7 @@ class FamilySpec(LitSpec):
                     job = self._api.prepare(route.op, request)
             except APIError as e:
                 return e.response()
-            affinity = self._api.affinity(job) if self.dispatcher.connected > 1 else None
-            reply = await self.dispatcher.submit(job, affinity)
-            if reply.stats is not None:
-                key, snapshot = reply.stats
-                self._api.live_stats[key] = snapshot
-            return reply.response()
+            return (await self.submit(job)).response()
 
         endpoint.__signature__ = inspect.Signature(
             [inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=route.request)],
@@ -168,6 +163,15 @@ class FamilySpec(LitSpec):
         endpoint.__name__ = f"{self._api.family}_{route.op}"
         endpoint.__doc__ = route.summary
         return endpoint
+
+    async def submit(self, job: Job) -> Reply:
+        """A worker's answer to a prepared job (also what apis/openai_routes.py sends)."""
+        affinity = self._api.affinity(job) if self.dispatcher.connected > 1 else None
+        reply = await self.dispatcher.submit(job, affinity)
+        if reply.stats is not None:
+            key, snapshot = reply.stats
+            self._api.live_stats[key] = snapshot
+        return reply
 
     async def health(self) -> JSONResponse:
         """Open readiness of this family's workers (what the seed clients poll)."""

@@ -30,6 +30,7 @@ from .dino_api import DinoAPI
 from .errors import install_error_handlers
 from .family import FamilyAPI
 from .middleware import BearerAuth, BodyLimit
+from .openai_routes import install_openai_routes
 from .rmbg_api import RmbgAPI
 from .routing import JsonBodyRoute
 from .sam2_api import Sam2API
@@ -152,6 +153,7 @@ def build_server(cfg: ServerConfig, opts: Options) -> VisionServer:
     server.app.title, server.app.version = "visionserve", __version__
     install_error_handlers(server.app)
     _replace_info_route(server, cfg, opts, apis)
+    install_openai_routes(server.app, cfg, apis)
     return server
 
 

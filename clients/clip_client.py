@@ -1,5 +1,6 @@
 """CLIP client, seed 004 names: ``extract_clip_features``, ``encode_clip_text``,
-``compute_clip_similarity``, their ``*_decoded`` forms and the decode helpers.
+``compute_clip_similarity``, their ``*_decoded`` forms and the decode helpers; plus
+``embed_clip`` (global image/text embeddings) and ``classify_clip`` (zero-shot labels).
 
 ``image`` is base64 text (as the seed sent) or anything :func:`encode_image` takes (path,
 bytes, PIL image, uint8 array); ``image_url`` / ``image_path`` work when the server allows them.
@@ -16,6 +17,8 @@ from .common import VisionServeError, decode_array, encode_image, get, image_arg
 
 __all__ = [
     "VisionServeError",
+    "classify_clip",
+    "embed_clip",
     "compute_clip_similarity",
     "compute_clip_similarity_decoded",
     "decode_features",
@@ -141,6 +144,58 @@ def compute_clip_similarity(
         "response_format": response_format,
     }
     return post(FAMILY, "similarity", payload, base_url, api_key, timeout)
+
+
+def embed_clip(
+    images: list[Any] | None = None,
+    texts: list[str] | None = None,
+    model_name: str | None = None,
+    model_pretrained: str | None = None,
+    output_dtype: str = "float32",
+    base_url: str | None = None,
+    api_key: str | None = None,
+    timeout: float = 600.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """POST /clip/embed: (image embeddings (N, D), text embeddings (M, D)), L2-normalised, in
+    one space (cosine = dot product). ``images``: file paths, bytes, PIL images or uint8 arrays;
+    at most the server's ``limits.max_embed_inputs`` images and texts together."""
+    payload = {
+        "images": [encode_image(image) for image in images or []],
+        "texts": list(texts or []),
+        "model_name": model_name,
+        "model_pretrained": model_pretrained,
+        "output_dtype": output_dtype,
+    }
+    r = post(FAMILY, "embed", payload, base_url, api_key, timeout)
+    return (
+        decode_array(r["image_embeddings"], r["image_shape"], r["dtype"]),
+        decode_array(r["text_embeddings"], r["text_shape"], r["dtype"]),
+    )
+
+
+def classify_clip(
+    image: Any,
+    labels: list[str],
+    templates: list[str] | None = None,
+    model_name: str | None = None,
+    model_pretrained: str | None = None,
+    base_url: str | None = None,
+    api_key: str | None = None,
+    image_url: str | None = None,
+    image_path: str | None = None,
+    timeout: float = 600.0,
+) -> np.ndarray:
+    """POST /clip/classify: the labels' probabilities (L,), in their order (``image`` may be a
+    file path). ``templates`` with ``{}`` for the label; None uses the server's default set."""
+    payload = {
+        **image_fields(image_arg(image), image_url, image_path),
+        "labels": list(labels),
+        "templates": templates,
+        "model_name": model_name,
+        "model_pretrained": model_pretrained,
+    }
+    r = post(FAMILY, "classify", payload, base_url, api_key, timeout)
+    return np.asarray(r["probabilities"], dtype=np.float32)
 
 
 def decode_features(features_b64: str, shape: list[int], dtype: str = "float32") -> np.ndarray:

@@ -1,5 +1,5 @@
 """DINO client, seed 004 names: ``extract_dino_features``, ``decode_features`` and
-``extract_dino_features_decoded``.
+``extract_dino_features_decoded``; plus ``embed_dino`` (global image embeddings).
 
 ``image`` is base64 text (as the seed sent) or anything :func:`encode_image` takes (path,
 bytes, PIL image, uint8 array); ``image_url`` / ``image_path`` work when the server allows them.
@@ -17,6 +17,7 @@ from .common import VisionServeError, decode_array, encode_image, get, image_arg
 __all__ = [
     "VisionServeError",
     "decode_features",
+    "embed_dino",
     "encode_image",
     "extract_dino_features",
     "extract_dino_features_decoded",
@@ -86,3 +87,27 @@ def extract_dino_features_decoded(image: Any, response_format: str = "npy", **kw
     it travels as .npy unless ``response_format="json"``."""
     r = extract_dino_features(image_arg(image), response_format=response_format, **kwargs)
     return r["array"] if "array" in r else decode_features(r["features"], r["shape"], r["dtype"])
+
+
+def embed_dino(
+    images: list[Any],
+    model_type: str | None = None,
+    pooling: str = "cls",
+    normalize: bool = False,
+    output_dtype: str = "float32",
+    base_url: str | None = None,
+    api_key: str | None = None,
+    timeout: float = 600.0,
+) -> np.ndarray:
+    """POST /dino/embed: (N, D) embeddings, the class token (``pooling="cls"``) or the mean of
+    the patch tokens (``"mean"``), L2-normalised if ``normalize``. ``images``: file paths, bytes,
+    PIL images or uint8 arrays; at most the server's ``limits.max_embed_inputs``."""
+    payload = {
+        "images": [encode_image(image) for image in images],
+        "model_type": model_type,
+        "pooling": pooling,
+        "normalize": normalize,
+        "output_dtype": output_dtype,
+    }
+    r = post(FAMILY, "embed", payload, base_url, api_key, timeout)
+    return decode_array(r["embeddings"], r["shape"], r["dtype"])
