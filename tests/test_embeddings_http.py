@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from apis.clip_model import DEFAULT_TEMPLATES
+from apis.errors import APIError
 from clients import clip_client as cc
 from clients import dino_client as dc
 from tests.conftest import CLIP_ARCH, KEYS, ServerProcess
@@ -380,3 +381,25 @@ def test_openai_route_errors_have_openai_shape(server, body, status, param):
     assert set(err) == {"message", "type", "param", "code"}
     assert err["type"] == "invalid_request_error" and err["param"] == param, err
     assert post(server, "/v1/embeddings", {"model": CLIP_ID, "input": "x"}, key="bad").status_code == 401
+
+
+def test_which_openai_inputs_are_images(images):
+    from apis.config import ServerConfig
+    from apis.openai_routes import image_input
+
+    cfg = ServerConfig()
+    png = base64.b64decode(png_b64(images[0]))
+    buf = io.BytesIO()
+    images[0].save(buf, format="JPEG")
+    for image in (png_b64(images[0]), data_uri(images[0]), base64.b64encode(buf.getvalue()).decode()):
+        assert image_input(image, cfg, "input[0]")[:4] in (png[:4], buf.getvalue()[:4])
+    for text in (
+        "hello world",
+        "QUJDREVGR0hJSktMTU5PUA==",
+        "data: the new oil",
+        "data:text/plain;base64,aGk=",
+    ):
+        assert image_input(text, cfg, "input[0]") is None
+    with pytest.raises(APIError) as e:  # announced as an image, so a broken one is an error, not a text
+        image_input("data:image/png;base64,aGVsbG8gd29ybGQ=", cfg, "input[2]")
+    assert e.value.param == "input[2]" and e.value.code == "invalid_image"
