@@ -90,9 +90,14 @@ def test_health_open_info_and_docs_need_key(clip_server):
         "/clip/extract",
         "/clip/encode_text",
         "/clip/similarity",
+        "/clip/embed",
+        "/clip/classify",
     ]
     schema = requests.get(clip_server.url + "/openapi.json", headers=auth()).json()
-    assert {"/clip/extract", "/clip/encode_text", "/clip/similarity"} <= set(schema["paths"])
+    assert {"/clip/extract", "/clip/encode_text", "/clip/similarity", "/v1/embeddings"} <= set(
+        schema["paths"]
+    )
+    assert "encoding_format" in schema["components"]["schemas"]["EmbeddingsRequest"]["properties"]
     assert "load_size" in schema["components"]["schemas"]["ClipExtractRequest"]["properties"]
 
 
