@@ -286,9 +286,8 @@ class ClipAPI(EmbeddingRoutes, FamilyAPI):
 
         def forward(items: list[tuple[torch.Tensor, list[str]]]) -> list:
             images = encode_images(cm, torch.stack([x for x, _ in items])).cpu()
-            index = {text: i for i, text in enumerate(dict.fromkeys(t for _, ps in items for t in ps))}
-            texts = self._chunked(lambda chunk: encode_texts(cm, chunk), list(index), None)
-            return [(images[k], texts[[index[t] for t in ps]]) for k, (_, ps) in enumerate(items)]
+            vectors = self._prompt_embeddings(cm, [t for _, ps in items for t in ps])
+            return [(images[k], torch.stack([vectors[t] for t in ps])) for k, (_, ps) in enumerate(items)]
 
         def finish(job: Job, _, res: tuple[torch.Tensor, torch.Tensor]) -> dict:
             image, prompt_emb = res
@@ -304,6 +303,27 @@ class ClipAPI(EmbeddingRoutes, FamilyAPI):
             }
 
         return self.grouped("classify", jobs, prepare, key=lambda _: None, forward=forward, finish=finish)
+
+    def _prompt_embeddings(self, cm: ClipModel, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Normalised embeddings of the distinct ``texts``: cached ones reused, the others made
+        in chunks and cached."""
+        found: dict[str, torch.Tensor] = {}
+        missing = []
+        for text in dict.fromkeys(texts):
+            vector = cm.prompt_cache.get(text)
+            if vector is None:
+                missing.append(text)
+            else:
+                found[text] = vector
+        if missing:
+            made = self._chunked(lambda chunk: encode_texts(cm, chunk), missing, None)
+            for text, vector in zip(missing, made, strict=True):
+                found[text] = vector.clone()  # not a view that keeps the whole chunk alive
+                cm.prompt_cache.put(text, found[text])
+        return found
+
+    def extra_stats(self) -> dict:
+        return {"prompt_cache": {k: m.prompt_cache.stats() for k, m in self._models.items()}}
 
     def op_extract(self, cm: ClipModel, jobs: list[Job]) -> list:
         def prepare(job: Job) -> _Prepared:

@@ -8,7 +8,7 @@ a server.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from open_clip.transformer import text_global_pool
 
+from .cache import LRUCache
 from .config import ModelEntry
 from .dense import interpolate_pos_embed
 from .precision import Autocast
@@ -25,6 +26,10 @@ from .precision import Autocast
 log = logging.getLogger(__name__)
 
 SimilarityMode = Literal["dot", "cosine"]
+
+#: Prompt embeddings /clip/classify keeps per model and worker (a few KB each): a label set
+#: asked again costs no text-tower pass.
+PROMPT_CACHE_SIZE = 4096
 
 #: /clip/classify's prompt templates when a request names none: a selection from the 80 that
 #: OpenAI's CLIP paper ensembled for ImageNet; each label's embedding is their normalised mean.
@@ -51,6 +56,7 @@ class ClipModel(Autocast):
     device: torch.device
     dtype: torch.dtype  # compute dtype (autocast when not float32)
     preprocess: Any = None  # open_clip's eval transform: PIL image -> (3, S, S) for encode_image
+    prompt_cache: LRUCache[torch.Tensor] = field(default_factory=lambda: LRUCache(PROMPT_CACHE_SIZE))
 
     @property
     def image_tokens(self) -> int:

@@ -189,7 +189,7 @@ def test_classify_equals_open_clip_zero_shot(server, images, clip_ref, ckw, temp
     assert body["templates"] == len(DEFAULT_TEMPLATES) and body["labels"] == labels
 
 
-def test_concurrent_classifies_match_one_at_a_time(images, clip_ref, ckw):
+def test_concurrent_classifies_match_one_at_a_time(server, images, clip_ref, ckw):
     labels = ["one", "two", "three"]
     with ThreadPoolExecutor(6) as pool:
         outs = list(pool.map(lambda im: cc.classify_clip(im, labels, **ckw), images * 2))
@@ -197,6 +197,10 @@ def test_concurrent_classifies_match_one_at_a_time(images, clip_ref, ckw):
         np.testing.assert_allclose(
             out, zero_shot_ref(clip_ref, im, labels, list(DEFAULT_TEMPLATES)), atol=1e-5
         )
+    # the label set asked again reuses the 24 cached prompt embeddings
+    np.testing.assert_allclose(cc.classify_clip(images[0], labels, **ckw), outs[0], atol=1e-6)
+    cache = info(server)["families"]["clip"]["workers"][0]["prompt_cache"][CLIP_ID]
+    assert cache["hits"] >= 24 and cache["size"] >= 24, cache
 
 
 # ----------------------------------------------------------------------------- /dino/embed
@@ -311,8 +315,8 @@ def test_openai_client_embeddings_equal_clip_embed_and_open_clip(oai, images, cl
     np.testing.assert_array_equal(got, want)
     np.testing.assert_allclose(got[[1, 2]], clip_image_ref(clip_ref, images[:2]), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(got[[0, 3]], clip_text_ref(clip_ref, texts), rtol=1e-4, atol=1e-5)
-    tok = clip_ref[2]
-    text_tokens = sum(len(tok.encode(t)) + 2 for t in texts)  # start and end tokens included
+    tok = clip_ref[2]  # tokens up to and including the end token, where the text tower pools
+    text_tokens = sum(int((tok([t])[0] == tok.eot_token_id).nonzero()[0]) + 1 for t in texts)
     image_tokens = 2 * ((56 // 14) ** 2 + 1)
     assert res.usage.prompt_tokens == res.usage.total_tokens == text_tokens + image_tokens
 
