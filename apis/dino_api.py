@@ -13,6 +13,7 @@ from .config import ModelEntry
 from .dense import IMAGENET_MEAN, IMAGENET_STD, Geometry, plan, preprocess, respond
 from .dino_model import (
     BIN_CELLS,
+    POOLINGS,
     DinoModel,
     Facet,
     Pooling,
@@ -124,26 +125,19 @@ class DinoAPI(EmbeddingRoutes, FamilyAPI):
         return load_dino(entry, self.torch_device, self.compute_dtype)
 
     def op_embed(self, dm: DinoModel, jobs: list[Job]) -> list:
-        """Every image of the batch's requests in one forward (per pooling)."""
-        out: list = [None] * len(jobs)
-        for pooling in ("cls", "mean"):
-            idx = [i for i, job in enumerate(jobs) if job.params["pooling"] == pooling]
-            if not idx:
-                continue
-            results = self.embed_batch(
-                "embed",
-                [jobs[i] for i in idx],
-                dm.embed_dim,
-                dm.preprocess,
-                lambda x, pooling=pooling: global_embeddings(dm, x, pooling),
-            )
-            for i, r in zip(idx, results, strict=True):
-                out[i] = r if isinstance(r, APIError) else self._embed_answer(dm, jobs[i], r[0])
-        return out
+        """Every image of the batch's requests in one forward, whatever pooling each asks for."""
+        results = self.embed_batch(
+            "embed", jobs, dm.embed_dim, dm.preprocess, lambda x: global_embeddings(dm, x)
+        )
+        return [
+            r if isinstance(r, APIError) else self._embed_answer(dm, job, r[0])
+            for job, r in zip(jobs, results, strict=True)
+        ]
 
     @staticmethod
-    def _embed_answer(dm: DinoModel, job: Job, emb: torch.Tensor) -> dict:
+    def _embed_answer(dm: DinoModel, job: Job, pooled: torch.Tensor) -> dict:
         p = job.params
+        emb = pooled[:, POOLINGS.index(p["pooling"])]
         if p["normalize"]:
             emb = F.normalize(emb, dim=-1)
         if p["openai"] is not None:

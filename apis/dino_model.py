@@ -24,6 +24,7 @@ from .precision import Autocast
 
 Facet = Literal["token", "key", "query", "value"]
 Pooling = Literal["cls", "mean"]
+POOLINGS: tuple[Pooling, ...] = ("cls", "mean")
 
 #: torch.hub names (what requests send as ``model_type``) -> timm architectures.
 HUB_TO_TIMM = {
@@ -125,15 +126,15 @@ def eval_transform(model: Any) -> Any:
 
 
 @torch.inference_mode()
-def global_embeddings(dm: DinoModel, x: torch.Tensor, pooling: Pooling) -> torch.Tensor:
-    """(B, D) float32 embeddings of (B, 3, S, S) images made by ``dm.preprocess``: timm's
-    ``forward_features`` (blocks, then the final norm), then its class token (``cls``, what
-    timm's ``forward_head(pre_logits=True)`` returns for DINOv2) or the mean of the patch tokens
-    (``mean``, timm's ``avg`` pooling: class and register tokens left out)."""
+def global_embeddings(dm: DinoModel, x: torch.Tensor) -> torch.Tensor:
+    """(B, 2, D) float32 embeddings of (B, 3, S, S) images made by ``dm.preprocess``, both
+    poolings (``POOLINGS`` order) of one timm ``forward_features`` (blocks, then the final norm):
+    the class token (what timm's ``forward_head(pre_logits=True)`` returns for DINOv2) and the
+    mean of the patch tokens (timm's ``avg`` pooling: class and register tokens left out)."""
     with dm.autocast():
         t = dm.model.forward_features(x.to(dm.device))
     t = t.float()
-    return t[:, 0] if pooling == "cls" else t[:, dm.num_prefix :].mean(dim=1)
+    return torch.stack([t[:, 0], t[:, dm.num_prefix :].mean(dim=1)], dim=1)
 
 
 def grid_pos_embed(dm: DinoModel, grid: tuple[int, int]) -> torch.Tensor:

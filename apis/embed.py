@@ -83,7 +83,8 @@ class EmbeddingRoutes:
         encode_images: Callable[[torch.Tensor], torch.Tensor],
         encode_texts: Callable[[list[str]], torch.Tensor] | None = None,
     ) -> list[tuple[torch.Tensor, torch.Tensor] | APIError]:
-        """(image embeddings, text embeddings) per job, each (n, dim) on the CPU, or its error."""
+        """(image embeddings, text embeddings) per job on the CPU, or its error: the rows of what
+        ``encode_images`` / ``encode_texts`` return ((n, dim) each for CLIP) that belong to the job."""
         out: list[Any] = [None] * len(jobs)
         pixels: list[torch.Tensor] = []
         texts: list[str] = []
