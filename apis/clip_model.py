@@ -108,10 +108,10 @@ def load_clip(entry: ModelEntry, device: str | torch.device, dtype: torch.dtype 
 def dense_features(cm: ClipModel, x: torch.Tensor) -> torch.Tensor:
     """MaskCLIP dense features, (B, H/p, W/p, D) float32, not normalised.
 
-    Patch embedding, class token, positional embedding resized (bicubic) to the patch grid,
-    ln_pre, every block but the last, then only the last block's value path (ln_1, value
-    projection, out_proj: no attention mixing, residual or MLP), class token dropped, ln_post
-    and the visual projection.
+    Patch embedding, class token, positional embedding resized to the patch grid (the seed's
+    scale-factor recipe, :func:`~apis.dense.interpolate_pos_embed`), ln_pre, every block but
+    the last, then only the last block's value path (ln_1, value projection, out_proj: no
+    attention mixing, residual or MLP), class token dropped, ln_post and the visual projection.
     """
     visual = cm.model.visual
     with cm.autocast():

@@ -137,13 +137,23 @@ def to_layout(x: torch.Tensor, fmt: TensorFormat) -> torch.Tensor:
 def interpolate_pos_embed(
     pos: torch.Tensor, src_grid: tuple[int, int], dst_grid: tuple[int, int], n_prefix: int = 1
 ) -> torch.Tensor:
-    """Bicubically resize the grid part of a (n_prefix + gh*gw, C) positional embedding."""
+    """Resize the grid part of a (n_prefix + gh*gw, C) positional embedding to ``dst_grid``.
+
+    The seed's recipe (F3RM's, from DINO): bicubic with scale factors (g + 0.1) / native side,
+    not an exact output size; the two sample the table at different positions and differ by
+    ~2 % of the features. At the native grid the table is used as is.
+    """
     if tuple(src_grid) == tuple(dst_grid):
         return pos
     prefix, grid = pos[:n_prefix], pos[n_prefix:]
     c = grid.shape[-1]
     grid = grid.reshape(1, src_grid[0], src_grid[1], c).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=dst_grid, mode="bicubic", align_corners=False)
+    scale = ((dst_grid[0] + 0.1) / src_grid[0], (dst_grid[1] + 0.1) / src_grid[1])
+    grid = F.interpolate(
+        grid, scale_factor=scale, mode="bicubic", align_corners=False, recompute_scale_factor=False
+    )
+    if tuple(grid.shape[-2:]) != tuple(dst_grid):
+        raise RuntimeError(f"positional embedding resized to {tuple(grid.shape[-2:])}, wanted {dst_grid}")
     grid = grid.permute(0, 2, 3, 1).reshape(dst_grid[0] * dst_grid[1], c).to(pos.dtype)
     return torch.cat([prefix, grid], dim=0)
 

@@ -174,7 +174,7 @@ def dense_features(dm: DinoModel, x: torch.Tensor, stride: int, facet: Facet, la
     ``x`` (B, 3, H, W) is normalised with both sides multiples of the patch size; the grid is
     ``1 + (H - patch) // stride`` by ``1 + (W - patch) // stride``. ``token`` is the block's
     output (before the final norm); ``key``/``query``/``value`` come from its qkv projection of
-    the normed input, heads concatenated in the projection's own order.
+    the normed input, channels in the seed's order (:func:`seed_channel_order`).
     """
     m = dm.model
     layer = layer % dm.depth
@@ -192,8 +192,17 @@ def dense_features(dm: DinoModel, x: torch.Tensor, stride: int, facet: Facet, la
             t = blk(t)
         else:
             i = ("query", "key", "value").index(facet)
-            t = blk.attn.qkv(blk.norm1(t))[..., i * d : (i + 1) * d]
+            t = seed_channel_order(blk.attn.qkv(blk.norm1(t))[..., i * d : (i + 1) * d], blk.attn.num_heads)
     return t[:, dm.num_prefix :].float().reshape(b, gh, gw, d)
+
+
+def seed_channel_order(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(..., heads * head_dim) with head h's channel d at h * head_dim + d -> at d * heads + h.
+
+    The seed's extractor (dino-vit-features) views q/k/v as (B, heads, tokens, head_dim) and
+    flattens each token head_dim-major; probes and indexes built on its features expect that.
+    """
+    return x.unflatten(-1, (heads, -1)).transpose(-1, -2).flatten(-2)
 
 
 def log_bin(feats: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ _SIZES = {"t": "tiny", "s": "small", "b+": "base_plus", "l": "large"}
 _SIZE_WORDS = {"tiny": "t", "small": "s", "base_plus": "b+", "baseplus": "b+", "large": "l"}
 _VARIANT = re.compile(r"(sam2(?:\.1)?)_hiera_(t|s|b\+|l|tiny|small|base_?plus|large)")
 
-#: SPEC.md presets; explicit request fields override them.
+#: The seed's presets; explicit request fields override them.
 PRESETS: dict[str, dict[str, Any]] = {
     "coarse": {
         "points_per_side": 16,

@@ -417,7 +417,7 @@ class Sam3Runner(Autocast):
 
 @dataclass
 class Filters:
-    """What an instance must pass to be returned (SPEC: SAM3)."""
+    """What an instance must pass to be returned (the seed service's defaults)."""
 
     score_threshold: float = 0.5  # kept when score > threshold (as Sam3Processor)
     epsilon_factor: float = 0.02  # polygon simplification, x the contour's perimeter

@@ -2,21 +2,64 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from copy import copy
+from typing import Any, ClassVar
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic.fields import FieldInfo
 
 from .dense import InterpolationMode, PaddingMode, TensorFormat
 from .images import ImageInput
 from .tensors import OutputDType, ResponseFormat
 
 
+class _DefaultOnNull:
+    """After-validator of an optional field: JSON null becomes the field's default."""
+
+    def __init__(self, field: FieldInfo):
+        self.field = field
+
+    def __call__(self, value: Any) -> Any:
+        return self.field.get_default(call_default_factory=True) if value is None else value
+
+
 class StrictRequest(BaseModel):
-    """Unknown fields, wrong JSON types and NaN/inf are refused (422) instead of silently coerced."""
+    """Unknown fields, wrong JSON types and NaN/inf are refused (422) instead of silently coerced.
+
+    Every optional field also takes JSON null, meaning "use the default": the seed's clients
+    send every parameter, null for those the caller left unset. Fields named in
+    ``null_is_a_value`` keep null as a value of its own (``load_size``: no resize). Each such
+    field's type becomes ``T | None`` with a validator that swaps null for the default, so JSON
+    parsing stays strict and the OpenAPI schema shows that null is accepted.
+    """
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    null_is_a_value: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        if not cls.__pydantic_complete__:
+            raise TypeError(f"{cls.__name__}: request models must not have unresolved type references")
+        changed = False
+        for name, field in cls.__pydantic_fields__.items():
+            if field.is_required() or field.default is None or name in cls.null_is_a_value:
+                continue
+            if any(isinstance(getattr(m, "func", None), _DefaultOnNull) for m in field.metadata):
+                continue  # inherited, already nullable
+            nullable = copy(field)
+            nullable.annotation = field.annotation | None
+            nullable.metadata = [*field.metadata, AfterValidator(_DefaultOnNull(field))]
+            cls.__pydantic_fields__[name] = nullable
+            changed = True
+        if changed:
+            cls.model_rebuild(force=True)
 
 
 class DenseOptions(StrictRequest, ImageInput):
     """What every dense-feature route takes (seed 004): resizing, PCA, upsampling, layout."""
+
+    null_is_a_value = frozenset({"load_size"})
 
     load_size: int | None = Field(
         ...,

@@ -68,11 +68,16 @@ def save_overlay(
 ) -> Path:
     """Write a PNG of ``image`` (path, PIL image or uint8 array) with each mask blended in its
     own colour and each polygon outlined in the colour of the same index, to check results by
-    eye. Colours depend only on ``seed`` and the index."""
-    from PIL import Image, ImageDraw
+    eye. Colours depend only on ``seed`` and the index.
+
+    A file is shown as the server decodes it, turned by its EXIF orientation (the clients send
+    its bytes as they are); PIL images and arrays go out as PNG without EXIF, so they are drawn
+    as given.
+    """
+    from PIL import Image, ImageDraw, ImageOps
 
     if isinstance(image, (str, Path)):
-        image = Image.open(image)
+        image = ImageOps.exif_transpose(Image.open(image))
     elif isinstance(image, np.ndarray):
         image = Image.fromarray(np.asarray(image, dtype=np.uint8))
     out = np.asarray(image.convert("RGB"), dtype=np.float32).copy()

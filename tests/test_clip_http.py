@@ -38,8 +38,44 @@ def kw(clip_url):
     }
 
 
+def seed_pos_embed(pos: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
+    """The seed's positional embedding for a (gh, gw) grid (F3RM's recipe, from DINO): bicubic by
+    scale factors (g + 0.1) / s of the native s x s table, which samples other positions than
+    resizing to (gh, gw) exactly; the native grid keeps the table."""
+    s = int(math.sqrt(pos.shape[0] - 1))
+    if (gh, gw) == (s, s):
+        return pos
+    grid = pos[1:].reshape(1, s, s, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(
+        grid,
+        scale_factor=((gh + 0.1) / s, (gw + 0.1) / s),
+        mode="bicubic",
+        align_corners=False,
+        recompute_scale_factor=False,
+    )
+    return torch.cat([pos[:1], grid.permute(0, 2, 3, 1).reshape(gh * gw, -1)])
+
+
+def seed_resize(img: Image.Image, load_size: int | None, center_crop: bool = False) -> Image.Image:
+    """load_size > 0: shorter side to load_size, < 0: times |load_size|, None: as is (bicubic);
+    then the centred square of the shorter side."""
+    if load_size is not None:
+        short = load_size if load_size > 0 else -load_size * min(img.size)
+        scale = short / min(img.size)
+        w, h = (
+            (short, int(img.height * scale)) if img.width <= img.height else (int(img.width * scale), short)
+        )
+        img = img.resize((w, h), Image.BICUBIC)
+    if center_crop:
+        side = min(img.size)
+        left, top = round((img.width - side) / 2), round((img.height - side) / 2)
+        img = img.crop((left, top, left + side, top + side))
+    return img
+
+
 def reference_dense(model, img: Image.Image) -> np.ndarray:
-    """MaskCLIP dense features written out step by step on open_clip's modules."""
+    """MaskCLIP dense features written out step by step on open_clip's modules, with the seed's
+    positional embedding."""
     x = (np.asarray(img, dtype=np.float32) / 255.0 - MEAN) / STD
     h, w = x.shape[:2]
     x = np.pad(x, ((0, (-h) % PATCH), (0, (-w) % PATCH), (0, 0)))
@@ -50,11 +86,7 @@ def reference_dense(model, img: Image.Image) -> np.ndarray:
         gh, gw = t.shape[-2:]
         t = t.reshape(1, t.shape[1], -1).permute(0, 2, 1)
         t = torch.cat([v.class_embedding.reshape(1, 1, -1), t], dim=1)
-        n = int(math.sqrt(v.positional_embedding.shape[0] - 1))
-        grid = v.positional_embedding[1:].reshape(1, n, n, -1).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False)
-        pos = torch.cat([v.positional_embedding[:1], grid.permute(0, 2, 3, 1).reshape(gh * gw, -1)])
-        t = v.ln_pre(t + pos)
+        t = v.ln_pre(t + seed_pos_embed(v.positional_embedding, gh, gw))
         for blk in v.transformer.resblocks[:-1]:
             t = blk(t)
         last = v.transformer.resblocks[-1]
@@ -74,15 +106,51 @@ def reference_text(model, text: str) -> np.ndarray:
 # ----------------------------------------------------------------------------- extract
 
 
-@pytest.mark.parametrize("load_size", [None, 100])
-def test_dense_features_equal_direct_open_clip(rgb_image, ref_model, kw, load_size):
-    img = rgb_image
-    if load_size:
-        img = img.resize((int(load_size * 61 / 45), load_size), Image.BICUBIC)  # shorter side -> load_size
-    got = cc.extract_clip_features_decoded(rgb_image, load_size=load_size, **kw)
+def upsampled(grid: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The patch grid stretched bilinearly over the padded image, the padding cropped off."""
+    padded = (height + (-height) % PATCH, width + (-width) % PATCH)
+    x = F.interpolate(torch.from_numpy(grid).permute(2, 0, 1)[None], size=padded, mode="bilinear")
+    return x[0, :, :height, :width].permute(1, 2, 0).numpy()
+
+
+def relative_difference(got: np.ndarray, want: np.ndarray) -> float:
+    assert got.shape == want.shape
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+SEED_SIZES = {
+    "original size": (None, False, (4, 5)),  # 45x61, padded to 56x70
+    "load_size 100": (100, False, (8, 10)),  # 100x135, padded to 112x140
+    "load_size -2": (-2, False, (7, 9)),  # 90x122, padded to 98x126
+    "native grid": (56, True, (4, 4)),  # 56x56: the model's own 4x4 grid, table as is
+}
+
+
+@pytest.mark.parametrize("case", SEED_SIZES)
+def test_dense_features_equal_the_seeds_recipe(rgb_image, ref_model, kw, case):
+    load_size, crop, grid = SEED_SIZES[case]
+    img = seed_resize(rgb_image, load_size, crop)
     want = reference_dense(ref_model, img)
-    assert got.shape == want.shape == (math.ceil(img.height / 14), math.ceil(img.width / 14), 32)
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    patches = cc.extract_clip_features_decoded(rgb_image, load_size=load_size, center_crop=crop, **kw)
+    assert patches.shape == want.shape == (*grid, 32)
+    assert relative_difference(patches, want) <= 1e-5
+    pixels = cc.extract_clip_features_decoded(
+        rgb_image, load_size=load_size, center_crop=crop, ret_patches=False, **kw
+    )
+    assert relative_difference(pixels, upsampled(want, img.height, img.width)) <= 1e-5
+
+
+@pytest.mark.parametrize("case", ["load_size 100", "load_size -2"])
+def test_similarity_equals_the_seeds_recipe(rgb_image, ref_model, kw, case):
+    load_size, crop, _ = SEED_SIZES[case]
+    raw = reference_dense(ref_model, seed_resize(rgb_image, load_size, crop)) @ reference_text(
+        ref_model, "a cat"
+    )
+    got = cc.compute_clip_similarity_decoded(rgb_image, "a cat", load_size=load_size, softmax=0, **kw)
+    assert relative_difference(got, raw) <= 1e-5
+    soft = cc.compute_clip_similarity_decoded(rgb_image, "a cat", load_size=load_size, **kw)  # softmax 1.0
+    z = np.exp(raw - raw.max())
+    assert relative_difference(soft, z / z.sum()) <= 1e-5
 
 
 @pytest.mark.parametrize(

@@ -114,7 +114,8 @@ def hub_pos_embed(pos: torch.Tensor, native: tuple[int, int], grid: tuple[int, i
 def reference(
     model, img: Image.Image, stride: int, facet: str, layer: int, hub_pos: bool = True
 ) -> np.ndarray:
-    """timm's dynamic-size forward at ``stride``; the facet read by hooks on the block's modules."""
+    """timm's dynamic-size forward at ``stride``; the facet read by hooks on the block's modules,
+    key/query/value in the seed's channel order (see ``seed_order``)."""
     arch = model.pretrained_cfg["architecture"]
     m = timm.create_model(arch, num_classes=0, dynamic_img_size=True, **TINY).eval()
     m.load_state_dict(model.state_dict())
@@ -135,13 +136,18 @@ def reference(
         m.forward_features(x)
     for h in hooks:
         h.remove()
-    if facet == "token":
-        t = seen["token"]
-    else:
-        b, n, _ = seen["qkv"].shape
-        qkv = seen["qkv"].reshape(b, n, 3, m.blocks[0].attn.num_heads, -1)
-        t = qkv[:, :, ("query", "key", "value").index(facet)].reshape(b, n, -1)
+    heads = m.blocks[0].attn.num_heads
+    t = seen["token"] if facet == "token" else seed_order(seen["qkv"], heads, facet)
     return t[0, m.num_prefix_tokens :].reshape(*grid, -1).numpy()
+
+
+def seed_order(qkv: torch.Tensor, heads: int, facet: str) -> torch.Tensor:
+    """The seed's (dino-vit-features') facet from a qkv projection output (B, N, 3 * D): q, k, v
+    as (B, heads, tokens, head_dim), each token flattened head_dim-major (channel d * heads + h)."""
+    b, n, _ = qkv.shape
+    q, k, v = qkv.reshape(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)
+    chosen = {"query": q, "key": k, "value": v}[facet]
+    return chosen.permute(0, 2, 3, 1).reshape(b, n, -1)
 
 
 def log_bin_loops(f: np.ndarray) -> np.ndarray:
@@ -184,6 +190,25 @@ def test_query_value_and_middle_layer_equal_timm(rgb_image, dino_models, kw):
             rgb_image, model_type="dinov2_tiny14_reg", facet=facet, layer=layer, **kw
         )
         np.testing.assert_allclose(got, reference(model, rgb_image, 14, facet, layer), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("binned", [False, True])
+@pytest.mark.parametrize("layer", [0, -1])
+@pytest.mark.parametrize("facet", ["key", "query", "value"])
+def test_qkv_facets_come_in_the_seeds_channel_order(rgb_image, dino_models, kw, facet, layer, binned):
+    model = dino_models["dinov2_tiny14"][0]
+    want = reference(model, rgb_image, 7, facet, layer)
+    # the projection's own order (h * head_dim + d) holds the same numbers, elsewhere
+    heads = model.blocks[0].attn.num_heads
+    own = want.reshape(7, 9, DIM // heads, heads).swapaxes(-1, -2).reshape(7, 9, DIM)
+    assert not np.allclose(own, want, atol=1e-3)
+    if binned:
+        want = log_bin_loops(want)
+    got = dc.extract_dino_features_decoded(
+        rgb_image, model_type="dinov2_tiny14", facet=facet, layer=layer, stride=7, bin=binned, **kw
+    )
+    assert got.shape == want.shape == (7, 9, (17 if binned else 1) * DIM)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_positional_interpolation_is_the_hubs_not_timms(rgb_image, dino_models, kw):

@@ -495,3 +495,24 @@ def test_too_many_float32_masks_are_refused_with_advice(kw):
         image=encode_image(big), preset="coarse", mask_encoding="packbits", **LOOSE, **kw
     )
     assert r["num_masks"] > 0
+
+
+def test_overlay_of_a_phone_jpeg_is_turned_like_the_servers_masks(kw, tmp_path):
+    """EXIF orientation 6 (turn 90 degrees clockwise to display): the server decodes the file
+    turned, so its masks are 96 high and 72 wide, and the overlay of the file must fit them."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo = tmp_path / "phone.jpg"
+    Image.fromarray(scene()).save(photo, format="JPEG", quality=95, exif=exif.tobytes())
+    masks, _, _ = sc.sam2_point_mask(str(photo), point_coords=[[30, 60]], point_labels=[1], **kw)
+    assert masks.shape == (3, 96, 72)
+    out = sc.save_mask_overlay(str(photo), masks[:1], tmp_path / "overlay.png", alpha=1.0, seed=4)
+    got = np.asarray(Image.open(out))
+    turned = np.rot90(np.asarray(Image.open(photo).convert("RGB")), k=-1)  # clockwise
+    colour = np.random.default_rng(4).integers(40, 256, size=(1, 3))[0]
+    m = masks[0] > 0.5
+    assert 0 < m.sum() < m.size
+    np.testing.assert_array_equal(got[~m], turned[~m])
+    np.testing.assert_array_equal(got[m], np.broadcast_to(colour, got[m].shape))
