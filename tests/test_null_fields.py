@@ -40,7 +40,10 @@ BASES: dict[str, list[dict]] = {
     "clip/extract": [{"image": IMG, "load_size": 100}],
     "clip/encode_text": [{"text": "a red mug"}],
     "clip/similarity": [{"image": IMG, "text": "a red mug", "load_size": 100}],
+    "clip/embed": [{"images": [IMG]}, {"texts": ["a red mug"]}],
+    "clip/classify": [{"image": IMG, "labels": ["mug", "robot"]}],
     "dino/extract": [{"image": IMG}],
+    "dino/embed": [{"images": [IMG]}],
     "sam2/auto_mask": [
         {"image": IMG, "preset": "coarse"},
         {"image": IMG, "points_per_side": 4, "crop_n_layers": 0},  # preset null = fine_grained
