@@ -19,17 +19,19 @@ from dataclasses import dataclass, field
 
 import litserve as ls
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from litserve.utils import WorkerSetupStatus
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.middleware.gzip import GZipMiddleware
 
 from . import __version__
 from .clip_api import ClipAPI
 from .config import WORKER_ENV, ServerConfig
 from .dino_api import DinoAPI
-from .errors import install_error_handlers
+from .errors import APIError, install_error_handlers
 from .family import FamilyAPI
 from .middleware import BearerAuth, BodyLimit
+from .observability import Metrics, RequestContext
 from .rmbg_api import RmbgAPI
 from .routing import JsonBodyRoute
 from .sam2_api import Sam2API
@@ -58,6 +60,7 @@ class Options:
     api_keys: list[str] | None = field(default_factory=list)  # None = auth disabled
     queue_timeout: float = 300.0
     log_level: str = "info"
+    unavailable: dict[str, str] = field(default_factory=dict)  # optional families left out, and why
 
 
 class VisionServer(ls.LitServer):
@@ -131,13 +134,16 @@ def build_server(cfg: ServerConfig, opts: Options) -> VisionServer:
     def is_open(path: str) -> bool:
         return (
             path == "/health"
-            or (path.endswith("/health") and path[1:-7] in families)
+            or (path.endswith("/health") and (path[1:-7] in families or path[1:-7] in opts.unavailable))
             or (cfg.public_docs and path in _DOC_PATHS)
+            or (cfg.public_metrics and path == "/metrics")
         )
 
+    metrics = Metrics(apis, opts.unavailable)
     middlewares = [(BodyLimit, {"max_bytes": cfg.limits.max_body_bytes})]
     if opts.api_keys is not None:
         middlewares.append((BearerAuth, {"keys": opts.api_keys, "is_open": is_open}))
+    middlewares.append((RequestContext, {"metrics": metrics}))  # added last: outermost
     server = VisionServer(
         apis,
         accelerator=opts.accelerator,
@@ -152,7 +158,47 @@ def build_server(cfg: ServerConfig, opts: Options) -> VisionServer:
     server.app.title, server.app.version = "visionserve", __version__
     install_error_handlers(server.app)
     _replace_info_route(server, cfg, opts, apis)
+    _add_observability_routes(server, metrics, opts.unavailable)
     return server
+
+
+def _add_observability_routes(server: VisionServer, metrics: Metrics, unavailable: dict[str, str]) -> None:
+    """``/metrics``; ``/health`` naming the families left out; and, for each of those, its
+    routes answering 503 with the reason (not 404, which would hide why)."""
+
+    @server.app.get("/metrics", summary="Prometheus metrics (text exposition format).")
+    async def metrics_route(_: Request) -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    if not unavailable:
+        return
+    health = next(r for r in server.app.router.routes if getattr(r, "path", None) == "/health")
+    litserve_health = health.endpoint
+    missing = ", ".join(sorted(unavailable))
+
+    async def health_naming_missing(request: Request) -> Response:
+        answer = await litserve_health(request)
+        if answer.status_code != 200:
+            return answer
+        return Response(
+            f"ok; not served (weights unavailable, see /info): {missing}", media_type="text/plain"
+        )
+
+    server.app.router.routes.remove(health)
+    server.app.add_api_route("/health", health_naming_missing, methods=["GET"])
+
+    for name, reason in unavailable.items():
+        error = APIError(503, f"{name} is not served by this server: {reason}", code="family_unavailable")
+
+        async def family_health(_: Request, name: str = name, reason: str = reason) -> JSONResponse:
+            return JSONResponse({"status": "unavailable", "family": name, "reason": reason}, status_code=503)
+
+        async def refuse(_: Request, error: APIError = error) -> Response:
+            return error.response()
+
+        server.app.add_api_route(f"/{name}/health", family_health, methods=["GET"], include_in_schema=False)
+        for route in FAMILIES[name].routes:
+            server.app.add_api_route(f"/{name}/{route.op}", refuse, methods=["POST"], include_in_schema=False)
 
 
 def _replace_info_route(
@@ -197,6 +243,7 @@ def describe(cfg: ServerConfig, opts: Options, apis: list[FamilyAPI], devices, s
         "devices": [d if isinstance(d, str) else list(d) for d in devices],
         "dtype": opts.dtype,
         "families": families,
+        "unavailable": {name: {"available": False, "reason": why} for name, why in opts.unavailable.items()},
         "limits": cfg.limits.model_dump(),
         "inputs": {"image_url": cfg.inputs.url.enabled, "image_path": bool(cfg.inputs.path.roots)},
     }
