@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             log.error("weights missing for required families: %s", ", ".join(failed))
         return 1 if failed else 0
     if failed:
-        log.error("not starting: required families without weights: %s (see above)", ", ".join(failed))
+        log.error("startup failed: required families without weights: %s (see above)", ", ".join(failed))
         return 1
     if not cfg.families():
         log.error("not starting: no family left to serve (%s unavailable, see above)", ", ".join(unavailable))

@@ -188,17 +188,24 @@ def _add_observability_routes(server: VisionServer, metrics: Metrics, unavailabl
     server.app.add_api_route("/health", health_naming_missing, methods=["GET"])
 
     for name, reason in unavailable.items():
-        error = APIError(503, f"{name} is not served by this server: {reason}", code="family_unavailable")
-
-        async def family_health(_: Request, name: str = name, reason: str = reason) -> JSONResponse:
-            return JSONResponse({"status": "unavailable", "family": name, "reason": reason}, status_code=503)
-
-        async def refuse(_: Request, error: APIError = error) -> Response:
-            return error.response()
-
+        family_health, refuse = _unavailable_endpoints(name, reason)
         server.app.add_api_route(f"/{name}/health", family_health, methods=["GET"], include_in_schema=False)
         for route in FAMILIES[name].routes:
             server.app.add_api_route(f"/{name}/{route.op}", refuse, methods=["POST"], include_in_schema=False)
+
+
+def _unavailable_endpoints(name: str, reason: str):
+    """``/<family>/health`` and the routes of a family left out: 503 with the reason."""
+    body = {"status": "unavailable", "family": name, "reason": reason}
+    error = APIError(503, f"{name} is not served by this server: {reason}", code="family_unavailable")
+
+    async def family_health(_: Request) -> JSONResponse:
+        return JSONResponse(body, status_code=503)
+
+    async def refuse(_: Request) -> Response:
+        return error.response()
+
+    return family_health, refuse
 
 
 def _replace_info_route(

@@ -169,17 +169,49 @@ def _chain(e: BaseException):
         e = e.__cause__ or e.__context__
 
 
-def _where(err: BaseException, entry: ModelEntry) -> HubFile | None:
+def expected_repo(family: str, entry: ModelEntry) -> str | None:
+    """The hub repo the family's library downloads ``entry`` from (None if it cannot tell)."""
+    try:
+        if is_hf_uri(entry.weights):
+            return parse_hf_uri(entry.weights).repo
+        if family == "clip":
+            import open_clip
+
+            if entry.name.startswith("hf-hub:"):
+                return entry.name.removeprefix("hf-hub:")
+            return (
+                open_clip.get_pretrained_cfg(entry.name, entry.pretrained)
+                .get("hf_hub", "")
+                .rstrip("/")
+                .rsplit("/", 1)[0]
+                or None
+            )
+        if family == "dino":
+            from timm.models import get_pretrained_cfg
+
+            from .dino_model import architecture
+
+            return get_pretrained_cfg(architecture(entry)[0]).hf_hub_id
+        if family == "sam2":
+            from .sam2_model import hf_repo
+
+            return hf_repo(entry)
+        if family == "sam3":
+            return "facebook/sam3"
+    except Exception:
+        return None
+    return None
+
+
+def _where(err: BaseException, family: str, entry: ModelEntry) -> HubFile | None:
     """The repo and file of a failed hub call: from the URL it asked for, else from the config."""
     response = getattr(err, "response", None)
     url = str(getattr(response, "url", "") or "")
     m = _RESOLVE.search(url.split("?", 1)[0])
     if m:
         return HubFile(m.group(1), m.group(2))
-    repo = getattr(err, "repo_id", None)
-    if repo:
-        return HubFile(repo, "")
-    return parse_hf_uri(entry.weights) if is_hf_uri(entry.weights) else None
+    repo = getattr(err, "repo_id", None) or expected_repo(family, entry)
+    return HubFile(repo, "") if repo else None
 
 
 def explain(e: BaseException, family: str, entry: ModelEntry) -> str | None:
@@ -190,7 +222,7 @@ def explain(e: BaseException, family: str, entry: ModelEntry) -> str | None:
 
     who = f"{family} model {entry.name}"
     for err in _chain(e):
-        where = _where(err, entry)
+        where = _where(err, family, entry)
         repo = where.repo if where else "the model's repository"
         file = f" ({where.filename})" if where and where.filename else ""
         page = f"{HUB}/{where.repo}" if where else HUB
