@@ -37,7 +37,7 @@ from .config import ModelEntry, ServerConfig
 from .dispatch import Dispatcher
 from .errors import APIError
 from .images import IMAGE_FIELDS, ImageInput, decode_image, probe_image, read_image_bytes
-from .observability import REQUEST_ID, log_handler
+from .observability import REQUEST_ID, adopt_litserve_logger, log_handler
 from .registry import Key, ModelRegistry, canonical
 from .replies import Reply
 from .weights import hub_file, is_hf_uri
@@ -73,6 +73,8 @@ def configure_logging(level: str, fmt: str | None = None) -> None:
     fmt = fmt or os.environ.get(LOG_FORMAT_ENV, "text")
     logging.basicConfig(level=logging.WARNING, handlers=[log_handler(fmt)], force=True)
     log.setLevel(level.upper())
+    if fmt == "json":
+        adopt_litserve_logger()
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:

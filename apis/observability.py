@@ -90,6 +90,14 @@ def log_handler(fmt: str) -> logging.Handler:
     return handler
 
 
+def adopt_litserve_logger() -> None:
+    """LitServe gives its logger a handler of its own (at import and again in ``run``) that does
+    not propagate; in JSON mode its lines go through the root handler like every other."""
+    lg = logging.getLogger("litserve")
+    lg.handlers.clear()
+    lg.propagate = True
+
+
 class Metrics:
     """The HTTP process's metrics and the collector that reads the workers' counters."""
 

@@ -29,9 +29,9 @@ from .clip_api import ClipAPI
 from .config import WORKER_ENV, ServerConfig
 from .dino_api import DinoAPI
 from .errors import APIError, install_error_handlers
-from .family import FamilyAPI
+from .family import LOG_FORMAT_ENV, FamilyAPI
 from .middleware import BearerAuth, BodyLimit
-from .observability import Metrics, RequestContext
+from .observability import Metrics, RequestContext, adopt_litserve_logger
 from .rmbg_api import RmbgAPI
 from .routing import JsonBodyRoute
 from .sam2_api import Sam2API
@@ -90,6 +90,8 @@ class VisionServer(ls.LitServer):
     async def lifespan(self, app: FastAPI):
         """LitServe's start-up, then each family's dispatcher on the HTTP server's event loop."""
         async with super().lifespan(app):
+            if os.environ.get(LOG_FORMAT_ENV) == "json":  # LitServe's run() set its own handler again
+                adopt_litserve_logger()
             for api in self.litapi_connector:
                 await api.spec.dispatcher.start(api.request_timeout)
             yield

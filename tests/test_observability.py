@@ -123,11 +123,12 @@ def test_in_flight_and_queue_depth_while_busy(server, image_root):
     """Three slow auto_mask requests on a worker that takes one at a time: while the first runs,
     all three are in flight and two wait in the queue."""
     photo = str(image_root / "photo.png")
+    kw = {"base_url": server.url + "/sam2", "api_key": KEY, "preset": "coarse", "mask_encoding": "packbits"}
     threads = [
         threading.Thread(
             target=generate_sam2_auto_masks_decoded,
             args=(photo,),
-            kwargs={"base_url": server.url + "/sam2", "api_key": KEY, "preset": "fine_grained"},
+            kwargs={**kw, "points_per_side": 32, "crop_n_layers": 0},
         )
         for _ in range(3)
     ]
