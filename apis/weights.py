@@ -111,7 +111,7 @@ def _clip(entry: ModelEntry) -> list[str]:
 def _dino(entry: ModelEntry) -> list[str]:
     """timm's order: ``model.safetensors``, else ``pytorch_model.bin`` (``load_state_dict_from_hf``)."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError
     from timm.models import get_pretrained_cfg
 
     from .dino_model import architecture
@@ -125,12 +125,7 @@ def _dino(entry: ModelEntry) -> list[str]:
         return [hf_hub_download(repo, cfg.hf_hub_filename)]
     try:
         return [hf_hub_download(repo, "model.safetensors")]
-    except EntryNotFoundError as e:
-        if isinstance(e, LocalEntryNotFoundError):
-            try:  # offline: the older format may be what was cached
-                return [hf_hub_download(repo, "pytorch_model.bin")]
-            except LocalEntryNotFoundError:
-                raise e from None
+    except EntryNotFoundError:  # not on the hub, or offline and not cached: timm then reads this
         return [hf_hub_download(repo, "pytorch_model.bin")]
 
 

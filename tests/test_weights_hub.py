@@ -127,6 +127,12 @@ def hub_files(tmp_path_factory) -> dict[str, bytes]:
             tmp / "clip.bin", seed=3
         ).read_bytes()
     }
+    files["openclip-test/tiny-clip/open_clip_pytorch_model.bin"] = make_clip_checkpoint(
+        tmp / "hub.bin", seed=4
+    ).read_bytes()
+    files["openclip-test/tiny-clip/open_clip_config.json"] = json.dumps(
+        {"model_cfg": json.loads(CLIP_ARCH.read_text()), "preprocess_cfg": {}}
+    ).encode()
     torch.manual_seed(0)
     dino = json.loads(DINO_ARCH.read_text())
     model = timm.create_model(dino.pop("architecture"), pretrained=False, num_classes=0, **dino)
@@ -153,7 +159,15 @@ def hub_config(tmp: Path) -> dict:
     clip_arch = tmp / "ViT-B-32.json"  # open_clip names an added config by its file name
     shutil.copy(CLIP_ARCH, clip_arch)
     return {
-        "clip": {"models": [{"name": "ViT-B-32", "pretrained": "openai", "arch_config": str(clip_arch)}]},
+        "clip": {
+            "models": [
+                {"name": "ViT-B-32", "pretrained": "openai", "arch_config": str(clip_arch)},
+                {
+                    "name": "hf-hub:openclip-test/tiny-clip",
+                    "pretrained": "hub",
+                },  # open_clip reads the arch there
+            ]
+        },
         "dino": {"models": [{"name": "dinov2_vits14", "arch_config": str(DINO_ARCH)}]},
         "sam2": {"models": [{"name": "sam2.1_hiera_t", "arch_config": str(SAM2_ARCH)}]},
         "sam3": {"models": [{"name": "sam3", "arch_config": str(SAM3_ARCH)}]},
@@ -233,13 +247,25 @@ def test_download_then_serve_offline(tmp_path, hub_files):
 
         # the CLIP text tower answers with the hub's weights (QuickGELU: open_clip's 'openai' tag)
         open_clip.add_model_config(tmp_path / "ViT-B-32.json")
-        ref_file = tmp_path / "ref.bin"
-        ref_file.write_bytes(hub_files["timm/vit_base_patch32_clip_224.openai/open_clip_pytorch_model.bin"])
-        ref = open_clip.create_model("ViT-B-32", pretrained=str(ref_file), force_quick_gelu=True).eval()
-        with torch.no_grad():
-            want = ref.encode_text(open_clip.get_tokenizer("ViT-B-32")(["a red bicycle"]), normalize=True)[0]
-        got = encode_clip_text_decoded("a red bicycle", base_url=server.url + "/clip", api_key=KEY)
-        np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
+        for name, pretrained, repo in (
+            ("ViT-B-32", "openai", "timm/vit_base_patch32_clip_224.openai"),
+            ("hf-hub:openclip-test/tiny-clip", "hub", "openclip-test/tiny-clip"),
+        ):
+            ref_file = tmp_path / "ref.bin"
+            ref_file.write_bytes(hub_files[f"{repo}/open_clip_pytorch_model.bin"])
+            ref = open_clip.create_model("ViT-B-32", pretrained=str(ref_file), force_quick_gelu=True).eval()
+            with torch.no_grad():
+                want = ref.encode_text(
+                    open_clip.get_tokenizer("ViT-B-32")(["a red bicycle"]), normalize=True
+                )[0]
+            got = encode_clip_text_decoded(
+                "a red bicycle",
+                model_name=name,
+                model_pretrained=pretrained,
+                base_url=server.url + "/clip",
+                api_key=KEY,
+            )
+            np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
     finally:
         assert server.stop() == 0
 
@@ -249,6 +275,7 @@ def test_server_downloads_at_start_and_leaves_out_an_optional_gated_family(tmp_p
     is gated and optional here, so the server starts without rmbg and says so."""
     hub = FakeHub(hub_files, gated=("briaai/RMBG-2.0",))
     config = {
+        "public_metrics": True,
         "clip": hub_config(tmp_path)["clip"],
         "rmbg": {
             "required": False,
@@ -273,6 +300,10 @@ def test_server_downloads_at_start_and_leaves_out_an_optional_gated_family(tmp_p
         r = requests.post(server.url + "/rmbg/remove", json={"image": "x"}, headers=auth)
         assert r.status_code == 503 and r.json()["error"]["code"] == "family_unavailable"
         assert "WILL NOT BE SERVED" in server.log()
+        metrics = requests.get(server.url + "/metrics")  # public_metrics: no key needed
+        assert metrics.status_code == 200
+        assert 'visionserve_family_available{family="rmbg"} 0.0' in metrics.text
+        assert 'visionserve_family_available{family="clip"} 1.0' in metrics.text
         assert encode_clip_text_decoded("ok", base_url=server.url + "/clip", api_key=KEY).shape == (32,)
     finally:
         server.stop()
