@@ -15,6 +15,7 @@ process at start-up (and for ``app.py --download``), so that:
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,13 +175,9 @@ def expected_repo(family: str, entry: ModelEntry) -> str | None:
 
             if entry.name.startswith("hf-hub:"):
                 return entry.name.removeprefix("hf-hub:")
-            return (
-                open_clip.get_pretrained_cfg(entry.name, entry.pretrained)
-                .get("hf_hub", "")
-                .rstrip("/")
-                .rsplit("/", 1)[0]
-                or None
-            )
+            # 'org/repo/' or 'org/repo/file', split as open_clip's download_pretrained splits it
+            hub = open_clip.get_pretrained_cfg(entry.name, entry.pretrained).get("hf_hub", "")
+            return os.path.split(hub)[0] or None
         if family == "dino":
             from timm.models import get_pretrained_cfg
 

@@ -357,3 +357,27 @@ def test_offline_without_the_files_says_to_download_first(tmp_path, hub_files):
     )
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "facebook/sam2.1-hiera-tiny" in done.stderr and "python app.py --download" in done.stderr
+
+
+def test_messages_name_the_repo_each_library_downloads_from():
+    """Errors without a URL (offline, or wrapped by the library) still name the released repo."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from apis.config import load_config
+    from apis.weights import explain
+
+    cfg = load_config(ROOT / "configs" / "default.yaml")
+    repos = {
+        "clip": "timm/vit_large_patch14_clip_336.openai",
+        "dino": "timm/vit_large_patch14_dinov2.lvd142m",
+        "sam2": "facebook/sam2.1-hiera-large",
+        "sam3": "facebook/sam3",
+        "rmbg": "briaai/RMBG-2.0",
+    }
+    for family, repo in repos.items():
+        try:  # open_clip re-raises the hub's error as a FileNotFoundError
+            raise FileNotFoundError("Failed to download file") from LocalEntryNotFoundError("offline")
+        except FileNotFoundError as e:
+            text = explain(e, family, getattr(cfg, family).models[0])
+        assert f"{family} model" in text and f"{repo} is not in the hub cache" in text
+        assert f"https://huggingface.co/{repo}" in text and "python app.py --download" in text
