@@ -55,6 +55,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="image embeddings kept per model and worker by caching families (SAM 2); overrides the config",
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--log-format",
+        default=os.environ.get("VISIONSERVE_LOG_FORMAT", "text"),
+        choices=["text", "json"],
+        help="text lines, or one JSON object per line (time, level, logger, message, request_id, pid)",
+    )
+    p.add_argument(
+        "--download",
+        action="store_true",
+        help="fetch every configured model's weights into the hub cache (or --weights-dir), then exit",
+    )
+    p.add_argument(
+        "--weights-dir",
+        default=os.environ.get("VISIONSERVE_WEIGHTS_DIR"),
+        help="hub cache folder for downloaded weights (default: the Hugging Face cache, $HF_HUB_CACHE); "
+        "give the same one when serving",
+    )
     return p.parse_args(argv)
 
 
@@ -77,13 +94,40 @@ def collect_keys(args: argparse.Namespace) -> list[str]:
     return keys
 
 
+def fetch_weights(cfg, log: logging.Logger) -> tuple[dict[str, str], list[str]]:
+    """Every enabled family's weights on this machine, downloaded where missing (apis/weights.py).
+    Returns the optional families left out with the reason (now disabled in ``cfg``) and the
+    required ones that cannot start."""
+    from apis.weights import WeightsUnavailable, fetch_family
+
+    unavailable: dict[str, str] = {}
+    failed: list[str] = []
+    for name, fam in cfg.families().items():
+        try:
+            fetch_family(name, fam)
+        except WeightsUnavailable as e:
+            if fam.required:
+                log.error("%s", e)
+                failed.append(name)
+            else:
+                log.warning("%s", "!" * 78)
+                log.warning("%s WILL NOT BE SERVED (required: false): %s", name.upper(), e)
+                log.warning("%s", "!" * 78)
+                fam.enabled = False
+                unavailable[name] = str(e)
+    return unavailable, failed
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.weights_dir:  # before huggingface_hub is imported: it reads the variable once
+        os.environ["HF_HUB_CACHE"] = str(Path(args.weights_dir).resolve())
+    os.environ["VISIONSERVE_LOG_FORMAT"] = args.log_format  # the workers' format too
     from apis.config import CachedFamily, load_config
     from apis.family import configure_logging, reuse_freed_memory
     from apis.server import Options, build_server, random_weight_models
 
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, args.log_format)
     # The HTTP process moves multi-MB bodies and answers too: without this, each one page-faulted
     # fresh memory (a 6 MB SAM 2 answer took 4.4 ms to read from its worker, 1.1 ms with it).
     reuse_freed_memory()
@@ -111,6 +155,22 @@ def main(argv: list[str] | None = None) -> int:
             if isinstance(fam, CachedFamily):
                 fam.cache_size = args.cache_size
 
+    unavailable, failed = fetch_weights(cfg, log)
+    if args.download:
+        for name in cfg.families():
+            log.info("%s: weights ready", name)
+        for name in unavailable:
+            log.warning("%s: weights NOT fetched (optional, the server will start without it)", name)
+        if failed:
+            log.error("weights missing for required families: %s", ", ".join(failed))
+        return 1 if failed else 0
+    if failed:
+        log.error("startup failed: required families without weights: %s (see above)", ", ".join(failed))
+        return 1
+    if not cfg.families():
+        log.error("not starting: no family left to serve (%s unavailable, see above)", ", ".join(unavailable))
+        return 1
+
     if args.no_auth:
         keys = None
         log.warning("AUTH DISABLED (--no-auth): anyone who can reach port %d can use this server", args.port)
@@ -131,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         api_keys=keys,
         queue_timeout=args.timeout,
         log_level=args.log_level,
+        unavailable=unavailable,
     )
     server = build_server(cfg, opts)
 
@@ -149,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
         args.port,
         "no auth" if keys is None else f"{len(keys)} bearer key(s)",
     )
+    if unavailable:
+        log.warning(
+            "NOT serving %s: weights unavailable (see above, /health and /info)", ", ".join(unavailable)
+        )
 
     # SIGTERM takes the same path as Ctrl-C: workers terminated, manager stopped, port released.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -158,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
             host=args.host,
             port=args.port,
             log_level=args.log_level,
+            # json: uvicorn's own lines (access log included) go through our handler too
+            **({"log_config": None} if args.log_format == "json" else {}),
         )
     except (RuntimeError, KeyboardInterrupt) as e:
         if isinstance(e, RuntimeError):

@@ -78,7 +78,8 @@ class ModelEntry(_Strict):
     pretrained: str = ""
     weights: str | None = Field(
         None,
-        description="'random', a local checkpoint path, or null to let the library fetch `pretrained`.",
+        description="'random', a local checkpoint path, hf://<org>/<repo>/<file> (a file on the Hugging Face "
+        "hub), or null to let the library fetch `pretrained`.",
     )
     arch_config: Path | None = Field(None, description="Architecture JSON for models the library lacks.")
     aliases: list[list[str] | str] = Field(default_factory=list, description="Other spellings of this model.")
@@ -91,15 +92,22 @@ class ModelEntry(_Strict):
     def weights_source(self) -> str:
         if self.is_random:
             return "random (untrained weights: outputs are meaningless)"
+        if self.weights and self.weights.startswith("hf://"):
+            return f"hub file {self.weights}"
         if self.weights:
             return f"file {self.weights}"
-        return f"library download of '{self.pretrained}'"
+        return f"library download of '{self.pretrained or self.name}'"
 
 
 class Family(_Strict):
     """Settings shared by every model of one family (clip, dino, ...)."""
 
     enabled: bool = True
+    required: bool = Field(
+        True,
+        description="false: if the weights cannot be had (gated, missing, offline), serve the other families "
+        "without this one (logged, and named by /health and /info) instead of refusing to start.",
+    )
     models: list[ModelEntry] = Field(default_factory=list)
     load: Literal["eager", "lazy"] = Field("eager", description="Load at worker start, or on first use.")
     max_batch_size: int = Field(16, ge=1)
@@ -168,6 +176,7 @@ class ServerConfig(_Strict):
     limits: Limits = Field(default_factory=Limits)
     inputs: Inputs = Field(default_factory=Inputs)
     public_docs: bool = Field(False, description="Serve /docs and /openapi.json without a key.")
+    public_metrics: bool = Field(False, description="Serve /metrics (Prometheus) without a key.")
     clip: Family | None = None
     dino: Family | None = None
     sam2: CachedFamily | None = None
@@ -192,7 +201,11 @@ def load_config(path: str | Path | None) -> ServerConfig:
         for m in fam.models:
             if m.arch_config is not None and not m.arch_config.is_absolute():
                 m.arch_config = base / m.arch_config
-            if m.weights not in (None, "random") and not Path(m.weights).is_absolute():
+            if (
+                m.weights not in (None, "random")
+                and not m.weights.startswith("hf://")
+                and not Path(m.weights).is_absolute()
+            ):
                 m.weights = str(base / m.weights)
     cfg.inputs.path.roots = [r if r.is_absolute() else base / r for r in cfg.inputs.path.roots]
     return cfg

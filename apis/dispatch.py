@@ -126,6 +126,7 @@ class _Link(asyncio.BufferedProtocol):
         self.worker: int | None = None  # from the worker's first frame
         self.pid: int | None = None
         self.waiting: dict[int, asyncio.Future] = {}
+        self.running = 0  # of those, in the batch the worker is computing (it says when it takes one)
         self._frames = _Frames()
         self._transport: asyncio.Transport | None = None
         self._arena: Arena | None = None
@@ -151,6 +152,10 @@ class _Link(asyncio.BufferedProtocol):
             self.worker, self.pid = obj
             self.dispatcher._joined(self)
             return
+        if isinstance(obj, int):  # the worker took a batch of that many
+            self.running += obj
+            return
+        self.running = max(self.running - 1, 0)
         uid, reply, where = obj
         reply.body = body if where is None else self._arena.take(*where)
         waiting = self.waiting.pop(uid, None)
@@ -198,6 +203,9 @@ class Dispatcher:
         self._server: asyncio.Server | None = None
         self._connected: asyncio.Event | None = None
         self._timeout: float | None = None  # seconds a request waits for a worker to connect
+        self._unsent = 0  # requests waiting for any worker to connect
+        self._seen: set[int] = set()  # worker ids that connected once
+        self.restarts = 0  # connections of a worker id seen before: a restarted worker
 
     async def start(self, queue_timeout: float | bool | None) -> None:
         """Accept workers on the running event loop (the HTTP server's)."""
@@ -216,6 +224,11 @@ class Dispatcher:
     def connected(self) -> int:
         return len(self._links)
 
+    @property
+    def queue_depth(self) -> int:
+        """Requests no worker has taken into a batch yet (the queue a scaler should watch)."""
+        return self._unsent + sum(max(len(link.waiting) - link.running, 0) for link in self._links)
+
     async def submit(self, job: Any, affinity: Hashable | None = None) -> Reply:
         """A worker's answer to ``job``: the least busy one, or a home of ``affinity``. Waits
         for a worker to connect (a restart) up to the queue timeout; the worker itself drops a
@@ -223,10 +236,13 @@ class Dispatcher:
         sent = time.monotonic()
         while not self._links:
             limit = None if self._timeout is None else sent + self._timeout - time.monotonic()
+            self._unsent += 1
             try:
                 await asyncio.wait_for(self._connected.wait(), limit)
             except TimeoutError:
                 return queue_timeout()
+            finally:
+                self._unsent -= 1
         link = self._pick(affinity)
         uid = next(self._ids)
         answer = link.waiting[uid] = asyncio.get_running_loop().create_future()
@@ -251,6 +267,9 @@ class Dispatcher:
         return home
 
     def _joined(self, link: _Link) -> None:
+        if link.worker in self._seen:
+            self.restarts += 1
+        self._seen.add(link.worker)
         self._links.append(link)
         self._connected.set()
         log.debug("%s worker %d (pid %d) connected", self.family, link.worker, link.pid)
@@ -304,6 +323,10 @@ class WorkerLink:
         while len(self._ready) < limit and self._receive(max(deadline - time.monotonic(), 0.0)):
             pass
         return [self._ready.popleft() for _ in range(min(limit, len(self._ready)))]
+
+    def started(self, n: int) -> None:
+        """Tell the HTTP process this worker took ``n`` requests into a batch (its queue depth)."""
+        self._send(n)
 
     def answer(self, uid: int, reply: Reply) -> None:
         where = self._arena.put(reply.body) if self._arena is not None else None

@@ -37,11 +37,14 @@ from .config import ModelEntry, ServerConfig
 from .dispatch import Dispatcher
 from .errors import APIError
 from .images import IMAGE_FIELDS, ImageInput, decode_image, probe_image, read_image_bytes
+from .observability import REQUEST_ID, adopt_litserve_logger, log_handler
 from .registry import Key, ModelRegistry, canonical
 from .replies import Reply
+from .weights import hub_file, is_hf_uri
 from .worker_loop import WorkerLoop
 
 log = logging.getLogger("visionserve")
+LOG_FORMAT_ENV = "VISIONSERVE_LOG_FORMAT"
 
 
 @dataclass(frozen=True)
@@ -61,14 +64,17 @@ class Job:
     params: dict[str, Any]
     image_bytes: bytes | None = None
     image: Image.Image | None = field(default=None, repr=False)
+    request_id: str = "-"  # the worker's log lines name it (apis/observability.py)
 
 
-def configure_logging(level: str) -> None:
-    """Same log format in the server process and in every (spawned) worker."""
-    logging.basicConfig(
-        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
-    )
+def configure_logging(level: str, fmt: str | None = None) -> None:
+    """Same log format in the server process and in every (spawned) worker: text, or one JSON
+    object per line. Workers read the format from ``$VISIONSERVE_LOG_FORMAT`` (app.py sets it)."""
+    fmt = fmt or os.environ.get(LOG_FORMAT_ENV, "text")
+    logging.basicConfig(level=logging.WARNING, handlers=[log_handler(fmt)], force=True)
     log.setLevel(level.upper())
+    if fmt == "json":
+        adopt_litserve_logger()
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
@@ -166,6 +172,7 @@ class FamilySpec(LitSpec):
 
     async def submit(self, job: Job) -> Reply:
         """A worker's answer to a prepared job (also what apis/openai_routes.py sends)."""
+        job.request_id = REQUEST_ID.get()
         affinity = self._api.affinity(job) if self.dispatcher.connected > 1 else None
         reply = await self.dispatcher.submit(job, affinity)
         if reply.stats is not None:
@@ -270,6 +277,7 @@ class FamilyAPI(ls.LitAPI):
         self.compute_dtype = resolve_dtype(self.dtype_name, device)
         self.worker_id = int(os.environ.get("LITSERVE_WORKER_ID", "0"))
         self._models: dict[str, Any] = {}
+        self._load_seconds: dict[str, float] = {}
         self._requests: dict[str, Counter] = defaultdict(Counter)
         self._batches: dict[str, Counter] = defaultdict(Counter)
         self._forwards: dict[str, Counter] = defaultdict(Counter)
@@ -286,12 +294,15 @@ class FamilyAPI(ls.LitAPI):
         key = self.registry.id_of(entry)
         if key not in self._models:
             t0 = time.perf_counter()
+            if is_hf_uri(entry.weights):  # already in the hub cache: the server fetched it at start-up
+                entry = entry.model_copy(update={"weights": hub_file(entry.weights)})
             if entry.is_random:  # same random weights in every worker and after every restart
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(zlib.crc32(key.encode()))
                     self._models[key] = self.load_model(entry)
             else:
                 self._models[key] = self.load_model(entry)
+            self._load_seconds[key] = time.perf_counter() - t0
             log.info(
                 "%s worker %d loaded %s on %s (%s, weights: %s) in %.1fs",
                 self.family,
@@ -300,7 +311,7 @@ class FamilyAPI(ls.LitAPI):
                 self.torch_device,
                 str(self.compute_dtype).removeprefix("torch."),
                 entry.weights_source,
-                time.perf_counter() - t0,
+                self._load_seconds[key],
             )
             if entry.is_random:
                 log.warning("%s model %s has RANDOM weights: its outputs are meaningless", self.family, key)
@@ -421,6 +432,7 @@ class FamilyAPI(ls.LitAPI):
             "device": str(self.torch_device),
             "dtype": str(self.compute_dtype).removeprefix("torch."),
             "models_loaded": sorted(self._models),
+            "load_seconds": dict(self._load_seconds),
             "requests": {op: dict(c) for op, c in self._requests.items()},
             "batch_sizes": _histograms(self._batches),
             "forward_batch_sizes": _histograms(self._forwards),

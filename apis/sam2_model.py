@@ -22,6 +22,7 @@ import numpy as np
 import sam2.utils.misc
 import torch
 from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+from sam2.build_sam import _hf_download as sam2_hf_download
 from sam2.build_sam import build_sam2, build_sam2_hf
 from sam2.sam2_image_predictor import SAM2ImagePredictor
 
@@ -107,9 +108,11 @@ def architecture(entry: ModelEntry) -> tuple[str, list[str]]:
     return f"configs/{m.group(1)}/{name}.yaml", []
 
 
-def _hf_id(entry: ModelEntry) -> str:
+def hf_repo(entry: ModelEntry) -> str:
+    """The hub repo of the released variant the entry is named after (its ``arch_config``, if
+    any, only changes the architecture the checkpoint is loaded into)."""
     m = _VARIANT.fullmatch(variant_name(entry.name) or "")
-    if m is None or entry.arch_config is not None:
+    if m is None:
         raise ValueError(f"{entry.name}: give `weights` (a checkpoint file); only released variants download")
     return f"facebook/{m.group(1)}-hiera-{_SIZES[m.group(2)].replace('_', '-')}"
 
@@ -258,8 +261,11 @@ def load_sam2(
         if not Path(entry.weights).is_file():
             raise FileNotFoundError(f"SAM 2 checkpoint for {entry.name} not found: {entry.weights}")
         model = build_sam2(config, entry.weights, device=str(device), hydra_overrides_extra=overrides)
-    else:
-        model = build_sam2_hf(_hf_id(entry), device=str(device))
+    elif entry.arch_config is None:
+        model = build_sam2_hf(hf_repo(entry), device=str(device))
+    else:  # sam2's download, loaded into the configured architecture
+        _, checkpoint = sam2_hf_download(hf_repo(entry))
+        model = build_sam2(config, checkpoint, device=str(device), hydra_overrides_extra=overrides)
     return Sam2Predictor(model, cache_size, dtype)
 
 

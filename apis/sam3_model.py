@@ -289,7 +289,7 @@ def load_sam3(
     entry: ModelEntry, device: str | torch.device, dtype: torch.dtype = torch.float32, cache_size: int = 8
 ) -> Sam3Runner:
     """Build the configured model and load its weights: ``random``, a local checkpoint file, or
-    (``weights`` null, released architecture only) sam3's own download of ``facebook/sam3``."""
+    (``weights`` null) sam3's own download of ``facebook/sam3``."""
     arch = Sam3Arch.from_json(entry.arch_config) if entry.arch_config is not None else Sam3Arch()
     model = build_sam3_image(arch)
     if entry.is_random:
@@ -299,10 +299,8 @@ def load_sam3(
             path = entry.weights
             if not Path(path).is_file():
                 raise FileNotFoundError(f"SAM 3 checkpoint for {entry.name} not found: {path}")
-        elif entry.arch_config is None:
+        else:  # facebook/sam3's file, into the configured architecture (the released one by default)
             path = _download_released()
-        else:
-            raise ValueError(f"{entry.name}: give `weights`: a checkpoint file (only sam3 itself downloads)")
         load_checkpoint(model, path)
     device = torch.device(device)
     model = model.to(device).eval()

@@ -19,17 +19,19 @@ from dataclasses import dataclass, field
 
 import litserve as ls
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from litserve.utils import WorkerSetupStatus
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.middleware.gzip import GZipMiddleware
 
 from . import __version__
 from .clip_api import ClipAPI
 from .config import WORKER_ENV, ServerConfig
 from .dino_api import DinoAPI
-from .errors import install_error_handlers
-from .family import FamilyAPI
+from .errors import APIError, install_error_handlers
+from .family import LOG_FORMAT_ENV, FamilyAPI
 from .middleware import BearerAuth, BodyLimit
+from .observability import Metrics, RequestContext, adopt_litserve_logger
 from .openai_routes import install_openai_routes
 from .rmbg_api import RmbgAPI
 from .routing import JsonBodyRoute
@@ -59,6 +61,7 @@ class Options:
     api_keys: list[str] | None = field(default_factory=list)  # None = auth disabled
     queue_timeout: float = 300.0
     log_level: str = "info"
+    unavailable: dict[str, str] = field(default_factory=dict)  # optional families left out, and why
 
 
 class VisionServer(ls.LitServer):
@@ -88,6 +91,8 @@ class VisionServer(ls.LitServer):
     async def lifespan(self, app: FastAPI):
         """LitServe's start-up, then each family's dispatcher on the HTTP server's event loop."""
         async with super().lifespan(app):
+            if os.environ.get(LOG_FORMAT_ENV) == "json":  # LitServe's run() set its own handler again
+                adopt_litserve_logger()
             for api in self.litapi_connector:
                 await api.spec.dispatcher.start(api.request_timeout)
             yield
@@ -132,13 +137,16 @@ def build_server(cfg: ServerConfig, opts: Options) -> VisionServer:
     def is_open(path: str) -> bool:
         return (
             path == "/health"
-            or (path.endswith("/health") and path[1:-7] in families)
+            or (path.endswith("/health") and (path[1:-7] in families or path[1:-7] in opts.unavailable))
             or (cfg.public_docs and path in _DOC_PATHS)
+            or (cfg.public_metrics and path == "/metrics")
         )
 
+    metrics = Metrics(apis, opts.unavailable)
     middlewares = [(BodyLimit, {"max_bytes": cfg.limits.max_body_bytes})]
     if opts.api_keys is not None:
         middlewares.append((BearerAuth, {"keys": opts.api_keys, "is_open": is_open}))
+    middlewares.append((RequestContext, {"metrics": metrics}))  # added last: outermost
     server = VisionServer(
         apis,
         accelerator=opts.accelerator,
@@ -154,7 +162,54 @@ def build_server(cfg: ServerConfig, opts: Options) -> VisionServer:
     install_error_handlers(server.app)
     _replace_info_route(server, cfg, opts, apis)
     install_openai_routes(server.app, cfg, apis)
+    _add_observability_routes(server, metrics, opts.unavailable)
     return server
+
+
+def _add_observability_routes(server: VisionServer, metrics: Metrics, unavailable: dict[str, str]) -> None:
+    """``/metrics``; ``/health`` naming the families left out; and, for each of those, its
+    routes answering 503 with the reason (not 404, which would hide why)."""
+
+    @server.app.get("/metrics", summary="Prometheus metrics (text exposition format).")
+    async def metrics_route(_: Request) -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    if not unavailable:
+        return
+    health = next(r for r in server.app.router.routes if getattr(r, "path", None) == "/health")
+    litserve_health = health.endpoint
+    missing = ", ".join(sorted(unavailable))
+
+    async def health_naming_missing(request: Request) -> Response:
+        answer = await litserve_health(request)
+        if answer.status_code != 200:
+            return answer
+        return Response(
+            f"ok; not served (weights unavailable, see /info): {missing}", media_type="text/plain"
+        )
+
+    server.app.router.routes.remove(health)
+    server.app.add_api_route("/health", health_naming_missing, methods=["GET"])
+
+    for name, reason in unavailable.items():
+        family_health, refuse = _unavailable_endpoints(name, reason)
+        server.app.add_api_route(f"/{name}/health", family_health, methods=["GET"], include_in_schema=False)
+        for route in FAMILIES[name].routes:
+            server.app.add_api_route(f"/{name}/{route.op}", refuse, methods=["POST"], include_in_schema=False)
+
+
+def _unavailable_endpoints(name: str, reason: str):
+    """``/<family>/health`` and the routes of a family left out: 503 with the reason."""
+    body = {"status": "unavailable", "family": name, "reason": reason}
+    error = APIError(503, f"{name} is not served by this server: {reason}", code="family_unavailable")
+
+    async def family_health(_: Request) -> JSONResponse:
+        return JSONResponse(body, status_code=503)
+
+    async def refuse(_: Request) -> Response:
+        return error.response()
+
+    return family_health, refuse
 
 
 def _replace_info_route(
@@ -199,6 +254,7 @@ def describe(cfg: ServerConfig, opts: Options, apis: list[FamilyAPI], devices, s
         "devices": [d if isinstance(d, str) else list(d) for d in devices],
         "dtype": opts.dtype,
         "families": families,
+        "unavailable": {name: {"available": False, "reason": why} for name, why in opts.unavailable.items()},
         "limits": cfg.limits.model_dump(),
         "inputs": {"image_url": cfg.inputs.url.enabled, "image_path": bool(cfg.inputs.path.roots)},
     }

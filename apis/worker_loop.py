@@ -18,6 +18,7 @@ from litserve.loops.base import _BaseLoop
 
 from .dispatch import WorkerLink, queue_timeout, timeout_seconds
 from .errors import APIError
+from .observability import REQUEST_ID
 from .replies import Reply
 
 log = logging.getLogger("visionserve")
@@ -32,6 +33,8 @@ class WorkerLoop(_BaseLoop):
         try:
             while True:
                 items = link.collect(lit_api.max_batch_size, lit_api.batch_timeout, IDLE_WAIT_S)
+                if items:
+                    link.started(len(items))
                 for uid, answer in run_batch(lit_api, items):
                     link.answer(uid, answer)
         except (EOFError, ConnectionError):
@@ -58,6 +61,8 @@ def run_batch(lit_api: LitAPI, items: list) -> list[tuple[int, Reply]]:
             live.append((uid, job))
     if not live:
         return answers
+    # this batch's log lines name its requests
+    token = REQUEST_ID.set(",".join(getattr(job, "request_id", "-") for _, job in live))
     try:
         inputs = [lit_api.decode_request(job) for _, job in live]
         if lit_api.max_batch_size > 1:
@@ -72,4 +77,6 @@ def run_batch(lit_api: LitAPI, items: list) -> list[tuple[int, Reply]]:
         )
         failed = Reply.of(error)
         answers += [(uid, failed) for uid, _ in live]
+    finally:
+        REQUEST_ID.reset(token)
     return answers

@@ -2,6 +2,7 @@
 
     python bench/serving.py                # demo config (tiny models): c = 1, 8, 32 and overhead
     python bench/serving.py --full         # full-size random weights: overhead at c = 1
+    python bench/serving.py --full --device cuda   # the same on GPU 0 (scripts/gpu_check.sh)
 
 "In-process" is the worker's own work without HTTP: the route's LitAPI object, set up in this
 process with the same config and seeded weights, runs ``prepare`` (validation, base64, header
@@ -123,6 +124,12 @@ def main() -> None:
     )
     ap.add_argument("--families", default=None, help="comma-separated subset")
     ap.add_argument(
+        "--device",
+        default="cpu",
+        choices=["cpu", "cuda"],
+        help="where the server's workers and the in-process side run (cuda: GPU 0, dtype auto)",
+    )
+    ap.add_argument(
         "--load",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -139,8 +146,9 @@ def main() -> None:
         floor = Client(floor_url)
         for family in dict.fromkeys(f for f, _, _ in todo):
             api = FAMILIES[family](cfg)
-            api.setup("cpu")
-            with server(config, "--models", family) as url:
+            api.setup("cuda:0" if args.device == "cuda" else "cpu")
+            placement = ["--accelerator", "cuda", "--devices", "1"] if args.device == "cuda" else []
+            with server(config, "--models", family, *placement) as url:
                 client = Client(url)
                 for fam, op, payload in (r for r in todo if r[0] == family):
                     label = f"/{fam}/{op}" + (

@@ -1,0 +1,235 @@
+"""/metrics (Prometheus), X-Request-ID and --log-format json, on the real server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from apis.observability import REQUEST_ID, request_id_from
+from apis.worker_loop import run_batch
+from clients.clip_client import encode_clip_text_decoded
+from clients.sam2_client import generate_sam2_auto_masks_decoded, sam2_point_mask
+from tests.conftest import ROOT, ServerProcess
+
+KEY = "metrics-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def config() -> dict:
+    models = ROOT / "configs" / "models"
+    return {
+        "clip": {
+            "max_batch_size": 8,
+            "models": [
+                {
+                    "name": "clip-tiny",
+                    "pretrained": "random",
+                    "weights": "random",
+                    "arch_config": str(models / "clip-tiny.json"),
+                }
+            ],
+        },
+        "sam2": {
+            "max_batch_size": 1,  # one request at a time: the others queue, which the gauges show
+            "cache_size": 4,
+            "models": [
+                {"name": "sam2-tiny", "weights": "random", "arch_config": str(models / "sam2-tiny.json")}
+            ],
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("observability")
+    proc = ServerProcess(config(), tmp, ["--api-key", KEY, "--log-format", "json"])
+    try:
+        yield proc.wait_ready(300)
+    finally:
+        proc.stop()
+
+
+def scrape(url: str) -> dict[tuple[str, frozenset], float]:
+    r = requests.get(url + "/metrics", headers=AUTH)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for fam in text_string_to_metric_families(r.text)
+        for s in fam.samples
+    }
+
+
+def value(metrics: dict, name: str, **labels) -> float:
+    return metrics.get((name, frozenset(labels.items())), 0.0)
+
+
+def test_metrics_need_the_key(server):
+    r = requests.get(server.url + "/metrics")
+    assert r.status_code == 401 and r.json()["error"]["code"]
+
+
+def test_counters_move(server, image_root):
+    photo = str(image_root / "photo.png")
+    before = scrape(server.url)
+    for text in ("a", "b", "c"):
+        encode_clip_text_decoded(text, base_url=server.url + "/clip", api_key=KEY)
+    bad = requests.post(server.url + "/clip/encode_text", json={"text": 3}, headers=AUTH)
+    assert bad.status_code == 422
+    kw = {"base_url": server.url + "/sam2", "api_key": KEY, "point_coords": [[10, 10]], "point_labels": [1]}
+    sam2_point_mask(photo, **kw)  # a new image: encoded
+    sam2_point_mask(photo, **kw)  # the same image: from the cache
+    after = scrape(server.url)
+
+    ok = {"route": "/clip/encode_text", "method": "POST", "status": "200"}
+    assert (
+        value(after, "visionserve_requests_total", **ok) - value(before, "visionserve_requests_total", **ok)
+        == 3
+    )
+    count = "visionserve_request_duration_seconds_count"
+    assert value(after, count, **ok) - value(before, count, **ok) == 3
+    bad_labels = {**ok, "status": "422"}
+    assert (
+        value(after, "visionserve_requests_total", **bad_labels)
+        - value(before, "visionserve_requests_total", **bad_labels)
+        == 1
+    )
+    batches = {"family": "clip", "op": "encode_text", "worker": "0"}
+    assert (
+        value(after, "visionserve_batch_size_count", **batches)
+        - value(before, "visionserve_batch_size_count", **batches)
+        == 3
+    )  # one at a time: each request was its own batch
+    assert value(after, "visionserve_batch_size_bucket", **batches, le="1.0") == value(
+        after, "visionserve_batch_size_count", **batches
+    )
+    cache = {"family": "sam2", "model": "sam2-tiny", "worker": "0"}
+    for name in ("visionserve_cache_hits_total", "visionserve_cache_misses_total"):
+        assert value(after, name, **cache) - value(before, name, **cache) == 1
+    for fam, model in (("clip", "clip-tiny/random"), ("sam2", "sam2-tiny")):
+        assert value(after, "visionserve_model_load_seconds", family=fam, model=model, worker="0") > 0
+        assert value(after, "visionserve_family_available", family=fam) == 1
+        assert value(after, "visionserve_requests_in_flight", family=fam) == 0
+        assert value(after, "visionserve_queue_depth", family=fam) == 0
+
+
+def test_in_flight_and_queue_depth_while_busy(server, image_root):
+    """Three slow auto_mask requests on a worker that takes one at a time: while the first runs,
+    all three are in flight and two wait in the queue."""
+    photo = str(image_root / "photo.png")
+    kw = {"base_url": server.url + "/sam2", "api_key": KEY, "preset": "coarse", "mask_encoding": "packbits"}
+    threads = [
+        threading.Thread(
+            target=generate_sam2_auto_masks_decoded,
+            args=(photo,),
+            kwargs={**kw, "points_per_side": 32, "crop_n_layers": 0},
+        )
+        for _ in range(3)
+    ]
+    for t in threads:
+        t.start()
+    seen = []
+    while any(t.is_alive() for t in threads) and len(seen) < 2000:
+        m = scrape(server.url)
+        seen.append(
+            (
+                value(m, "visionserve_requests_in_flight", family="sam2"),
+                value(m, "visionserve_queue_depth", family="sam2"),
+            )
+        )
+        if seen[-1] == (3, 2):
+            break
+    for t in threads:
+        t.join()
+    assert (3, 2) in seen, seen[-5:]
+    m = scrape(server.url)
+    assert value(m, "visionserve_requests_in_flight", family="sam2") == 0
+    assert value(m, "visionserve_queue_depth", family="sam2") == 0
+
+
+def test_worker_restart_is_counted(server):
+    info = requests.get(server.url + "/info", headers=AUTH).json()
+    pid = info["families"]["clip"]["workers"][0]["pid"]
+    before = value(scrape(server.url), "visionserve_worker_restarts_total", family="clip")
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if value(scrape(server.url), "visionserve_worker_restarts_total", family="clip") == before + 1:
+            break
+        time.sleep(0.5)
+    assert value(scrape(server.url), "visionserve_worker_restarts_total", family="clip") == before + 1
+    assert encode_clip_text_decoded("back", base_url=server.url + "/clip", api_key=KEY).shape == (32,)
+
+
+def test_request_id_is_echoed_and_logged_as_json(server):
+    r = requests.post(
+        server.url + "/clip/encode_text", json={"text": "hi"}, headers={**AUTH, "X-Request-ID": "job-42.a"}
+    )
+    assert r.status_code == 200 and r.headers["x-request-id"] == "job-42.a"
+    for hostile in ("has spaces", "x" * 129, "new\u00e9line"):
+        r = requests.get(server.url + "/health", headers={"X-Request-ID": hostile.encode("utf-8")})
+        assert r.headers["x-request-id"] != hostile and len(r.headers["x-request-id"]) == 32
+    generated = requests.get(server.url + "/health").headers["x-request-id"]
+    assert len(generated) == 32 and generated != requests.get(server.url + "/health").headers["x-request-id"]
+    unauthorised = requests.get(server.url + "/info", headers={"X-Request-ID": "no-key-1"})
+    assert unauthorised.status_code == 401 and unauthorised.headers["x-request-id"] == "no-key-1"
+
+    time.sleep(0.5)  # let the log file catch up
+    lines = [json.loads(ln) for ln in server.log().splitlines() if ln.startswith("{")]
+    assert lines and all(
+        {"time", "level", "logger", "message", "request_id", "pid"} <= set(ln) for ln in lines
+    )
+    assert len({ln["pid"] for ln in lines}) >= 3  # the HTTP process and each family's worker
+    ours = [ln for ln in lines if ln["request_id"] == "job-42.a"]
+    assert ours and any("/clip/encode_text" in ln["message"] for ln in ours)  # uvicorn's access line
+
+
+class _Api:
+    """Just enough of a LitAPI for run_batch: records the request id its predict sees."""
+
+    api_path = "/x"
+    request_timeout = 30
+    max_batch_size = 4
+    seen: list[str] = []
+
+    def decode_request(self, job):
+        return job
+
+    def batch(self, xs):
+        return xs
+
+    def unbatch(self, ys):
+        return ys
+
+    def predict(self, xs):
+        self.seen.append(REQUEST_ID.get())
+        return [{"ok": True} for _ in xs]
+
+    def encode_response(self, y):
+        from apis.replies import Reply
+
+        return Reply.of(y)
+
+
+def test_worker_batches_carry_their_request_ids():
+    class Job:
+        def __init__(self, rid):
+            self.request_id = rid
+
+    api = _Api()
+    now = time.monotonic()
+    answers = run_batch(api, [(1, now, Job("a")), (2, now, Job("b"))])
+    assert [uid for uid, _ in answers] == [1, 2]
+    assert api.seen == ["a,b"] and REQUEST_ID.get() == "-"
+
+
+def test_request_id_validation():
+    assert request_id_from(b"abc-DEF_1.2:3") == "abc-DEF_1.2:3"
+    for bad in (b"", b"a b", b"x" * 129, b"\xff", b'a"b', b"a\nb"):
+        assert len(request_id_from(bad)) == 32
