@@ -30,6 +30,7 @@ from .dino_api import DinoAPI
 from .errors import install_error_handlers
 from .family import FamilyAPI
 from .middleware import BearerAuth, BodyLimit
+from .playground import install_playground, is_playground
 from .rmbg_api import RmbgAPI
 from .routing import JsonBodyRoute
 from .sam2_api import Sam2API
@@ -133,6 +134,7 @@ def build_server(cfg: ServerConfig, opts: Options) -> VisionServer:
             path == "/health"
             or (path.endswith("/health") and path[1:-7] in families)
             or (cfg.public_docs and path in _DOC_PATHS)
+            or is_playground(path)
         )
 
     middlewares = [(BodyLimit, {"max_bytes": cfg.limits.max_body_bytes})]
@@ -151,6 +153,7 @@ def build_server(cfg: ServerConfig, opts: Options) -> VisionServer:
     server.app.user_middleware = [m for m in server.app.user_middleware if m.cls is not GZipMiddleware]
     server.app.title, server.app.version = "visionserve", __version__
     install_error_handlers(server.app)
+    install_playground(server.app)
     _replace_info_route(server, cfg, opts, apis)
     return server
 
