@@ -272,7 +272,7 @@ async function showHeatmap(event) {
       similarity: "cosine",
     });
     const [h, w] = r.shape;
-    const values = float32s(r.features);
+    const values = float32s(r.similarity_map);
     let lo = Infinity;
     let hi = -Infinity;
     let top = 0;
