@@ -150,8 +150,11 @@ class FamilySpec(LitSpec):
     def _endpoint(self, route: Route) -> Callable:
         async def endpoint(request):
             try:
-                if isinstance(request, ImageInput) and request.image is None:
-                    # image_url / image_path: network or disk I/O, kept off the event loop
+                if isinstance(request, ImageInput) and (
+                    request.image is None or route.op in self._api.cached_ops
+                ):
+                    # image_url / image_path: network or disk I/O; SAM routes hash the file (image_id):
+                    # kept off the event loop
                     job = await asyncio.to_thread(self._api.prepare, route.op, request)
                 else:
                     job = self._api.prepare(route.op, request)
