@@ -427,7 +427,8 @@ class Sam2API(FamilyAPI):
             ),
             key=id,
             forward=lambda items: [
-                auto_masks(pred, i.whole.key, i.whole.image, i.settings, i.output_mode) for i in items
+                auto_masks(pred, i.whole.key, i.whole.image, i.settings, i.output_mode, i.whole.file)
+                for i in items
             ],
             finish=self._auto_answer,
         )

@@ -184,7 +184,9 @@ class Sam2Predictor(SAM2ImagePredictor, Autocast):
         self.cache: LRUCache[Embedding] = LRUCache(cache_size)
         self.dtype = dtype
         self.encoded_images = 0
-        self._whole: tuple[str, np.ndarray] | None = None  # auto_mask's image and its cache key
+        self._whole: tuple[str, np.ndarray, bytes | None] | None = (
+            None  # auto_mask's image: key, pixels, file
+        )
         model.image_encoder.register_forward_hook(self._count)
 
     def _count(self, _module, inputs, _output) -> None:
@@ -242,14 +244,14 @@ class Sam2Predictor(SAM2ImagePredictor, Autocast):
         """The automatic mask generator's entry point: the whole image goes through the cache, its
         crops (other shapes) are encoded as usual and not kept."""
         if self._whole is not None and isinstance(image, np.ndarray) and image.shape == self._whole[1].shape:
-            key, whole = self._whole
-            self.use(self.embeddings([key], [whole])[0])
+            key, whole, file = self._whole
+            self.use(self.embeddings([key], [whole], [file])[0])
         else:
             super().set_image(image)
 
     @contextlib.contextmanager
-    def whole_image(self, key: str, image: np.ndarray):
-        self._whole = (key, image)
+    def whole_image(self, key: str, image: np.ndarray, file: bytes | None = None):
+        self._whole = (key, image, file)
         try:
             yield
         finally:
@@ -320,9 +322,15 @@ def auto_settings(preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
 
 @torch.inference_mode()
 def auto_masks(
-    pred: Sam2Predictor, key: str, image: np.ndarray, settings: dict[str, Any], output_mode: str
+    pred: Sam2Predictor,
+    key: str,
+    image: np.ndarray,
+    settings: dict[str, Any],
+    output_mode: str,
+    file: bytes | None = None,
 ) -> list[dict]:
-    """``SAM2AutomaticMaskGenerator.generate`` on the cached predictor (``key``: the image's id).
+    """``SAM2AutomaticMaskGenerator.generate`` on the cached predictor (``key``: the image's id,
+    ``file``: its file, cached with the embedding).
 
     ``min_mask_region_area`` drives the generator's hole/sprinkle filling (connected components,
     here on CPU too) and its final small-region removal, as in the library.
@@ -333,7 +341,7 @@ def auto_masks(
     amg = _Generator(pred.model, output_mode=output_mode, **s)
     pred.configure(0.0, s["min_mask_region_area"], s["min_mask_region_area"])
     amg.predictor = pred
-    with pred.whole_image(key, image), pred.autocast():
+    with pred.whole_image(key, image, file), pred.autocast():
         try:
             return amg.generate(image)
         except IndexError:

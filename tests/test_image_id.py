@@ -79,8 +79,12 @@ def test_embed_answers_the_file_hash_and_prompts_on_the_id_equal_the_predictor(s
 
 def test_auto_mask_on_an_image_id_equals_auto_mask_on_the_image(kw):
     png = image_file_bytes(scene(seed=12))
-    image_id = sc.embed_sam2_image(png, **kw)["image_id"]
     loose = {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0, "points_per_side": 6}
+    # the image's first request is an auto_mask: its embedding keeps the file for the next ones
+    first = sc.generate_sam2_auto_masks(image=encode_image(png), preset="coarse", **loose, **kw)
+    image_id = sc.embed_sam2_image(png, **kw)["image_id"]
+    assert sc.embed_sam2_image(png, **kw)["cached"] is True
+    assert sc.generate_sam2_auto_masks(image_id=image_id, preset="coarse", **loose, **kw) == first
     for layers in (0, 1):  # crops need the pixels: the worker decodes the file it cached
         by_id = sc.generate_sam2_auto_masks(
             image_id=image_id, preset="coarse", crop_n_layers=layers, **loose, **kw
