@@ -1,22 +1,17 @@
-"""LRU cache of encoded images, shared by the families that prompt one image many times (SAM 2, SAM 3)."""
+"""LRU cache of encoded images, shared by the families that prompt one image many times (SAM 2, SAM 3).
+
+Entries are keyed by image_id (apis/image_ids.py: the SHA-256 of the image file), so a request
+that sends only the id finds the entry a request with the image made, in the one cache of each
+model in each worker.
+"""
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
-import numpy as np
-
 T = TypeVar("T")
-
-
-def image_key(image: np.ndarray) -> str:
-    """Cache key of a decoded HWC uint8 image: its shape and a hash of its pixels (not of the
-    file: the same picture sent as PNG, JPEG-free base64 or a path hits the same entry)."""
-    digest = hashlib.sha256(np.ascontiguousarray(image).data).hexdigest()
-    return f"{'x'.join(map(str, image.shape))}:{digest}"
 
 
 class LRUCache(Generic[T]):
@@ -27,6 +22,10 @@ class LRUCache(Generic[T]):
         self._items: OrderedDict[str, T] = OrderedDict()
         self.hits = 0
         self.misses = 0
+
+    def __contains__(self, key: str) -> bool:
+        """Whether ``key`` is cached, without counting a hit or a miss."""
+        return key in self._items
 
     def get(self, key: str) -> T | None:
         value = self._items.get(key)
@@ -58,6 +57,16 @@ class LRUCache(Generic[T]):
                 self.put(k, v)
                 found[k] = v
         return [found[k] for k in keys]
+
+    def fetch_or_find(
+        self, keys: Sequence[str], sources: Sequence[object | None], compute: Callable[[list[int]], list[T]]
+    ) -> list[T | None]:
+        """:meth:`fetch` for the keys whose source (an image) is given; the others are only looked
+        up, after this batch's own entries are made: None where no entry exists."""
+        given = [i for i, s in enumerate(sources) if s is not None]
+        made = self.fetch([keys[i] for i in given], lambda todo: compute([given[j] for j in todo]))
+        batch = {keys[i]: v for i, v in zip(given, made, strict=True)}
+        return [batch[k] if k in batch else self.get(k) for k in keys]
 
     def stats(self) -> dict[str, int]:
         return {"hits": self.hits, "misses": self.misses, "size": len(self._items), "capacity": self.capacity}

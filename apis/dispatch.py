@@ -229,10 +229,11 @@ class Dispatcher:
         """Requests no worker has taken into a batch yet (the queue a scaler should watch)."""
         return self._unsent + sum(max(len(link.waiting) - link.running, 0) for link in self._links)
 
-    async def submit(self, job: Any, affinity: Hashable | None = None) -> Reply:
-        """A worker's answer to ``job``: the least busy one, or a home of ``affinity``. Waits
-        for a worker to connect (a restart) up to the queue timeout; the worker itself drops a
-        request that waited longer than that before it could start it."""
+    async def submit(self, job: Any, affinity: Hashable | None = None, stay: bool = False) -> Reply:
+        """A worker's answer to ``job``: the least busy one, or a home of ``affinity``. ``stay``:
+        only a home can answer (the job names a cached image without carrying it), so it waits
+        there however busy. Waits for a worker to connect (a restart) up to the queue timeout;
+        the worker itself drops a request that waited longer than that before it could start it."""
         sent = time.monotonic()
         while not self._links:
             limit = None if self._timeout is None else sent + self._timeout - time.monotonic()
@@ -243,7 +244,7 @@ class Dispatcher:
                 return queue_timeout()
             finally:
                 self._unsent -= 1
-        link = self._pick(affinity)
+        link = self._pick(affinity, stay)
         uid = next(self._ids)
         answer = link.waiting[uid] = asyncio.get_running_loop().create_future()
         link.send((uid, sent, job))
@@ -252,12 +253,16 @@ class Dispatcher:
         finally:
             link.waiting.pop(uid, None)
 
-    def _pick(self, affinity: Hashable | None) -> _Link:
+    def _pick(self, affinity: Hashable | None, stay: bool = False) -> _Link:
         least = min(self._links, key=_load)
         if affinity is None:
             return least
         homes = [h for h in self._homes.pop(affinity, ()) if h in self._links]  # gone: restarted
         home = min(homes, key=_load, default=None)
+        if stay:  # no home: no worker has it, the least busy one says so (and is no home)
+            if homes:
+                self._homes[affinity] = homes
+            return home or least
         if home is None or _load(home) > _load(least) + self.slack:
             home = least
             homes.append(least)

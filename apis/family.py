@@ -36,6 +36,7 @@ from pydantic import BaseModel
 from .config import ModelEntry, ServerConfig
 from .dispatch import Dispatcher
 from .errors import APIError
+from .image_ids import content_id
 from .images import IMAGE_FIELDS, ImageInput, decode_image, probe_image, read_image_bytes
 from .observability import REQUEST_ID, adopt_litserve_logger, log_handler
 from .registry import Key, ModelRegistry, canonical
@@ -57,7 +58,8 @@ class Route:
 
 @dataclass
 class Job:
-    """One request as it travels to a worker: validated fields, the model's id, raw image bytes."""
+    """One request as it travels to a worker: validated fields, the model's id, raw image bytes,
+    and on caching routes the image_id (apis/image_ids.py), which a request may send alone."""
 
     op: str
     model_id: str
@@ -65,6 +67,7 @@ class Job:
     image_bytes: bytes | None = None
     image: Image.Image | None = field(default=None, repr=False)
     request_id: str = "-"  # the worker's log lines name it (apis/observability.py)
+    image_id: str | None = None
 
 
 def configure_logging(level: str, fmt: str | None = None) -> None:
@@ -153,8 +156,11 @@ class FamilySpec(LitSpec):
     def _endpoint(self, route: Route) -> Callable:
         async def endpoint(request):
             try:
-                if isinstance(request, ImageInput) and request.image is None:
-                    # image_url / image_path: network or disk I/O, kept off the event loop
+                if isinstance(request, ImageInput) and (
+                    request.image is None or route.op in self._api.cached_ops
+                ):
+                    # image_url / image_path: network or disk I/O; SAM routes hash the file (image_id):
+                    # kept off the event loop
                     job = await asyncio.to_thread(self._api.prepare, route.op, request)
                 else:
                     job = self._api.prepare(route.op, request)
@@ -174,7 +180,9 @@ class FamilySpec(LitSpec):
         """A worker's answer to a prepared job (also what apis/openai_routes.py sends)."""
         job.request_id = REQUEST_ID.get()
         affinity = self._api.affinity(job) if self.dispatcher.connected > 1 else None
-        reply = await self.dispatcher.submit(job, affinity)
+        # a request with only an image_id can be answered only where that image is cached
+        stay = job.image_id is not None and job.image_bytes is None
+        reply = await self.dispatcher.submit(job, affinity, stay=stay)
         if reply.stats is not None:
             key, snapshot = reply.stats
             self._api.live_stats[key] = snapshot
@@ -233,21 +241,23 @@ class FamilyAPI(ls.LitAPI):
         """Validate what needs the config and read the image bytes; raises APIError."""
         entry = self.registry.resolve(*(getattr(request, f, None) for f in self.model_fields))
         self.check(op, request)
-        image = None
-        if isinstance(request, ImageInput):
+        image, image_id = None, getattr(request, "image_id", None)
+        if isinstance(request, ImageInput) and image_id is None:
             image = read_image_bytes(request, self.cfg)
             self.check_image(op, request, probe_image(image, self.cfg.limits))
-        params = request.model_dump(exclude={*IMAGE_FIELDS, *self.model_fields})
-        return Job(op=op, model_id=self.registry.id_of(entry), params=params, image_bytes=image)
+            if op in self.cached_ops:
+                image_id = content_id(image)
+        params = request.model_dump(exclude={*IMAGE_FIELDS, "image_id", *self.model_fields})
+        model_id = self.registry.id_of(entry)
+        return Job(op=op, model_id=model_id, params=params, image_bytes=image, image_id=image_id)
 
     def affinity(self, job: Job) -> Hashable | None:
-        """For a route that caches encoded images, the key that sends every request with these
-        image bytes for this model to the same worker (:class:`~apis.dispatch.Dispatcher`).
-        CRC-32 of the file (0.14 ms per MB), not the pixel hash the cache uses: the same picture
-        in another file format only misses the hint, never gets a wrong answer."""
-        if job.op not in self.cached_ops or job.image_bytes is None or not self.fam.route_by_image:
+        """For a route that caches encoded images, the key that sends every request on one image
+        for this model to the same worker (:class:`~apis.dispatch.Dispatcher`): its image_id,
+        whether the request sent the image or only the id."""
+        if job.op not in self.cached_ops or job.image_id is None or not self.fam.route_by_image:
             return None
-        return job.model_id, len(job.image_bytes), zlib.crc32(job.image_bytes)
+        return job.model_id, job.image_id
 
     def check(self, op: str, request: BaseModel) -> None:
         """Family-specific checks that pydantic cannot express; raise APIError."""
@@ -323,7 +333,6 @@ class FamilyAPI(ls.LitAPI):
                 request.image = decode_image(request.image_bytes, self.cfg.limits)
             except APIError as e:
                 return e
-            request.image_bytes = None
         return request
 
     def batch(self, inputs: list) -> list:

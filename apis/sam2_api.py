@@ -17,10 +17,12 @@ from pydantic import BaseModel, Field, model_validator
 from .config import ModelEntry
 from .errors import APIError
 from .family import FamilyAPI, Job, Route
-from .images import ImageInput
+from .image_ids import CachedImageInput, EmbedResponse, not_cached
+from .images import ImageInput, decode_image
 from .masks import png_base64
 from .sam2_model import (
     PRESETS,
+    Embedding,
     Prompt,
     Sam2Predictor,
     auto_masks,
@@ -50,7 +52,7 @@ class _Sam2Model(StrictRequest):
     )
 
 
-class Sam2AutoMaskRequest(_Sam2Model, ImageInput):
+class Sam2AutoMaskRequest(_Sam2Model, CachedImageInput):
     preset: Literal["coarse", "fine_grained"] = Field(
         "fine_grained", description="Starting values for every generator field below; explicit fields win."
     )
@@ -115,7 +117,7 @@ class Sam2AutoMaskResponse(BaseModel):
     model: str
 
 
-class Sam2PromptRequest(_Sam2Model, ImageInput):
+class Sam2PromptRequest(_Sam2Model, CachedImageInput):
     point_coords: list[list[float]] | None = Field(
         None,
         max_length=_MAX_POINTS,
@@ -187,6 +189,10 @@ class Sam2PromptResponse(BaseModel):
     model: str
 
 
+class Sam2EmbedRequest(_Sam2Model, ImageInput):
+    """An image to encode and keep in the worker's cache; later requests send its image_id."""
+
+
 def sam2_key(model_cfg: str | None, checkpoint_path: str | None = None) -> tuple[str]:
     """Both request fields name a variant; they must not name two different ones."""
     a, b = variant_name(model_cfg), variant_name(checkpoint_path)
@@ -238,23 +244,59 @@ def generator_settings(params: dict[str, Any]) -> dict[str, Any]:
     return auto_settings(params["preset"], {k: params[k] for k in PRESETS[params["preset"]]})
 
 
+def check_prompt_fits(p: dict[str, Any], size: tuple[int, int], max_response_bytes: int) -> None:
+    """400 for points or a box outside the (width, height) image, or masks over the answer limit.
+    The HTTP process checks with the file's header; for an image_id the worker checks with the
+    cached embedding's size."""
+    w, h = size
+    lim_x, lim_y = (w, h) if p["normalize_coords"] else (1.0, 1.0)
+    unit = "pixels" if p["normalize_coords"] else "normalised [0, 1] units (normalize_coords=false)"
+    where = f"the {w}x{h} image (x in 0..{lim_x}, y in 0..{lim_y}, {unit})"
+    for x, y in p["point_coords"] or []:
+        if not (0 <= x <= lim_x and 0 <= y <= lim_y):
+            raise APIError(400, f"point [{x}, {y}] is outside {where}", param="point_coords")
+    if p["box"] is not None:
+        x1, y1, x2, y2 = p["box"]
+        if not (x1 >= 0 and y1 >= 0 and x2 <= lim_x and y2 <= lim_y):
+            raise APIError(400, f"box {p['box']} is outside {where}", param="box")
+    check_response_size(
+        (3 if p["multimask_output"] else 1, h, w),
+        p["mask_encoding"],
+        max_response_bytes,
+        "use mask_encoding=packbits, multimask_output=false or a smaller image",
+    )
+
+
+@dataclass
+class _Whole:
+    """A request's image as the cache sees it: its id, and its pixels and file unless it sent only the id."""
+
+    key: str
+    image: np.ndarray | None
+    file: bytes | None
+
+
+def _whole(job: Job) -> _Whole:
+    return _Whole(job.image_id, None if job.image is None else np.array(job.image), job.image_bytes)
+
+
 @dataclass
 class _AutoJob:
-    image: np.ndarray
+    whole: _Whole
     settings: dict[str, Any]
     output_mode: str
 
 
 @dataclass
 class _PromptJob:
-    image: np.ndarray
+    whole: _Whole
     prompt: Prompt
 
 
 class Sam2API(FamilyAPI):
     family = "sam2"
     model_fields = ("model_cfg", "checkpoint_path")
-    cached_ops = frozenset({"prompt_mask", "auto_mask"})  # both encode the whole image through the cache
+    cached_ops = frozenset({"prompt_mask", "auto_mask", "embed"})  # all encode the whole image via the cache
     model_key = staticmethod(sam2_key)
     model_fill_defaults = False
     routes = (
@@ -264,6 +306,12 @@ class Sam2API(FamilyAPI):
             Sam2PromptRequest,
             Sam2PromptResponse,
             "SAM 2 masks from points, a box and/or a previous low-res mask.",
+        ),
+        Route(
+            "embed",
+            Sam2EmbedRequest,
+            EmbedResponse,
+            "Encode an image into the worker's cache; answers its image_id for prompt_mask / auto_mask.",
         ),
     )
 
@@ -281,26 +329,8 @@ class Sam2API(FamilyAPI):
                 )
 
     def check_image(self, op: str, request: BaseModel, size: tuple[int, int]) -> None:
-        if not isinstance(request, Sam2PromptRequest):
-            return
-        w, h = size
-        lim_x, lim_y = (w, h) if request.normalize_coords else (1.0, 1.0)
-        unit = "pixels" if request.normalize_coords else "normalised [0, 1] units (normalize_coords=false)"
-        where = f"the {w}x{h} image (x in 0..{lim_x}, y in 0..{lim_y}, {unit})"
-        for x, y in request.point_coords or []:
-            if not (0 <= x <= lim_x and 0 <= y <= lim_y):
-                raise APIError(400, f"point [{x}, {y}] is outside {where}", param="point_coords")
-        if request.box is not None:
-            x1, y1, x2, y2 = request.box
-            if not (x1 >= 0 and y1 >= 0 and x2 <= lim_x and y2 <= lim_y):
-                raise APIError(400, f"box {request.box} is outside {where}", param="box")
-        channels = 3 if request.multimask_output else 1
-        check_response_size(
-            (channels, h, w),
-            request.mask_encoding,
-            self.cfg.limits.max_response_bytes,
-            "use mask_encoding=packbits, multimask_output=false or a smaller image",
-        )
+        if isinstance(request, Sam2PromptRequest):
+            check_prompt_fits(vars(request), size, self.cfg.limits.max_response_bytes)
 
     def load_model(self, entry: ModelEntry) -> Sam2Predictor:
         return load_sam2(entry, self.torch_device, self.compute_dtype, self.fam.cache_size)
@@ -311,16 +341,36 @@ class Sam2API(FamilyAPI):
             "encoded_images": {k: m.encoded_images for k, m in self._models.items()},
         }
 
-    # -- prompt_mask: images encoded together (cache first), then each prompt -------------
+    # -- embed and prompt_mask: images encoded together (cache first) -----------------------
+    def op_embed(self, pred: Sam2Predictor, jobs: list[Job]) -> list:
+        return self.grouped(
+            "embed",
+            jobs,
+            prepare=lambda job: (_whole(job), job.image_id in pred.cache),
+            key=lambda _: None,
+            forward=lambda items: self._embeddings(pred, [whole for whole, _ in items]),
+            finish=lambda job, item, emb: {
+                "image_id": job.image_id,
+                "width": emb.orig_hw[1],
+                "height": emb.orig_hw[0],
+                "cached": item[1],
+                "model": job.model_id,
+            },
+        )
+
     def op_prompt_mask(self, pred: Sam2Predictor, jobs: list[Job]) -> list:
         return self.grouped(
             "prompt_mask",
             jobs,
             prepare=lambda job: self._prompt_job(pred, job),
             key=lambda _: None,
-            forward=lambda items: pred.embeddings([i.image for i in items]),
+            forward=lambda items: self._embeddings(pred, [i.whole for i in items]),
             finish=lambda job, item, emb: self._prompt_answer(pred, job, item, emb),
         )
+
+    @staticmethod
+    def _embeddings(pred: Sam2Predictor, wholes: list[_Whole]) -> list[Embedding | None]:
+        return pred.embeddings([w.key for w in wholes], [w.image for w in wholes], [w.file for w in wholes])
 
     @staticmethod
     def _prompt_job(pred: Sam2Predictor, job: Job) -> _PromptJob:
@@ -348,10 +398,13 @@ class Sam2API(FamilyAPI):
             max_hole_area=p["max_hole_area"],
             max_sprinkle_area=p["max_sprinkle_area"],
         )
-        return _PromptJob(np.array(job.image), prompt)
+        return _PromptJob(_whole(job), prompt)
 
-    @staticmethod
-    def _prompt_answer(pred: Sam2Predictor, job: Job, item: _PromptJob, emb) -> dict:
+    def _prompt_answer(self, pred: Sam2Predictor, job: Job, item: _PromptJob, emb: Embedding | None) -> dict:
+        if emb is None:
+            raise not_cached(job.image_id, self.family)
+        if item.whole.image is None:  # only the id came: check the prompt against the cached size
+            check_prompt_fits(job.params, emb.orig_hw[::-1], self.cfg.limits.max_response_bytes)
         masks, iou, low = predict_prompt(pred, emb, item.prompt)
         encoding = job.params["mask_encoding"]
         out: dict[str, Any] = {}
@@ -368,16 +421,30 @@ class Sam2API(FamilyAPI):
             "auto_mask",
             jobs,
             prepare=lambda job: _AutoJob(
-                np.array(job.image), generator_settings(job.params), job.params["output_mode"]
+                self._with_pixels(pred, _whole(job)),
+                generator_settings(job.params),
+                job.params["output_mode"],
             ),
             key=id,
-            forward=lambda items: [auto_masks(pred, i.image, i.settings, i.output_mode) for i in items],
+            forward=lambda items: [
+                auto_masks(pred, i.whole.key, i.whole.image, i.settings, i.output_mode, i.whole.file)
+                for i in items
+            ],
             finish=self._auto_answer,
         )
 
+    def _with_pixels(self, pred: Sam2Predictor, whole: _Whole) -> _Whole:
+        """The generator's crops need pixels: for an image_id, decoded from the cached file."""
+        if whole.image is not None:
+            return whole
+        emb = pred.cache.get(whole.key)
+        if emb is None or emb.file is None:
+            raise not_cached(whole.key, self.family)
+        return _Whole(whole.key, np.array(decode_image(emb.file, self.cfg.limits)), emb.file)
+
     def _auto_answer(self, job: Job, item: _AutoJob, masks: list[dict]) -> dict:
         p = job.params
-        image, settings = item.image, item.settings
+        image, settings = item.whole.image, item.settings
         h, w = image.shape[:2]
         binary = p["output_mode"] == "binary_mask"
         if binary:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from sam2.build_sam import _hf_download as sam2_hf_download
 from sam2.build_sam import build_sam2, build_sam2_hf
 from sam2.sam2_image_predictor import SAM2ImagePredictor
 
-from .cache import LRUCache, image_key
+from .cache import LRUCache
 from .config import ModelEntry
 from .precision import Autocast
 
@@ -172,6 +173,7 @@ class Embedding:
     image_embed: torch.Tensor  # (1, C, h, w)
     high_res_feats: list[torch.Tensor]
     orig_hw: tuple[int, int]
+    file: bytes | None = None  # the image file: auto_mask on an image_id needs pixels for its crops
 
 
 class Sam2Predictor(SAM2ImagePredictor, Autocast):
@@ -185,7 +187,9 @@ class Sam2Predictor(SAM2ImagePredictor, Autocast):
         self.cache: LRUCache[Embedding] = LRUCache(cache_size)
         self.dtype = dtype
         self.encoded_images = 0
-        self._whole_shape: tuple[int, ...] | None = None
+        self._whole: tuple[str, np.ndarray, bytes | None] | None = (
+            None  # auto_mask's image: key, pixels, file
+        )
         model.image_encoder.register_forward_hook(self._count)
 
     def _count(self, _module, inputs, _output) -> None:
@@ -203,8 +207,15 @@ class Sam2Predictor(SAM2ImagePredictor, Autocast):
         self._transforms.max_sprinkle_area = max_sprinkle_area
 
     @torch.inference_mode()
-    def embeddings(self, images: list[np.ndarray]) -> list[Embedding]:
-        """Embeddings of whole HWC uint8 images: cached ones reused, the rest encoded as one batch."""
+    def embeddings(
+        self,
+        keys: Sequence[str],
+        images: Sequence[np.ndarray | None],
+        files: Sequence[bytes | None] | None = None,
+    ) -> list[Embedding | None]:
+        """Embeddings of whole HWC uint8 images by cache key (their image_id): cached ones reused,
+        the missing images encoded as one batch and kept with their ``files``; a key given
+        without an image is only looked up (None if not cached)."""
 
         def encode(todo: list[int]) -> list[Embedding]:
             with self.autocast():
@@ -215,13 +226,14 @@ class Sam2Predictor(SAM2ImagePredictor, Autocast):
                     image_embed=feats["image_embed"][j : j + 1].clone(),
                     high_res_feats=[f[j : j + 1].clone() for f in feats["high_res_feats"]],
                     orig_hw=tuple(images[i].shape[:2]),
+                    file=None if files is None else files[i],
                 )
                 for j, i in enumerate(todo)
             ]
             self.reset_predictor()
             return out
 
-        return self.cache.fetch([image_key(im) for im in images], encode)
+        return self.cache.fetch_or_find(keys, images, encode)
 
     def use(self, emb: Embedding) -> None:
         """Make ``emb`` the current image, as if ``set_image`` had just computed it."""
@@ -232,20 +244,21 @@ class Sam2Predictor(SAM2ImagePredictor, Autocast):
         self._is_batch = False
 
     def set_image(self, image) -> None:
-        """The automatic mask generator's entry point: whole images go through the cache, its
+        """The automatic mask generator's entry point: the whole image goes through the cache, its
         crops (other shapes) are encoded as usual and not kept."""
-        if isinstance(image, np.ndarray) and image.shape == self._whole_shape:
-            self.use(self.embeddings([image])[0])
+        if self._whole is not None and isinstance(image, np.ndarray) and image.shape == self._whole[1].shape:
+            key, whole, file = self._whole
+            self.use(self.embeddings([key], [whole], [file])[0])
         else:
             super().set_image(image)
 
     @contextlib.contextmanager
-    def whole_image(self, image: np.ndarray):
-        self._whole_shape = image.shape
+    def whole_image(self, key: str, image: np.ndarray, file: bytes | None = None):
+        self._whole = (key, image, file)
         try:
             yield
         finally:
-            self._whole_shape = None
+            self._whole = None
 
 
 def load_sam2(
@@ -315,9 +328,15 @@ def auto_settings(preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
 
 @torch.inference_mode()
 def auto_masks(
-    pred: Sam2Predictor, image: np.ndarray, settings: dict[str, Any], output_mode: str
+    pred: Sam2Predictor,
+    key: str,
+    image: np.ndarray,
+    settings: dict[str, Any],
+    output_mode: str,
+    file: bytes | None = None,
 ) -> list[dict]:
-    """``SAM2AutomaticMaskGenerator.generate`` on the cached predictor.
+    """``SAM2AutomaticMaskGenerator.generate`` on the cached predictor (``key``: the image's id,
+    ``file``: its file, cached with the embedding).
 
     ``min_mask_region_area`` drives the generator's hole/sprinkle filling (connected components,
     here on CPU too) and its final small-region removal, as in the library.
@@ -328,7 +347,7 @@ def auto_masks(
     amg = _Generator(pred.model, output_mode=output_mode, **s)
     pred.configure(0.0, s["min_mask_region_area"], s["min_mask_region_area"])
     amg.predictor = pred
-    with pred.whole_image(image), pred.autocast():
+    with pred.whole_image(key, image, file), pred.autocast():
         try:
             return amg.generate(image)
         except IndexError:

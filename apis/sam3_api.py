@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field, field_validator
 from .config import ModelEntry
 from .errors import APIError
 from .family import FamilyAPI, Job, Route
+from .image_ids import CachedImageInput, EmbedResponse, not_cached
 from .images import ImageInput
 from .sam3_model import Encoded, Filters, Sam3Runner, load_sam3, mask_bytes, predict
 from .schemas import StrictRequest
@@ -19,7 +20,7 @@ from .schemas import StrictRequest
 MAX_PROMPTS = 32
 
 
-class Sam3PredictRequest(StrictRequest, ImageInput):
+class Sam3PredictRequest(StrictRequest, CachedImageInput):
     prompts: list[str] = Field(
         ..., min_length=1, max_length=MAX_PROMPTS, description="Text prompts (noun phrases), one or more."
     )
@@ -54,6 +55,12 @@ class Sam3PredictRequest(StrictRequest, ImageInput):
         return prompts
 
 
+class Sam3EmbedRequest(StrictRequest, ImageInput):
+    """An image to encode and keep in the worker's cache; later predict calls send its image_id."""
+
+    model: str | None = Field(None, description="A configured SAM 3 model; null = the server's default.")
+
+
 class Sam3Mask(BaseModel):
     data: str | dict[str, Any] = Field(
         ..., description='rle: {"size": [H, W], "counts": str} (pycocotools.mask.decode); png: base64 PNG.'
@@ -84,15 +91,20 @@ class Sam3PredictResponse(BaseModel):
 
 @dataclass
 class _Prepared:
-    image: np.ndarray
+    key: str  # image_id
+    image: np.ndarray | None  # None: the request sent only the image_id
     prompts: list[str]
     filters: Filters
+
+
+def _pixels(job: Job) -> np.ndarray | None:
+    return None if job.image is None else np.array(job.image)
 
 
 class Sam3API(FamilyAPI):
     family = "sam3"
     model_fields = ("model",)
-    cached_ops = frozenset({"predict"})
+    cached_ops = frozenset({"predict", "embed"})
     routes = (
         Route(
             "predict",
@@ -100,10 +112,17 @@ class Sam3API(FamilyAPI):
             Sam3PredictResponse,
             "SAM 3 instances (score, box, polygon, area, mask) for each text prompt.",
         ),
+        Route(
+            "embed",
+            Sam3EmbedRequest,
+            EmbedResponse,
+            "Encode an image into the worker's cache; answers its image_id for predict.",
+        ),
     )
 
     def check(self, op: str, request: BaseModel) -> None:
-        self.check_text_length([(f"prompts[{i}]", p) for i, p in enumerate(request.prompts)], "prompts")
+        if isinstance(request, Sam3PredictRequest):
+            self.check_text_length([(f"prompts[{i}]", p) for i, p in enumerate(request.prompts)], "prompts")
 
     def load_model(self, entry: ModelEntry) -> Sam3Runner:
         return load_sam3(entry, self.torch_device, self.compute_dtype, self.fam.cache_size)
@@ -125,7 +144,7 @@ class Sam3API(FamilyAPI):
             return_masks=p["return_masks"],
             mask_format=p["mask_format"],
         )
-        return _Prepared(np.array(job.image), p["prompts"], filters)
+        return _Prepared(job.image_id, _pixels(job), p["prompts"], filters)
 
     def op_predict(self, runner: Sam3Runner, jobs: list[Job]) -> list:
         """Every new image of the batch goes through the vision backbone together (cached ones are
@@ -135,11 +154,29 @@ class Sam3API(FamilyAPI):
             jobs,
             prepare=self._prepare,
             key=lambda _: None,
-            forward=lambda items: runner.encode([i.image for i in items]),
+            forward=lambda items: runner.encode([i.key for i in items], [i.image for i in items]),
             finish=lambda job, item, enc: self._answer(runner, job, item, enc),
         )
 
-    def _answer(self, runner: Sam3Runner, job: Job, item: _Prepared, enc: Encoded) -> dict:
+    def op_embed(self, runner: Sam3Runner, jobs: list[Job]) -> list:
+        return self.grouped(
+            "embed",
+            jobs,
+            prepare=lambda job: (job.image_id, _pixels(job), job.image_id in runner.cache),
+            key=lambda _: None,
+            forward=lambda items: runner.encode([k for k, _, _ in items], [im for _, im, _ in items]),
+            finish=lambda job, item, enc: {
+                "image_id": job.image_id,
+                "width": enc.width,
+                "height": enc.height,
+                "cached": item[2],
+                "model": job.model_id,
+            },
+        )
+
+    def _answer(self, runner: Sam3Runner, job: Job, item: _Prepared, enc: Encoded | None) -> dict:
+        if enc is None:
+            raise not_cached(job.image_id, self.family)
         results = predict(runner, enc, item.prompts, item.filters)
         size = mask_bytes(results)
         if size > self.cfg.limits.max_response_bytes:

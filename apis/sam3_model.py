@@ -16,6 +16,7 @@ server. The model runs through sam3's ``Sam3Processor`` preprocessing and
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -41,7 +42,7 @@ from sam3.model.vitdet import ViT
 from sam3.model.vl_combiner import SAM3VLBackbone
 
 from . import sam3_compat
-from .cache import LRUCache, image_key
+from .cache import LRUCache
 from .config import ModelEntry
 from .masks import coco_rle, largest_polygon, png_base64
 from .precision import Autocast
@@ -353,8 +354,10 @@ class Sam3Runner(Autocast):
         self._pos_enc: list[torch.Tensor] | None = None
 
     @torch.inference_mode()
-    def encode(self, images: list[np.ndarray]) -> list[Encoded]:
-        """Encoded HWC uint8 images: cached ones reused, the others through the backbone as one batch."""
+    def encode(self, keys: Sequence[str], images: Sequence[np.ndarray | None]) -> list[Encoded | None]:
+        """Encoded HWC uint8 images by cache key (their image_id): cached ones reused, the others
+        through the backbone as one batch; a key given without an image is only looked up (None
+        if not cached)."""
 
         def encode(todo: list[int]) -> list[Encoded]:
             with self.autocast():
@@ -372,7 +375,7 @@ class Sam3Runner(Autocast):
                 for j, i in enumerate(todo)
             ]
 
-        return self.cache.fetch([image_key(im) for im in images], encode)
+        return self.cache.fetch_or_find(keys, images, encode)
 
     def backbone_out(self, enc: Encoded) -> dict[str, Any]:
         """``Sam3Processor``'s ``state["backbone_out"]`` for one encoded image."""

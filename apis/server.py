@@ -33,6 +33,7 @@ from .family import LOG_FORMAT_ENV, FamilyAPI
 from .middleware import BearerAuth, BodyLimit
 from .observability import Metrics, RequestContext, adopt_litserve_logger
 from .openai_routes import install_openai_routes
+from .playground import install_playground, is_playground
 from .rmbg_api import RmbgAPI
 from .routing import JsonBodyRoute
 from .sam2_api import Sam2API
@@ -140,6 +141,7 @@ def build_server(cfg: ServerConfig, opts: Options) -> VisionServer:
             or (path.endswith("/health") and (path[1:-7] in families or path[1:-7] in opts.unavailable))
             or (cfg.public_docs and path in _DOC_PATHS)
             or (cfg.public_metrics and path == "/metrics")
+            or is_playground(path)
         )
 
     metrics = Metrics(apis, opts.unavailable)
@@ -160,6 +162,7 @@ def build_server(cfg: ServerConfig, opts: Options) -> VisionServer:
     server.app.user_middleware = [m for m in server.app.user_middleware if m.cls is not GZipMiddleware]
     server.app.title, server.app.version = "visionserve", __version__
     install_error_handlers(server.app)
+    install_playground(server.app)
     _replace_info_route(server, cfg, opts, apis)
     install_openai_routes(server.app, cfg, apis)
     _add_observability_routes(server, metrics, opts.unavailable)

@@ -62,10 +62,10 @@ def sam2_case(cfg, rounds: int):
             order = [torch.float32, torch.bfloat16] if r % 2 == 0 else [torch.bfloat16, torch.float32]
             for dtype in order:
                 pred.dtype = dtype
-                times[dtype].append(timed(lambda im=im: pred.embeddings([im])))
+                times[dtype].append(timed(lambda im=im, name=name: pred.embeddings([name], [im])))
         for dtype in (torch.float32, torch.bfloat16):
             pred.dtype = dtype
-            emb = pred.embeddings([im])[0]
+            emb = pred.embeddings([name], [im])[0]
             masks[dtype] = [predict_prompt(pred, emb, pr)[0] > 0.5 for pr in prompts]
         for a, b in zip(masks[torch.float32], masks[torch.bfloat16], strict=True):
             ious += [iou(x, y) for x, y in zip(a, b, strict=True)]
@@ -83,11 +83,11 @@ def sam3_case(cfg, rounds: int, top: int = 10):
             order = [torch.float32, torch.bfloat16] if r % 2 == 0 else [torch.bfloat16, torch.float32]
             for dtype in order:
                 runner.dtype = dtype
-                times[dtype].append(timed(lambda im=im: runner.encode([im])))
+                times[dtype].append(timed(lambda im=im, name=name: runner.encode([name], [im])))
         masks = {}
         for dtype in (torch.float32, torch.bfloat16):
             runner.dtype = dtype
-            det = runner.detect(runner.encode([im])[0], "cat")
+            det = runner.detect(runner.encode([name], [im])[0], "cat")
             if dtype == torch.float32:
                 queries = torch.argsort(det.scores, descending=True)[:top].tolist()
             masks[dtype] = [instance_mask(det.mask_logits[q], h, w) for q in queries]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import threading
@@ -15,6 +16,7 @@ import yaml
 
 SERVERS_ENV = "VISIONSERVE_SERVERS"
 NPY_MEDIA_TYPE = "application/x-npy"
+IMAGE_KEY_HEADER = "X-Image-Key"  # the image_id, for load balancers that keep an image on one replica
 KEY_ENV = "VISIONSERVE_API_KEY"
 _DEFAULT_SERVERS = Path(__file__).with_name("servers.yaml")
 _local = threading.local()
@@ -79,11 +81,14 @@ def post(
     base_url: str | None = None,
     api_key: str | None = None,
     timeout: float = 600.0,
+    headers: dict[str, str] | None = None,
 ) -> dict:
     """POST JSON, return the answer: parsed JSON, or for a ``.npy`` body (dense routes with
     ``response_format="npy"``) ``{"array": ndarray, "model": ..., "is_pca": ...}``."""
     url, key = server_settings(family, base_url, api_key)
-    resp = _session().post(f"{url}/{route}", json=payload, headers=_headers(key), timeout=timeout)
+    resp = _session().post(
+        f"{url}/{route}", json=payload, headers={**_headers(key), **(headers or {})}, timeout=timeout
+    )
     _raise_for(resp)
     if resp.headers.get("content-type", "").startswith(NPY_MEDIA_TYPE):
         return {"array": np.load(io.BytesIO(resp.content), allow_pickle=False), **_npy_meta(resp.headers)}
@@ -108,19 +113,60 @@ def get(
     return resp.json()
 
 
-def encode_image(image: Any) -> str:
-    """Base64 of an image: a file path, raw bytes, a PIL image or an HxWx3 uint8 array."""
+def image_file_bytes(image: Any) -> bytes:
+    """The file bytes a request carries for an image: a file path, raw bytes, a PIL image or an
+    HxWx3 uint8 array (PIL images and arrays as PNG)."""
     if isinstance(image, (str, Path)):
-        return pybase64.b64encode_as_string(Path(image).read_bytes())
+        return Path(image).read_bytes()
     if isinstance(image, (bytes, bytearray)):
-        return pybase64.b64encode_as_string(image)
+        return bytes(image)
     from PIL import Image
 
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
     buf = io.BytesIO()
     image.save(buf, format="PNG")
-    return pybase64.b64encode_as_string(buf.getvalue())
+    return buf.getvalue()
+
+
+def encode_image(image: Any) -> str:
+    """Base64 of an image: a file path, raw bytes, a PIL image or an HxWx3 uint8 array."""
+    return pybase64.b64encode_as_string(image_file_bytes(image))
+
+
+def content_id(data: bytes) -> str:
+    """The server's image_id of an image file: the hex SHA-256 of its bytes."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def base64_image_id(text: str) -> str:
+    """The image_id of base64 image text (a data: URI too), as the server computes it."""
+    return content_id(pybase64.b64decode(text.partition(",")[2] if text.startswith("data:") else text))
+
+
+def post_image(
+    family: str,
+    route: str,
+    payload: dict,
+    fields: dict[str, str],
+    image_id: str | None = None,
+    base_url: str | None = None,
+    api_key: str | None = None,
+    timeout: float = 600.0,
+) -> dict:
+    """POST ``payload`` with an image: its ``image_id`` alone when given, the image ``fields``
+    (:func:`image_fields`) otherwise. When the server no longer has that id (404
+    ``image_not_cached``) and ``fields`` hold the image, it is sent again (which caches it anew).
+    The id also travels as the ``X-Image-Key`` header, computed here from base64 ``image``."""
+    key = image_id or (base64_image_id(fields["image"]) if "image" in fields else None)
+    headers = {IMAGE_KEY_HEADER: key} if key else None
+    if image_id is not None:
+        try:
+            return post(family, route, {**payload, "image_id": image_id}, base_url, api_key, timeout, headers)
+        except VisionServeError as e:
+            if e.code != "image_not_cached" or not fields:
+                raise
+    return post(family, route, {**payload, **fields}, base_url, api_key, timeout, headers)
 
 
 def image_fields(image: Any = None, image_url: str | None = None, image_path: str | None = None) -> dict:

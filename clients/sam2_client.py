@@ -5,6 +5,10 @@ shortcuts, mask decoding (every output mode, no pycocotools needed) and a PNG ov
 ``image`` is base64 text (as the seed sent) or anything :func:`encode_image` takes; the
 ``*_decoded`` helpers and shortcuts also take a file path. ``model_cfg`` / ``checkpoint_path``
 only select among the server's models; None uses its default.
+
+Embed once, prompt many: :func:`embed_sam2_image` answers the image's ``image_id`` (also
+:func:`image_id` here, locally); pass ``image_id=`` to the prompt functions and the image is not
+sent again. Pass the ``image`` too and it is re-sent by itself if the server evicted it.
 """
 
 from __future__ import annotations
@@ -17,13 +21,24 @@ from typing import Any
 import numpy as np
 import pybase64
 
-from .common import VisionServeError, decode_array, encode_image, get, image_arg, image_fields, post
+from .common import (
+    VisionServeError,
+    content_id,
+    decode_array,
+    encode_image,
+    get,
+    image_arg,
+    image_fields,
+    image_file_bytes,
+    post_image,
+)
 from .masks import decode_png, decode_rle, save_overlay
 
 __all__ = [
     "VisionServeError",
     "decode_rle",
     "decode_segmentation",
+    "embed_sam2_image",
     "encode_image",
     "encode_mask_input",
     "generate_sam2_auto_masks",
@@ -31,6 +46,7 @@ __all__ = [
     "generate_sam2_prompt_masks",
     "generate_sam2_prompt_masks_decoded",
     "health",
+    "image_id",
     "sam2_box_mask",
     "sam2_combined_mask",
     "sam2_point_mask",
@@ -44,6 +60,29 @@ PromptAnswer = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 def health(base_url: str | None = None, api_key: str | None = None) -> dict:
     return get(FAMILY, "health", base_url, api_key)
+
+
+def image_id(image: Any) -> str:
+    """The ``image_id`` the server gives ``image`` (a file path, bytes, PIL image or array; arrays
+    and PIL images as the PNG this client sends), computed locally: the SHA-256 of its file."""
+    return content_id(image_file_bytes(image))
+
+
+def embed_sam2_image(
+    image: Any = None,
+    model_cfg: str | None = None,
+    checkpoint_path: str | None = None,
+    base_url: str | None = None,
+    api_key: str | None = None,
+    image_url: str | None = None,
+    image_path: str | None = None,
+    timeout: float = 600.0,
+) -> dict:
+    """POST /sam2/embed: encode the image into the server's cache once. Answers ``image_id``,
+    ``width``, ``height``, ``cached`` (already there) and ``model``. ``image`` may be a path."""
+    payload = {"model_cfg": model_cfg, "checkpoint_path": checkpoint_path}
+    fields = image_fields(image_arg(image), image_url, image_path)
+    return post_image(FAMILY, "embed", payload, fields, None, base_url, api_key, timeout)
 
 
 def generate_sam2_auto_masks(
@@ -73,15 +112,16 @@ def generate_sam2_auto_masks(
     image_url: str | None = None,
     image_path: str | None = None,
     timeout: float = 600.0,
+    image_id: str | None = None,
 ) -> dict:
     """POST /sam2/auto_mask; the JSON answer (``masks``, ``num_masks``, ``settings``, ...).
 
-    Generator fields left None take the ``preset``'s values.
+    Generator fields left None take the ``preset``'s values. ``image_id`` instead of the image:
+    see the module's docstring.
     """
     if point_grids is not None:
         point_grids = [np.asarray(g, dtype=float).tolist() for g in point_grids]
     payload = {
-        **image_fields(image, image_url, image_path),
         "model_cfg": model_cfg,
         "checkpoint_path": checkpoint_path,
         "preset": preset,
@@ -103,7 +143,8 @@ def generate_sam2_auto_masks(
         "output_mode": output_mode,
         "mask_encoding": mask_encoding,
     }
-    return post(FAMILY, "auto_mask", payload, base_url, api_key, timeout)
+    fields = image_fields(image, image_url, image_path)
+    return post_image(FAMILY, "auto_mask", payload, fields, image_id, base_url, api_key, timeout)
 
 
 def _as_list(value: Any) -> Any:
@@ -142,17 +183,18 @@ def generate_sam2_prompt_masks(
     image_path: str | None = None,
     timeout: float = 600.0,
     mask_encoding: str = "float32",
+    image_id: str | None = None,
 ) -> PromptAnswer:
     """POST /sam2/prompt_mask; (masks [C, H, W], iou_predictions [C], low_res_masks [C, L, L]).
 
     ``mask_input`` is a numpy array (e.g. ``low_res[i]`` of an earlier answer) or base64 text
     with ``mask_input_shape``. ``mask_encoding="packbits"`` makes the answer's masks 32x
-    smaller on the wire; they decode to the same float32 0/1 array.
+    smaller on the wire; they decode to the same float32 0/1 array. ``image_id`` instead of
+    the image: see the module's docstring.
     """
     if mask_input is not None and not isinstance(mask_input, str):
         mask_input, mask_input_shape = encode_mask_input(mask_input)
     payload = {
-        **image_fields(image, image_url, image_path),
         "model_cfg": model_cfg,
         "checkpoint_path": checkpoint_path,
         "point_coords": _as_list(point_coords),
@@ -168,7 +210,8 @@ def generate_sam2_prompt_masks(
         "max_sprinkle_area": max_sprinkle_area,
         "mask_encoding": mask_encoding,
     }
-    r = post(FAMILY, "prompt_mask", payload, base_url, api_key, timeout)
+    fields = image_fields(image, image_url, image_path)
+    r = post_image(FAMILY, "prompt_mask", payload, fields, image_id, base_url, api_key, timeout)
     if r.get("mask_encoding") == "packbits":
         masks = unpack_bits(r["masks"], r["masks_shape"]).astype(np.float32)
     else:

@@ -4,6 +4,10 @@
 ``base_url`` is the family's prefix (``http://host:8000/sam3``); the seed's own servers
 (``http://host:8001``) answer the same routes. ``api_key`` is optional: seed servers and a
 server started with ``--no-auth`` need none.
+
+Embed once, prompt many: :meth:`Sam3ServiceClient.embed` answers the image's ``image_id``;
+``predict(image_id=...)`` then sends only the id, and re-sends the ``image`` by itself (if given
+too) when the server evicted it.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Any
 import numpy as np
 import requests
 
-from .common import VisionServeError, get, image_fields, post, server_settings
+from .common import VisionServeError, get, image_fields, post_image, server_settings
 from .masks import decode_png, decode_rle, save_overlay
 
 __all__ = [
@@ -60,15 +64,16 @@ class Sam3ServiceClient:
         image: Any = None,
         image_url: str | None = None,
         model: str | None = None,
+        image_id: str | None = None,
     ) -> dict:
         """Instances of each text prompt: ``{"image_size": {...}, "results": [...]}``.
 
         The image is one of ``image_path`` (a file on the server, inside its allowed roots),
         ``image`` (base64 text, a local file path as ``Path``, bytes, PIL image or uint8 array)
-        or ``image_url``. Thresholds left None take the server's defaults.
+        or ``image_url``; or ``image_id`` (from :meth:`embed`), with or without one of those to
+        fall back on. Thresholds left None take the server's defaults.
         """
         payload = {
-            **image_fields(image, image_url, image_path),
             "prompts": list(prompts),
             "return_masks": return_masks,
             "mask_format": mask_format,
@@ -78,7 +83,24 @@ class Sam3ServiceClient:
             "model": model,
         }
         payload = {k: v for k, v in payload.items() if v is not None}
-        return post(FAMILY, "predict", payload, self.base_url, self.api_key, self.timeout)
+        fields = image_fields(image, image_url, image_path)
+        return post_image(
+            FAMILY, "predict", payload, fields, image_id, self.base_url, self.api_key, self.timeout
+        )
+
+    def embed(
+        self,
+        image_path: str | None = None,
+        *,
+        image: Any = None,
+        image_url: str | None = None,
+        model: str | None = None,
+    ) -> dict:
+        """Encode the image into the server's cache once: ``{"image_id", "width", "height",
+        "cached", "model"}``. Then ``predict(image_id=...)`` skips sending and encoding it."""
+        payload = {} if model is None else {"model": model}
+        fields = image_fields(image, image_url, image_path)
+        return post_image(FAMILY, "embed", payload, fields, None, self.base_url, self.api_key, self.timeout)
 
 
 class NoLiveEndpointError(RuntimeError):

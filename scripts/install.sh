@@ -16,4 +16,8 @@ extras="server"
 .venv/bin/python -m pip show -q sam2 >/dev/null 2>&1 ||
     SAM2_BUILD_CUDA=0 .venv/bin/python -m pip install -q --no-build-isolation "sam2==1.1.0"
 .venv/bin/python -m pip install -q -e ".[${extras}]"
+# The playground test drives a headless Chromium; as root on Debian/Ubuntu, install it (it skips without).
+if [ "${1:-}" = "test" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v chromedriver >/dev/null; then
+    { apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; } || echo "chromium not installed: the playground test will skip"
+fi
 echo "visionserve installed in $(pwd)/.venv"

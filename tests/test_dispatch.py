@@ -214,6 +214,33 @@ def test_requests_naming_an_image_stay_with_its_worker_until_it_is_busier_by_mor
     asyncio.run(scenario())
 
 
+def test_requests_naming_only_an_image_id_wait_at_its_home_however_busy():
+    async def scenario():
+        d = Dispatcher("test", slack=0)
+        try:
+            await d.start(queue_timeout=1.0)
+            for w in range(2):
+                FakeWorker(d.address, w, delay=0.05)
+                while d.connected < w + 1:
+                    await asyncio.sleep(0.01)
+
+            async def workers(*jobs):
+                answers = await asyncio.gather(*(d.submit(job, key, stay) for job, key, stay in jobs))
+                return [orjson.loads(a.body)["worker"] for a in answers]
+
+            assert await workers(("a1", "A", False)) == [0]
+            # with slack 0 a second image request would move to the idle worker; id-only ones stay
+            assert await workers(*((f"a{i}", "A", True) for i in range(2, 6))) == [0, 0, 0, 0]
+            # an id no worker was sent goes to the least busy, which does not become its home
+            assert await workers(("b1", None, False), ("z1", "Z", True)) == [0, 1]
+            assert "Z" not in d._homes
+            assert await workers(("a6", "A", False), ("a7", "A", False)) == [0, 1]  # moves on
+        finally:
+            d.close()
+
+    asyncio.run(scenario())
+
+
 def test_the_arena_ring_starts_over_when_read_wraps_and_refuses_what_does_not_fit_now():
     reader, fd = Arena.create(100)
     writer = ArenaOffer(os.getpid(), fd, 100).join()  # a second mapping, as a worker maps it

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as coco_mask
 
+from clients import common
 from clients import masks as cm
 from clients import sam2_client as sc
 from clients.common import decode_array
@@ -185,7 +186,7 @@ class FakePost:
     def __init__(self, reply: dict):
         self.reply, self.calls = reply, []
 
-    def __call__(self, family, route, payload, base_url=None, api_key=None, timeout=600.0):
+    def __call__(self, family, route, payload, base_url=None, api_key=None, timeout=600.0, headers=None):
         self.calls.append(
             dict(family=family, route=route, payload=payload, base_url=base_url, timeout=timeout)
         )
@@ -198,7 +199,7 @@ def b64(a: np.ndarray) -> str:
 
 def test_auto_mask_payload_sends_every_field(monkeypatch):
     fake = FakePost({"masks": [], "num_masks": 0, "mask_encoding": "float32"})
-    monkeypatch.setattr(sc, "post", fake)
+    monkeypatch.setattr(common, "post", fake)
     grid = np.array([[0.25, 0.25], [0.75, 0.75]])
     r = sc.generate_sam2_auto_masks(
         image="aGVsbG8=", preset="coarse", points_per_side=None, point_grids=[grid], output_mode="coco_rle",
@@ -230,7 +231,7 @@ def test_auto_masks_decoded_handles_every_form(monkeypatch, tmp_path):
         "mask_encoding": "packbits",
     }
     fake = FakePost(reply)
-    monkeypatch.setattr(sc, "post", fake)
+    monkeypatch.setattr(common, "post", fake)
     src = tmp_path / "image.jpg"
     src.write_bytes(b"not really a jpeg")
     got = sc.generate_sam2_auto_masks_decoded(str(src), preset="coarse")
@@ -253,7 +254,7 @@ def test_prompt_masks_payload_and_decoded_answer(monkeypatch):
         "model": "tiny",
     }  # fmt: skip
     fake = FakePost(reply)
-    monkeypatch.setattr(sc, "post", fake)
+    monkeypatch.setattr(common, "post", fake)
 
     got = sc.generate_sam2_prompt_masks(
         image="aGVsbG8=", point_coords=np.array([[5, 6], [7, 8]]), point_labels=np.array([1, 0])
@@ -282,7 +283,7 @@ def test_prompt_shortcuts_send_their_prompts(monkeypatch, tmp_path):
     reply = {"masks": zeros, "masks_shape": [1, 1, 1], "iou_predictions": zeros, "iou_shape": [1],
              "low_res_masks": zeros, "low_res_shape": [1, 1, 1]}  # fmt: skip
     fake = FakePost(reply)
-    monkeypatch.setattr(sc, "post", fake)
+    monkeypatch.setattr(common, "post", fake)
     src = tmp_path / "image.jpg"
     src.write_bytes(b"jpeg bytes")
     image = base64.b64encode(b"jpeg bytes").decode()

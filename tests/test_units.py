@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import io
 import os
 import struct
@@ -12,7 +14,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from apis.clip_api import clip_key
+from apis.clip_api import ClipExtractRequest, clip_key
 from apis.config import Limits, ModelEntry, PathInput, UrlInput, load_config
 from apis.dense import pca_rgb, resized_size
 from apis.dino_model import HUB_TO_TIMM, architecture
@@ -21,6 +23,7 @@ from apis.family import Job
 from apis.images import _pick_address, _png_has_chunk, decode_image, probe_image, read_path
 from apis.middleware import BearerAuth
 from apis.registry import ModelRegistry
+from apis.sam2_api import Sam2PromptRequest
 from apis.sam2_model import connected_components, variant_name
 from apis.server import FAMILIES
 from tests.conftest import ROOT
@@ -210,14 +213,27 @@ def test_sam2_released_variants_map_to_package_configs(version, size):
     assert (Path(sam2.__file__).parent / config).is_file()
 
 
-def test_affinity_keys_name_the_image_file_and_model_of_the_routes_that_cache_images():
+def test_affinity_keys_name_the_image_id_and_model_of_the_routes_that_cache_images():
     cfg = load_config(ROOT / "configs" / "demo.yaml")
     sam2, sam3, clip = (FAMILIES[f](cfg) for f in ("sam2", "sam3", "clip"))
-    photo, other = b"\x89PNG one picture", b"\x89PNG another"
-    key = sam2.affinity(Job("prompt_mask", "m", {}, photo))
-    assert key == sam2.affinity(Job("auto_mask", "m", {"preset": "fine"}, photo))  # one cache
-    assert key != sam2.affinity(Job("prompt_mask", "m", {}, other))
-    assert key != sam2.affinity(Job("prompt_mask", "m2", {}, photo))  # a cache per model
-    assert sam3.affinity(Job("predict", "m", {}, photo)) is not None
-    assert clip.affinity(Job("extract", "m", {}, photo)) is None  # CLIP keeps no image cache
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 6), (1, 2, 3)).save(buf, format="PNG")
+    png = buf.getvalue()
+    image = base64.b64encode(png).decode()
+    click = {"point_coords": [[1, 1]], "point_labels": [1]}
+    job = sam2.prepare("prompt_mask", Sam2PromptRequest(image=image, **click))
+    assert job.image_id == hashlib.sha256(png).hexdigest() and job.image_bytes == png
+    by_id = sam2.prepare("prompt_mask", Sam2PromptRequest(image_id=job.image_id.upper(), **click))
+    assert (by_id.image_id, by_id.image_bytes, "image_id" in by_id.params) == (job.image_id, None, False)
+    key = sam2.affinity(job)
+    assert (
+        key
+        == sam2.affinity(by_id)
+        == sam2.affinity(Job("auto_mask", job.model_id, {}, image_id=job.image_id))
+    )
+    assert key != sam2.affinity(Job("prompt_mask", job.model_id, {}, image_id="0" * 64))
+    assert key != sam2.affinity(Job("prompt_mask", "m2", {}, image_id=job.image_id))  # a cache per model
+    assert sam3.affinity(Job("predict", "m", {}, image_id=job.image_id)) is not None
+    assert clip.prepare("extract", ClipExtractRequest(image=image)).image_id is None  # CLIP caches no image
+    assert clip.affinity(Job("extract", "m", {}, png, image_id=job.image_id)) is None
     assert sam3.affinity(Job("predict", "m", {}, None)) is None

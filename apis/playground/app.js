@@ -1,0 +1,344 @@
+// visionserve playground: plain browser JavaScript, no build step, nothing fetched from elsewhere.
+// Every call goes to this server's own routes with the key as a Bearer token.
+"use strict";
+
+const KEY_STORE = "visionserve.apiKey";
+const state = {
+  b64: null, // the uploaded file, base64
+  localId: null, // its SHA-256 (the server's image_id), when the browser can hash (secure contexts)
+  width: 0,
+  height: 0,
+  bitmap: null,
+  ids: { sam2: null, sam3: null }, // image_id each family has cached
+  points: [],
+  labels: [],
+};
+
+const $ = (id) => document.getElementById(id);
+
+// ------------------------------------------------------------------ key and HTTP
+
+function apiKey() {
+  return $("api-key").value.trim();
+}
+
+function rememberKey() {
+  if ($("remember-key").checked && apiKey()) localStorage.setItem(KEY_STORE, apiKey());
+  else localStorage.removeItem(KEY_STORE);
+}
+
+async function call(route, body, imageKey) {
+  const headers = { "Content-Type": "application/json" };
+  if (apiKey()) headers.Authorization = "Bearer " + apiKey();
+  if (imageKey) headers["X-Image-Key"] = imageKey; // lets a load balancer keep the image on one replica
+  const resp = await fetch(route, { method: "POST", headers, body: JSON.stringify(body) });
+  const data = await resp.json().catch(() => ({}));
+  if (!resp.ok) {
+    const err = new Error((data.error && data.error.message) || `HTTP ${resp.status}`);
+    err.status = resp.status;
+    err.code = data.error && data.error.code;
+    throw err;
+  }
+  return data;
+}
+
+async function embed(family) {
+  const r = await call(`/${family}/embed`, { image: state.b64 }, state.localId);
+  state.ids[family] = r.image_id;
+  return r;
+}
+
+// The image goes once to /<family>/embed; later calls send only its image_id, and embed it again
+// if the server has evicted it.
+async function withImageId(family, route, body) {
+  if (!state.ids[family]) await embed(family);
+  const send = () => call(route, { ...body, image_id: state.ids[family] }, state.ids[family]);
+  try {
+    return await send();
+  } catch (err) {
+    if (err.code !== "image_not_cached") throw err;
+    await embed(family);
+    return send();
+  }
+}
+
+function status(id, text, isError = false) {
+  const el = $(id);
+  el.textContent = text;
+  el.classList.toggle("error", isError);
+}
+
+async function guarded(statusId, work) {
+  if (!state.b64) return status(statusId, "Upload an image first.", true);
+  status(statusId, "working...");
+  try {
+    await work();
+  } catch (err) {
+    status(statusId, err.message, true);
+  }
+}
+
+// ------------------------------------------------------------------ bytes
+
+function toBase64(bytes) {
+  let text = "";
+  for (let i = 0; i < bytes.length; i += 0x8000) {
+    text += String.fromCharCode.apply(null, bytes.subarray(i, i + 0x8000));
+  }
+  return btoa(text);
+}
+
+function fromBase64(text) {
+  const raw = atob(text);
+  const out = new Uint8Array(raw.length);
+  for (let i = 0; i < raw.length; i++) out[i] = raw.charCodeAt(i);
+  return out;
+}
+
+function float32s(text) {
+  return new Float32Array(fromBase64(text).buffer); // little-endian, as every browser CPU is
+}
+
+async function sha256Hex(bytes) {
+  if (!(window.crypto && crypto.subtle)) return null; // plain http to a remote host
+  const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", bytes));
+  return Array.from(digest, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+// ------------------------------------------------------------------ image
+
+async function loadImage(file) {
+  const bytes = new Uint8Array(await file.arrayBuffer());
+  state.bitmap = await createImageBitmap(file, { imageOrientation: "from-image" });
+  state.width = state.bitmap.width;
+  state.height = state.bitmap.height;
+  state.b64 = toBase64(bytes);
+  state.localId = await sha256Hex(bytes);
+  state.ids = { sam2: null, sam3: null };
+  for (const name of ["sam2", "sam3", "clip"]) {
+    const base = $(`${name}-base`);
+    base.width = state.width;
+    base.height = state.height;
+    base.getContext("2d").drawImage(state.bitmap, 0, 0);
+    clear($(`${name}-overlay`));
+  }
+  clearPoints();
+  $("rmbg-result").removeAttribute("src");
+  const id = state.localId ? `, image_id ${state.localId.slice(0, 12)}...` : "";
+  status("image-info", `${file.name}: ${state.width}x${state.height}, ${bytes.length} bytes${id}`);
+}
+
+function clear(canvas) {
+  canvas.width = state.width;
+  canvas.height = state.height;
+  canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+  return canvas.getContext("2d");
+}
+
+function colour(i, alpha) {
+  const hue = (i * 137.5) % 360;
+  return `hsla(${hue}, 85%, 50%, ${alpha})`;
+}
+
+// ------------------------------------------------------------------ SAM 2
+
+function clearPoints() {
+  state.points = [];
+  state.labels = [];
+  clear($("sam2-overlay"));
+  $("sam2-overlay").dataset.maskPixels = "0";
+  status("sam2-status", "");
+}
+
+function unpackMask(text, shape, index) {
+  const [, h, w] = shape;
+  const bits = fromBase64(text);
+  const mask = new Uint8Array(h * w);
+  const start = index * h * w;
+  for (let i = 0; i < h * w; i++) {
+    const at = start + i;
+    mask[i] = (bits[at >> 3] >> (7 - (at & 7))) & 1;
+  }
+  return mask;
+}
+
+function drawMask(mask) {
+  const canvas = $("sam2-overlay");
+  const ctx = clear(canvas);
+  const img = ctx.createImageData(state.width, state.height);
+  let count = 0;
+  for (let i = 0; i < mask.length; i++) {
+    if (!mask[i]) continue;
+    count++;
+    img.data.set([255, 0, 200, 150], i * 4);
+  }
+  ctx.putImageData(img, 0, 0);
+  for (let k = 0; k < state.points.length; k++) {
+    const [x, y] = state.points[k];
+    ctx.beginPath();
+    ctx.arc(x, y, Math.max(3, state.width / 120), 0, 2 * Math.PI);
+    ctx.fillStyle = state.labels[k] ? "#00c853" : "#d50000";
+    ctx.fill();
+  }
+  canvas.dataset.maskPixels = String(count);
+  return count;
+}
+
+async function click(event, label) {
+  event.preventDefault();
+  const rect = $("sam2-overlay").getBoundingClientRect();
+  const x = ((event.clientX - rect.left) * state.width) / rect.width;
+  const y = ((event.clientY - rect.top) * state.height) / rect.height;
+  state.points.push([Math.round(x * 10) / 10, Math.round(y * 10) / 10]);
+  state.labels.push(event.shiftKey || label === 0 ? 0 : 1);
+  await guarded("sam2-status", async () => {
+    const single = state.points.length === 1; // one point is ambiguous: ask for three and keep the best
+    const r = await withImageId("sam2", "/sam2/prompt_mask", {
+      point_coords: state.points,
+      point_labels: state.labels,
+      multimask_output: single,
+      mask_encoding: "packbits",
+    });
+    const iou = float32s(r.iou_predictions);
+    let best = 0;
+    for (let i = 1; i < iou.length; i++) if (iou[i] > iou[best]) best = i;
+    const count = drawMask(unpackMask(r.masks, r.masks_shape, best));
+    status(
+      "sam2-status",
+      `${state.points.length} point(s); mask of ${count} px, predicted IoU ${iou[best].toFixed(3)} (${r.model})`
+    );
+  });
+}
+
+// ------------------------------------------------------------------ SAM 3
+
+async function findInstances(event) {
+  event.preventDefault();
+  const prompts = $("sam3-prompts").value.split(",").map((p) => p.trim()).filter(Boolean);
+  if (!prompts.length) return status("sam3-status", "Type at least one prompt.", true);
+  await guarded("sam3-status", async () => {
+    const threshold = $("sam3-threshold").value;
+    const body = threshold === "" ? { prompts } : { prompts, score_threshold: Number(threshold) };
+    const r = await withImageId("sam3", "/sam3/predict", body);
+    const canvas = $("sam3-overlay");
+    const ctx = clear(canvas);
+    const list = $("sam3-list");
+    list.textContent = "";
+    ctx.lineWidth = Math.max(2, state.width / 300);
+    r.results.forEach((inst, i) => {
+      ctx.beginPath();
+      inst.polygon.forEach(([x, y], k) => (k ? ctx.lineTo(x, y) : ctx.moveTo(x, y)));
+      ctx.closePath();
+      ctx.fillStyle = colour(i, 0.35);
+      ctx.fill();
+      ctx.strokeStyle = colour(i, 1);
+      ctx.stroke();
+      const [x1, y1, x2, y2] = inst.bbox;
+      ctx.setLineDash([6, 4]);
+      ctx.strokeRect(x1, y1, x2 - x1, y2 - y1);
+      ctx.setLineDash([]);
+      const item = document.createElement("li");
+      item.textContent = `${inst.prompt}: score ${inst.score.toFixed(3)}, ${inst.area} px`;
+      item.style.color = colour(i, 1);
+      list.appendChild(item);
+    });
+    canvas.dataset.instances = String(r.results.length);
+    status("sam3-status", `${r.results.length} instance(s) for ${prompts.length} prompt(s) (${r.model})`);
+  });
+}
+
+// ------------------------------------------------------------------ CLIP
+
+function heat(t) {
+  // blue -> cyan -> green -> yellow -> red
+  const stops = [[0, 0, 255], [0, 255, 255], [0, 255, 0], [255, 255, 0], [255, 0, 0]];
+  const at = Math.min(Math.max(t, 0), 1) * (stops.length - 1);
+  const i = Math.min(Math.floor(at), stops.length - 2);
+  const f = at - i;
+  return stops[i].map((v, c) => Math.round(v + (stops[i + 1][c] - v) * f));
+}
+
+async function showHeatmap(event) {
+  event.preventDefault();
+  const text = $("clip-text").value.trim();
+  if (!text) return status("clip-status", "Type a text.", true);
+  await guarded("clip-status", async () => {
+    const r = await call("/clip/similarity", {
+      image: state.b64,
+      text,
+      load_size: Number($("clip-load-size").value) || null,
+      ret_patches: false,
+      softmax: 0,
+      similarity: "cosine",
+    });
+    const [h, w] = r.shape;
+    const values = float32s(r.similarity_map);
+    let lo = Infinity;
+    let hi = -Infinity;
+    let top = 0;
+    values.forEach((v, i) => {
+      if (v < lo) lo = v;
+      if (v > hi) {
+        hi = v;
+        top = i;
+      }
+    });
+    const grid = document.createElement("canvas");
+    grid.width = w;
+    grid.height = h;
+    const gctx = grid.getContext("2d");
+    const img = gctx.createImageData(w, h);
+    values.forEach((v, i) => img.data.set([...heat((v - lo) / (hi - lo || 1)), 255], i * 4));
+    gctx.putImageData(img, 0, 0);
+    const canvas = $("clip-overlay");
+    const ctx = clear(canvas);
+    ctx.globalAlpha = 0.6;
+    ctx.drawImage(grid, 0, 0, state.width, state.height); // the map covers the (resized) image
+    Object.assign(canvas.dataset, { min: String(lo), max: String(hi), shape: `${h}x${w}` });
+    const sx = Math.round((((top % w) + 0.5) * state.width) / w);
+    const sy = Math.round(((Math.floor(top / w) + 0.5) * state.height) / h);
+    status("clip-status", `cosine ${lo.toFixed(3)} .. ${hi.toFixed(3)}, highest near (${sx}, ${sy}) (${r.model})`);
+  });
+}
+
+// ------------------------------------------------------------------ RMBG
+
+async function cutOut() {
+  await guarded("rmbg-status", async () => {
+    const r = await call("/rmbg/remove", { image: state.b64 });
+    const img = $("rmbg-result");
+    await new Promise((resolve, reject) => {
+      img.onload = resolve;
+      img.onerror = () => reject(new Error("the answer is not a PNG the browser can show"));
+      img.src = `data:image/png;base64,${r.image}`;
+    });
+    status("rmbg-status", `${r.width}x${r.height} cut-out (${r.model})`);
+  });
+}
+
+// ------------------------------------------------------------------ wiring
+
+window.addEventListener("DOMContentLoaded", () => {
+  const saved = localStorage.getItem(KEY_STORE);
+  if (saved) {
+    $("api-key").value = saved;
+    $("remember-key").checked = true;
+  }
+  $("api-key").addEventListener("change", rememberKey);
+  $("remember-key").addEventListener("change", rememberKey);
+  $("key-form").addEventListener("submit", (e) => e.preventDefault());
+  $("image-file").addEventListener("change", async (e) => {
+    if (!e.target.files.length) return;
+    try {
+      await loadImage(e.target.files[0]);
+    } catch (err) {
+      status("image-info", `Cannot read this image: ${err.message}`, true);
+    }
+  });
+  $("sam2-overlay").addEventListener("click", (e) => click(e, 1));
+  $("sam2-overlay").addEventListener("contextmenu", (e) => click(e, 0));
+  $("sam2-reset").addEventListener("click", clearPoints);
+  $("sam3-form").addEventListener("submit", findInstances);
+  $("clip-form").addEventListener("submit", showHeatmap);
+  $("rmbg-run").addEventListener("click", cutOut);
+});

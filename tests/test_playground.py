@@ -1,0 +1,230 @@
+"""GET /playground in headless Chromium against the demo server: each panel driven like a person
+would, its drawing compared with the same call made through our clients, one screenshot per panel.
+
+Needs Debian's ``chromium`` and ``chromium-driver`` (scripts/install.sh installs them for the test
+extra when run as root) and ``selenium``; skipped with a message without them. Screenshots go to
+``$VISIONSERVE_SCREENSHOTS`` or a pytest temporary folder, printed at the end.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image, ImageDraw
+
+from clients import sam2_client as sc
+from clients.common import post
+from clients.sam3_client import Sam3ServiceClient
+from tests.conftest import ROOT, ServerProcess
+
+KEY = "playground-key"
+DEMO = ROOT / "configs" / "demo.yaml"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+DRIVER = shutil.which("chromedriver")
+
+webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium (the test extra)")
+if not (CHROMIUM and DRIVER):
+    pytest.skip(
+        "no chromium/chromedriver on PATH: apt-get install -y chromium chromium-driver",
+        allow_module_level=True,
+    )
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+
+def picture(path: Path) -> Path:
+    """A 320x240 scene: a gradient with a red square, a blue disc and a yellow bar."""
+    yy, xx = np.mgrid[:240, :320]
+    base = np.stack([xx * 0.5 + 40, yy * 0.6 + 60, 120 + 0 * xx], -1).astype(np.uint8)
+    img = Image.fromarray(base)
+    draw = ImageDraw.Draw(img)
+    draw.rectangle([40, 50, 130, 140], fill=(220, 30, 30))
+    draw.ellipse([180, 80, 280, 180], fill=(30, 60, 220))
+    draw.rectangle([60, 180, 300, 210], fill=(240, 220, 40))
+    img.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def demo_server(tmp_path_factory):
+    server = ServerProcess(
+        None, tmp_path_factory.mktemp("playground"), ["--config", str(DEMO), "--api-key", KEY]
+    )
+    try:
+        yield server.wait_ready(timeout=300)
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1100,900"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=DRIVER))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    folder = Path(os.environ.get("VISIONSERVE_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def test_the_page_is_open_and_loads_nothing_from_elsewhere(demo_server):
+    page = requests.get(demo_server.url + "/playground")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert page.headers["content-security-policy"].startswith("default-src 'self'")
+    assert "http://" not in page.text and "https://" not in page.text
+    for name, kind in (("app.js", "text/javascript"), ("style.css", "text/css")):
+        asset = requests.get(f"{demo_server.url}/playground/{name}")
+        assert asset.status_code == 200 and asset.headers["content-type"].startswith(kind)
+        assert "http://" not in asset.text and "https://" not in asset.text
+    missing = requests.get(demo_server.url + "/playground/secrets.txt")
+    assert missing.status_code == 404 and "no playground file" in missing.json()["error"]["message"]
+    assert (
+        requests.post(demo_server.url + "/sam2/embed", json={}).status_code == 401
+    )  # the API still needs the key
+
+
+def wait_text(driver, element_id: str, needle: str, timeout: float = 120.0) -> str:
+    def done(d):
+        text = d.find_element(By.ID, element_id).text
+        if "error" in d.find_element(By.ID, element_id).get_attribute("class"):
+            raise AssertionError(f"{element_id}: {text}")
+        return text if needle in text else False
+
+    return WebDriverWait(driver, timeout).until(done)
+
+
+OPAQUE_PIXELS = """
+const c = document.getElementById(arguments[0]);
+const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++;
+return n;"""
+
+
+def test_each_panel_against_the_demo_server(demo_server, browser, shots, tmp_path, capsys):
+    kw = {"api_key": KEY}
+    url = demo_server.url
+    photo = picture(tmp_path / "scene.png")
+    png = photo.read_bytes()
+    browser.get(url + "/playground")
+    browser.find_element(By.ID, "api-key").send_keys(KEY)
+    browser.find_element(By.ID, "image-file").send_keys(str(photo))
+    wait_text(browser, "image-info", "320x240")
+    assert browser.execute_script("return state.localId") == hashlib.sha256(png).hexdigest()
+    saved = []
+
+    # SAM 2: a click on the red square, then a shift-click (background) on the disc
+    overlay = browser.find_element(By.ID, "sam2-overlay")
+    browser.execute_script("arguments[0].scrollIntoView()", overlay)
+    size = overlay.size
+    scale = size["width"] / 320
+    ActionChains(browser).move_to_element_with_offset(
+        overlay, int((85 - 160) * scale), int((95 - 120) * scale)
+    ).click().perform()
+    wait_text(browser, "sam2-status", "1 point(s)")
+    ActionChains(browser).move_to_element_with_offset(
+        overlay, int((230 - 160) * scale), int((130 - 120) * scale)
+    ).key_down(Keys.SHIFT).click().key_up(Keys.SHIFT).perform()
+    wait_text(browser, "sam2-status", "2 point(s)")
+    points = browser.execute_script("return state.points")
+    labels = browser.execute_script("return state.labels")
+    assert labels == [1, 0] and abs(points[0][0] - 85) < 2 and abs(points[1][1] - 130) < 2
+    assert browser.execute_script("return state.ids.sam2") == hashlib.sha256(png).hexdigest()
+    masks, _, _ = sc.sam2_point_mask(
+        str(photo),
+        point_coords=points,
+        point_labels=labels,
+        multimask_output=False,
+        base_url=url + "/sam2",
+        **kw,
+    )
+    drawn = int(overlay.get_attribute("data-mask-pixels"))
+    assert drawn == int(masks[0].sum()) > 0
+    assert browser.execute_script(OPAQUE_PIXELS, "sam2-overlay") >= drawn  # the mask, plus the two dots
+    saved.append(shot(browser, "sam2-panel", shots))
+
+    # SAM 3: instances with their polygons
+    prompts = "red square, blue disc"
+    browser.find_element(By.ID, "sam3-prompts").send_keys(prompts)
+    browser.find_element(By.ID, "sam3-threshold").send_keys("0.135")  # random weights score ~0.11-0.15
+    browser.find_element(By.CSS_SELECTOR, "#sam3-form button").click()
+    wait_text(browser, "sam3-status", "instance(s)")
+    want = Sam3ServiceClient(url + "/sam3", **kw).predict(
+        prompts=["red square", "blue disc"], image=png, score_threshold=0.135
+    )
+    shown = int(browser.find_element(By.ID, "sam3-overlay").get_attribute("data-instances"))
+    items = browser.find_elements(By.CSS_SELECTOR, "#sam3-list li")
+    assert shown == len(items) == len(want["results"]) > 0
+    assert [i.text.split(":")[0] for i in items] == [r["prompt"] for r in want["results"]]
+    assert browser.execute_script(OPAQUE_PIXELS, "sam3-overlay") > 0
+    saved.append(shot(browser, "sam3-panel", shots))
+
+    # CLIP: the similarity heatmap over the whole image
+    browser.find_element(By.ID, "clip-text").send_keys("a red square")
+    browser.find_element(By.CSS_SELECTOR, "#clip-form button").click()
+    wait_text(browser, "clip-status", "cosine")
+    answer = post(
+        "clip",
+        "similarity",
+        {
+            "image": base64.b64encode(png).decode(),
+            "text": "a red square",
+            "load_size": 336,
+            "ret_patches": False,
+            "softmax": 0,
+            "similarity": "cosine",
+        },
+        base_url=url + "/clip",
+        **kw,
+    )
+    values = np.frombuffer(base64.b64decode(answer["similarity_map"]), "<f4")
+    heat = browser.find_element(By.ID, "clip-overlay")
+    assert float(heat.get_attribute("data-min")) == pytest.approx(float(values.min()), rel=1e-6)
+    assert float(heat.get_attribute("data-max")) == pytest.approx(float(values.max()), rel=1e-6)
+    assert heat.get_attribute("data-shape") == "x".join(map(str, answer["shape"]))
+    assert browser.execute_script(OPAQUE_PIXELS, "clip-overlay") == 320 * 240  # covers every pixel
+    saved.append(shot(browser, "clip-panel", shots))
+
+    # RMBG: the cut-out's alpha is the API's
+    browser.find_element(By.ID, "rmbg-run").click()
+    wait_text(browser, "rmbg-status", "cut-out")
+    alpha_in_page = browser.execute_script(
+        """const img = document.getElementById('rmbg-result');
+        const c = document.createElement('canvas'); c.width = img.naturalWidth; c.height = img.naturalHeight;
+        const ctx = c.getContext('2d'); ctx.drawImage(img, 0, 0);
+        const d = ctx.getImageData(0, 0, c.width, c.height).data;
+        let s = 0; for (let i = 3; i < d.length; i += 4) s += d[i]; return [c.width, c.height, s];"""
+    )
+    cut = post("rmbg", "remove", {"image": base64.b64encode(png).decode()}, base_url=url + "/rmbg", **kw)
+    alpha = np.asarray(Image.open(io.BytesIO(base64.b64decode(cut["image"]))).getchannel("A"), dtype=np.int64)
+    assert alpha_in_page == [320, 240, int(alpha.sum())]
+    saved.append(shot(browser, "rmbg-panel", shots))
+
+    with capsys.disabled():
+        print("\nplayground screenshots:", *saved, sep="\n  ")
+
+
+def shot(driver, element_id: str, folder: Path) -> Path:
+    element = driver.find_element(By.ID, element_id)
+    driver.execute_script("arguments[0].scrollIntoView()", element)
+    path = folder / f"{element_id}.png"
+    assert element.screenshot(str(path))
+    return path
