@@ -52,7 +52,9 @@ BASES: dict[str, list[dict]] = {
         {"image": IMG, "point_coords": [[20, 20]], "point_labels": [1]},
         {"image": IMG, "box": [5, 5, 40, 30]},
     ],
+    "sam2/embed": [{"image": IMG}],
     "sam3/predict": [{"image": IMG, "prompts": ["mug"]}],
+    "sam3/embed": [{"image": IMG}],
     "rmbg/remove": [{"image": IMG}],
 }
 
