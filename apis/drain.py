@@ -16,6 +16,7 @@ A second SIGTERM, or Ctrl-C, stops at once.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 
@@ -71,9 +72,18 @@ class DrainGate:
 
 def install_sigterm_drain(state: DrainState, timeout: float) -> None:
     """Make SIGTERM drain (see the module doc), then raise KeyboardInterrupt in the main thread,
-    the path Ctrl-C takes: workers terminated, port released. Call from the main thread."""
+    the path Ctrl-C takes: workers terminated, port released. Call from the main thread.
+
+    Only this process drains: LitServe's manager is forked after this and inherits the handler,
+    so there SIGTERM keeps its default (exit). Send SIGTERM to the main process only (Docker and
+    Kubernetes do; under systemd, KillMode=mixed)."""
+    owner = os.getpid()
 
     def on_sigterm(signum, frame) -> None:
+        if os.getpid() != owner:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         if state.draining:  # second SIGTERM: stop now
             raise KeyboardInterrupt
         state.draining = True

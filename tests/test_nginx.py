@@ -208,6 +208,9 @@ def test_round_robin_image_affinity_crash_and_graceful_stop(cluster):
     assert [clip_served(s) for s in replicas] == [4, 3, 3]  # 3 each, plus the direct one
     rows = [r for r in nginx.access() if r["path"] == "/clip/encode_text"]
     assert Counter(r["up"][0] for r in rows) == {a: 3 for a in addr}
+    print(
+        "\nround-robin, CLIP requests per replica:", [clip_served(s) - (s is replicas[0]) for s in replicas]
+    )
 
     # 2. SAM 3 on one image always reaches the same replica: 5 images x 3 prompts, 5 encodings.
     images = [png(seed) for seed in range(5)]
@@ -215,14 +218,15 @@ def test_round_robin_image_affinity_crash_and_graceful_stop(cluster):
     with ThreadPoolExecutor(3) as ex:
         answers = list(ex.map(lambda c: sam3_request(nginx.url, *c), calls))
     assert all(a.status_code == 200 for a in answers), [a.text for a in answers if a.status_code != 200]
-    assert sum(sam3_encodings(s) for s in replicas) == len(images)
+    encodings = [sam3_encodings(s) for s in replicas]
+    assert sum(encodings) == len(images)
     homes: dict[str, set[str]] = {}
     for row in nginx.access():
         if row["path"] == "/sam3/predict":
             homes.setdefault(row["key"], set()).update(row["up"])
     assert sorted(homes) == sorted(hashlib.sha256(d).hexdigest() for d in images)
     assert all(len(h) == 1 for h in homes.values()), homes
-    print("\nimages per replica:", Counter(next(iter(h)) for h in homes.values()))
+    print(f"SAM 3, {len(calls)} requests on {len(images)} images: images encoded per replica {encodings}")
 
     # 3. Kill replica 1 (SIGKILL, its whole process group) while 4 threads call through nginx (CLIP
     #    and SAM 3) and 2 more call SAM 3 through the client pool with no load balancer.
@@ -305,5 +309,10 @@ def test_round_robin_image_affinity_crash_and_graceful_stop(cluster):
     assert leaving.proc.wait(150) == 0, leaving.log()
     assert re.search(r"SIGTERM: draining [1-9]\d* request", leaving.log()), leaving.log()
     assert "drained in" in leaving.log()
+    print(
+        f"SIGTERM under load: the request in flight answered {slow_answer.status_code}, "
+        f"{during.count(200)}/{len(during)} nginx requests answered, exit code {leaving.proc.returncode}; "
+        + re.search(r"drained in [\d.]+ s", leaving.log()).group()
+    )
     last = requests.post(nginx.url + "/clip/encode_text", json={"text": texts[0]}, headers=AUTH, timeout=60)
     assert last.status_code == 200 and last.json() == direct.json()  # replica 0 answers alone
