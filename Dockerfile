@@ -24,8 +24,7 @@ RUN if [ "$VARIANT" = cpu ]; then export PIP_EXTRA_INDEX_URL="$TORCH_CPU_INDEX";
     && if [ "$VARIANT" = cuda ]; then \
          .venv/bin/python -m pip uninstall -y onnxruntime \
          && .venv/bin/python -m pip install "$ONNXRUNTIME_GPU"; \
-       fi \
-    && find .venv -name '__pycache__' -prune -exec rm -rf {} +
+       fi
 
 FROM python:3.11-slim-bookworm
 ARG VARIANT=cpu
