@@ -7,15 +7,45 @@ Spawned model workers re-import this file, so everything that starts things stay
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
+import re
 import secrets
-import signal
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 KEYS_ENV = "VISIONSERVE_API_KEYS"
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def parse_host(text: str) -> str:
+    """``--host``: an IPv4 or IPv6 address (``[::1]`` too) or a host name (RFC 1123 labels).
+
+    Only the syntax is checked here; an address that is not this machine's, or a name that does
+    not resolve, fails when the server binds, before any model loads."""
+    host = text.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            return str(ipaddress.IPv6Address(host))
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an IPv6 address: {e}") from None
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    name = host[:-1] if host.endswith(".") else host
+    labels = name.split(".")
+    if labels[-1].isdigit():  # looks like a mistyped IPv4 address, not a name
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid IPv4 address")
+    if not name or len(name) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither an IP address nor a host name (letters, digits and '-' in "
+            "dot-separated labels of 1-63 characters), e.g. 0.0.0.0, ::, 10.0.0.5 or gpu1.internal"
+        )
+    return host
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,8 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--host",
         default="127.0.0.1",
-        choices=["127.0.0.1", "0.0.0.0", "::"],
-        help="interface to listen on (default: 127.0.0.1, this machine only)",
+        type=parse_host,
+        help="address or host name to listen on: 0.0.0.0 (every IPv4 interface), :: (every "
+        "interface), one interface's address, or a name (default: 127.0.0.1, this machine only)",
     )
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "cuda"])
@@ -49,6 +80,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--api-key-file", help="file with one accepted key per line (# comments allowed)")
     p.add_argument("--no-auth", action="store_true", help="serve WITHOUT keys (trusted networks only)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a request may wait in a queue")
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, seconds to let requests in flight finish before stopping (new ones get 503)",
+    )
     p.add_argument(
         "--cache-size",
         type=int,
@@ -124,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["HF_HUB_CACHE"] = str(Path(args.weights_dir).resolve())
     os.environ["VISIONSERVE_LOG_FORMAT"] = args.log_format  # the workers' format too
     from apis.config import CachedFamily, load_config
+    from apis.drain import install_sigterm_drain
     from apis.family import configure_logging, reuse_freed_memory
     from apis.server import Options, build_server, random_weight_models
 
@@ -175,7 +213,18 @@ def main(argv: list[str] | None = None) -> int:
         keys = None
         log.warning("AUTH DISABLED (--no-auth): anyone who can reach port %d can use this server", args.port)
     else:
-        keys = collect_keys(args)
+        try:
+            keys = collect_keys(args)
+        except OSError as e:
+            log.error("cannot read --api-key-file: %s", e)
+            return 2
+        if not keys and args.api_key_file:
+            # A key file that holds none is a deployment mistake (an unfilled Secret): a generated
+            # key would differ on every replica.
+            log.error(
+                "--api-key-file %s holds no key: put one per line (# starts a comment)", args.api_key_file
+            )
+            return 2
         if not keys:
             keys = ["vs-" + secrets.token_urlsafe(24)]
             print(
@@ -215,8 +264,9 @@ def main(argv: list[str] | None = None) -> int:
             "NOT serving %s: weights unavailable (see above, /health and /info)", ", ".join(unavailable)
         )
 
-    # SIGTERM takes the same path as Ctrl-C: workers terminated, manager stopped, port released.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # SIGTERM drains the requests in flight, then takes Ctrl-C's path: workers terminated,
+    # manager stopped, port released.
+    install_sigterm_drain(server.drain, args.drain_timeout)
     code = 0
     try:
         server.run(

