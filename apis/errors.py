@@ -85,6 +85,5 @@ def install_error_handlers(app) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException):
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-        return JSONResponse(
-            error_body(exc.status_code, detail), status_code=exc.status_code, headers=exc.headers
-        )
+        body = error_body(exc.status_code, detail, code=getattr(exc, "code", None))
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)

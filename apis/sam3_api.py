@@ -14,7 +14,7 @@ from .errors import APIError
 from .family import FamilyAPI, Job, Route
 from .images import ImageInput
 from .sam3_model import Encoded, Filters, Sam3Runner, load_sam3, mask_bytes, predict
-from .schemas import StrictRequest
+from .schemas import StrictRequest, is_blank
 
 MAX_PROMPTS = 32
 
@@ -49,8 +49,11 @@ class Sam3PredictRequest(StrictRequest, ImageInput):
     @classmethod
     def _prompt_text(cls, prompts: list[str]) -> list[str]:
         for i, p in enumerate(prompts):
-            if not p.strip():
-                raise ValueError(f"prompts[{i}] is empty: every prompt needs some text")
+            if is_blank(p):
+                raise ValueError(
+                    f"prompts[{i}] is blank (only whitespace or invisible characters): "
+                    "every prompt needs some text"
+                )
         return prompts
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import unicodedata
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .dense import InterpolationMode, PaddingMode, TensorFormat
@@ -13,6 +15,12 @@ class StrictRequest(BaseModel):
     """Unknown fields, wrong JSON types and NaN/inf are refused (422) instead of silently coerced."""
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+def is_blank(text: str) -> bool:
+    """True when ``text`` shows nothing: only whitespace, control characters and invisible format
+    characters (zero-width space and joiners, byte-order mark). Every text field refuses it (422)."""
+    return all(ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf") for ch in text)
 
 
 class DenseOptions(StrictRequest, ImageInput):

@@ -30,6 +30,7 @@ from .dino_api import DinoAPI
 from .errors import install_error_handlers
 from .family import FamilyAPI
 from .middleware import BearerAuth, BodyLimit
+from .protocol import http_protocol
 from .rmbg_api import RmbgAPI
 from .routing import JsonBodyRoute
 from .sam2_api import Sam2API
@@ -70,10 +71,15 @@ class VisionServer(ls.LitServer):
             api.stats = self.stats
         return manager
 
+    http_protocol: type | None = None  # uvicorn's protocol class (apis/protocol.py)
+
     def run(self, **kwargs) -> None:
-        """LitServer.run with what the dispatchers need: one HTTP server, a thread of this process."""
+        """LitServer.run with what the dispatchers need: one HTTP server, a thread of this process.
+        Keyword arguments reach uvicorn.Config, so does the guarded HTTP protocol."""
         for name, value in WORKER_ENV.items():  # read by libraries as workers import them
             os.environ.setdefault(name, value)
+        if self.http_protocol is not None:
+            kwargs.setdefault("http", self.http_protocol)
         super().run(num_api_servers=1, api_server_worker_type="thread", generate_client_file=False, **kwargs)
 
     def _register_spec_endpoints(self, lit_api: FamilyAPI) -> None:
@@ -135,7 +141,9 @@ def build_server(cfg: ServerConfig, opts: Options) -> VisionServer:
             or (cfg.public_docs and path in _DOC_PATHS)
         )
 
-    middlewares = [(BodyLimit, {"max_bytes": cfg.limits.max_body_bytes})]
+    middlewares = [
+        (BodyLimit, {"max_bytes": cfg.limits.max_body_bytes, "timeout_s": cfg.limits.body_timeout_s})
+    ]
     if opts.api_keys is not None:
         middlewares.append((BearerAuth, {"keys": opts.api_keys, "is_open": is_open}))
     server = VisionServer(
@@ -150,6 +158,12 @@ def build_server(cfg: ServerConfig, opts: Options) -> VisionServer:
     # LitServe adds gzip at level 9; on multi-MB base64 tensors it costs more CPU than it saves bytes.
     server.app.user_middleware = [m for m in server.app.user_middleware if m.cls is not GZipMiddleware]
     server.app.title, server.app.version = "visionserve", __version__
+    server.http_protocol = http_protocol(cfg.limits)
+    # '/route/' must not answer 307 with a Location built from the request's Host header
+    server.app.router.redirect_slashes = False
+    for route in server.app.router.routes:
+        if getattr(route, "path", None) == "/health":  # load balancers and uptime checks send HEAD
+            route.methods.add("HEAD")
     install_error_handlers(server.app)
     _replace_info_route(server, cfg, opts, apis)
     return server
