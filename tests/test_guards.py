@@ -205,3 +205,21 @@ def test_the_protocol_refuses_big_heads_in_json(data, status):
     assert head.startswith(b"HTTP/1.1 %d " % status) and transport.closed
     assert b"content-type: application/json" in head
     assert json.loads(body)["error"]["code"] == "bad_http_request"
+
+
+def test_an_unexpected_exception_is_answered_in_the_json_shape():
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from apis.errors import install_error_handlers
+
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.get("/boom")
+    async def boom():
+        raise RuntimeError("a bug")
+
+    r = TestClient(app, raise_server_exceptions=False).get("/boom")
+    assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
+    assert "a bug" not in r.text

@@ -39,6 +39,8 @@ from tests.test_image_decoding import _dds, _ico_of_big_png
 DEMO = ROOT / "configs" / "demo.yaml"
 BODY_LIMIT = 4 * 1024 * 1024
 BODY_TIMEOUT = 3.0
+# /health p99 bound in seconds; a machine shared with other heavy jobs may need more (set in ms)
+HEALTH_P99 = float(os.environ.get("VISIONSERVE_HEALTH_P99_MS", "100")) / 1000
 SOAK_SECONDS = float(os.environ.get("VISIONSERVE_SOAK_SECONDS", "180"))
 
 
@@ -324,13 +326,22 @@ class HealthProbe:
         self.out = out
         self.proc = subprocess.Popen([sys.executable, "-c", _PROBE, host, port, str(out)])
 
+    def samples(self) -> tuple[list[float], list[int]]:
+        """(latencies in seconds, statuses) of every probe so far."""
+        text = self.out.read_text() if self.out.exists() else ""
+        rows = [line.split() for line in text.splitlines() if len(line.split()) == 2]
+        return [float(t) for t, _ in rows], [int(s) for _, s in rows]
+
+    def wait_for(self, n: int, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.samples()[0]) < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+
     def stop(self) -> tuple[list[float], list[int]]:
-        """(latencies in seconds, statuses) of every probe so far; the probe stops."""
         if self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait()
-        rows = [line.split() for line in self.out.read_text().splitlines() if len(line.split()) == 2]
-        return [float(t) for t, _ in rows], [int(s) for _, s in rows]
+        return self.samples()
 
 
 @pytest.fixture(scope="module")
@@ -816,16 +827,24 @@ def test_health_stays_fast_while_jpegs_of_empty_markers_are_in_flight(server):
         while not stop.is_set():
             answers.append(send(server.url, "rmbg/remove", body).status_code)
 
+    probe = HealthProbe(server.url, server.log_path.with_suffix(".jpeg-health"))
+    probe.wait_for(1)  # the probe process has started
+    skip = len(probe.samples()[0])
     with ThreadPoolExecutor(2) as pool:
         for _ in range(2):
             pool.submit(attacker)
-        probe = HealthProbe(server.url, server.log_path.with_suffix(".jpeg-health"))
-        time.sleep(4)
+        probe.wait_for(skip + 100)
         latencies, statuses = probe.stop()
         stop.set()
-    assert answers and set(answers) == {400}
-    assert len(latencies) > 50 and set(statuses) == {200}
-    assert np.percentile(latencies, 99) < 0.1, sorted(latencies)[-5:]
+    latencies, statuses = latencies[skip:], statuses[skip:]
+    assert len(answers) >= 4 and set(answers) == {400}
+    assert len(latencies) >= 100 and set(statuses) == {200}
+    p50, p99 = np.percentile(latencies, [50, 99])
+    print(
+        f"\n/health under the JPEG attack: {len(latencies)} probes, "
+        f"p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms"
+    )
+    assert p99 < HEALTH_P99, f"p99 {p99 * 1000:.0f} ms; slowest {sorted(latencies)[-5:]}"
 
 
 def test_an_auto_mask_over_the_compute_budget_is_refused_with_what_fits(server):
@@ -879,7 +898,9 @@ def test_no_5xx_and_health_p99_under_100ms_through_everything_above(server):
     assert len(lat) > 100
     assert not [a for a in ANSWERED if a[1] >= 500], [a for a in ANSWERED if a[1] >= 500][:5]
     assert set(statuses) == {200}
-    assert np.percentile(lat, 99) < 0.1, f"p99 {np.percentile(lat, 99) * 1000:.0f} ms over {len(lat)} probes"
+    p50, p99 = np.percentile(lat, [50, 99])
+    print(f"\n/health over the module: {len(lat)} probes, p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms")
+    assert p99 < HEALTH_P99, f"p99 {p99 * 1000:.0f} ms over {len(lat)} probes"
     assert "Exception in ASGI application" not in server.log()
 
 
