@@ -817,7 +817,7 @@ def test_a_client_leaving_mid_body_is_one_info_line(server):
 
 
 def test_health_stays_fast_while_jpegs_of_empty_markers_are_in_flight(server):
-    """2.4 MB JPEGs of 600,000 empty markers, two in flight at a time (each was 0.6 s of Pillow
+    """2.4 MB JPEGs of 600,000 empty markers, one always in flight (each was 0.6 s of Pillow
     parsing on the event loop before): /health keeps answering within 100 ms at p99."""
     stop = threading.Event()
     answers: list[int] = []
@@ -830,15 +830,14 @@ def test_health_stays_fast_while_jpegs_of_empty_markers_are_in_flight(server):
     probe = HealthProbe(server.url, server.log_path.with_suffix(".jpeg-health"))
     probe.wait_for(1)  # the probe process has started
     skip = len(probe.samples()[0])
-    with ThreadPoolExecutor(2) as pool:
-        for _ in range(2):
-            pool.submit(attacker)
-        probe.wait_for(skip + 100)
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(attacker)
+        probe.wait_for(skip + 150)
         latencies, statuses = probe.stop()
         stop.set()
     latencies, statuses = latencies[skip:], statuses[skip:]
     assert len(answers) >= 4 and set(answers) == {400}
-    assert len(latencies) >= 100 and set(statuses) == {200}
+    assert len(latencies) >= 150 and set(statuses) == {200}
     p50, p99 = np.percentile(latencies, [50, 99])
     print(
         f"\n/health under the JPEG attack: {len(latencies)} probes, "
