@@ -53,8 +53,8 @@ def _text_shown(text: str) -> str:
     return text
 
 
-#: Scales applied to similarities before a softmax: float32 logits stay finite below this.
-MAX_SCALE = 1e4
+#: Scales applied to similarities before a softmax: float32 logits stay finite for any |similarity| < 3e30.
+MAX_SCALE = 1e8
 
 
 class ClipTextRequest(_ClipModelFields):
