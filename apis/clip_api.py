@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from .clip_model import (
     DEFAULT_TEMPLATES,
@@ -34,7 +34,7 @@ from .errors import APIError
 from .family import FamilyAPI, Job, Route
 from .images import ImageInput
 from .registry import Key, canonical
-from .schemas import DenseOptions, DenseResponse, StrictRequest
+from .schemas import DenseOptions, DenseResponse, StrictRequest, is_blank
 from .tensors import OutputDType, encode_array, tensor_answer
 
 
@@ -57,15 +57,28 @@ class ClipExtractRequest(_ClipDense):
     pass
 
 
+def _text_shown(text: str) -> str:
+    if is_blank(text):
+        raise ValueError("text is blank (only whitespace or invisible characters): send some words")
+    return text
+
+
+#: Scales applied to similarities before a softmax: float32 logits stay finite for any |similarity| < 3e30.
+MAX_SCALE = 1e8
+
+
 class ClipTextRequest(_ClipModelFields):
     text: str = Field(..., min_length=1, description="Text to embed.")
     output_dtype: OutputDType = "float32"
+
+    _shown = field_validator("text")(_text_shown)
 
 
 class ClipSimilarityRequest(_ClipDense):
     text: str = Field(..., min_length=1, description="Text query.")
     softmax: float = Field(
         1.0,
+        le=MAX_SCALE,
         description="> 0: spatial softmax of (similarity x softmax) over all positions; <= 0: raw scores.",
     )
     similarity: SimilarityMode = Field("dot", description="dot (seed: features . text) or cosine.")
@@ -75,14 +88,16 @@ class ClipSimilarityRequest(_ClipDense):
         description="LERF-style negatives: returns relevancy in [0, 1] (min over negatives of the pairwise "
         "softmax of cosine x relevancy_temperature); `softmax` and `similarity` are then not used.",
     )
-    relevancy_temperature: float = Field(10.0, gt=0)
+    relevancy_temperature: float = Field(10.0, gt=0, le=MAX_SCALE)
+
+    _shown = field_validator("text")(_text_shown)
 
     @model_validator(mode="after")
     def _no_pca(self):
         if self.ret_pca:
             raise ValueError("ret_pca cannot apply to a similarity map; leave it false")
-        if self.negatives is not None and not all(n.strip() for n in self.negatives):
-            raise ValueError("negatives must be non-empty strings")
+        if self.negatives is not None and any(is_blank(n) for n in self.negatives):
+            raise ValueError("negatives must not be blank (only whitespace or invisible characters)")
         return self
 
 

@@ -43,6 +43,17 @@ class Limits(_Strict):
         description="Most inputs (images + texts) of one /clip/embed, /dino/embed or /v1/embeddings "
         "request, and most labels of one /clip/classify request.",
     )
+    max_auto_mask_points: int = Field(
+        65536,
+        gt=0,
+        description="Most SAM 2 auto_mask prompt points over all crop layers (the request's compute).",
+    )
+    body_timeout_s: float = Field(
+        60.0, gt=0, description="Seconds a request body may take to arrive; -> 408."
+    )
+    max_header_bytes: int = Field(32 * 1024, ge=1024, description="Largest request head (headers); -> 431.")
+    max_url_bytes: int = Field(8 * 1024, ge=256, description="Longest request URL; -> 414.")
+    max_headers: int = Field(100, ge=10, description="Most request headers; -> 431.")
 
 
 class UrlInput(_Strict):

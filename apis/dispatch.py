@@ -12,7 +12,9 @@ straight to a worker's socket and reads the answer from it (docs/benchmarks.md, 
   image that a worker has cached (``affinity``): then it goes to that worker while its queue is
   at most ``slack`` requests longer than the least busy one's;
 * a worker that dies closes its socket, and the requests it held are answered at once (500
-  ``worker_died``): no polling, and no request of another family is touched.
+  ``worker_died``): no polling, and no request of another family is touched;
+* a request whose client went away (its handler is cancelled) is withdrawn with a
+  :class:`Withdraw` frame: a worker drops it if it has not started it yet.
 
 A frame is a pickle and an optional blob of raw bytes, each read straight into a buffer of its
 size. An answer's rendered body (:class:`~apis.replies.Reply`) goes through the worker's shared
@@ -36,7 +38,7 @@ import tempfile
 import time
 from collections import OrderedDict, deque
 from collections.abc import Hashable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .arena import ARENA_BYTES, Arena, ArenaOffer
@@ -91,6 +93,13 @@ class _Frames:
             return None
         self._target = self._head
         return pickle.loads(self._pickle), self._blob
+
+
+@dataclass(frozen=True)
+class Withdraw:
+    """HTTP process -> worker: nobody waits for request ``uid`` any more; skip it if still queued."""
+
+    uid: int
 
 
 def timeout_seconds(setting: float | bool | None) -> float | None:
@@ -250,6 +259,10 @@ class Dispatcher:
         link.send((uid, sent, job))
         try:
             return await answer
+        except asyncio.CancelledError:
+            if link in self._links:
+                link.send(Withdraw(uid))
+            raise
         finally:
             link.waiting.pop(uid, None)
 
@@ -317,7 +330,10 @@ class WorkerLink:
     def collect(self, limit: int, window: float, idle_wait: float) -> list:
         """Up to ``limit`` requests ``(uid, sent, job)``. Blocks up to ``idle_wait`` for the
         first ([] if none comes), then takes more until ``window`` seconds after it arrived;
-        window 0 takes what is already there. Raises EOFError once the server has gone."""
+        window 0 takes what is already there. Everything already sent is read first, so a
+        request withdrawn while it queued is dropped. Raises EOFError once the server has gone."""
+        while self._receive(0.0):
+            pass
         if not self._ready:
             deadline = time.monotonic() + idle_wait
             while not self._ready and self._receive(max(deadline - time.monotonic(), 0.0)):
@@ -359,6 +375,11 @@ class WorkerLink:
             return True
         if isinstance(whole[0], ArenaOffer):
             self._arena = whole[0].join()
+        elif isinstance(whole[0], Withdraw):
+            kept = [item for item in self._ready if item[0] != whole[0].uid]
+            if len(kept) < len(self._ready):
+                log.info("a request was withdrawn by its client before it ran; dropped")
+                self._ready = deque(kept)
         else:
             self._ready.append(whole[0])
         return True

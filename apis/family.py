@@ -13,6 +13,7 @@ use it. Work is split where it is cheapest to refuse bad input:
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import ctypes
 import inspect
 import logging
@@ -22,6 +23,7 @@ import time
 import zlib
 from collections import Counter, defaultdict
 from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +48,11 @@ from .worker_loop import WorkerLoop
 
 log = logging.getLogger("visionserve")
 LOG_FORMAT_ENV = "VISIONSERVE_LOG_FORMAT"
+
+#: Threads that read and check image inputs (base64, URL, file; header probe). Pillow parses some
+#: headers in Python, so a crafted file costs its thread, never the event loop (/health and every
+#: other request). Bounded: more image requests than this wait for a free thread.
+PREPARE_THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -135,6 +142,7 @@ class FamilySpec(LitSpec):
         self._api = api
         self.dispatcher: Dispatcher | None = None
         self.address: str | None = None  # what a worker connects to
+        self._preparing: ThreadPoolExecutor | None = None  # made in the HTTP process
 
     def __getstate__(self):
         # Endpoints and the dispatcher (sockets, requests in flight) belong to the HTTP process;
@@ -142,6 +150,7 @@ class FamilySpec(LitSpec):
         state = super().__getstate__()
         state["_endpoints"] = []
         state["dispatcher"] = None
+        state["_preparing"] = None
         return state
 
     def pre_setup(self, lit_api: FamilyAPI):
@@ -151,17 +160,19 @@ class FamilySpec(LitSpec):
         self.address = self.dispatcher.address
         for route in lit_api.routes:
             self.add_endpoint(f"{self.api_path}/{route.op}", self._endpoint(route), ["POST"])
-        self.add_endpoint(f"{self.api_path}/health", self.health, ["GET"])
+        self.add_endpoint(f"{self.api_path}/health", self.health, ["GET", "HEAD"])
+        self._preparing = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix=f"{lit_api.family}-prepare")
 
     def _endpoint(self, route: Route) -> Callable:
         async def endpoint(request):
             try:
-                if isinstance(request, ImageInput) and (
-                    request.image is None or route.op in self._api.cached_ops
-                ):
-                    # image_url / image_path: network or disk I/O; SAM routes hash the file (image_id):
-                    # kept off the event loop
-                    job = await asyncio.to_thread(self._api.prepare, route.op, request)
+                if isinstance(request, ImageInput):
+                    # base64 decoding, URL or disk I/O and the header probe, off the event loop
+                    loop = asyncio.get_running_loop()
+                    ctx = contextvars.copy_context()  # the request id, for log lines of the preparing thread
+                    job = await loop.run_in_executor(
+                        self._preparing, ctx.run, self._api.prepare, route.op, request
+                    )
                 else:
                     job = self._api.prepare(route.op, request)
             except APIError as e:

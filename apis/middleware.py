@@ -3,13 +3,17 @@
 * :class:`BearerAuth`: ``Authorization: Bearer <key>`` against several active keys, compared in
   constant time; 401 with ``WWW-Authenticate: Bearer`` otherwise.
 * :class:`BodyLimit`: 413 for bodies over the limit, decided from ``Content-Length`` before
-  reading, and enforced while streaming for chunked uploads.
+  reading, and enforced while streaming for chunked uploads; 408 for a body that has not all
+  arrived ``timeout_s`` after the request began (a client that declares 500 bytes and sends 17
+  would otherwise hold its connection and handler forever).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+import time
 from collections.abc import Callable
 
 from starlette.exceptions import HTTPException
@@ -42,6 +46,10 @@ def _header(scope, name: bytes) -> bytes | None:
     return None
 
 
+def _count(scope, name: bytes) -> int:
+    return sum(k == name for k, _ in scope.get("headers", ()))
+
+
 class BearerAuth:
     def __init__(self, app, keys: list[str], is_open: Callable[[str], bool]):
         self.app = app
@@ -66,7 +74,10 @@ class BearerAuth:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or self.is_open(scope["path"]):
             return await self.app(scope, receive, send)
-        problem = self._problem(_header(scope, b"authorization"))
+        if _count(scope, b"authorization") > 1:  # proxies and frameworks disagree on which one counts
+            problem = "send one Authorization header, not several"
+        else:
+            problem = self._problem(_header(scope, b"authorization"))
         if problem is None:
             return await self.app(scope, receive, send)
         await _send_json(
@@ -78,10 +89,17 @@ class _TooLarge(HTTPException):
     """Raised from ``receive``; an HTTPException so FastAPI's body parser re-raises it as a 413."""
 
 
+class _TooSlow(HTTPException):
+    """Raised from ``receive`` when the body is late; rendered as a 408 that closes the connection."""
+
+    code = "body_timeout"
+
+
 class BodyLimit:
-    def __init__(self, app, max_bytes: int):
+    def __init__(self, app, max_bytes: int, timeout_s: float = 60.0):
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     def _message(self) -> dict:
         return error_body(
@@ -100,12 +118,26 @@ class BodyLimit:
 
         seen = 0
         started = False
+        body_done = False
+        deadline = time.monotonic() + self.timeout_s
 
         async def limited_receive():
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, body_done
+            if body_done:  # after the body: waiting for a disconnect, no deadline
+                return await receive()
+            try:
+                async with asyncio.timeout(deadline - time.monotonic()):
+                    message = await receive()
+            except TimeoutError:
+                raise _TooSlow(
+                    408,
+                    f"the request body did not arrive within {self.timeout_s:g} s "
+                    f"({seen} bytes came); send the whole body at once",
+                    headers={"Connection": "close"},
+                ) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if seen > self.max_bytes:
                     raise _TooLarge(413, self._message()["error"]["message"])
             return message
@@ -120,3 +152,7 @@ class BodyLimit:
         except _TooLarge:
             if not started:
                 await _send_json(send, 413, self._message(), [(b"connection", b"close")])
+        except _TooSlow as e:
+            if not started:
+                body = error_body(408, e.detail, code="body_timeout")
+                await _send_json(send, 408, body, [(b"connection", b"close")])

@@ -8,6 +8,8 @@ waits for (a SAM 2 answer with float32 masks is 6 MB: docs/benchmarks.md, Servin
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +18,7 @@ from fastapi.responses import Response
 
 from .errors import APIError
 
+log = logging.getLogger("visionserve")
 JSON_MEDIA_TYPE = "application/json"
 NPY_MEDIA_TYPE = "application/x-npy"
 
@@ -35,6 +38,9 @@ class Reply:
             return result
         if isinstance(result, APIError):
             return cls(result.status, orjson.dumps(result.body()))
+        where = non_finite_at(result)
+        if where is not None:  # orjson would have written null: a bug must not reach clients as data
+            return cls.of(non_finite(where))
         return cls(200, orjson.dumps(result))
 
     @classmethod
@@ -46,3 +52,32 @@ class Reply:
     def response(self) -> Response:
         # A memoryview is sent as is; bytes(bytearray) would copy the body once more.
         return Response(memoryview(self.body), self.status, self.headers, self.media_type)
+
+
+def non_finite(where: str) -> APIError:
+    """The 500 that replaces an answer carrying NaN or infinity (logged: it is a server fault)."""
+    log.error("an answer carried NaN or infinite values at %s; answered 500 instead", where)
+    return APIError(
+        500,
+        f"the model produced NaN or infinite values ({where}); the answer was withheld. This is a "
+        "server fault, not the request's (details are in the server log)",
+        code="non_finite_output",
+    )
+
+
+def non_finite_at(value: Any, path: str = "answer") -> str | None:
+    """Where the first NaN or infinite float in a JSON-able answer is, or None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else path
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        if isinstance(item, (float, dict, list, tuple)):
+            where = non_finite_at(item, f"{path}.{key}" if isinstance(key, str) else f"{path}[{key}]")
+            if where is not None:
+                return where
+    return None

@@ -18,6 +18,8 @@ from .images import ImageInput
 from .rmbg_model import RmbgModel, alpha_channel, alpha_matte, cutout, encode_image, load_rmbg, preprocess
 from .schemas import StrictRequest
 
+WEBP_MAX_SIDE = 16383  # the WebP format's limit on width and height
+
 
 class RmbgRemoveRequest(StrictRequest, ImageInput):
     output: Literal["rgba", "mask", "both"] = Field(
@@ -56,6 +58,15 @@ class RmbgAPI(FamilyAPI):
             "Background removal: RGBA cut-out and/or alpha matte (BRIA RMBG / BiRefNet ONNX).",
         ),
     )
+
+    def check_image(self, op: str, request: BaseModel, size: tuple[int, int]) -> None:
+        if request.output_format == "webp" and max(size) > WEBP_MAX_SIDE:
+            raise APIError(
+                400,
+                f"output_format=webp cannot hold a {size[0]}x{size[1]} image (WebP allows at most "
+                f"{WEBP_MAX_SIDE} px per side); ask for output_format=png or send a smaller image",
+                param="output_format",
+            )
 
     def load_model(self, entry: ModelEntry) -> RmbgModel:
         return load_rmbg(entry, str(self.torch_device))

@@ -1,8 +1,11 @@
-"""The route class of the model routes: pydantic parses and validates a JSON body in one pass."""
+"""The route class of the model routes: pydantic parses and validates a JSON body in one pass,
+and a request whose client goes away is dropped, not computed for nobody."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from fastapi import Request
@@ -10,6 +13,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
+from starlette.requests import ClientDisconnect
+
+log = logging.getLogger("visionserve")
+CLIENT_GONE = 499  # nginx's status for "client closed the request"; nobody reads it
 
 
 def _is_json(content_type: str | None) -> bool:
@@ -43,13 +50,44 @@ class JsonBodyRoute(APIRoute):
                 }
                 raise RequestValidationError([problem])
             try:
-                value = model.model_validate_json(await request.body())
+                body = await request.body()
+            except ClientDisconnect:
+                log.info(
+                    "%s %s: the client went away while sending the body", request.method, request.url.path
+                )
+                return Response(status_code=CLIENT_GONE)
+            try:
+                value = model.model_validate_json(body)
             except ValidationError as e:
                 errors = [
                     {**err, "loc": ("body", *err["loc"])}
                     for err in e.errors(include_url=False, include_input=False)
                 ]
                 raise RequestValidationError(errors) from None
-            return await endpoint(value)
+            return await unless_client_leaves(request, endpoint(value))
 
         return handler
+
+
+async def unless_client_leaves(request: Request, work: Awaitable[Response]) -> Response:
+    """``work``'s response, or, if the client disconnects first, ``work`` cancelled (a request
+    still queued for a worker is then withdrawn: apis/dispatch.py)."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        task.cancel()
+        log.info("%s %s: the client went away; request dropped", request.method, request.url.path)
+        return Response(status_code=CLIENT_GONE)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has disconnected (the body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

@@ -37,6 +37,7 @@ from .tensors import base64_len, check_response_size, encode_array
 OutputMode = Literal["binary_mask", "uncompressed_rle", "coco_rle"]
 MaskEncoding = Literal["float32", "packbits", "png"]
 _MAX_POINTS = 256
+MASK_INPUT_LIMIT = 1e4  # |logit|; SAM's are tens at most, and fp16 autocast overflows at 65504
 
 
 class _Sam2Model(StrictRequest):
@@ -91,6 +92,21 @@ class Sam2AutoMaskRequest(_Sam2Model, CachedImageInput):
                 raise ValueError("each point grid needs 1 to 16384 points")
             if any(len(p) != 2 or not (0.0 <= p[0] <= 1.0 and 0.0 <= p[1] <= 1.0) for p in grid):
                 raise ValueError("point_grids points must be [x, y] pairs within [0, 1]")
+        settings = generator_settings(self.model_dump())
+        layers = settings["crop_n_layers"]
+        if self.point_grids is not None and len(self.point_grids) != layers + 1:
+            raise ValueError(
+                f"point_grids has {len(self.point_grids)} grids; crop_n_layers={layers} needs "
+                f"{layers + 1} (one per layer)"
+            )
+        if self.point_grids is None:
+            side, factor = settings["points_per_side"], settings["crop_n_points_downscale_factor"]
+            if layer_sides(side, factor, layers)[-1] < 1:
+                raise ValueError(
+                    f"points_per_side={side} with crop_n_points_downscale_factor={factor} leaves crop "
+                    f"layer {layers} with no points (points_per_side / factor**layer must be at least 1); "
+                    "lower crop_n_points_downscale_factor or crop_n_layers"
+                )
         return self
 
 
@@ -171,6 +187,8 @@ class Sam2PromptRequest(_Sam2Model, CachedImageInput):
                 raise ValueError("box must be [x1, y1, x2, y2] with x1 <= x2 and y1 <= y2")
         if (self.mask_input is None) != (self.mask_input_shape is None):
             raise ValueError("mask_input and mask_input_shape go together: send both or neither")
+        if self.mask_input is not None:
+            decode_mask_input(self.mask_input, self.mask_input_shape)
         if not self.point_coords and self.box is None and self.mask_input is None:
             raise ValueError("give at least one prompt: point_coords + point_labels, box or mask_input")
         return self
@@ -207,21 +225,47 @@ def sam2_key(model_cfg: str | None, checkpoint_path: str | None = None) -> tuple
 
 
 def decode_mask_input(data: str, shape: list[int]) -> np.ndarray:
-    """(1, L, L) float32 from base64; raises APIError on bad text or a size that does not fit."""
+    """(1, L, L) float32 from base64; ValueError (a 422 in validation) on bad text, a size that
+    does not fit, or values that are not finite logits within +-MASK_INPUT_LIMIT."""
     if len(shape) not in (2, 3) or (len(shape) == 3 and shape[0] != 1) or min(shape) < 1:
-        raise APIError(400, f"mask_input_shape must be [1, L, L], got {shape}", param="mask_input_shape")
+        raise ValueError(f"mask_input_shape must be [1, L, L], got {shape}")
     try:
         raw = pybase64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
-        raise APIError(400, "mask_input is not valid base64", param="mask_input") from None
+        raise ValueError("mask_input is not valid base64") from None
     want = math.prod(shape) * 4
     if len(raw) != want:
-        raise APIError(
-            400,
-            f"mask_input has {len(raw)} bytes but mask_input_shape {shape} needs {want} (float32)",
-            param="mask_input",
+        raise ValueError(
+            f"mask_input has {len(raw)} bytes but mask_input_shape {shape} needs {want} (float32)"
         )
-    return np.frombuffer(raw, dtype="<f4").reshape(1, shape[-2], shape[-1]).astype(np.float32)
+    mask = np.frombuffer(raw, dtype="<f4").reshape(1, shape[-2], shape[-1]).astype(np.float32)
+    if not np.isfinite(mask).all():
+        raise ValueError(
+            "mask_input holds NaN or infinite values; send the low_res_masks of an earlier answer"
+        )
+    if np.abs(mask).max() > MASK_INPUT_LIMIT:
+        raise ValueError(f"mask_input values must lie within +-{MASK_INPUT_LIMIT:g} (they are mask logits)")
+    return mask
+
+
+def layer_sides(points_per_side: int, factor: int, layers: int) -> list[int]:
+    """Points per side of each crop layer, as sam2's build_all_layer_point_grids makes them."""
+    return [int(points_per_side / factor**i) for i in range(layers + 1)]
+
+
+def auto_mask_points(settings: dict[str, Any]) -> int:
+    """Prompt points a generator run decodes: each layer's grid on each of its 4**layer crops."""
+    layers = settings["crop_n_layers"]
+    if settings["point_grids"] is not None:
+        sizes = [len(g) for g in settings["point_grids"]]
+    else:
+        sizes = [
+            n * n
+            for n in layer_sides(
+                settings["points_per_side"], settings["crop_n_points_downscale_factor"], layers
+            )
+        ]
+    return sum(n * 4**i for i, n in enumerate(sizes))
 
 
 def encode_binary(mask: np.ndarray, encoding: MaskEncoding) -> str:
@@ -316,17 +360,32 @@ class Sam2API(FamilyAPI):
     )
 
     def check(self, op: str, request: BaseModel) -> None:
-        if isinstance(request, Sam2PromptRequest) and request.mask_input is not None:
-            decode_mask_input(request.mask_input, request.mask_input_shape)
-        if isinstance(request, Sam2AutoMaskRequest) and request.point_grids is not None:
-            layers = generator_settings(request.model_dump())["crop_n_layers"]
-            if len(request.point_grids) != layers + 1:
-                raise APIError(
-                    400,
-                    f"point_grids has {len(request.point_grids)} grids; crop_n_layers={layers} needs "
-                    f"{layers + 1} (one per layer)",
-                    param="point_grids",
-                )
+        if not isinstance(request, Sam2AutoMaskRequest):
+            return
+        settings = generator_settings(request.model_dump())
+        points, budget = auto_mask_points(settings), self.cfg.limits.max_auto_mask_points
+        if points <= budget:
+            return
+        if settings["point_grids"] is not None:
+            hint = "send fewer points in point_grids or fewer crop layers"
+        else:
+            fits = [
+                p
+                for p in range(1, settings["points_per_side"])
+                if auto_mask_points({**settings, "points_per_side": p}) <= budget
+                and layer_sides(p, settings["crop_n_points_downscale_factor"], settings["crop_n_layers"])[-1]
+                >= 1
+            ]
+            hint = (
+                f"with these crop settings points_per_side={fits[-1]} fits" if fits else "lower crop_n_layers"
+            ) + "; fewer crop layers or a larger crop_n_points_downscale_factor also help"
+        raise APIError(
+            400,
+            f"this auto_mask would decode {points} prompt points over all crop layers, over this "
+            f"server's limit of {budget} (limits.max_auto_mask_points); {hint}",
+            param="points_per_side",
+            code="over_compute_budget",
+        )
 
     def check_image(self, op: str, request: BaseModel, size: tuple[int, int]) -> None:
         if isinstance(request, Sam2PromptRequest):

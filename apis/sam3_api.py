@@ -15,7 +15,7 @@ from .family import FamilyAPI, Job, Route
 from .image_ids import CachedImageInput, EmbedResponse, not_cached
 from .images import ImageInput
 from .sam3_model import Encoded, Filters, Sam3Runner, load_sam3, mask_bytes, predict
-from .schemas import StrictRequest
+from .schemas import StrictRequest, is_blank
 
 MAX_PROMPTS = 32
 
@@ -50,8 +50,11 @@ class Sam3PredictRequest(StrictRequest, CachedImageInput):
     @classmethod
     def _prompt_text(cls, prompts: list[str]) -> list[str]:
         for i, p in enumerate(prompts):
-            if not p.strip():
-                raise ValueError(f"prompts[{i}] is empty: every prompt needs some text")
+            if is_blank(p):
+                raise ValueError(
+                    f"prompts[{i}] is blank (only whitespace or invisible characters): "
+                    "every prompt needs some text"
+                )
         return prompts
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from copy import copy
 from typing import Any, ClassVar
 
@@ -54,6 +55,12 @@ class StrictRequest(BaseModel):
             changed = True
         if changed:
             cls.model_rebuild(force=True)
+
+
+def is_blank(text: str) -> bool:
+    """True when ``text`` shows nothing: only whitespace, control characters and invisible format
+    characters (zero-width space and joiners, byte-order mark). Every text field refuses it (422)."""
+    return all(ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf") for ch in text)
 
 
 class DenseOptions(StrictRequest, ImageInput):

@@ -36,6 +36,7 @@ from .middleware import BearerAuth, BodyLimit
 from .observability import Metrics, RequestContext, adopt_litserve_logger
 from .openai_routes import install_openai_routes
 from .playground import install_playground, is_playground
+from .protocol import http_protocol
 from .rmbg_api import RmbgAPI
 from .routing import JsonBodyRoute
 from .sam2_api import Sam2API
@@ -77,14 +78,19 @@ class VisionServer(ls.LitServer):
             api.stats = self.stats
         return manager
 
+    http_protocol: type | None = None  # uvicorn's protocol class (apis/protocol.py)
+
     def run(self, host: str = "127.0.0.1", port: int = 8000, **kwargs) -> None:
         """LitServer.run with what the dispatchers need: one HTTP server, a thread of this process.
+        Keyword arguments reach uvicorn.Config, so does the guarded HTTP protocol.
 
         LitServe 0.2.19 listens only on 0.0.0.0, 127.0.0.1 or ::, so the socket is bound here, on
         any address or host name, and handed to uvicorn as a file descriptor (before any worker
         starts: a taken port fails at once)."""
         for name, value in WORKER_ENV.items():  # read by libraries as workers import them
             os.environ.setdefault(name, value)
+        if self.http_protocol is not None:
+            kwargs.setdefault("http", self.http_protocol)
         self.listener = listen_socket(host, port)
         super().run(
             host="0.0.0.0",  # only passes LitServe's check: uvicorn uses fd
@@ -180,7 +186,9 @@ def build_server(cfg: ServerConfig, opts: Options) -> VisionServer:
         )
 
     metrics = Metrics(apis, opts.unavailable)
-    middlewares = [(BodyLimit, {"max_bytes": cfg.limits.max_body_bytes})]
+    middlewares = [
+        (BodyLimit, {"max_bytes": cfg.limits.max_body_bytes, "timeout_s": cfg.limits.body_timeout_s})
+    ]
     if opts.api_keys is not None:
         middlewares.append((BearerAuth, {"keys": opts.api_keys, "is_open": is_open}))
     drain = DrainState()
@@ -198,6 +206,12 @@ def build_server(cfg: ServerConfig, opts: Options) -> VisionServer:
     # LitServe adds gzip at level 9; on multi-MB base64 tensors it costs more CPU than it saves bytes.
     server.app.user_middleware = [m for m in server.app.user_middleware if m.cls is not GZipMiddleware]
     server.app.title, server.app.version = "visionserve", __version__
+    server.http_protocol = http_protocol(cfg.limits)
+    # '/route/' must not answer 307 with a Location built from the request's Host header
+    server.app.router.redirect_slashes = False
+    for route in server.app.router.routes:
+        if getattr(route, "path", None) == "/health":  # load balancers and uptime checks send HEAD
+            route.methods.add("HEAD")
     install_error_handlers(server.app)
     install_playground(server.app)
     _replace_info_route(server, cfg, opts, apis)

@@ -17,7 +17,7 @@ import numpy as np
 import pybase64
 
 from .errors import APIError
-from .replies import Reply
+from .replies import Reply, non_finite
 
 OutputDType = Literal["float32", "float16"]
 ResponseFormat = Literal["json", "npy"]
@@ -55,8 +55,24 @@ def check_response_size(
 
 def encode_array(arr: np.ndarray, dtype: OutputDType = "float32") -> tuple[str, list[int]]:
     """(base64 of little-endian ``dtype`` values in C order, shape)."""
-    out = np.ascontiguousarray(arr, dtype=np.dtype(dtype).newbyteorder("<"))
+    out = finite_values(arr, dtype)
     return pybase64.b64encode_as_string(out), list(out.shape)
+
+
+def finite_values(arr: np.ndarray, dtype: OutputDType) -> np.ndarray:
+    """``arr`` as little-endian ``dtype``; a 500 if the model made NaN/inf, a 400 if the values
+    only overflow the requested float16."""
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise non_finite("a returned tensor")
+    out = np.ascontiguousarray(arr, dtype=np.dtype(dtype).newbyteorder("<"))
+    if out.dtype != arr.dtype and not np.isfinite(out).all():
+        raise APIError(
+            400,
+            f"the values exceed {dtype}'s range (largest magnitude {float(np.abs(arr).max()):g}); "
+            "ask for output_dtype=float32",
+            param="output_dtype",
+        )
+    return out
 
 
 def tensor_answer(
@@ -67,7 +83,7 @@ def tensor_answer(
     headers)."""
     if fmt == "npy":
         buf = io.BytesIO()
-        np.save(buf, np.ascontiguousarray(arr, dtype=np.dtype(dtype).newbyteorder("<")), allow_pickle=False)
+        np.save(buf, finite_values(arr, dtype), allow_pickle=False)
         return Reply.npy(buf.getvalue(), meta)
     data, shape = encode_array(arr, dtype)
     return {field: data, "shape": shape, "dtype": dtype, **meta}

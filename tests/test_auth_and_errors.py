@@ -121,7 +121,7 @@ def good_png(rgb_image) -> str:
 
 BAD = [
     ("invalid base64", "extract", {"image": "not*base64!"}, 400, "not valid base64"),
-    ("not an image", "extract", {"image": b64(b"hello, I am text")}, 400, "not an image format"),
+    ("not an image", "extract", {"image": b64(b"hello, I am text")}, 400, "not a format this server reads"),
     ("bad data uri", "extract", {"image": "data:image/png,abcd"}, 400, "data URI"),
     ("no image field", "extract", {}, 422, "exactly one of"),
     ("two image fields", "extract", {"image": "AAAA", "image_path": "/x.png"}, 422, "got image, image_path"),

@@ -442,8 +442,8 @@ def test_point_grids_replace_points_per_side(kw):
         ),
         ("prompt_mask", {}, 422, "give at least one prompt"),
         ("prompt_mask", {"mask_input": "AAAA"}, 422, "mask_input_shape go together"),
-        ("prompt_mask", {"mask_input": "AAAA", "mask_input_shape": [1, 64, 64]}, 400, "needs 16384"),
-        ("prompt_mask", {"mask_input": "@@@", "mask_input_shape": [1, 1, 1]}, 400, "not valid base64"),
+        ("prompt_mask", {"mask_input": "AAAA", "mask_input_shape": [1, 64, 64]}, 422, "needs 16384"),
+        ("prompt_mask", {"mask_input": "@@@", "mask_input_shape": [1, 1, 1]}, 422, "not valid base64"),
         ("prompt_mask", {"mask_input_shape": [1, 256, 256], "mask_input": "full"}, 400, "takes [1, 64, 64]"),
         (
             "prompt_mask",
@@ -468,7 +468,7 @@ def test_point_grids_replace_points_per_side(kw):
         (
             "auto_mask",
             {"point_grids": [[[0.5, 0.5]]], "preset": "fine_grained"},
-            400,
+            422,
             "crop_n_layers=1 needs 2",
         ),
     ],

@@ -265,8 +265,8 @@ def test_concurrent_requests_batch_the_backbone_and_answer_like_single_ones(sam3
 
 BAD = {
     "no prompts": ({"prompts": []}, 422, "at least 1"),
-    "empty prompt": ({"prompts": [""]}, 422, "prompts[0] is empty"),
-    "blank prompt": ({"prompts": ["cat", "   "]}, 422, "prompts[1] is empty"),
+    "empty prompt": ({"prompts": [""]}, 422, "prompts[0] is blank"),
+    "blank prompt": ({"prompts": ["cat", "   "]}, 422, "prompts[1] is blank"),
     "prompt not text": ({"prompts": [3]}, 422, "prompts"),
     "prompts not a list": ({"prompts": "cat"}, 422, "prompts"),
     "too many prompts": ({"prompts": ["x"] * 33}, 422, "at most 32"),

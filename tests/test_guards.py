@@ -1,0 +1,225 @@
+"""Guards that need no server: answers with NaN/inf withheld, request withdrawal at the worker,
+auto_mask compute and crop-layer checks, the blank-text rule and the HTTP protocol's limits."""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import time
+
+import numpy as np
+import orjson
+import pytest
+from pydantic import ValidationError
+
+from apis.clip_api import ClipSimilarityRequest, ClipTextRequest
+from apis.config import Limits
+from apis.dispatch import Withdraw, WorkerLink, frame
+from apis.errors import APIError
+from apis.protocol import http_protocol
+from apis.replies import Reply, non_finite_at
+from apis.sam2_api import Sam2AutoMaskRequest, Sam2PromptRequest, auto_mask_points, generator_settings
+from apis.sam3_api import Sam3PredictRequest
+from apis.schemas import is_blank
+from apis.tensors import encode_array, tensor_answer
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"score": float("nan")},
+        {"results": [{"bbox": [1.0, float("inf"), 2.0, 3.0]}]},
+        {"masks": [{"predicted_iou": 0.5}, {"predicted_iou": -float("inf")}]},
+    ],
+)
+def test_an_answer_with_nan_or_inf_becomes_a_500_that_says_so(answer):
+    reply = Reply.of(answer)
+    assert reply.status == 500
+    err = orjson.loads(reply.body)["error"]
+    assert err["code"] == "non_finite_output" and "server fault" in err["message"]
+
+
+def test_finite_answers_pass_untouched():
+    answer = {"a": [1, 2.5, {"b": [0.0, -3e38]}], "s": "nan", "n": None}
+    assert non_finite_at(answer) is None
+    assert Reply.of(answer).body == orjson.dumps(answer)
+    assert non_finite_at({"x": [[0.0, float("nan")]]}) == "answer.x[0][1]"
+
+
+def test_tensors_with_nan_are_withheld_and_float16_overflow_is_the_requests_choice():
+    with pytest.raises(APIError) as e:
+        encode_array(np.array([1.0, np.nan], np.float32))
+    assert e.value.status == 500 and e.value.code == "non_finite_output"
+    with pytest.raises(APIError) as e:
+        tensor_answer(np.array([np.inf], np.float32), "x", "float32", "npy")
+    assert e.value.status == 500
+    with pytest.raises(APIError) as e:
+        encode_array(np.array([1e6], np.float32), "float16")
+    assert e.value.status == 400 and "output_dtype=float32" in e.value.message
+    assert encode_array(np.array([1e6], np.float32))[1] == [1]
+
+
+def test_a_withdrawn_request_is_dropped_before_the_worker_collects_it():
+    server_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    link = WorkerLink(worker_end)
+    for obj in [(1, time.monotonic(), "a"), (2, time.monotonic(), "b"), Withdraw(1), Withdraw(7)]:
+        for part in frame(obj):
+            server_end.sendall(part)
+    assert [job for _, _, job in link.collect(8, 0.0, 1.0)] == ["b"]
+
+
+def test_a_withdrawal_queued_behind_more_than_a_batch_is_still_seen():
+    server_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    link = WorkerLink(worker_end)
+    for obj in [*((i, time.monotonic(), f"job-{i}") for i in range(5)), Withdraw(0), Withdraw(3)]:
+        for part in frame(obj):
+            server_end.sendall(part)
+    assert [job for _, _, job in link.collect(2, 0.0, 1.0)] == ["job-1", "job-2"]
+    assert [job for _, _, job in link.collect(2, 0.0, 1.0)] == ["job-4"]
+
+
+def _auto(**fields) -> dict:
+    return generator_settings(Sam2AutoMaskRequest(image="x", **fields).model_dump())
+
+
+def test_auto_mask_points_count_every_crop_of_every_layer():
+    assert auto_mask_points(_auto(preset="coarse")) == 16 * 16
+    assert auto_mask_points(_auto(preset="fine_grained")) == 64 * 64 + 4 * 32 * 32
+    big = _auto(points_per_side=128, crop_n_layers=3, crop_n_points_downscale_factor=1)
+    assert auto_mask_points(big) == 128 * 128 * (1 + 4 + 16 + 64)
+    grids = _auto(
+        preset="fine_grained", point_grids=[[[0.5, 0.5]] * 3, [[0.1, 0.1]] * 2], points_per_side=None
+    )
+    assert auto_mask_points(grids) == 3 + 4 * 2
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"crop_n_layers": 1, "crop_n_points_downscale_factor": 1000},
+        {"points_per_side": 1, "crop_n_layers": 1, "crop_n_points_downscale_factor": 2},
+        {"points_per_side": 7, "crop_n_layers": 3, "crop_n_points_downscale_factor": 2},
+    ],
+)
+def test_crop_layers_without_points_are_refused_in_validation(fields):
+    with pytest.raises(ValidationError, match="no points"):
+        Sam2AutoMaskRequest(image="x", preset="coarse", **fields)
+    Sam2AutoMaskRequest(image="x", preset="coarse", **{**fields, "crop_n_layers": 0})
+
+
+def test_mask_input_must_be_finite_logits():
+    def prompt(values) -> Sam2PromptRequest:
+        data = base64.b64encode(np.array(values, "<f4").tobytes()).decode()
+        return Sam2PromptRequest(image="x", mask_input=data, mask_input_shape=[1, 1, len(values)])
+
+    prompt([-30.0, 12.5])
+    for bad, words in (([np.nan, 0.0], "NaN"), ([0.0, -np.inf], "infinite"), ([2e4, 0.0], "within")):
+        with pytest.raises(ValidationError, match=words):
+            prompt(bad)
+
+
+@pytest.mark.parametrize("text", ["", " ", "\t\n", "\u200b", "\u200c\u200d", "\ufeff ", "\u2060", "\x00"])
+def test_blank_text_is_refused_on_every_route(text):
+    assert is_blank(text)
+    with pytest.raises(ValidationError):
+        ClipTextRequest(text=text)
+    with pytest.raises(ValidationError):
+        ClipSimilarityRequest(image="x", text=text)
+    with pytest.raises(ValidationError):
+        ClipSimilarityRequest(image="x", text="mug", negatives=[text])
+    with pytest.raises(ValidationError):
+        Sam3PredictRequest(image="x", prompts=["mug", text])
+
+
+@pytest.mark.parametrize("text", ["a", " mug ", "\u200bx", "日本"])
+def test_text_with_something_visible_is_accepted(text):
+    assert not is_blank(text)
+    ClipTextRequest(text=text)
+    Sam3PredictRequest(image="x", prompts=[text])
+
+
+def test_clip_scales_are_bounded_so_softmax_cannot_overflow():
+    for field in ("softmax", "relevancy_temperature"):
+        with pytest.raises(ValidationError, match=field):
+            ClipSimilarityRequest(image="x", text="mug", **{field: 1e308})
+        ClipSimilarityRequest(image="x", text="mug", **{field: 100.0})
+
+
+class _Transport:
+    def __init__(self):
+        self.data = b""
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def get_extra_info(self, name):
+        return {"sockname": ("127.0.0.1", 8000), "peername": ("127.0.0.1", 5000)}.get(name)
+
+    def pause_reading(self):
+        pass
+
+    def resume_reading(self):
+        pass
+
+
+def _protocol(limits: Limits):
+    import asyncio
+
+    from uvicorn.config import Config
+    from uvicorn.server import ServerState
+
+    cls = http_protocol(limits)
+    loop = asyncio.new_event_loop()
+    proto = cls(config=Config(app=None), server_state=ServerState(), app_state={}, _loop=loop)
+    transport = _Transport()
+    proto.connection_made(transport)
+    return proto, transport, loop
+
+
+@pytest.mark.parametrize(
+    ("data", "status"),
+    [
+        (b"GET /x HTTP/1.1\r\nHost: a\r\nX: " + b"v" * 2000 + b"\r\n\r\n", 431),
+        (b"GET /" + b"u" * 600 + b" HTTP/1.1\r\n\r\n", 414),
+        (b"GET / HTTP/1.1\r\n" + b"".join(b"X%d: 1\r\n" % i for i in range(11)) + b"\r\n", 431),
+        (b"GET / HTTP/1.1\r\nX: " + b"v" * 1500, 431),  # headers never finished
+        (b"NOPE!! / HTTP/1.1\r\n\r\n", 400),
+    ],
+)
+def test_the_protocol_refuses_big_heads_in_json(data, status):
+    limits = Limits(max_header_bytes=1024, max_url_bytes=512, max_headers=10)
+    proto, transport, loop = _protocol(limits)
+    try:
+        proto.data_received(data)
+    finally:
+        loop.close()
+    head, _, body = transport.data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 %d " % status) and transport.closed
+    assert b"content-type: application/json" in head
+    assert json.loads(body)["error"]["code"] == "bad_http_request"
+
+
+def test_an_unexpected_exception_is_answered_in_the_json_shape():
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from apis.errors import install_error_handlers
+
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.get("/boom")
+    async def boom():
+        raise RuntimeError("a bug")
+
+    r = TestClient(app, raise_server_exceptions=False).get("/boom")
+    assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
+    assert "a bug" not in r.text
