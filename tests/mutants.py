@@ -1,0 +1,169 @@
+"""Mutation checks: run deliberately wrong implementations against the tests that must catch them.
+
+Not collected by pytest (the name does not start with ``test_``). Each mutant replaces one
+snippet of the code in a scratch copy of the working tree, then runs the named tests there
+(the server subprocesses the tests start import the copy too) and expects them to fail.
+
+    .venv/bin/python tests/mutants.py              # every mutant, one after the other
+    .venv/bin/python tests/mutants.py pca relevancy  # those whose name contains a word
+    .venv/bin/python tests/mutants.py --list
+
+Prints a table ``mutant | tests | killed/survived``; exits 1 if a mutant survived. A run takes
+tens of minutes on two cores (every mutant starts its own servers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str  # relative to the repository root
+    old: str  # must occur exactly once in the file
+    new: str
+    tests: tuple[str, ...]  # pytest node ids (or -k expressions after "::-k ")
+    why: str
+
+
+MUTANTS = [
+    Mutant(
+        "pool lock is a no-op",
+        "clients/sam3_client.py",
+        "self._lock = threading.Lock()",
+        "self._lock = __import__('contextlib').nullcontext()",
+        ("tests/test_sam3_pool.py::test_pool_is_thread_safe_about_its_turns",),
+        "item 1: the turn counter is read and written without the lock",
+    ),
+    Mutant(
+        "pca: fixed random projection",
+        "apis/dense.py",
+        "        _, _, v = torch.pca_lowrank(x, q=q, center=False, niter=niter)",
+        "        v = torch.linalg.qr(torch.randn(x.shape[1], q))[0]",
+        (
+            "tests/test_units.py::test_pca_equals_numpy_svd_up_to_the_documented_sign_and_scaling",
+            "tests/test_clip_http.py::test_ret_pca_equals_an_svd_of_the_reference_features",
+        ),
+        "item 2: a random orthonormal projection with quantile scaling",
+    ),
+    Mutant(
+        "pca: sign not fixed",
+        "apis/dense.py",
+        "    v = v * torch.where(v[idx, torch.arange(q)] < 0, -1.0, 1.0)\n",
+        "",
+        ("tests/test_units.py::test_pca_equals_numpy_svd_up_to_the_documented_sign_and_scaling",),
+        "item 2: the sign rule (largest loading positive) dropped",
+    ),
+    Mutant(
+        "pca: min-max instead of quantiles",
+        "apis/dense.py",
+        "    lo = torch.quantile(proj, q_min, dim=0)\n    hi = torch.quantile(proj, q_max, dim=0)",
+        "    lo = proj.amin(dim=0)\n    hi = proj.amax(dim=0)",
+        (
+            "tests/test_units.py::test_pca_equals_numpy_svd_up_to_the_documented_sign_and_scaling",
+            "tests/test_clip_http.py::test_ret_pca_equals_an_svd_of_the_reference_features",
+        ),
+        "item 2: pca_q_min / pca_q_max ignored",
+    ),
+    Mutant(
+        "relevancy: max over negatives",
+        "apis/clip_model.py",
+        "torch.softmax(pair, dim=-1)[..., 0].amin(dim=-1)",
+        "torch.softmax(pair, dim=-1)[..., 0].amax(dim=-1)",
+        ("tests/test_clip_http.py::test_relevancy_equals_the_lerf_formula",),
+        "item 3: max instead of min",
+    ),
+    Mutant(
+        "relevancy: the negative's column",
+        "apis/clip_model.py",
+        "torch.softmax(pair, dim=-1)[..., 0].amin(dim=-1)",
+        "torch.softmax(pair, dim=-1)[..., 1].amin(dim=-1)",
+        ("tests/test_clip_http.py::test_relevancy_equals_the_lerf_formula",),
+        "item 3: the negative's probability",
+    ),
+    Mutant(
+        "relevancy: temperature ignored",
+        "apis/clip_model.py",
+        "neg], dim=-1) * temperature",
+        "neg], dim=-1) * 10.0",
+        ("tests/test_clip_http.py::test_relevancy_equals_the_lerf_formula",),
+        "item 3: relevancy_temperature never used",
+    ),
+]
+
+
+def copy_tree(dst: Path) -> None:
+    """Tracked and untracked-but-not-ignored files of the working tree (no venv, no caches)."""
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True, check=True
+    ).stdout.split(b"\0")
+    for f in filter(None, files):
+        src = ROOT / f.decode()
+        if src.is_file() and not src.is_symlink():
+            (dst / f.decode()).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / f.decode())
+
+
+def run(m: Mutant, timeout: float) -> tuple[str, float, str]:
+    """'killed' (the tests failed), 'survived' (they passed) or 'error: ...' (they could not run)."""
+    with tempfile.TemporaryDirectory(prefix="mutant-") as tmp:
+        work = Path(tmp)
+        copy_tree(work)
+        path = work / m.file
+        text = path.read_text()
+        if text.count(m.old) != 1:
+            return f"error: snippet found {text.count(m.old)} times in {m.file}", 0.0, ""
+        path.write_text(text.replace(m.old, m.new))
+        env = {**os.environ, "PYTHONPATH": str(work), "PYTHONDONTWRITEBYTECODE": "1"}
+        t0 = time.monotonic()
+        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *m.tests]
+        try:
+            p = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return "error: timed out", time.monotonic() - t0, ""
+        took = time.monotonic() - t0
+        tail = "\n".join(p.stdout.strip().splitlines()[-3:])
+        if p.returncode == 1:
+            return "killed", took, tail
+        if p.returncode == 0:
+            return "survived", took, tail
+        return f"error: pytest exit {p.returncode}", took, tail
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("words", nargs="*", help="run only mutants whose name contains one of these")
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("-v", "--verbose", action="store_true", help="print the tail of each pytest run")
+    args = ap.parse_args()
+    chosen = [m for m in MUTANTS if not args.words or any(w in m.name for w in args.words)]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name}: {m.why}\n    " + "\n    ".join(m.tests))
+        return 0
+    print("| mutant | tests | result | s |\n|---|---|---|---|", flush=True)
+    bad = 0
+    for m in chosen:
+        result, took, tail = run(m, args.timeout)
+        bad += result != "killed"
+        names = ", ".join(t.split("::")[-1] for t in m.tests)
+        print(f"| {m.name} | {names} | {result} | {took:.0f} |", flush=True)
+        if args.verbose or result != "killed":
+            print("    " + tail.replace("\n", "\n    "), flush=True)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
