@@ -100,6 +100,111 @@ MUTANTS = [
         ("tests/test_clip_http.py::test_relevancy_equals_the_lerf_formula",),
         "item 3: relevancy_temperature never used",
     ),
+    Mutant(
+        "full-res similarity: uniform map",
+        "apis/clip_api.py",
+        'sim = spatial_softmax(sim, p["softmax"])',
+        "sim = torch.full_like(sim, 1.0 / sim.numel())",
+        ("tests/test_clip_http.py::test_similarity_full_resolution_cosine_and_negatives",),
+        "item 4: a map that sums to 1 and says nothing",
+    ),
+    Mutant(
+        "full-res similarity: softmax before upsampling",
+        "apis/clip_api.py",
+        """        if not p["ret_patches"]:
+            sim = upsample_grid(sim[..., None], geom, p["interpolation_mode"])[..., 0]
+        if p["softmax"] > 0 and not negatives:
+            sim = spatial_softmax(sim, p["softmax"])""",
+        """        if p["softmax"] > 0 and not negatives:
+            sim = spatial_softmax(sim, p["softmax"])
+        if not p["ret_patches"]:
+            sim = upsample_grid(sim[..., None], geom, p["interpolation_mode"])[..., 0]""",
+        ("tests/test_clip_http.py::test_similarity_full_resolution_cosine_and_negatives",),
+        "item 4: the seed's order of steps",
+    ),
+    Mutant(
+        "padding: replicate pads by reflection",
+        "apis/dense.py",
+        "F.pad(x, (0, pw, 0, ph), mode=mode) if",
+        "F.pad(x, (0, pw, 0, ph), mode='reflect' if mode == 'replicate' else mode) if",
+        ("tests/test_clip_http.py::test_padding_mode_equals_numpy_padding_of_the_normalised_image",),
+        "item 5: one padding mode mapped to another",
+    ),
+    Mutant(
+        "interpolation: corners aligned",
+        "apis/dense.py",
+        'kwargs = {"align_corners": False} if mode',
+        'kwargs = {"align_corners": True} if mode',
+        ("tests/test_clip_http.py::test_every_interpolation_mode_equals_its_rule",),
+        "item 5: bilinear/bicubic with align_corners=True",
+    ),
+    Mutant(
+        "interpolation: nearest-exact read as nearest",
+        "apis/dense.py",
+        "x = F.interpolate(x, size=padded_hw, mode=mode, **kwargs)",
+        "x = F.interpolate(x, size=padded_hw, mode=mode.replace('-exact', ''), **kwargs)",
+        ("tests/test_clip_http.py::test_every_interpolation_mode_equals_its_rule",),
+        "item 5: two modes that differ only in the pixel-centre convention",
+    ),
+    Mutant(
+        "center_crop: offset rounded down",
+        "apis/dense.py",
+        "left, top = int(round((w - side) / 2.0)), int(round((h - side) / 2.0))",
+        "left, top = (w - side) // 2, (h - side) // 2",
+        ("tests/test_clip_http.py::test_extract_load_size_and_crop_equal_torchvision_transforms",),
+        "item 5: a crop one pixel off torchvision's",
+    ),
+    Mutant(
+        "load_size: bilinear resize",
+        "apis/dense.py",
+        "img = img.resize((w, h), Image.BICUBIC)",
+        "img = img.resize((w, h), Image.BILINEAR)",
+        ("tests/test_clip_http.py::test_extract_load_size_and_crop_equal_torchvision_transforms",),
+        "item 5: the wrong resampling filter keeps every shape",
+    ),
+    Mutant(
+        "dino pos-embed: timm's resize for hub models",
+        "apis/dino_model.py",
+        "    if dm.registers:\n        out = F.interpolate(table, size=grid",
+        "    if True:\n        out = F.interpolate(table, size=grid",
+        ("tests/test_dino_http.py::test_values_equal_timm_on_the_same_weights",),
+        "item 10: exact-size antialiased resize where the hub uses (g + 0.1) / M",
+    ),
+    Mutant(
+        "dino pos-embed: offset 0 instead of 0.1",
+        "apis/dino_model.py",
+        "scale = ((grid[0] + 0.1) / native[0], (grid[1] + 0.1) / native[1])",
+        "scale = ((grid[0] + 0.0) / native[0], (grid[1] + 0.0) / native[1])",
+        ("tests/test_dino_http.py::test_values_equal_timm_on_the_same_weights",),
+        "item 10: a shared misreading of the hub's offset",
+    ),
+    Mutant(
+        "log-binning: averages count the padding",
+        "apis/dino_model.py",
+        "padding=k // 2, count_include_pad=False)",
+        "padding=k // 2, count_include_pad=True)",
+        ("tests/test_dino_http.py::test_log_binning_equals_the_per_cell_definition",),
+        "item 10: edge averages divided by 9",
+    ),
+    Mutant(
+        "log-binning: zero padding off the grid",
+        "apis/dino_model.py",
+        'padded = F.pad(pooled, (k, k, k, k), mode="replicate")',
+        "padded = F.pad(pooled, (k, k, k, k))",
+        ("tests/test_dino_http.py::test_log_binning_equals_the_per_cell_definition",),
+        "item 10: neighbours off the grid are zeros instead of the edge cell",
+    ),
+    Mutant(
+        "batching off",
+        "apis/worker_loop.py",
+        "items = link.collect(lit_api.max_batch_size,",
+        "items = link.collect(1,",
+        (
+            "tests/test_clip_http.py::test_concurrent_encode_text_runs_as_batches",
+            "tests/test_clip_http.py::test_concurrent_extracts_of_one_size_share_a_forward",
+        ),
+        "item 13: no batching at all",
+    ),
 ]
 
 
