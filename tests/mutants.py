@@ -143,8 +143,8 @@ MUTANTS = [
         "apis/dense.py",
         "x = F.interpolate(x, size=padded_hw, mode=mode, **kwargs)",
         "x = F.interpolate(x, size=padded_hw, mode=mode.replace('-exact', ''), **kwargs)",
-        ("tests/test_clip_http.py::test_every_interpolation_mode_equals_its_rule",),
-        "item 5: two modes that differ only in the pixel-centre convention",
+        ("tests/test_dino_http.py::test_upsampling_a_stride_7_grid_follows_each_modes_rule",),
+        "item 5: two modes that differ only in the pixel-centre convention (equal at CLIP's 14x)",
     ),
     Mutant(
         "center_crop: offset rounded down",

@@ -258,6 +258,17 @@ def test_layouts_and_upsampling_agree(rgb_image, kw):
     np.testing.assert_allclose(hwc, up[0, :, :45, :61].permute(1, 2, 0).numpy(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["nearest", "nearest-exact", "bilinear", "bicubic", "area"])
+def test_upsampling_a_stride_7_grid_follows_each_modes_rule(rgb_image, kw, mode):
+    """7x9 cells over 56x70 pixels: scales of 8 and 7.8, where the modes' conventions differ."""
+    args = {"model_type": "dinov2_tiny14", "stride": 7}
+    grid = dc.extract_dino_features_decoded(rgb_image, **args, **kw)
+    got = dc.extract_dino_features_decoded(
+        rgb_image, ret_patches=False, interpolation_mode=mode, **args, **kw
+    )
+    np.testing.assert_allclose(got, resample(grid, (56, 70), mode)[:45, :61], rtol=1e-5, atol=1e-5)
+
+
 def test_pca_is_deterministic_and_equals_an_svd_of_timm_features(rgb_image, dino_models, kw):
     a = dc.extract_dino_features(rgb_image, ret_pca=True, stride=7, **kw)
     b = dc.extract_dino_features(rgb_image, ret_pca=True, stride=7, **kw)
