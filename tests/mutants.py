@@ -205,6 +205,60 @@ MUTANTS = [
         ),
         "item 13: no batching at all",
     ),
+    Mutant(
+        "auto_mask: m2m ignored",
+        "apis/sam2_model.py",
+        "amg = _Generator(pred.model, output_mode=output_mode, **s)",
+        'amg = _Generator(pred.model, output_mode=output_mode, **{**s, "use_m2m": False})',
+        ("tests/test_sam2_http.py::test_auto_mask_equals_the_library_generator_field_by_field",),
+        "item 9: fine_grained's mask-to-mask refinement not run",
+    ),
+    Mutant(
+        "auto_mask: no hole filling in the predictor",
+        "apis/sam2_model.py",
+        'pred.configure(0.0, s["min_mask_region_area"], s["min_mask_region_area"])',
+        "pred.configure(0.0, 0.0, 0.0)",
+        ("tests/test_sam2_http.py::test_auto_mask_equals_the_library_generator_field_by_field",),
+        "item 9: min_mask_region_area only as the final filter",
+    ),
+    Mutant(
+        "prompt_mask: hole area used for sprinkles too",
+        "apis/sam2_model.py",
+        "self._transforms.max_sprinkle_area = max_sprinkle_area",
+        "self._transforms.max_sprinkle_area = max_hole_area",
+        ("tests/test_sam2_http.py::test_hole_and_sprinkle_filling_equal_the_library_predictor",),
+        "item 10: a shared misreading of the two areas",
+    ),
+    Mutant(
+        "sam3: first contour, not the largest",
+        "apis/masks.py",
+        "contour = max(contours, key=cv2.contourArea)",
+        "contour = contours[0]",
+        ("tests/test_sam3_http.py::test_score_threshold_min_area_and_epsilon_including_explicit_zero",),
+        "items 6/10: the polygon of another component",
+    ),
+    Mutant(
+        "sam3: polygon simplified with a fixed epsilon",
+        "apis/masks.py",
+        "approx = cv2.approxPolyDP(contour, epsilon_factor * cv2.arcLength(contour, True), True)",
+        "approx = cv2.approxPolyDP(contour, 2.0 * epsilon_factor, True)",
+        (
+            "tests/test_sam3_http.py::"
+            "test_exact_polygons_outline_the_largest_component_and_simplify_within_epsilon",
+            "tests/test_sam3_http.py::test_score_threshold_min_area_and_epsilon_including_explicit_zero",
+        ),
+        "item 10: epsilon not scaled by the perimeter",
+    ),
+    Mutant(
+        "sam3: batched encodings out of order",
+        "apis/sam3_model.py",
+        'backbone_fpn=[f[j : j + 1].clone() for f in out["backbone_fpn"]],',
+        'backbone_fpn=[f[0:1].clone() for f in out["backbone_fpn"]],',
+        (
+            "tests/test_sam3_http.py::test_concurrent_requests_batch_the_backbone_and_answer_like_the_processor",
+        ),
+        "item 8: each image of a batch answered with its neighbour's encoding",
+    ),
 ]
 
 

@@ -14,7 +14,6 @@ import io
 import json
 import os
 import socket
-import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -587,8 +586,10 @@ def _tree_rss(pid: int) -> int:
     return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
 
 
+@pytest.mark.soak
 def test_mixed_routes_soak_at_concurrency_32(server):
-    """Every route in turn, 32 clients, SOAK_SECONDS: no errors, server RSS flat after warm-up."""
+    """Every route in turn, 32 clients, SOAK_SECONDS: no errors, server RSS flat after warm-up.
+    Opt-in (``pytest -m soak``); the latencies it prints are a measurement, not a pass mark."""
     bodies = [(route, json.dumps(body)) for route, body in ROUTES.items()]
     latencies: dict[str, list[float]] = {route: [] for route in ROUTES}
     failures: list[str] = []
@@ -642,4 +643,3 @@ def test_mixed_routes_soak_at_concurrency_32(server):
     assert not failures, failures[:5]
     assert all(len(lat) > 0 for lat in latencies.values())
     assert rss_after < rss_before * 1.05
-    assert statistics.median(latencies["clip/encode_text"]) < 30
