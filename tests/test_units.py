@@ -9,6 +9,7 @@ import zlib
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image, ImageFile
 
@@ -122,7 +123,17 @@ def test_bearer_check():
 def test_dino_hub_names_map_to_timm_architectures():
     assert architecture(ModelEntry(name="dinov2_vitl14"))[0] == "vit_large_patch14_dinov2.lvd142m"
     assert architecture(ModelEntry(name="DINOv2-ViTg14-reg"))[0] == "vit_giant_patch14_reg4_dinov2.lvd142m"
-    assert len(HUB_TO_TIMM) == 8
+    assert HUB_TO_TIMM == {  # the eight torch.hub entry points, spelled out
+        "dinov2_vits14": "vit_small_patch14_dinov2.lvd142m",
+        "dinov2_vitb14": "vit_base_patch14_dinov2.lvd142m",
+        "dinov2_vitl14": "vit_large_patch14_dinov2.lvd142m",
+        "dinov2_vitg14": "vit_giant_patch14_dinov2.lvd142m",
+        "dinov2_vits14_reg": "vit_small_patch14_reg4_dinov2.lvd142m",
+        "dinov2_vitb14_reg": "vit_base_patch14_reg4_dinov2.lvd142m",
+        "dinov2_vitl14_reg": "vit_large_patch14_reg4_dinov2.lvd142m",
+        "dinov2_vitg14_reg": "vit_giant_patch14_reg4_dinov2.lvd142m",
+    }
+    assert set(HUB_TO_TIMM.values()) <= set(timm.list_pretrained("*dinov2*"))  # names timm knows
     with pytest.raises(ValueError, match="use a torch.hub name"):
         architecture(ModelEntry(name="dinov2_vith14"))
 
