@@ -259,6 +259,22 @@ MUTANTS = [
         ),
         "item 8: each image of a batch answered with its neighbour's encoding",
     ),
+    Mutant(
+        "dtype: autocast never entered",
+        "apis/precision.py",
+        "if self.dtype == torch.float32:",
+        "if True:",
+        ("tests/test_precision.py::test_clip_features_and_text_within_tolerance",),
+        "item 11: --dtype accepted and ignored",
+    ),
+    Mutant(
+        "rmbg: threshold 0 keeps everything",
+        "apis/rmbg_model.py",
+        "return np.where(matte > threshold, 255, 0).astype(np.uint8)",
+        "return np.where(matte > threshold, 255, 255 * (threshold == 0)).astype(np.uint8)",
+        ("tests/test_rmbg_http.py::test_alpha_equals_onnxruntime_with_the_documented_processing",),
+        "item 12: an all-opaque alpha at threshold 0",
+    ),
 ]
 
 
