@@ -119,6 +119,12 @@ PROMPTS = {
     "box and points": {"box": [10, 10, 60, 50], "point_coords": [[30, 30]], "point_labels": [1]},
     "single mask": {"point_coords": [[50, 40]], "point_labels": [1], "multimask_output": False},
     "logits": {"point_coords": [[50, 40]], "point_labels": [1], "return_logits": True},
+    "normalised coordinates": {
+        "point_coords": [[30 / 96, 20 / 72]],
+        "point_labels": [1],
+        "box": [0.1, 0.1, 0.6, 0.7],
+        "normalize_coords": False,
+    },
 }
 
 
@@ -181,6 +187,20 @@ def test_hole_and_sprinkle_filling_equal_the_library_predictor(kw, sam2_checkpoi
         s = pred.model.image_size
         pred._bb_feat_sizes = [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]
         assert_same_answer(filled, direct(pred, image, **prompt))
+
+
+def test_mask_threshold_equals_the_library_predictors(kw, sam2_checkpoint):
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    image = scene(seed=4)
+    prompt = {"point_coords": [[50, 40]], "point_labels": [1]}
+    got = sc.generate_sam2_prompt_masks(image=encode_image(image), mask_threshold=1.5, **prompt, **kw)
+    pred = SAM2ImagePredictor(build_tiny(str(sam2_checkpoint)), mask_threshold=1.5)
+    s = pred.model.image_size
+    pred._bb_feat_sizes = [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]
+    assert_same_answer(got, direct(pred, image, **prompt))
+    default = sc.generate_sam2_prompt_masks(image=encode_image(image), **prompt, **kw)
+    assert default[0].sum() > got[0].sum()  # a higher threshold keeps fewer pixels
 
 
 def test_second_prompt_on_an_image_skips_the_encoder(sam2_server, kw):
