@@ -275,6 +275,14 @@ MUTANTS = [
         ("tests/test_rmbg_http.py::test_alpha_equals_onnxruntime_with_the_documented_processing",),
         "item 12: an all-opaque alpha at threshold 0",
     ),
+    Mutant(
+        "sam3 builder: half the attention heads",
+        "apis/sam3_model.py",
+        "    heads: int = 8\n",
+        "    heads: int = 4\n",
+        ("tests/test_sam3_units.py::test_default_architecture_is_the_released_one",),
+        "item 7: a constructor argument that keeps every parameter's shape",
+    ),
 ]
 
 
