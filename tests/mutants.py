@@ -264,7 +264,10 @@ MUTANTS = [
         "apis/precision.py",
         "if self.dtype == torch.float32:",
         "if True:",
-        ("tests/test_precision.py::test_clip_features_and_text_within_tolerance",),
+        (
+            "tests/test_precision.py::test_float16_clip_and_dino_within_tolerance",
+            "tests/test_precision.py::test_clip_features_and_text_within_tolerance",
+        ),
         "item 11: --dtype accepted and ignored",
     ),
     Mutant(

@@ -1,8 +1,9 @@
 """``--dtype bfloat16`` / ``float16``: the autocast path of every torch family against float32.
 
-One server per dtype (bfloat16: CLIP, DINO, SAM 2 and SAM 3; float16: CLIP and DINO, to keep
-the run short) on the same tiny weights as the float32 tests, compared with the float32
-references computed directly on the libraries. Stated tolerances, as relative L2 error
+One server at ``--dtype bfloat16`` (CLIP, DINO, SAM 2 and SAM 3) on the same tiny weights as
+the float32 tests, compared over HTTP with the float32 references computed directly on the
+libraries; float16 (one more server start saved) on the CLIP and DINO maths in-process, loaded
+at that dtype as a worker loads them. Stated tolerances, as relative L2 error
 ``|got - want| / |want|``: 5% for bfloat16 (8 mantissa bits), 1% for float16 (11 bits). Each
 answer must also differ from float32 somewhere, which shows that the lower precision really ran.
 RMBG runs on onnxruntime, which ``--dtype`` does not change.
@@ -30,7 +31,6 @@ from tests.test_sam3_http import processor, raw_scores, sam3_checkpoint  # noqa:
 from tests.test_sam3_http import scene as sam3_scene
 
 TOLERANCE = {"bfloat16": 0.05, "float16": 0.01}
-FAMILIES = {"bfloat16": ("clip", "dino", "sam2", "sam3"), "float16": ("clip", "dino")}
 
 
 def rel_error(got: np.ndarray, want: np.ndarray) -> float:
@@ -43,9 +43,9 @@ def check(got: np.ndarray, want: np.ndarray, dtype: str) -> None:
     assert 0 < err < TOLERANCE[dtype], err  # lower precision ran, and stayed close
 
 
-@pytest.fixture(scope="module", params=["bfloat16", "float16"])
-def low_server(request, tmp_path_factory, clip_checkpoint, dino_models, sam2_checkpoint, sam3_checkpoint):  # noqa: F811
-    dtype = request.param
+@pytest.fixture(scope="module")
+def low_server(tmp_path_factory, clip_checkpoint, dino_models, sam2_checkpoint, sam3_checkpoint):  # noqa: F811
+    dtype = "bfloat16"
     _, dino_cfg, dino_weights = dino_models["dinov2_tiny14"]
     config = {
         "clip": {
@@ -70,7 +70,6 @@ def low_server(request, tmp_path_factory, clip_checkpoint, dino_models, sam2_che
             "models": [{"name": "sam3-tiny", "weights": str(sam3_checkpoint), "arch_config": str(SAM3_ARCH)}]
         },
     }
-    config = {k: v for k, v in config.items() if k in FAMILIES[dtype]}
     args = ["--api-key", KEYS[0], "--dtype", dtype]
     server = ServerProcess(config, tmp_path_factory.mktemp(f"{dtype}-server"), args)
     try:
@@ -98,8 +97,6 @@ def test_dino_features_within_tolerance(low_server, rgb_image, dino_models):  # 
 
 def test_sam2_logits_and_iou_within_tolerance(low_server, sam2_reference):  # noqa: F811
     dtype, server = low_server
-    if "sam2" not in FAMILIES[dtype]:
-        pytest.skip(f"SAM 2 runs at {dtype} in no server of this module")
     image = sam2_scene()
     prompt = {"point_coords": [[30, 20]], "point_labels": [1]}
     _, iou, low = sc.generate_sam2_prompt_masks(
@@ -112,8 +109,6 @@ def test_sam2_logits_and_iou_within_tolerance(low_server, sam2_reference):  # no
 
 def test_sam3_scores_within_tolerance(low_server, processor):  # noqa: F811
     dtype, server = low_server
-    if "sam3" not in FAMILIES[dtype]:
-        pytest.skip(f"SAM 3 runs at {dtype} in no server of this module")
     image = sam3_scene(seed=1)
     client = Sam3ServiceClient(server.url + "/sam3", api_key=KEYS[0])
     got = client.predict(image=image, prompts=["tree"], score_threshold=0, min_area=0)["results"]
@@ -121,3 +116,29 @@ def test_sam3_scores_within_tolerance(low_server, processor):  # noqa: F811
     scores = np.array([r["score"] for r in got])
     # empty masks drop out: compare the best scores, which carry the biggest masks
     check(scores[:5], want[:5], dtype)
+
+
+def test_float16_clip_and_dino_within_tolerance(rgb_image, clip_checkpoint, ref_model, dino_models):  # noqa: F811
+    import torch
+
+    from apis.clip_model import dense_features as clip_dense
+    from apis.clip_model import load_clip
+    from apis.config import ModelEntry
+    from apis.dense import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, preprocess
+    from apis.dino_model import dense_features as dino_dense
+    from apis.dino_model import load_dino
+
+    clip = ModelEntry(
+        name="clip-tiny", pretrained="testfile", weights=str(clip_checkpoint), arch_config=CLIP_ARCH
+    )
+    cm = load_clip(clip, "cpu", torch.float16)
+    x = preprocess(rgb_image, None, False, 14, "constant", CLIP_MEAN, CLIP_STD)
+    check(clip_dense(cm, x)[0].numpy(), reference_dense(ref_model, rgb_image), "float16")
+    model, cfg, weights = dino_models["dinov2_tiny14"]
+    dm = load_dino(
+        ModelEntry(name="dinov2_tiny14", weights=str(weights), arch_config=cfg), "cpu", torch.float16
+    )
+    x = preprocess(rgb_image, None, False, 14, "constant", IMAGENET_MEAN, IMAGENET_STD)
+    for facet, stride in [("token", 14), ("key", 7)]:
+        got = dino_dense(dm, x, stride, facet, -1)[0].numpy()
+        check(got, reference(model, rgb_image, stride, facet, -1), "float16")
