@@ -5,7 +5,8 @@ the float32 tests, compared over HTTP with the float32 references computed direc
 libraries; float16 (one more server start saved) on the CLIP and DINO maths in-process, loaded
 at that dtype as a worker loads them. Stated tolerances, as relative L2 error
 ``|got - want| / |want|``: 5% for bfloat16 (8 mantissa bits), 1% for float16 (11 bits). Each
-answer must also differ from float32 somewhere, which shows that the lower precision really ran.
+answer must also be more than 1e-4 away (float32 rounding differences are about 1e-6), which
+shows that the lower precision really ran.
 RMBG runs on onnxruntime, which ``--dtype`` does not change.
 """
 
@@ -40,7 +41,7 @@ def rel_error(got: np.ndarray, want: np.ndarray) -> float:
 def check(got: np.ndarray, want: np.ndarray, dtype: str) -> None:
     assert got.shape == want.shape
     err = rel_error(got.astype(np.float64), want.astype(np.float64))
-    assert 0 < err < TOLERANCE[dtype], err  # lower precision ran, and stayed close
+    assert 1e-4 < err < TOLERANCE[dtype], err  # lower precision ran (float32 rounding is ~1e-6), close
 
 
 @pytest.fixture(scope="module")
