@@ -271,12 +271,12 @@ MUTANTS = [
         "item 11: --dtype accepted and ignored",
     ),
     Mutant(
-        "rmbg: threshold 0 keeps everything",
+        "rmbg: threshold 0 gives an all-zero alpha",
         "apis/rmbg_model.py",
         "return np.where(matte > threshold, 255, 0).astype(np.uint8)",
-        "return np.where(matte > threshold, 255, 255 * (threshold == 0)).astype(np.uint8)",
-        ("tests/test_rmbg_http.py::test_alpha_equals_onnxruntime_with_the_documented_processing",),
-        "item 12: an all-opaque alpha at threshold 0",
+        "return np.where(matte > threshold, 255 * (threshold != 0), 0).astype(np.uint8)",
+        ("tests/test_rmbg_http.py::test_mask_both_webp_and_threshold_are_consistent",),
+        "item 12: an all-zero alpha at threshold 0 (the old set-of-values check passed it)",
     ),
     Mutant(
         "sam3 builder: half the attention heads",
