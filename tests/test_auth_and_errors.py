@@ -198,6 +198,8 @@ def test_bad_request_in_a_batch_does_not_fail_the_others(clip_server, rgb_image,
     """Truncated images pass the header check and fail in the worker, in the same batches as good ones."""
     truncated = b64(png_bytes(Image.fromarray(np.full((64, 64, 3), 7, np.uint8)).resize((300, 300)))[:400])
     bodies = [{"image": truncated if i % 2 else good_png, "load_size": None} for i in range(16)]
+    alone = post(clip_server, "extract", bodies[0]).json()
+    want = cc.decode_features(alone["features"], alone["shape"])
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(lambda b: post(clip_server, "extract", b), bodies))
     for i, r in enumerate(results):
@@ -205,6 +207,8 @@ def test_bad_request_in_a_batch_does_not_fail_the_others(clip_server, rgb_image,
             assert r.status_code == 400 and "truncated or corrupt" in r.json()["error"]["message"]
         else:
             assert r.status_code == 200 and r.json()["shape"] == [4, 5, 32]
+            got = cc.decode_features(r.json()["features"], r.json()["shape"])
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)  # what it answers alone
 
 
 def test_server_still_serving_after_bad_inputs(clip_url, rgb_image):

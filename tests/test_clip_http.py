@@ -11,14 +11,17 @@ import pytest
 import requests
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.functional as TF
 from PIL import Image
 
 from clients import clip_client as cc
 from tests.conftest import CLIP_ARCH, KEYS
+from tests.references import resample, svd_pca_rgb
 
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 PATCH = 14
+NUMPY_PAD = {"constant": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +76,13 @@ def seed_resize(img: Image.Image, load_size: int | None, center_crop: bool = Fal
     return img
 
 
-def reference_dense(model, img: Image.Image) -> np.ndarray:
+def reference_dense(model, img: Image.Image, padding: str = "constant") -> np.ndarray:
     """MaskCLIP dense features written out step by step on open_clip's modules, with the seed's
-    positional embedding."""
+    positional embedding; the normalised image padded bottom/right by numpy's equivalent of
+    ``padding`` (constant pads 0)."""
     x = (np.asarray(img, dtype=np.float32) / 255.0 - MEAN) / STD
     h, w = x.shape[:2]
-    x = np.pad(x, ((0, (-h) % PATCH), (0, (-w) % PATCH), (0, 0)))
+    x = np.pad(x, ((0, (-h) % PATCH), (0, (-w) % PATCH), (0, 0)), mode=NUMPY_PAD[padding])
     x = torch.from_numpy(x).permute(2, 0, 1)[None]
     v = model.visual
     with torch.no_grad():
@@ -161,12 +165,22 @@ def test_similarity_equals_the_seeds_recipe(rgb_image, ref_model, kw, case):
         (-2, False, (7, 9)),  # 90x122
         (None, False, (4, 5)),
         (100, True, (8, 8)),  # 100x100 crop, padded to 112
+        (-1, True, (4, 4)),  # 45x45 crop, padded to 56
     ],
 )
-def test_extract_shapes_for_load_size_and_crop(rgb_image, kw, load_size, center_crop, grid):
+def test_extract_load_size_and_crop_equal_torchvision_transforms(
+    rgb_image, ref_model, kw, load_size, center_crop, grid
+):
     r = cc.extract_clip_features(rgb_image, load_size=load_size, center_crop=center_crop, **kw)
     assert r["shape"] == [*grid, 32] and r["dtype"] == "float32" and r["is_pca"] is False
-    assert cc.decode_features(r["features"], r["shape"]).shape == (*grid, 32)
+    got = cc.decode_features(r["features"], r["shape"])
+    # torchvision's Resize(int) sets the shorter side; a negative load_size multiplies it
+    img = rgb_image
+    if load_size is not None:
+        img = TF.resize(img, load_size if load_size > 0 else -load_size * 45, TF.InterpolationMode.BICUBIC)
+    if center_crop:
+        img = TF.center_crop(img, min(img.size))
+    np.testing.assert_allclose(got, reference_dense(ref_model, img), rtol=1e-4, atol=1e-4)
 
 
 def test_ret_patches_false_upsamples_and_unpads_in_both_layouts(rgb_image, kw):
@@ -189,11 +203,30 @@ def test_ret_patches_false_upsamples_and_unpads_in_both_layouts(rgb_image, kw):
         .numpy()
     )
     np.testing.assert_allclose(hwc, up, rtol=1e-5, atol=1e-5)
-    near = cc.extract_clip_features_decoded(
-        rgb_image, load_size=None, ret_patches=False, interpolation_mode="nearest", **kw
+
+
+@pytest.mark.parametrize("mode", ["nearest", "nearest-exact", "bilinear", "bicubic", "area"])
+def test_every_interpolation_mode_equals_its_rule(rgb_image, kw, mode):
+    """The 4x5 grid stretched over the padded 56x70 input by the mode's rule, then cropped."""
+    patches = cc.extract_clip_features_decoded(rgb_image, load_size=None, **kw)
+    got = cc.extract_clip_features_decoded(
+        rgb_image, load_size=None, ret_patches=False, interpolation_mode=mode, **kw
     )
-    np.testing.assert_allclose(near[0, 0], patches[0, 0], rtol=1e-6)
-    assert not np.allclose(near, hwc)
+    want = resample(patches, (56, 70), mode)[:45, :61]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_ret_pca_equals_an_svd_of_the_reference_features(rgb_image, ref_model, kw):
+    """pca_niter, pca_q_min and pca_q_max in real requests, against numpy's SVD of the direct
+    open_clip features (100 power iterations make the low-rank PCA all but exact)."""
+    feats = reference_dense(ref_model, rgb_image.resize((271, 200), Image.BICUBIC))
+    for q_min, q_max in [(0.01, 0.99), (0.1, 0.8)]:
+        got = cc.extract_clip_features_decoded(
+            rgb_image, load_size=200, ret_pca=True, pca_niter=100, pca_q_min=q_min, pca_q_max=q_max, **kw
+        )
+        np.testing.assert_allclose(got, svd_pca_rgb(feats, q_min, q_max), atol=2e-3)
+    few = cc.extract_clip_features_decoded(rgb_image, load_size=200, ret_pca=True, pca_niter=1, **kw)
+    assert few.shape == (15, 20, 3) and few.min() >= 0 and few.max() <= 1
 
 
 def test_ret_pca_in_unit_range_and_deterministic(rgb_image, kw):
@@ -209,13 +242,10 @@ def test_ret_pca_in_unit_range_and_deterministic(rgb_image, kw):
     assert full.shape == (3, 200, 271)
 
 
-def test_padding_mode_changes_the_padded_input(rgb_image, kw):
-    const = cc.extract_clip_features_decoded(rgb_image, load_size=None, **kw)
-    refl = cc.extract_clip_features_decoded(rgb_image, load_size=None, padding_mode="reflect", **kw)
-    again = cc.extract_clip_features_decoded(rgb_image, load_size=None, padding_mode="constant", **kw)
-    assert refl.shape == const.shape
-    assert not np.allclose(const, refl, atol=1e-3)
-    np.testing.assert_array_equal(const, again)
+@pytest.mark.parametrize("mode", ["constant", "reflect", "replicate", "circular"])
+def test_padding_mode_equals_numpy_padding_of_the_normalised_image(rgb_image, ref_model, kw, mode):
+    got = cc.extract_clip_features_decoded(rgb_image, load_size=None, padding_mode=mode, **kw)
+    np.testing.assert_allclose(got, reference_dense(ref_model, rgb_image, mode), rtol=1e-4, atol=1e-4)
 
 
 def test_float16_output_halves_bytes_and_matches(rgb_image, kw):
@@ -274,15 +304,27 @@ def test_encode_text_equals_direct_and_is_normalised(ref_model, kw):
     assert np.linalg.norm(emb) == pytest.approx(1.0, abs=1e-5)
 
 
+def batch_counts(server, counter: str, route: str) -> dict[int, int]:
+    """{batch size: batches of that size so far} of the one worker's ``counter``."""
+    info = requests.get(server.url + "/info", headers={"Authorization": f"Bearer {KEYS[0]}"}).json()
+    sizes = info["families"]["clip"]["workers"][0][counter].get(route, {})
+    return {int(k): v for k, v in sizes.items()}
+
+
+def grew_with_size_above_one(before: dict[int, int], after: dict[int, int]) -> bool:
+    """Whether batches larger than one were added between the two readings."""
+    return any(n > 1 and after[n] > before.get(n, 0) for n in after)
+
+
 def test_concurrent_encode_text_runs_as_batches(clip_server, ref_model, kw):
     texts = [f"object number {i}" for i in range(24)]
+    before = batch_counts(clip_server, "batch_sizes", "encode_text")
     with ThreadPoolExecutor(24) as pool:
         embs = list(pool.map(lambda t: cc.encode_clip_text_decoded(t, **kw), texts))
+    after = batch_counts(clip_server, "batch_sizes", "encode_text")
     for t, e in zip(texts[:3], embs[:3], strict=True):
         np.testing.assert_allclose(e, reference_text(ref_model, t), rtol=1e-4, atol=1e-5)
-    info = requests.get(clip_server.url + "/info", headers={"Authorization": f"Bearer {KEYS[0]}"}).json()
-    sizes = info["families"]["clip"]["workers"][0]["batch_sizes"]["encode_text"]
-    assert max(int(s) for s in sizes) > 1, sizes
+    assert grew_with_size_above_one(before, after), (before, after)
 
 
 def test_spellings_share_one_loaded_instance(clip_server, rgb_image, kw):
@@ -329,26 +371,57 @@ def test_similarity_softmax_does_not_overflow(rgb_image, kw):
 
 
 def test_similarity_full_resolution_cosine_and_negatives(rgb_image, ref_model, kw):
-    full = cc.compute_clip_similarity_decoded(rgb_image, "a cat", load_size=None, ret_patches=False, **kw)
-    assert full.shape == (45, 61) and full.sum() == pytest.approx(1.0, abs=1e-4)
+    """Full resolution: the raw patch map upsampled (bilinear by default) over the padded input,
+    cropped, then the spatial softmax (default temperature 1) over every pixel."""
+    raw = reference_dense(ref_model, rgb_image) @ reference_text(ref_model, "a cat")
+    for mode, temperature in [("bilinear", 1.0), ("nearest", 5.0)]:
+        full = cc.compute_clip_similarity_decoded(
+            rgb_image,
+            "a cat",
+            load_size=None,
+            ret_patches=False,
+            interpolation_mode=mode,
+            **({"softmax": temperature} if temperature != 1.0 else {}),
+            **kw,
+        )
+        up = resample(raw[..., None], (56, 70), mode)[:45, :61, 0]
+        z = np.exp(temperature * (up - up.max()))
+        assert full.shape == (45, 61)
+        np.testing.assert_allclose(full, z / z.sum(), rtol=1e-3, atol=1e-8)
     cos = cc.compute_clip_similarity_decoded(
         rgb_image, "a cat", load_size=None, softmax=0, similarity="cosine", **kw
     )
     feats = reference_dense(ref_model, rgb_image)
     want = (feats / np.linalg.norm(feats, axis=-1, keepdims=True)) @ reference_text(ref_model, "a cat")
     np.testing.assert_allclose(cos, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("temperature", [None, 3.0])
+def test_relevancy_equals_the_lerf_formula(rgb_image, ref_model, kw, temperature):
+    """LERF: for each negative, softmax over (positive, negative) cosine x temperature, keep the
+    positive's share; the answer is the smallest share over the negatives."""
+    negatives = ["object", "stuff", "things"]
+    extra = {} if temperature is None else {"relevancy_temperature": temperature}
     rel = cc.compute_clip_similarity_decoded(
-        rgb_image, "a cat", load_size=None, negatives=["object", "stuff"], **kw
+        rgb_image, "a cat", load_size=None, negatives=negatives, softmax=2.0, similarity="dot", **extra, **kw
     )
-    assert rel.shape == (4, 5) and rel.min() >= 0 and rel.max() <= 1
+    feats = reference_dense(ref_model, rgb_image).astype(np.float64)
+    feats /= np.linalg.norm(feats, axis=-1, keepdims=True)
+    t = 10.0 if temperature is None else temperature
+    pos = t * feats @ reference_text(ref_model, "a cat")
+    shares = [
+        np.exp(pos) / (np.exp(pos) + np.exp(t * feats @ reference_text(ref_model, n))) for n in negatives
+    ]
+    assert rel.shape == (4, 5)
+    np.testing.assert_allclose(rel, np.min(shares, axis=0), rtol=1e-4, atol=1e-5)
 
 
 def test_concurrent_extracts_of_one_size_share_a_forward(clip_server, rgb_image, ref_model, kw):
     imgs = [Image.fromarray(np.roll(np.asarray(rgb_image), i, axis=0)) for i in range(10)]
+    before = batch_counts(clip_server, "forward_batch_sizes", "extract")
     with ThreadPoolExecutor(10) as pool:
         outs = list(pool.map(lambda im: cc.extract_clip_features_decoded(im, load_size=None, **kw), imgs))
+    after = batch_counts(clip_server, "forward_batch_sizes", "extract")
     for im, out in list(zip(imgs, outs, strict=True))[:3]:
         np.testing.assert_allclose(out, reference_dense(ref_model, im), rtol=1e-4, atol=1e-4)
-    info = requests.get(clip_server.url + "/info", headers={"Authorization": f"Bearer {KEYS[0]}"}).json()
-    sizes = info["families"]["clip"]["workers"][0]["forward_batch_sizes"]["extract"]
-    assert max(int(s) for s in sizes) > 1, sizes
+    assert grew_with_size_above_one(before, after), (before, after)

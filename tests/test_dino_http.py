@@ -21,6 +21,7 @@ from PIL import Image
 
 from clients import dino_client as dc
 from tests.conftest import KEYS, ServerProcess
+from tests.references import resample, svd_pca_rgb
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -102,13 +103,15 @@ def model_input(img: Image.Image) -> torch.Tensor:
 
 
 def hub_pos_embed(pos: torch.Tensor, native: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
-    """torch.hub DINOv2 (no registers): scale factor (g + 0.1) / M, bicubic, no antialias."""
+    """torch.hub DINOv2 (no registers), written from its rule: the M x M table is resized with
+    ``scale_factor = (g + 0.1) / M`` (so the output is g cells and the sampling positions are
+    ``(o + 0.5) * M / (g + 0.1) - 0.5``), bicubic without antialias; numpy, not F.interpolate."""
     if grid == native:
         return pos
-    table = pos[:, 1:].reshape(1, *native, -1).permute(0, 3, 1, 2)
-    scale = ((grid[0] + 0.1) / native[0], (grid[1] + 0.1) / native[1])
-    table = F.interpolate(table, scale_factor=scale, mode="bicubic", antialias=False)
-    return torch.cat([pos[:, :1], table.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)], dim=1)
+    table = pos[0, 1:].reshape(*native, -1).numpy()
+    inv = (native[0] / (grid[0] + 0.1), native[1] / (grid[1] + 0.1))
+    table = torch.from_numpy(resample(table, grid, "bicubic", inv)).float()
+    return torch.cat([pos[:, :1], table.reshape(1, grid[0] * grid[1], -1)], dim=1)
 
 
 def reference(
@@ -151,22 +154,29 @@ def seed_order(qkv: torch.Tensor, heads: int, facet: str) -> torch.Tensor:
 
 
 def log_bin_loops(f: np.ndarray) -> np.ndarray:
-    """Log-binning (hierarchy 2) as the dino-vit-features paper describes it, one cell at a time."""
+    """Log-binning (hierarchy 2) as the dino-vit-features paper describes it, one cell at a time
+    in numpy: level 0 the 3x3 neighbour cells, level 1 the 8 cells at offsets of 3, each the mean
+    of the 3x3 window around it over the positions inside the grid; a neighbour off the grid
+    takes the nearest edge cell's value."""
     h, w, d = f.shape
-    x = torch.from_numpy(np.array(f)).permute(2, 0, 1)[None]
-    pools = [x, F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)]
+
+    def mean3(i: int, j: int) -> np.ndarray:
+        rows = range(max(i - 1, 0), min(i + 2, h))
+        cols = range(max(j - 1, 0), min(j + 2, w))
+        return np.mean([f[r, c] for r in rows for c in cols], axis=0)
+
     out = np.zeros((h, w, 17 * d), dtype=np.float32)
     for y in range(h):
-        for xx in range(w):
-            part = 0
-            for k, size in enumerate((1, 3)):
-                for i in (y - size, y, y + size):
-                    for j in (xx - size, xx, xx + size):
-                        if k and i == y and j == xx:
+        for x in range(w):
+            parts = []
+            for level, step in enumerate((1, 3)):
+                for i in (y - step, y, y + step):
+                    for j in (x - step, x, x + step):
+                        if level and (i, j) == (y, x):
                             continue
                         i2, j2 = min(max(i, 0), h - 1), min(max(j, 0), w - 1)
-                        out[y, xx, part * d : (part + 1) * d] = pools[k][0, :, i2, j2].numpy()
-                        part += 1
+                        parts.append(f[i2, j2] if level == 0 else mean3(i2, j2))
+            out[y, x] = np.concatenate(parts)
     return out
 
 
@@ -224,11 +234,16 @@ def test_positional_interpolation_is_the_hubs_not_timms(rgb_image, dino_models, 
     )
 
 
-def test_log_binning_equals_the_per_cell_definition(rgb_image, kw):
-    plain = dc.extract_dino_features_decoded(rgb_image, model_type="dinov2_tiny14", stride=7, **kw)
-    binned = dc.extract_dino_features_decoded(rgb_image, model_type="dinov2_tiny14", stride=7, bin=True, **kw)
-    assert binned.shape == (7, 9, 17 * DIM)
-    np.testing.assert_allclose(binned, log_bin_loops(plain), rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize(("stride", "facet"), [(7, "token"), (14, "key")])
+def test_log_binning_equals_the_per_cell_definition(rgb_image, dino_models, kw, stride, facet):
+    """Binned features against the per-cell definition applied to timm's own features."""
+    model = dino_models["dinov2_tiny14"][0]
+    binned = dc.extract_dino_features_decoded(
+        rgb_image, model_type="dinov2_tiny14", stride=stride, facet=facet, bin=True, **kw
+    )
+    want = log_bin_loops(reference(model, rgb_image, stride, facet, -1))
+    assert binned.shape == want.shape == ((7, 9) if stride == 7 else (4, 5)) + (17 * DIM,)
+    np.testing.assert_allclose(binned, want, rtol=1e-4, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -268,12 +283,28 @@ def test_layouts_and_upsampling_agree(rgb_image, kw):
     np.testing.assert_allclose(hwc, up[0, :, :45, :61].permute(1, 2, 0).numpy(), rtol=1e-5, atol=1e-5)
 
 
-def test_pca_is_deterministic_and_in_unit_range(rgb_image, kw):
+@pytest.mark.parametrize("mode", ["nearest", "nearest-exact", "bilinear", "bicubic", "area"])
+def test_upsampling_a_stride_7_grid_follows_each_modes_rule(rgb_image, kw, mode):
+    """7x9 cells over 56x70 pixels: scales of 8 and 7.8, where the modes' conventions differ."""
+    args = {"model_type": "dinov2_tiny14", "stride": 7}
+    grid = dc.extract_dino_features_decoded(rgb_image, **args, **kw)
+    got = dc.extract_dino_features_decoded(
+        rgb_image, ret_patches=False, interpolation_mode=mode, **args, **kw
+    )
+    np.testing.assert_allclose(got, resample(grid, (56, 70), mode)[:45, :61], rtol=1e-5, atol=1e-5)
+
+
+def test_pca_is_deterministic_and_equals_an_svd_of_timm_features(rgb_image, dino_models, kw):
     a = dc.extract_dino_features(rgb_image, ret_pca=True, stride=7, **kw)
     b = dc.extract_dino_features(rgb_image, ret_pca=True, stride=7, **kw)
     assert a["features"] == b["features"] and a["is_pca"] is True
     x = dc.decode_features(a["features"], a["shape"])
     assert x.shape == (7, 9, 3) and x.min() >= 0 and x.max() <= 1 and x.std() > 0.05
+    feats = reference(dino_models["dinov2_tiny14"][0], rgb_image, 7, "token", -1)
+    exact = dc.extract_dino_features_decoded(
+        rgb_image, ret_pca=True, stride=7, pca_niter=100, pca_q_min=0.05, pca_q_max=0.9, **kw
+    )
+    np.testing.assert_allclose(exact, svd_pca_rgb(feats, 0.05, 0.9), atol=5e-3)
 
 
 def test_defaults_spelling_and_image_path(rgb_image, image_root, kw):
@@ -288,14 +319,20 @@ def test_defaults_spelling_and_image_path(rgb_image, image_root, kw):
 
 def test_concurrent_equal_shapes_run_as_one_forward(dino_server, rgb_image, dino_models, kw):
     imgs = [Image.fromarray(np.roll(np.asarray(rgb_image), i, axis=1)) for i in range(12)]
+
+    def batches() -> dict[int, int]:
+        info = requests.get(dino_server.url + "/info", headers={"Authorization": f"Bearer {KEYS[0]}"})
+        sizes = info.json()["families"]["dino"]["workers"][0]["forward_batch_sizes"].get("extract", {})
+        return {int(k): v for k, v in sizes.items()}
+
+    before = batches()
     with ThreadPoolExecutor(12) as pool:
         outs = list(pool.map(lambda im: dc.extract_dino_features_decoded(im, facet="key", **kw), imgs))
+    after = batches()
     model = dino_models["dinov2_tiny14"][0]
     for im, out in list(zip(imgs, outs, strict=True))[:3]:
         np.testing.assert_allclose(out, reference(model, im, 14, "key", -1), rtol=1e-4, atol=1e-4)
-    info = requests.get(dino_server.url + "/info", headers={"Authorization": f"Bearer {KEYS[0]}"}).json()
-    sizes = info["families"]["dino"]["workers"][0]["forward_batch_sizes"]["extract"]
-    assert max(int(s) for s in sizes) > 1, sizes
+    assert any(n > 1 and after[n] > before.get(n, 0) for n in after), (before, after)  # this test's batches
 
 
 # ----------------------------------------------------------------------------- errors

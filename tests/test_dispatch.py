@@ -33,33 +33,34 @@ def test_zero_window_takes_what_is_there_up_to_the_limit():
     for i in range(6):
         send(server, i)
     t0 = time.monotonic()
-    assert [job for _, _, job in link.collect(4, 0.0, 1.0)] == ["job-0", "job-1", "job-2", "job-3"]
-    assert time.monotonic() - t0 < 0.05
+    assert [job for _, _, job in link.collect(4, 0.0, 30.0)] == ["job-0", "job-1", "job-2", "job-3"]
+    assert time.monotonic() - t0 < 15  # did not wait out the 30 s idle wait
     assert [job for _, _, job in link.collect(4, 0.0, 1.0)] == ["job-4", "job-5"]
 
 
 def test_window_opens_at_the_first_arrival():
-    for window, expected in ((0.15, 2), (0.0, 1)):
+    for window, expected in ((1.0, 2), (0.0, 1)):
         server, link = link_pair()
 
         def later(server=server):
-            time.sleep(0.2)
+            time.sleep(1.5)
             send(server, 0)
-            time.sleep(0.03)
+            time.sleep(0.05)
             send(server, 1)
 
-        # the first request comes 0.2 s after the worker started waiting, later than a 0.15 s
-        # window timed from when the worker became free would last; the second is still gathered
+        # the first request comes 1.5 s after the worker started waiting, later than a 1 s
+        # window timed from when the worker became free would last; the second (0.05 s after
+        # the first, a 20x margin inside the window) is still gathered
         threading.Thread(target=later).start()
-        assert len(link.collect(8, window, 1.0)) == expected
-        time.sleep(0.1)
+        assert len(link.collect(8, window, 10.0)) == expected
+        time.sleep(0.2)
 
 
 def test_idle_wait_returns_nothing_and_a_closed_server_ends_the_worker():
     server, link = link_pair()
     t0 = time.monotonic()
-    assert link.collect(4, 0.0, 0.05) == []
-    assert 0.04 < time.monotonic() - t0 < 0.5
+    assert link.collect(4, 0.0, 0.5) == []
+    assert 0.45 < time.monotonic() - t0 < 15  # waited its idle time, and returned
     server.close()
     with pytest.raises(EOFError):
         link.collect(4, 0.0, 1.0)
@@ -159,12 +160,12 @@ def test_dispatcher_balances_fails_a_dead_workers_requests_and_waits_for_a_resta
             slow.die()
             died = await held
             assert died.status == 500 and orjson.loads(died.body)["error"]["code"] == "worker_died"
-            assert time.monotonic() - t0 < 0.2
+            assert time.monotonic() - t0 < 5  # at once, not after a timeout
 
             # no worker: a request waits for one to connect, up to the queue timeout
             t0 = time.monotonic()
             lost = await d.submit("lost")
-            assert lost.status == 504 and 0.45 < time.monotonic() - t0 < 1.0
+            assert lost.status == 504 and 0.45 < time.monotonic() - t0 < 15
             waiting = asyncio.ensure_future(d.submit("restarted"))
             await asyncio.sleep(0.1)
             FakeWorker(d.address, 0)

@@ -18,7 +18,6 @@ import io
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import threading
@@ -361,6 +360,13 @@ def server(tmp_path_factory, roots):
         proc.stop()
 
 
+@pytest.fixture(scope="module")
+def first_answers(server) -> dict[str, dict]:
+    """Each route's answer to its good body before any bad input was sent (the demo models are
+    deterministic, so later answers must be the same)."""
+    return {route: send(server.url, route, body).json() for route, body in ROUTES.items()}
+
+
 def server_errors(url: str) -> int:
     info = requests.get(url + "/info", headers=auth(), timeout=10).json()
     return sum(c.get("server_error", 0) for f in info["families"].values() for c in f["requests"].values())
@@ -377,7 +383,7 @@ def test_the_matrix_is_big_enough():
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_bad_input_gets_a_4xx_that_says_what_to_fix(server, case):
+def test_bad_input_gets_a_4xx_that_says_what_to_fix(server, first_answers, case):
     route, change, status, words = CASES[case]
     r = send(server.url, route, body_of(route, change))
     if status == 4:  # a 400 or a 422, depending on where the check lives
@@ -390,9 +396,10 @@ def test_bad_input_gets_a_4xx_that_says_what_to_fix(server, case):
 
 
 @pytest.mark.parametrize("route", ROUTES)
-def test_every_route_answers_after_the_matrix_and_no_5xx_was_counted(server, route):
+def test_every_route_answers_after_the_matrix_and_no_5xx_was_counted(server, first_answers, route):
     r = send(server.url, route, ROUTES[route])
     assert r.status_code == 200, r.text
+    assert r.json() == first_answers[route]  # the same answer as before the bad inputs
     assert server_errors(server.url) == 0
 
 
@@ -448,6 +455,8 @@ def test_unusual_but_valid_images_are_answered_at_their_decoded_size(server, kin
     assert sam3.json()["image_size"] == {"width": w, "height": h}
     feats = send(server.url, "dino/extract", {"image": b64(data), "load_size": 28})
     assert feats.status_code == 200, feats.text
+    rw, rh = (28, int(28 * h / w)) if w <= h else (int(28 * w / h), 28)  # shorter side -> 28
+    assert feats.json()["shape"][:2] == [-(-rh // 14), -(-rw // 14)]  # padded to multiples of 14
 
 
 # --------------------------------------------------------------------------- auth
@@ -474,11 +483,12 @@ def test_every_route_refuses_a_bad_key_before_reading_the_body(server, route, ca
 
 
 @pytest.mark.parametrize("route", ROUTES)
-def test_any_configured_key_works_and_surrounding_spaces_are_trimmed(server, route):
+def test_any_configured_key_works_and_surrounding_spaces_are_trimmed(server, first_answers, route):
     r = requests.post(
         f"{server.url}/{route}", json=ROUTES[route], headers={"Authorization": f"Bearer  {KEYS[1]}  "}
     )
     assert r.status_code == 200, r.text
+    assert r.json() == first_answers[route]
 
 
 def test_a_header_too_big_for_the_http_parser_is_refused_not_crashed(server):
@@ -911,8 +921,10 @@ def _tree_rss(pid: int) -> int:
     return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
 
 
+@pytest.mark.soak
 def test_mixed_routes_soak_at_concurrency_32(server):
-    """Every route in turn, 32 clients, SOAK_SECONDS: no errors, server RSS flat after warm-up."""
+    """Every route in turn, 32 clients, SOAK_SECONDS: no errors, server RSS flat after warm-up.
+    Opt-in (``pytest -m soak``); the latencies it prints are a measurement, not a pass mark."""
     bodies = [(route, json.dumps(body)) for route, body in ROUTES.items()]
     latencies: dict[str, list[float]] = {route: [] for route in ROUTES}
     failures: list[str] = []
@@ -966,4 +978,3 @@ def test_mixed_routes_soak_at_concurrency_32(server):
     assert not failures, failures[:5]
     assert all(len(lat) > 0 for lat in latencies.values())
     assert rss_after < rss_before * 1.05
-    assert statistics.median(latencies["clip/encode_text"]) < 30

@@ -60,9 +60,8 @@ def test_generated_key_demo_config_inputs_off_and_clean_sigterm(tmp_path, rgb_im
         pids = [w["pid"] for w in info["families"]["clip"]["workers"]]
         assert pids and all(alive(p) for p in pids)
     finally:
-        t0 = time.monotonic()
-        code = server.stop(timeout=10)
-    assert time.monotonic() - t0 < 10 and code == 0, server.log()
+        code = server.stop(timeout=60)  # past that, SIGKILL: a non-zero code
+    assert code == 0, server.log()
     time.sleep(0.5)
     assert not any(alive(p) for p in pids), "orphaned worker processes"
     assert port_free(server.port)
@@ -88,7 +87,7 @@ def test_no_auth_and_a_worker_killed_mid_request(tmp_path, rgb_image):
             os.kill(pid, signal.SIGKILL)
             t0 = time.monotonic()
             r = pending.result()
-        assert time.monotonic() - t0 < 5
+        assert time.monotonic() - t0 < 20  # well before the 30 s client timeout: not a hang
         assert r.status_code == 500 and r.json()["error"]["code"] == "worker_died"
         server.wait_ready(60)
         deadline = time.monotonic() + 60

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import requests
 import torch
-import torch.nn.functional as F
 from pycocotools import mask as coco_mask
 
 from clients import sam2_client as sc
@@ -120,6 +119,12 @@ PROMPTS = {
     "box and points": {"box": [10, 10, 60, 50], "point_coords": [[30, 30]], "point_labels": [1]},
     "single mask": {"point_coords": [[50, 40]], "point_labels": [1], "multimask_output": False},
     "logits": {"point_coords": [[50, 40]], "point_labels": [1], "return_logits": True},
+    "normalised coordinates": {
+        "point_coords": [[30 / 96, 20 / 72]],
+        "point_labels": [1],
+        "box": [0.1, 0.1, 0.6, 0.7],
+        "normalize_coords": False,
+    },
 }
 
 
@@ -160,32 +165,42 @@ def test_follow_up_with_the_previous_low_res_mask(reference, kw):
     assert not np.allclose(without[2], got[2])  # the mask prompt mattered
 
 
-def fill_like_sam2(low_res: np.ndarray, hole: float, sprinkle: float, hw, thr: float = 0.0) -> np.ndarray:
-    """sam2's post-processing written with OpenCV: fill small background regions, drop small
-    foreground ones (8-connected, on the low-res logits), upsample, threshold."""
-    out = low_res.copy()
-    for i, m in enumerate(low_res):
-        for select, area, value in ((m <= thr, hole, thr + 10.0), (m > thr, sprinkle, thr - 10.0)):
-            if area <= 0:
-                continue
-            n, lab, stats, _ = cv2.connectedComponentsWithStats(select.astype(np.uint8), connectivity=8)
-            small = (lab > 0) & (stats[lab, cv2.CC_STAT_AREA] <= area)
-            out[i][small] = value
-    up = F.interpolate(torch.from_numpy(out)[None], size=hw, mode="bilinear", align_corners=False)[0]
-    return (up > thr).float().numpy()
+def test_hole_and_sprinkle_filling_equal_the_library_predictor(kw, sam2_checkpoint, monkeypatch):
+    """sam2's own ``SAM2ImagePredictor(max_hole_area=..., max_sprinkle_area=...)``, its CUDA
+    connected-components kernel stood in for by OpenCV, on the same weights."""
+    import sam2.utils.misc
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
 
-
-def test_hole_and_sprinkle_filling_work_on_cpu(kw):
+    monkeypatch.setattr(sam2.utils.misc, "get_connected_components", kernel_on_cpu)
     image = scene(seed=5)
     prompt = {"point_coords": [[40, 30]], "point_labels": [1]}
     plain = sc.generate_sam2_prompt_masks(image=encode_image(image), **prompt, **kw)
-    filled = sc.generate_sam2_prompt_masks(
-        image=encode_image(image), max_hole_area=40, max_sprinkle_area=10, **prompt, **kw
-    )
-    np.testing.assert_array_equal(filled[2], plain[2])  # low-res logits are returned unfilled
-    assert not np.array_equal(filled[0], plain[0])  # ... but the masks changed
-    want = fill_like_sam2(plain[2], 40, 10, (72, 96))
-    assert np.mean(filled[0] != want) < 1e-3
+    for hole, sprinkle in [(40, 10), (0, 25), (15, 0)]:
+        filled = sc.generate_sam2_prompt_masks(
+            image=encode_image(image), max_hole_area=hole, max_sprinkle_area=sprinkle, **prompt, **kw
+        )
+        np.testing.assert_array_equal(filled[2], plain[2])  # low-res logits are returned unfilled
+        assert not np.array_equal(filled[0], plain[0])  # ... but the masks changed
+        pred = SAM2ImagePredictor(
+            build_tiny(str(sam2_checkpoint)), max_hole_area=hole, max_sprinkle_area=sprinkle
+        )
+        s = pred.model.image_size
+        pred._bb_feat_sizes = [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]
+        assert_same_answer(filled, direct(pred, image, **prompt))
+
+
+def test_mask_threshold_equals_the_library_predictors(kw, sam2_checkpoint):
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    image = scene(seed=4)
+    prompt = {"point_coords": [[50, 40]], "point_labels": [1]}
+    got = sc.generate_sam2_prompt_masks(image=encode_image(image), mask_threshold=1.5, **prompt, **kw)
+    pred = SAM2ImagePredictor(build_tiny(str(sam2_checkpoint)), mask_threshold=1.5)
+    s = pred.model.image_size
+    pred._bb_feat_sizes = [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]
+    assert_same_answer(got, direct(pred, image, **prompt))
+    default = sc.generate_sam2_prompt_masks(image=encode_image(image), **prompt, **kw)
+    assert default[0].sum() > got[0].sum()  # a higher threshold keeps fewer pixels
 
 
 def test_second_prompt_on_an_image_skips_the_encoder(sam2_server, kw):
@@ -402,6 +417,95 @@ def test_min_mask_region_area_works_as_with_sam2s_kernel(kw, sam2_checkpoint, mo
             assert m["predicted_iou"] == pytest.approx(w["predicted_iou"], abs=1e-4)
         areas[area] = sorted(m["area"] for m in r["masks"])
     assert areas[0] != areas[30]
+
+
+#: The presets as README/SPEC state them (not read from the server): what the library gets.
+PRESET_VALUES = {
+    "coarse": {
+        "points_per_side": 16,
+        "points_per_batch": 64,
+        "pred_iou_thresh": 0.8,
+        "stability_score_thresh": 0.95,
+        "stability_score_offset": 1.0,
+        "crop_n_layers": 0,
+        "crop_n_points_downscale_factor": 1,
+        "min_mask_region_area": 100,
+        "use_m2m": False,
+    },
+    "fine_grained": {
+        "points_per_side": 64,
+        "points_per_batch": 128,
+        "pred_iou_thresh": 0.7,
+        "stability_score_thresh": 0.92,
+        "stability_score_offset": 0.7,
+        "crop_n_layers": 1,
+        "crop_n_points_downscale_factor": 2,
+        "min_mask_region_area": 25,
+        "use_m2m": True,
+    },
+}
+COMMON_VALUES = {
+    "mask_threshold": 0.0,
+    "box_nms_thresh": 0.7,
+    "crop_nms_thresh": 0.7,
+    "crop_overlap_ratio": 512 / 1500,
+    "multimask_output": True,
+}
+GRID = [[x, y] for x in (0.2, 0.5, 0.8) for y in (0.3, 0.7)]
+AUTO_CASES = {
+    "coarse defaults, small grid": ("coarse", {"points_per_side": 8}, "binary_mask"),
+    "fine_grained defaults, small grid": ("fine_grained", {"points_per_side": 2}, "binary_mask"),
+    "coarse, default NMS": ("coarse", {"points_per_side": 8, **LOOSE}, "uncompressed_rle"),
+    "fine_grained crops and m2m": ("fine_grained", {"points_per_side": 4, **LOOSE}, "coco_rle"),
+    "coarse point_grids": ("coarse", {"point_grids": [GRID], **LOOSE}, "binary_mask"),
+    "thresholds and offsets": (
+        "coarse",
+        {"points_per_side": 6, "pred_iou_thresh": 0.5, "stability_score_offset": 0.5, "mask_threshold": 0.3}
+        | {"stability_score_thresh": 0.2, "box_nms_thresh": 0.5, "multimask_output": False},
+        "coco_rle",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", AUTO_CASES)
+def test_auto_mask_equals_the_library_generator_field_by_field(kw, sam2_checkpoint, monkeypatch, case):
+    """Every output field against ``SAM2AutomaticMaskGenerator`` given the documented preset
+    values plus the request's overrides, in the same output mode."""
+    import sam2.utils.misc
+    from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+
+    preset, overrides, mode = AUTO_CASES[case]
+    image = scene(seed=2)
+    r = sc.generate_sam2_auto_masks(
+        image=encode_image(image), preset=preset, output_mode=mode, **overrides, **kw
+    )
+    monkeypatch.setattr(sam2.utils.misc, "get_connected_components", kernel_on_cpu)
+    settings = {**PRESET_VALUES[preset], **COMMON_VALUES, **overrides}
+    if "point_grids" in overrides:
+        settings["points_per_side"] = None
+        settings["point_grids"] = [np.array(g) for g in overrides["point_grids"]]
+    model = build_tiny(str(sam2_checkpoint))
+    amg = SAM2AutomaticMaskGenerator(model, output_mode=mode, **settings)
+    s = model.image_size
+    amg.predictor._bb_feat_sizes = [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]
+    try:
+        want = amg.generate(image)
+    except IndexError:  # sam2 1.1.0 fails on crops when no mask is kept anywhere
+        want = []
+    assert r["num_masks"] == len(want), (r["num_masks"], len(want))
+    if overrides.get("pred_iou_thresh") == 0.0:
+        assert want, "a case meant to keep masks kept none"
+    for m, w in zip(r["masks"], want, strict=True):
+        assert m["area"] == w["area"]
+        np.testing.assert_allclose(m["bbox"], w["bbox"], atol=1e-6)
+        assert m["predicted_iou"] == pytest.approx(w["predicted_iou"], abs=1e-4)
+        assert m["stability_score"] == pytest.approx(w["stability_score"], abs=1e-4)
+        np.testing.assert_allclose(m["point_coords"], w["point_coords"], atol=1e-4)
+        assert m["crop_box"] == w["crop_box"]
+        if mode == "binary_mask":
+            np.testing.assert_array_equal(sc.decode_segmentation(m), w["segmentation"])
+        else:
+            assert m["segmentation"] == w["segmentation"]
 
 
 def test_point_grids_replace_points_per_side(kw):

@@ -20,18 +20,42 @@ from tests.conftest import ROOT, ServerProcess
 TINY = ROOT / "configs" / "models" / "sam3-tiny.json"
 
 
+def _settings(model: torch.nn.Module) -> dict[str, dict]:
+    """Every module's plain settings (heads, window sizes, dropout, eps, flags...): what a
+    constructor argument changes when it keeps every parameter's shape."""
+    plain = (int, float, bool, str, type(None))
+    out = {}
+    for name, m in model.named_modules():
+        out[name] = {
+            k: v
+            for k, v in vars(m).items()
+            if k != "training"
+            and (isinstance(v, plain) or (isinstance(v, tuple) and all(isinstance(x, plain) for x in v)))
+        }
+    return out
+
+
 def test_default_architecture_is_the_released_one():
-    """Same parameter names and shapes as sam3's own builder, so facebook/sam3's sam3.pt loads."""
+    """Same parameter names and shapes as sam3's own builder, so facebook/sam3's sam3.pt loads,
+    and the same settings in every module (a constructor argument that keeps shapes)."""
     from sam3.model_builder import build_sam3_image_model
 
     sam3_compat.install()  # the library's builder allocates on "cuda" otherwise
     lib = build_sam3_image_model(bpe_path=sam3_compat.bpe_path(), device="cpu", load_from_HF=False)
     want = {k: tuple(v.shape) for k, v in lib.state_dict().items()}
+    want_settings = _settings(lib)
     del lib
     gc.collect()
-    got = {k: tuple(v.shape) for k, v in build_sam3_image(Sam3Arch()).state_dict().items()}
+    ours = build_sam3_image(Sam3Arch())
+    got = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
     assert len(got) > 1000
     assert got == want
+    got_settings = _settings(ours)
+    assert got_settings.keys() == want_settings.keys()
+    differ = {
+        k: (got_settings[k], want_settings[k]) for k in got_settings if got_settings[k] != want_settings[k]
+    }
+    assert not differ, list(differ.items())[:3]
 
 
 def test_checkpoints_that_do_not_fit_are_refused(tmp_path):

@@ -11,6 +11,7 @@ import zlib
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image, ImageFile
 
@@ -27,6 +28,7 @@ from apis.sam2_api import Sam2PromptRequest
 from apis.sam2_model import connected_components, variant_name
 from apis.server import FAMILIES
 from tests.conftest import ROOT
+from tests.references import svd_pca_rgb
 
 
 @pytest.mark.parametrize(
@@ -44,11 +46,22 @@ def test_load_size_rule(size, load_size, want):
     assert resized_size(*size, load_size) == want
 
 
-def test_pca_is_deterministic_scaled_and_sign_fixed():
+def test_pca_equals_numpy_svd_up_to_the_documented_sign_and_scaling():
+    for seed in range(4):  # each component's sign is a coin toss without the rule: 12 tosses
+        rng = np.random.default_rng(seed)
+        # three strong directions plus noise: the low-rank iteration converges to the exact ones
+        basis = np.linalg.qr(rng.normal(size=(16, 3)))[0].T
+        coeff = rng.normal(size=(99, 3)) * [10.0, 5.0, 2.5]
+        feats = (coeff @ basis + 0.01 * rng.normal(size=(99, 16))).reshape(9, 11, 16)
+        for q_min, q_max in [(0.01, 0.99), (0.2, 0.7), (0.0, 1.0)]:
+            got = pca_rgb(torch.from_numpy(feats).float(), 5, q_min, q_max).numpy()
+            np.testing.assert_allclose(got, svd_pca_rgb(feats, q_min, q_max), atol=1e-3)
+
+
+def test_pca_is_deterministic_whatever_the_global_seed():
     feats = torch.randn(9, 11, 16)
     a, b = pca_rgb(feats, 5, 0.01, 0.99), pca_rgb(feats.clone(), 5, 0.01, 0.99)
     assert a.shape == (9, 11, 3) and torch.equal(a, b)
-    assert a.min() >= 0 and a.max() <= 1
     torch.manual_seed(123)  # the global RNG state must not matter
     torch.testing.assert_close(pca_rgb(feats, 5, 0.01, 0.99), a)
 
@@ -113,7 +126,17 @@ def test_bearer_check():
 def test_dino_hub_names_map_to_timm_architectures():
     assert architecture(ModelEntry(name="dinov2_vitl14"))[0] == "vit_large_patch14_dinov2.lvd142m"
     assert architecture(ModelEntry(name="DINOv2-ViTg14-reg"))[0] == "vit_giant_patch14_reg4_dinov2.lvd142m"
-    assert len(HUB_TO_TIMM) == 8
+    assert HUB_TO_TIMM == {  # the eight torch.hub entry points, spelled out
+        "dinov2_vits14": "vit_small_patch14_dinov2.lvd142m",
+        "dinov2_vitb14": "vit_base_patch14_dinov2.lvd142m",
+        "dinov2_vitl14": "vit_large_patch14_dinov2.lvd142m",
+        "dinov2_vitg14": "vit_giant_patch14_dinov2.lvd142m",
+        "dinov2_vits14_reg": "vit_small_patch14_reg4_dinov2.lvd142m",
+        "dinov2_vitb14_reg": "vit_base_patch14_reg4_dinov2.lvd142m",
+        "dinov2_vitl14_reg": "vit_large_patch14_reg4_dinov2.lvd142m",
+        "dinov2_vitg14_reg": "vit_giant_patch14_reg4_dinov2.lvd142m",
+    }
+    assert set(HUB_TO_TIMM.values()) <= set(timm.list_pretrained("*dinov2*"))  # names timm knows
     with pytest.raises(ValueError, match="use a torch.hub name"):
         architecture(ModelEntry(name="dinov2_vith14"))
 

@@ -1,0 +1,355 @@
+"""Mutation checks: run deliberately wrong implementations against the tests that must catch them.
+
+Not collected by pytest (the name does not start with ``test_``). Each mutant replaces one
+snippet of the code in a scratch copy of the working tree, then runs the named tests there
+(the server subprocesses the tests start import the copy too) and expects them to fail.
+
+    .venv/bin/python tests/mutants.py              # every mutant, one after the other
+    .venv/bin/python tests/mutants.py pca relevancy  # those whose name contains a word
+    .venv/bin/python tests/mutants.py --list
+
+Prints a table ``mutant | tests | killed/survived``; exits 1 if a mutant survived. A run takes
+tens of minutes on two cores (every mutant starts its own servers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str  # relative to the repository root
+    old: str  # must occur exactly once in the file
+    new: str
+    tests: tuple[str, ...]  # pytest node ids (or -k expressions after "::-k ")
+    why: str
+
+
+MUTANTS = [
+    Mutant(
+        "pool lock is a no-op",
+        "clients/sam3_client.py",
+        "self._lock = threading.Lock()",
+        "self._lock = __import__('contextlib').nullcontext()",
+        ("tests/test_sam3_pool.py::test_pool_is_thread_safe_about_its_turns",),
+        "item 1: the turn counter is read and written without the lock",
+    ),
+    Mutant(
+        "pca: fixed random projection",
+        "apis/dense.py",
+        "        _, _, v = torch.pca_lowrank(x, q=q, center=False, niter=niter)",
+        "        v = torch.linalg.qr(torch.randn(x.shape[1], q))[0]",
+        (
+            "tests/test_units.py::test_pca_equals_numpy_svd_up_to_the_documented_sign_and_scaling",
+            "tests/test_clip_http.py::test_ret_pca_equals_an_svd_of_the_reference_features",
+        ),
+        "item 2: a random orthonormal projection with quantile scaling",
+    ),
+    Mutant(
+        "pca: sign not fixed",
+        "apis/dense.py",
+        "    v = v * torch.where(v[idx, torch.arange(q)] < 0, -1.0, 1.0)\n",
+        "",
+        ("tests/test_units.py::test_pca_equals_numpy_svd_up_to_the_documented_sign_and_scaling",),
+        "item 2: the sign rule (largest loading positive) dropped",
+    ),
+    Mutant(
+        "pca: min-max instead of quantiles",
+        "apis/dense.py",
+        "    lo = torch.quantile(proj, q_min, dim=0)\n    hi = torch.quantile(proj, q_max, dim=0)",
+        "    lo = proj.amin(dim=0)\n    hi = proj.amax(dim=0)",
+        (
+            "tests/test_units.py::test_pca_equals_numpy_svd_up_to_the_documented_sign_and_scaling",
+            "tests/test_clip_http.py::test_ret_pca_equals_an_svd_of_the_reference_features",
+        ),
+        "item 2: pca_q_min / pca_q_max ignored",
+    ),
+    Mutant(
+        "relevancy: max over negatives",
+        "apis/clip_model.py",
+        "torch.softmax(pair, dim=-1)[..., 0].amin(dim=-1)",
+        "torch.softmax(pair, dim=-1)[..., 0].amax(dim=-1)",
+        ("tests/test_clip_http.py::test_relevancy_equals_the_lerf_formula",),
+        "item 3: max instead of min",
+    ),
+    Mutant(
+        "relevancy: the negative's column",
+        "apis/clip_model.py",
+        "torch.softmax(pair, dim=-1)[..., 0].amin(dim=-1)",
+        "torch.softmax(pair, dim=-1)[..., 1].amin(dim=-1)",
+        ("tests/test_clip_http.py::test_relevancy_equals_the_lerf_formula",),
+        "item 3: the negative's probability",
+    ),
+    Mutant(
+        "relevancy: temperature ignored",
+        "apis/clip_model.py",
+        "neg], dim=-1) * temperature",
+        "neg], dim=-1) * 10.0",
+        ("tests/test_clip_http.py::test_relevancy_equals_the_lerf_formula",),
+        "item 3: relevancy_temperature never used",
+    ),
+    Mutant(
+        "full-res similarity: uniform map",
+        "apis/clip_api.py",
+        'sim = spatial_softmax(sim, p["softmax"])',
+        "sim = torch.full_like(sim, 1.0 / sim.numel())",
+        ("tests/test_clip_http.py::test_similarity_full_resolution_cosine_and_negatives",),
+        "item 4: a map that sums to 1 and says nothing",
+    ),
+    Mutant(
+        "full-res similarity: softmax before upsampling",
+        "apis/clip_api.py",
+        """        if not p["ret_patches"]:
+            sim = upsample_grid(sim[..., None], geom, p["interpolation_mode"])[..., 0]
+        if p["softmax"] > 0 and not negatives:
+            sim = spatial_softmax(sim, p["softmax"])""",
+        """        if p["softmax"] > 0 and not negatives:
+            sim = spatial_softmax(sim, p["softmax"])
+        if not p["ret_patches"]:
+            sim = upsample_grid(sim[..., None], geom, p["interpolation_mode"])[..., 0]""",
+        ("tests/test_clip_http.py::test_similarity_full_resolution_cosine_and_negatives",),
+        "item 4: the seed's order of steps",
+    ),
+    Mutant(
+        "padding: replicate pads by reflection",
+        "apis/dense.py",
+        "F.pad(x, (0, pw, 0, ph), mode=mode) if",
+        "F.pad(x, (0, pw, 0, ph), mode='reflect' if mode == 'replicate' else mode) if",
+        ("tests/test_clip_http.py::test_padding_mode_equals_numpy_padding_of_the_normalised_image",),
+        "item 5: one padding mode mapped to another",
+    ),
+    Mutant(
+        "interpolation: corners aligned",
+        "apis/dense.py",
+        'kwargs = {"align_corners": False} if mode',
+        'kwargs = {"align_corners": True} if mode',
+        ("tests/test_clip_http.py::test_every_interpolation_mode_equals_its_rule",),
+        "item 5: bilinear/bicubic with align_corners=True",
+    ),
+    Mutant(
+        "interpolation: nearest-exact read as nearest",
+        "apis/dense.py",
+        "x = F.interpolate(x, size=padded_hw, mode=mode, **kwargs)",
+        "x = F.interpolate(x, size=padded_hw, mode=mode.replace('-exact', ''), **kwargs)",
+        ("tests/test_dino_http.py::test_upsampling_a_stride_7_grid_follows_each_modes_rule",),
+        "item 5: two modes that differ only in the pixel-centre convention (equal at CLIP's 14x)",
+    ),
+    Mutant(
+        "center_crop: offset rounded down",
+        "apis/dense.py",
+        "left, top = int(round((w - side) / 2.0)), int(round((h - side) / 2.0))",
+        "left, top = (w - side) // 2, (h - side) // 2",
+        ("tests/test_clip_http.py::test_extract_load_size_and_crop_equal_torchvision_transforms",),
+        "item 5: a crop one pixel off torchvision's",
+    ),
+    Mutant(
+        "load_size: bilinear resize",
+        "apis/dense.py",
+        "img = img.resize((w, h), Image.BICUBIC)",
+        "img = img.resize((w, h), Image.BILINEAR)",
+        ("tests/test_clip_http.py::test_extract_load_size_and_crop_equal_torchvision_transforms",),
+        "item 5: the wrong resampling filter keeps every shape",
+    ),
+    Mutant(
+        "dino pos-embed: timm's resize for hub models",
+        "apis/dino_model.py",
+        "    if dm.registers:\n        out = F.interpolate(table, size=grid",
+        "    if True:\n        out = F.interpolate(table, size=grid",
+        ("tests/test_dino_http.py::test_values_equal_timm_on_the_same_weights",),
+        "item 10: exact-size antialiased resize where the hub uses (g + 0.1) / M",
+    ),
+    Mutant(
+        "dino pos-embed: offset 0 instead of 0.1",
+        "apis/dino_model.py",
+        "scale = ((grid[0] + 0.1) / native[0], (grid[1] + 0.1) / native[1])",
+        "scale = ((grid[0] + 0.0) / native[0], (grid[1] + 0.0) / native[1])",
+        ("tests/test_dino_http.py::test_values_equal_timm_on_the_same_weights",),
+        "item 10: a shared misreading of the hub's offset",
+    ),
+    Mutant(
+        "log-binning: averages count the padding",
+        "apis/dino_model.py",
+        "padding=k // 2, count_include_pad=False)",
+        "padding=k // 2, count_include_pad=True)",
+        ("tests/test_dino_http.py::test_log_binning_equals_the_per_cell_definition",),
+        "item 10: edge averages divided by 9",
+    ),
+    Mutant(
+        "log-binning: zero padding off the grid",
+        "apis/dino_model.py",
+        'padded = F.pad(pooled, (k, k, k, k), mode="replicate")',
+        "padded = F.pad(pooled, (k, k, k, k))",
+        ("tests/test_dino_http.py::test_log_binning_equals_the_per_cell_definition",),
+        "item 10: neighbours off the grid are zeros instead of the edge cell",
+    ),
+    Mutant(
+        "batching off",
+        "apis/worker_loop.py",
+        "items = link.collect(lit_api.max_batch_size,",
+        "items = link.collect(1,",
+        (
+            "tests/test_clip_http.py::test_concurrent_encode_text_runs_as_batches",
+            "tests/test_clip_http.py::test_concurrent_extracts_of_one_size_share_a_forward",
+        ),
+        "item 13: no batching at all",
+    ),
+    Mutant(
+        "auto_mask: m2m ignored",
+        "apis/sam2_model.py",
+        "amg = _Generator(pred.model, output_mode=output_mode, **s)",
+        'amg = _Generator(pred.model, output_mode=output_mode, **{**s, "use_m2m": False})',
+        ("tests/test_sam2_http.py::test_auto_mask_equals_the_library_generator_field_by_field",),
+        "item 9: fine_grained's mask-to-mask refinement not run",
+    ),
+    Mutant(
+        "auto_mask: no hole filling in the predictor",
+        "apis/sam2_model.py",
+        'pred.configure(0.0, s["min_mask_region_area"], s["min_mask_region_area"])',
+        "pred.configure(0.0, 0.0, 0.0)",
+        ("tests/test_sam2_http.py::test_auto_mask_equals_the_library_generator_field_by_field",),
+        "item 9: min_mask_region_area only as the final filter",
+    ),
+    Mutant(
+        "prompt_mask: hole area used for sprinkles too",
+        "apis/sam2_model.py",
+        "self._transforms.max_sprinkle_area = max_sprinkle_area",
+        "self._transforms.max_sprinkle_area = max_hole_area",
+        ("tests/test_sam2_http.py::test_hole_and_sprinkle_filling_equal_the_library_predictor",),
+        "item 10: a shared misreading of the two areas",
+    ),
+    Mutant(
+        "sam3: first contour, not the largest",
+        "apis/masks.py",
+        "contour = max(contours, key=cv2.contourArea)",
+        "contour = contours[0]",
+        ("tests/test_sam3_http.py::test_score_threshold_min_area_and_epsilon_including_explicit_zero",),
+        "items 6/10: the polygon of another component",
+    ),
+    Mutant(
+        "sam3: polygon simplified with a fixed epsilon",
+        "apis/masks.py",
+        "approx = cv2.approxPolyDP(contour, epsilon_factor * cv2.arcLength(contour, True), True)",
+        "approx = cv2.approxPolyDP(contour, 2.0 * epsilon_factor, True)",
+        (
+            "tests/test_sam3_http.py::"
+            "test_exact_polygons_outline_the_largest_component_and_simplify_within_epsilon",
+            "tests/test_sam3_http.py::test_score_threshold_min_area_and_epsilon_including_explicit_zero",
+        ),
+        "item 10: epsilon not scaled by the perimeter",
+    ),
+    Mutant(
+        "sam3: batched encodings out of order",
+        "apis/sam3_model.py",
+        'backbone_fpn=[f[j : j + 1].clone() for f in out["backbone_fpn"]],',
+        'backbone_fpn=[f[0:1].clone() for f in out["backbone_fpn"]],',
+        (
+            "tests/test_sam3_http.py::test_concurrent_requests_batch_the_backbone_and_answer_like_the_processor",
+        ),
+        "item 8: each image of a batch answered with its neighbour's encoding",
+    ),
+    Mutant(
+        "dtype: autocast never entered",
+        "apis/precision.py",
+        "if self.dtype == torch.float32:",
+        "if True:",
+        (
+            "tests/test_precision.py::test_float16_clip_and_dino_within_tolerance",
+            "tests/test_precision.py::test_clip_features_and_text_within_tolerance",
+        ),
+        "item 11: --dtype accepted and ignored",
+    ),
+    Mutant(
+        "rmbg: threshold 0 gives an all-zero alpha",
+        "apis/rmbg_model.py",
+        "return np.where(matte > threshold, 255, 0).astype(np.uint8)",
+        "return np.where(matte > threshold, 255 * (threshold != 0), 0).astype(np.uint8)",
+        ("tests/test_rmbg_http.py::test_mask_both_webp_and_threshold_are_consistent",),
+        "item 12: an all-zero alpha at threshold 0 (the old set-of-values check passed it)",
+    ),
+    Mutant(
+        "sam3 builder: half the attention heads",
+        "apis/sam3_model.py",
+        "    heads: int = 8\n",
+        "    heads: int = 4\n",
+        ("tests/test_sam3_units.py::test_default_architecture_is_the_released_one",),
+        "item 7: a constructor argument that keeps every parameter's shape",
+    ),
+]
+
+
+def copy_tree(dst: Path) -> None:
+    """Tracked and untracked-but-not-ignored files of the working tree (no venv, no caches)."""
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True, check=True
+    ).stdout.split(b"\0")
+    for f in filter(None, files):
+        src = ROOT / f.decode()
+        if src.is_file() and not src.is_symlink():
+            (dst / f.decode()).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / f.decode())
+
+
+def run(m: Mutant, timeout: float) -> tuple[str, float, str]:
+    """'killed' (the tests failed), 'survived' (they passed) or 'error: ...' (they could not run)."""
+    with tempfile.TemporaryDirectory(prefix="mutant-") as tmp:
+        work = Path(tmp)
+        copy_tree(work)
+        path = work / m.file
+        text = path.read_text()
+        if text.count(m.old) != 1:
+            return f"error: snippet found {text.count(m.old)} times in {m.file}", 0.0, ""
+        path.write_text(text.replace(m.old, m.new))
+        env = {**os.environ, "PYTHONPATH": str(work), "PYTHONDONTWRITEBYTECODE": "1"}
+        t0 = time.monotonic()
+        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *m.tests]
+        try:
+            p = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return "error: timed out", time.monotonic() - t0, ""
+        took = time.monotonic() - t0
+        tail = "\n".join(p.stdout.strip().splitlines()[-3:])
+        if p.returncode == 1:
+            return "killed", took, tail
+        if p.returncode == 0:
+            return "survived", took, tail
+        return f"error: pytest exit {p.returncode}", took, tail
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("words", nargs="*", help="run only mutants whose name contains one of these")
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("-v", "--verbose", action="store_true", help="print the tail of each pytest run")
+    args = ap.parse_args()
+    chosen = [m for m in MUTANTS if not args.words or any(w in m.name for w in args.words)]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name}: {m.why}\n    " + "\n    ".join(m.tests))
+        return 0
+    print("| mutant | tests | result | s |\n|---|---|---|---|", flush=True)
+    bad = 0
+    for m in chosen:
+        result, took, tail = run(m, args.timeout)
+        bad += result != "killed"
+        names = ", ".join(t.split("::")[-1] for t in m.tests)
+        print(f"| {m.name} | {names} | {result} | {took:.0f} |", flush=True)
+        if args.verbose or result != "killed":
+            print("    " + tail.replace("\n", "\n    "), flush=True)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
