@@ -7,21 +7,46 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from .config import ModelEntry
 from .errors import APIError
 from .family import FamilyAPI, Job, Route
 from .images import ImageInput
-from .sam3_model import Encoded, Filters, Sam3Runner, load_sam3, mask_bytes, predict
+from .sam3_model import (
+    Detections,
+    Encoded,
+    Filters,
+    Query,
+    Sam3Runner,
+    load_sam3,
+    make_queries,
+    mask_bytes,
+    results,
+)
 from .schemas import StrictRequest
 
 MAX_PROMPTS = 32
+MAX_BOXES = 32
 
 
 class Sam3PredictRequest(StrictRequest, ImageInput):
-    prompts: list[str] = Field(
-        ..., min_length=1, max_length=MAX_PROMPTS, description="Text prompts (noun phrases), one or more."
+    prompts: list[str] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_PROMPTS,
+        description="Text prompts (noun phrases), one or more; may be left out when `boxes` are given.",
+    )
+    boxes: list[list[float]] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_BOXES,
+        description="Exemplar boxes [x1, y1, x2, y2] in pixels: find the objects like (or, with label 0, "
+        "unlike) them. With prompts, every prompt is combined with all the boxes; without, the boxes "
+        "alone are the query (instances then have prompt null).",
+    )
+    box_labels: list[int] | None = Field(
+        None, description="One per box: 1 = positive exemplar, 0 = negative. Default: all 1."
     )
     return_masks: bool = Field(False, description="Add each instance's full-size mask.")
     mask_format: Literal["rle", "png"] = Field(
@@ -53,6 +78,36 @@ class Sam3PredictRequest(StrictRequest, ImageInput):
                 raise ValueError(f"prompts[{i}] is empty: every prompt needs some text")
         return prompts
 
+    @field_validator("boxes")
+    @classmethod
+    def _box_shape(cls, boxes: list[list[float]]) -> list[list[float]]:
+        for i, box in enumerate(boxes):
+            if len(box) != 4:
+                raise ValueError(f"boxes[{i}] must be [x1, y1, x2, y2] (4 numbers), got {len(box)}")
+            if not (box[0] < box[2] and box[1] < box[3]):
+                raise ValueError(f"boxes[{i}] {box} is empty: it needs x1 < x2 and y1 < y2")
+        return boxes
+
+    @field_validator("box_labels")
+    @classmethod
+    def _label_values(cls, labels: list[int]) -> list[int]:
+        for i, label in enumerate(labels):
+            if label not in (0, 1):
+                raise ValueError(f"box_labels[{i}] is {label}: use 1 (positive exemplar) or 0 (negative)")
+        return labels
+
+    @model_validator(mode="after")
+    def _some_query(self) -> Sam3PredictRequest:
+        if self.prompts is None and self.boxes is None:
+            raise ValueError("give prompts, boxes, or both")
+        if self.box_labels is not None:
+            if self.boxes is None:
+                raise ValueError("box_labels needs boxes")
+            if len(self.box_labels) != len(self.boxes):
+                n, m = len(self.box_labels), len(self.boxes)
+                raise ValueError(f"box_labels has {n} labels for {m} boxes: give one per box")
+        return self
+
 
 class Sam3Mask(BaseModel):
     data: str | dict[str, Any] = Field(
@@ -63,7 +118,9 @@ class Sam3Mask(BaseModel):
 
 
 class Sam3Instance(BaseModel):
-    prompt: str
+    prompt: str | None = Field(
+        ..., description="The text prompt of this instance; null for a boxes-only query."
+    )
     score: float
     bbox: list[float] = Field(..., description="[x1, y1, x2, y2] in pixels, clipped to the image.")
     polygon: list[list[int]] = Field(..., description="[[x, y], ...] outline of the largest mask region.")
@@ -78,14 +135,18 @@ class ImageSize(BaseModel):
 
 class Sam3PredictResponse(BaseModel):
     image_size: ImageSize
-    results: list[Sam3Instance] = Field(..., description="Instances of every prompt, in prompt order.")
+    results: list[Sam3Instance] = Field(
+        ..., description="Instances of every prompt (or of the boxes-only query), in prompt order."
+    )
     model: str
 
 
 @dataclass
 class _Prepared:
     image: np.ndarray
-    prompts: list[str]
+    prompts: list[str] | None
+    boxes: list[list[float]]
+    labels: list[bool]
     filters: Filters
 
 
@@ -98,12 +159,23 @@ class Sam3API(FamilyAPI):
             "predict",
             Sam3PredictRequest,
             Sam3PredictResponse,
-            "SAM 3 instances (score, box, polygon, area, mask) for each text prompt.",
+            "SAM 3 instances (score, box, polygon, area, mask) for text prompts and/or exemplar boxes.",
         ),
     )
 
     def check(self, op: str, request: BaseModel) -> None:
-        self.check_text_length([(f"prompts[{i}]", p) for i, p in enumerate(request.prompts)], "prompts")
+        self.check_text_length([(f"prompts[{i}]", p) for i, p in enumerate(request.prompts or [])], "prompts")
+
+    def check_image(self, op: str, request: BaseModel, size: tuple[int, int]) -> None:
+        w, h = size
+        for i, (x1, y1, x2, y2) in enumerate(request.boxes or []):
+            if not (x1 >= 0 and y1 >= 0 and x2 <= w and y2 <= h):
+                raise APIError(
+                    400,
+                    f"boxes[{i}] [{x1}, {y1}, {x2}, {y2}] is outside the {w}x{h} image "
+                    f"(x in 0..{w}, y in 0..{h}, pixels)",
+                    param="boxes",
+                )
 
     def load_model(self, entry: ModelEntry) -> Sam3Runner:
         return load_sam3(entry, self.torch_device, self.compute_dtype, self.fam.cache_size)
@@ -113,6 +185,8 @@ class Sam3API(FamilyAPI):
             "embedding_cache": {k: m.cache.stats() for k, m in self._models.items()},
             "encoded_images": {k: m.encoded_images for k, m in self._models.items()},
             "encoded_prompts": {k: m.encoded_prompts for k, m in self._models.items()},
+            "text_batch_sizes": {k: _histogram(m.text_batches) for k, m in self._models.items()},
+            "detector_batch_sizes": {k: _histogram(m.detector_batches) for k, m in self._models.items()},
         }
 
     def _prepare(self, job: Job) -> _Prepared:
@@ -125,33 +199,52 @@ class Sam3API(FamilyAPI):
             return_masks=p["return_masks"],
             mask_format=p["mask_format"],
         )
-        return _Prepared(np.array(job.image), p["prompts"], filters)
+        boxes = p["boxes"] or []
+        labels = [bool(v) for v in p["box_labels"]] if p["box_labels"] is not None else [True] * len(boxes)
+        return _Prepared(np.array(job.image), p["prompts"], boxes, labels, filters)
 
     def op_predict(self, runner: Sam3Runner, jobs: list[Job]) -> list:
-        """Every new image of the batch goes through the vision backbone together (cached ones are
-        skipped), then each request's prompts run on its own encoding."""
+        """The batch's new images go through the vision backbone together (cached ones are
+        skipped), then the find-queries of every request, on whichever image, through the
+        detector together, ``prompt_chunk`` at a time."""
         return self.grouped(
             "predict",
             jobs,
             prepare=self._prepare,
             key=lambda _: None,
-            forward=lambda items: runner.encode([i.image for i in items]),
-            finish=lambda job, item, enc: self._answer(runner, job, item, enc),
+            forward=lambda items: self._detect(runner, items),
+            finish=lambda job, item, out: self._answer(job, item, *out),
         )
 
-    def _answer(self, runner: Sam3Runner, job: Job, item: _Prepared, enc: Encoded) -> dict:
-        results = predict(runner, enc, item.prompts, item.filters)
-        size = mask_bytes(results)
+    def _detect(
+        self, runner: Sam3Runner, items: list[_Prepared]
+    ) -> list[tuple[list[Query], list[Detections]]]:
+        encoded = runner.encode([i.image for i in items])
+        per_item = [
+            make_queries(enc, i.prompts, i.boxes, i.labels, i.filters)
+            for i, enc in zip(items, encoded, strict=True)
+        ]
+        dets = iter(runner.detect([q for qs in per_item for q in qs], self.fam.prompt_chunk))
+        return [(qs, [next(dets) for _ in qs]) for qs in per_item]
+
+    def _answer(self, job: Job, item: _Prepared, queries: list[Query], dets: list[Detections]) -> dict:
+        found = results(queries, dets, item.filters)
+        size = mask_bytes(found)
         if size > self.cfg.limits.max_response_bytes:
             raise APIError(
                 400,
-                f"{len(results)} masks would need {size / 2**20:.0f} MiB, over this server's limit of "
+                f"{len(found)} masks would need {size / 2**20:.0f} MiB, over this server's limit of "
                 f"{self.cfg.limits.max_response_bytes / 2**20:.0f} MiB; raise score_threshold or min_area, "
                 "or use return_masks=false (polygons only)",
                 code="response_too_large",
             )
+        enc: Encoded = queries[0].enc
         return {
             "image_size": {"width": enc.width, "height": enc.height},
-            "results": results,
+            "results": found,
             "model": job.model_id,
         }
+
+
+def _histogram(counts: dict[int, int]) -> dict[str, int]:
+    return {str(k): v for k, v in sorted(counts.items())}
