@@ -574,11 +574,6 @@ def make_queries(
     return [Query(enc, text, boxes, labels, filters.score_threshold) for text in (prompts or [None])]
 
 
-def predict(runner: Sam3Runner, queries: list[Query], filters: Filters, chunk: int) -> list[dict]:
-    """The instances of queries on one encoded image, ``chunk`` queries per detector forward."""
-    return results(queries, runner.detect(queries, chunk), filters)
-
-
 def results(queries: list[Query], dets: list[Detections], filters: Filters) -> list[dict]:
     """The instances of every query, in query order (:func:`instances`)."""
     return [

@@ -76,6 +76,7 @@ def sam3_server(tmp_path_factory, sam3_checkpoint, image_root, image_host):
             "max_batch_size": 8,
             "batch_timeout": 0.2,
             "cache_size": 16,  # --cache-size below overrides it
+            "prompt_chunk": 4,
             "models": [{"name": "sam3-tiny", "weights": str(sam3_checkpoint), "arch_config": str(ARCH)}],
         },
     }
@@ -280,9 +281,22 @@ def test_concurrent_prompts_on_a_cached_image_share_one_detector_forward(sam3_se
     after = info(sam3_server)["detector_batch_sizes"]["sam3-tiny"]
     new = {int(k): v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
     assert sum(k * v for k, v in new.items()) == len(prompts)  # one query per request ...
-    assert max(new) > 1  # ... and some of them shared a forward
+    assert max(new) > 1  # ... and some of them shared a forward, at most prompt_chunk at a time
+    assert max(new) <= 4
     for prompt, got in zip(prompts, answers, strict=True):
         assert_matches(got["results"], reference(processor, image, prompt), prompt)
+
+
+def test_a_requests_prompts_run_prompt_chunk_at_a_time(sam3_server, client, processor):
+    image = scene(seed=13)
+    prompts = ["a", "b c", "tree", "the dog on the left", "sky", "a red car"]
+    before = info(sam3_server)["detector_batch_sizes"]["sam3-tiny"]
+    got = client.predict(image=image, prompts=prompts)
+    after = info(sam3_server)["detector_batch_sizes"]["sam3-tiny"]
+    assert {int(k): v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)} == {4: 1, 2: 1}
+    for prompt in prompts:
+        mine = [r for r in got["results"] if r["prompt"] == prompt]
+        assert_matches(mine, reference(processor, image, prompt), prompt)
 
 
 # ----------------------------------------------------------------------------- exemplar boxes
