@@ -1,14 +1,16 @@
 """SAM 3 prompts on a cached image: all of a request's prompts, and concurrent requests' prompts,
-in one detector forward (``prompt_chunk``) vs one forward per prompt.
+in one detector forward vs one forward per prompt.
 
     python bench/sam3_prompts.py [--config configs/bench-full.yaml] [--counts 1,4,8,16]
 
 1. In-process, the model's own ceiling: the pure detector forward (texts already encoded, image
-   cached) at batch b against b forwards of batch 1, with the process's peak memory.
-2. Over HTTP, one server at a time, ``prompt_chunk`` 1 (one forward per prompt) then
-   ``--chunk``: one request with n prompts for each n of ``--counts``, then ``--concurrent``
-   single-prompt requests at once, all on one cached image. ``/info``'s detector batch sizes
-   show what ran together.
+   cached) of ``--batch`` queries at once against ``--batch`` forwards of one query.
+2. Over HTTP, one server (``prompt_chunk`` = the largest count): ``--concurrent`` single-prompt
+   requests one after another (one forward per prompt, what any unbatched server does), then one
+   request with n prompts for each n of ``--counts``, then ``--concurrent`` single-prompt
+   requests at once, all on one cached image. ``/info``'s detector batch sizes show what ran
+   together. "One at a time" for n prompts is the time of the first n sequential requests (for
+   n above ``--concurrent``, n / ``--concurrent`` times all of them, marked *).
 
 Each number is one run (full-size SAM 3 takes seconds per prompt on a CPU): compare the HTTP
 speed-ups with the in-process ceiling measured in the same run rather than with other runs.
@@ -49,24 +51,19 @@ def peak_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def ceiling(cfg, counts: list[int]) -> list[list[object]]:
-    """Rows of the in-process table: b forwards of batch 1 vs one forward of batch b."""
+def ceiling(cfg, batch: int) -> list[list[object]]:
+    """Rows of the in-process table: ``batch`` forwards of one query vs one forward of ``batch``."""
     runner = load_sam3(cfg.sam3.models[0], "cpu")
     pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(image(0)))).convert("RGB"))
     enc = runner.encode([pixels])[0]
-    most = max(counts)
-    runner.texts(prompts(most))  # encoded once: only the detector is timed
-    queries = [Query(enc, p) for p in prompts(most)]
+    runner.texts(prompts(batch))  # encoded once: only the detector is timed
+    queries = [Query(enc, p) for p in prompts(batch)]
     runner.detect(queries[:1], 1)  # warm-up
-    one = [timed(lambda: runner.detect(queries[:1], 1)) for _ in range(3)]
-    t1 = statistics.median(one)
+    t1 = statistics.median(timed(lambda: runner.detect(queries[:1], 1)) for _ in range(2))
     print("in-process batch 1", ms(t1), flush=True)
-    rows = [[1, ms(t1), ms(t1), "1.00x", f"{peak_gb():.1f}"]]
-    for b in sorted(c for c in counts if c > 1):
-        tb = timed(lambda b=b: runner.detect(queries[:b], b))
-        rows.append([b, ms(b * t1), ms(tb), f"**{b * t1 / tb:.2f}x**", f"{peak_gb():.1f}"])
-        print("in-process batch", b, ms(tb), flush=True)
-    return rows
+    tb = timed(lambda: runner.detect(queries, batch))
+    print("in-process batch", batch, ms(tb), flush=True)
+    return [[batch, ms(t1), ms(batch * t1), ms(tb), f"**{batch * t1 / tb:.2f}x**", f"{peak_gb():.1f}"]]
 
 
 def detector_batches(url: str) -> dict[str, int]:
@@ -84,71 +81,76 @@ def new_batches(before: dict[str, int], after: dict[str, int]) -> str:
     return " ".join(f"{v}x{k}" for k, v in sorted(diff.items()))
 
 
-def over_http(url: str, counts: list[int], concurrent: int) -> tuple[dict[int, float], float, str, list[str]]:
-    """(seconds per n-prompt request, seconds for the concurrent burst, its detector batches,
-    the detector batches of each n-prompt request)."""
+def over_http(url: str, counts: list[int], concurrent: int) -> dict:
     img = image(0)
 
     def post(body: dict) -> None:
         requests.post(f"{url}/sam3/predict", json={"image": img, **body}, timeout=3600).raise_for_status()
 
-    post({"prompts": prompts(max(max(counts), concurrent), 1000)})  # image cached, texts encoded
-    per_request, batches = {}, []
+    post({"prompts": ["warm-up"]})  # the image is cached from now on
+    singles = [timed(lambda p=p: post({"prompts": [p]})) for p in prompts(concurrent, 1000)]
+    print(url, "singles", [ms(t) for t in singles], flush=True)
+    batched, batches = {}, {}
     for n in counts:
         before = detector_batches(url)
-        per_request[n] = timed(lambda n=n: post({"prompts": prompts(n, 1000)}))
-        batches.append(new_batches(before, detector_batches(url)))
-        print(url, n, ms(per_request[n]), batches[-1], flush=True)
+        batched[n] = timed(lambda n=n: post({"prompts": prompts(n, 2000)}))
+        batches[n] = new_batches(before, detector_batches(url))
+        print(url, n, ms(batched[n]), batches[n], flush=True)
     before = detector_batches(url)
     with ThreadPoolExecutor(concurrent) as pool:
-        burst = timed(lambda: list(pool.map(lambda p: post({"prompts": [p]}), prompts(concurrent, 1000))))
+        burst = timed(lambda: list(pool.map(lambda p: post({"prompts": [p]}), prompts(concurrent, 3000))))
     burst_batches = new_batches(before, detector_batches(url))
     print(url, "burst", ms(burst), burst_batches, flush=True)
-    return per_request, burst, burst_batches, batches
+    return {
+        "singles": singles,
+        "batched": batched,
+        "batches": batches,
+        "burst": burst,
+        "burst_batches": burst_batches,
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default=str(ROOT / "configs" / "bench-full.yaml"))
     ap.add_argument("--counts", default="1,4,8,16", help="prompts per request")
-    ap.add_argument("--chunk", type=int, default=16, help="prompt_chunk of the batched server")
+    ap.add_argument("--batch", type=int, default=8, help="in-process ceiling: queries in one forward")
     ap.add_argument("--concurrent", type=int, default=8, help="single-prompt requests sent at once")
     args = ap.parse_args()
     counts = [int(c) for c in args.counts.split(",")]
     cfg = load_config(args.config)
-    ceiling_rows = ceiling(cfg, counts)  # its model is freed on return, before any server starts
+    ceiling_rows = ceiling(cfg, args.batch)  # its model is freed on return, before the server starts
 
-    results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for chunk in (1, args.chunk):
-            raw = cfg.model_dump(mode="json", exclude_unset=True)  # paths made absolute
-            raw["sam3"]["prompt_chunk"] = chunk
-            path = Path(tmp) / f"chunk-{chunk}.yaml"
-            path.write_text(yaml.safe_dump(raw))
-            with server(path, "--models", "sam3") as url:
-                results[chunk] = over_http(url, counts, args.concurrent)
+        raw = cfg.model_dump(mode="json", exclude_unset=True)  # paths made absolute
+        raw["sam3"]["prompt_chunk"] = max(counts)
+        path = Path(tmp) / "bench.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        with server(path, "--models", "sam3") as url:
+            r = over_http(url, counts, args.concurrent)
 
-    (single, single_burst, single_bb, _), (batched, batched_burst, batched_bb, batched_b) = (
-        results[1],
-        results[args.chunk],
-    )
-    rows = [
-        [n, ms(single[n]), ms(batched[n]), batches, f"**{single[n] / batched[n]:.2f}x**"]
-        for n, batches in zip(counts, batched_b, strict=True)
-    ]
+    singles = r["singles"]
+    rows = []
+    for n in counts:
+        one = sum(singles[:n]) if n <= len(singles) else n / len(singles) * sum(singles)
+        mark = "" if n <= len(singles) else "*"
+        rows.append(
+            [n, ms(one) + mark, ms(r["batched"][n]), r["batches"][n], f"**{one / r['batched'][n]:.2f}x**"]
+        )
     model = cfg.sam3.models[0]
     print(ran(f"one run; model {model.name} (weights: {model.weights}), float32; one cached 640x480 image"))
     print("In-process ceiling: the detector forward alone, b queries on one cached image\n")
-    print(table(["b", "b x batch 1 ms", "batch b ms", "speed-up", "peak RSS GB"], ceiling_rows))
-    print(f"\nOne request with n prompts, prompt_chunk 1 vs {args.chunk}\n")
-    print(table(["n", "one at a time ms", "batched ms", "detector forwards", "speed-up"], rows))
-    print(f"\n{args.concurrent} concurrent single-prompt requests, one cached image\n")
+    print(table(["b", "batch 1 ms", "b x batch 1 ms", "batch b ms", "speed-up", "peak RSS GB"], ceiling_rows))
+    print(f"\nOne request with n prompts (prompt_chunk {max(counts)}) vs n single-prompt requests in a row\n")
+    print(table(["n", "one at a time ms", "one request ms", "detector forwards", "speed-up"], rows))
+    print(f"\n{args.concurrent} single-prompt requests on one cached image\n")
+    alone = sum(singles)
     print(
         table(
-            ["prompt_chunk", "all answered ms", "detector forwards"],
+            ["sent", "all answered ms", "detector forwards", "speed-up"],
             [
-                [1, ms(single_burst), single_bb],
-                [args.chunk, ms(batched_burst), f"{batched_bb} (**{single_burst / batched_burst:.2f}x**)"],
+                ["one after another", ms(alone), f"{len(singles)}x1", "1.00x"],
+                ["all at once", ms(r["burst"]), r["burst_batches"], f"**{alone / r['burst']:.2f}x**"],
             ],
         )
     )
