@@ -1,4 +1,4 @@
-"""SAM 3 maths: build and load the image model, cache encoded images, turn text prompts into instances.
+"""SAM 3 maths: build and load the image model, cache encoded images, turn prompts into instances.
 
 Plain functions and classes on sam3's own modules, callable from tests and benchmarks without a
 server. The model runs through sam3's ``Sam3Processor`` preprocessing and
@@ -8,6 +8,8 @@ server. The model runs through sam3's ``Sam3Processor`` preprocessing and
   checkpoints load, and tests build a tiny model from the same classes);
 * a checkpoint loader that refuses a file that does not fit (sam3 loads with ``strict=False``);
 * an LRU cache of encoded images, so a new prompt on a known image skips the vision backbone;
+* find-queries (a text, exemplar boxes, or both) of several requests, on one or several cached
+  images, in one detector forward, and new texts through the text encoder as one batch;
 * post-processing one instance at a time (the processor upsamples every kept mask at once, which
   for a low threshold on a large image would need gigabytes), plus polygons, areas and
   mask encodings.
