@@ -22,7 +22,6 @@ import argparse
 import base64
 import io
 import resource
-import statistics
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +39,7 @@ from bench.harness import ROOT, ms, ran, server, table, timed  # noqa: E402
 
 # isort: split
 from apis.config import load_config  # noqa: E402
+from apis.family import reuse_freed_memory  # noqa: E402
 from apis.sam3_model import Query, load_sam3  # noqa: E402
 
 
@@ -53,13 +53,14 @@ def peak_gb() -> float:
 
 def ceiling(cfg, batch: int) -> list[list[object]]:
     """Rows of the in-process table: ``batch`` forwards of one query vs one forward of ``batch``."""
+    reuse_freed_memory()  # as in a worker
     runner = load_sam3(cfg.sam3.models[0], "cpu")
     pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(image(0)))).convert("RGB"))
     enc = runner.encode([pixels])[0]
     runner.texts(prompts(batch))  # encoded once: only the detector is timed
     queries = [Query(enc, p) for p in prompts(batch)]
     runner.detect(queries[:1], 1)  # warm-up
-    t1 = statistics.median(timed(lambda: runner.detect(queries[:1], 1)) for _ in range(2))
+    t1 = timed(lambda: runner.detect(queries[:1], 1))
     print("in-process batch 1", ms(t1), flush=True)
     tb = timed(lambda: runner.detect(queries, batch))
     print("in-process batch", batch, ms(tb), flush=True)
@@ -116,10 +117,19 @@ def main() -> None:
     ap.add_argument("--counts", default="1,4,8,16", help="prompts per request")
     ap.add_argument("--batch", type=int, default=8, help="in-process ceiling: queries in one forward")
     ap.add_argument("--concurrent", type=int, default=8, help="single-prompt requests sent at once")
+    ap.add_argument(
+        "--http", action=argparse.BooleanOptionalAction, default=True, help="--no-http: part 1 only"
+    )
     args = ap.parse_args()
     counts = [int(c) for c in args.counts.split(",")]
     cfg = load_config(args.config)
+    model = cfg.sam3.models[0]
     ceiling_rows = ceiling(cfg, args.batch)  # its model is freed on return, before the server starts
+    print(ran(f"one run; model {model.name} (weights: {model.weights}), float32; one cached 640x480 image"))
+    print("In-process ceiling: the detector forward alone, b queries on one cached image\n")
+    print(table(["b", "batch 1 ms", "b x batch 1 ms", "batch b ms", "speed-up", "peak RSS GB"], ceiling_rows))
+    if not args.http:
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         raw = cfg.model_dump(mode="json", exclude_unset=True)  # paths made absolute
@@ -137,10 +147,6 @@ def main() -> None:
         rows.append(
             [n, ms(one) + mark, ms(r["batched"][n]), r["batches"][n], f"**{one / r['batched'][n]:.2f}x**"]
         )
-    model = cfg.sam3.models[0]
-    print(ran(f"one run; model {model.name} (weights: {model.weights}), float32; one cached 640x480 image"))
-    print("In-process ceiling: the detector forward alone, b queries on one cached image\n")
-    print(table(["b", "batch 1 ms", "b x batch 1 ms", "batch b ms", "speed-up", "peak RSS GB"], ceiling_rows))
     print(f"\nOne request with n prompts (prompt_chunk {max(counts)}) vs n single-prompt requests in a row\n")
     print(table(["n", "one at a time ms", "one request ms", "detector forwards", "speed-up"], rows))
     print(f"\n{args.concurrent} single-prompt requests on one cached image\n")
