@@ -160,6 +160,13 @@ class Sam3Family(CachedFamily):
         0.02, ge=0.0, le=1.0, description="Polygon simplification (approxPolyDP), x the contour perimeter."
     )
     min_area: float = Field(100, ge=0.0, description="Drop instances whose polygon covers fewer pixels.")
+    prompt_chunk: int = Field(
+        8,
+        ge=1,
+        description="Find-queries (a text prompt, with or without boxes) per detector forward: a request's "
+        "prompts, and those of the requests batched with it, run this many at a time. Peak memory grows "
+        "with it; 1 runs them one at a time.",
+    )
 
 
 class RmbgModelEntry(ModelEntry):

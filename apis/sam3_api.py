@@ -7,22 +7,47 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from .config import ModelEntry
 from .errors import APIError
 from .family import FamilyAPI, Job, Route
 from .image_ids import CachedImageInput, EmbedResponse, not_cached
 from .images import ImageInput
-from .sam3_model import Encoded, Filters, Sam3Runner, load_sam3, mask_bytes, predict
+from .sam3_model import (
+    Detections,
+    Encoded,
+    Filters,
+    Query,
+    Sam3Runner,
+    load_sam3,
+    make_queries,
+    mask_bytes,
+    results,
+)
 from .schemas import StrictRequest, is_blank
 
 MAX_PROMPTS = 32
+MAX_BOXES = 32
 
 
 class Sam3PredictRequest(StrictRequest, CachedImageInput):
-    prompts: list[str] = Field(
-        ..., min_length=1, max_length=MAX_PROMPTS, description="Text prompts (noun phrases), one or more."
+    prompts: list[str] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_PROMPTS,
+        description="Text prompts (noun phrases), one or more; may be left out when `boxes` are given.",
+    )
+    boxes: list[list[float]] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_BOXES,
+        description="Exemplar boxes [x1, y1, x2, y2] in pixels: find the objects like (or, with label 0, "
+        "unlike) them. With prompts, every prompt is combined with all the boxes; without, the boxes "
+        "alone are the query (instances then have prompt null).",
+    )
+    box_labels: list[int] | None = Field(
+        None, description="One per box: 1 = positive exemplar, 0 = negative. Default: all 1."
     )
     return_masks: bool = Field(False, description="Add each instance's full-size mask.")
     mask_format: Literal["rle", "png"] = Field(
@@ -48,14 +73,44 @@ class Sam3PredictRequest(StrictRequest, CachedImageInput):
 
     @field_validator("prompts")
     @classmethod
-    def _prompt_text(cls, prompts: list[str]) -> list[str]:
-        for i, p in enumerate(prompts):
+    def _prompt_text(cls, prompts: list[str] | None) -> list[str] | None:
+        for i, p in enumerate(prompts or []):
             if is_blank(p):
                 raise ValueError(
                     f"prompts[{i}] is blank (only whitespace or invisible characters): "
                     "every prompt needs some text"
                 )
         return prompts
+
+    @field_validator("boxes")
+    @classmethod
+    def _box_shape(cls, boxes: list[list[float]] | None) -> list[list[float]] | None:
+        for i, box in enumerate(boxes or []):
+            if len(box) != 4:
+                raise ValueError(f"boxes[{i}] must be [x1, y1, x2, y2] (4 numbers), got {len(box)}")
+            if not (box[0] < box[2] and box[1] < box[3]):
+                raise ValueError(f"boxes[{i}] {box} is empty: it needs x1 < x2 and y1 < y2")
+        return boxes
+
+    @field_validator("box_labels")
+    @classmethod
+    def _label_values(cls, labels: list[int] | None) -> list[int] | None:
+        for i, label in enumerate(labels or []):
+            if label not in (0, 1):
+                raise ValueError(f"box_labels[{i}] is {label}: use 1 (positive exemplar) or 0 (negative)")
+        return labels
+
+    @model_validator(mode="after")
+    def _some_query(self) -> Sam3PredictRequest:
+        if self.prompts is None and self.boxes is None:
+            raise ValueError("give prompts, boxes, or both")
+        if self.box_labels is not None:
+            if self.boxes is None:
+                raise ValueError("box_labels needs boxes")
+            if len(self.box_labels) != len(self.boxes):
+                n, m = len(self.box_labels), len(self.boxes)
+                raise ValueError(f"box_labels has {n} labels for {m} boxes: give one per box")
+        return self
 
 
 class Sam3EmbedRequest(StrictRequest, ImageInput):
@@ -73,7 +128,9 @@ class Sam3Mask(BaseModel):
 
 
 class Sam3Instance(BaseModel):
-    prompt: str
+    prompt: str | None = Field(
+        ..., description="The text prompt of this instance; null for a boxes-only query."
+    )
     score: float
     bbox: list[float] = Field(..., description="[x1, y1, x2, y2] in pixels, clipped to the image.")
     polygon: list[list[int]] = Field(..., description="[[x, y], ...] outline of the largest mask region.")
@@ -88,7 +145,9 @@ class ImageSize(BaseModel):
 
 class Sam3PredictResponse(BaseModel):
     image_size: ImageSize
-    results: list[Sam3Instance] = Field(..., description="Instances of every prompt, in prompt order.")
+    results: list[Sam3Instance] = Field(
+        ..., description="Instances of every prompt (or of the boxes-only query), in prompt order."
+    )
     model: str
 
 
@@ -96,8 +155,21 @@ class Sam3PredictResponse(BaseModel):
 class _Prepared:
     key: str  # image_id
     image: np.ndarray | None  # None: the request sent only the image_id
-    prompts: list[str]
+    prompts: list[str] | None
+    boxes: list[list[float]]
+    labels: list[bool]
     filters: Filters
+
+
+def _check_boxes(boxes: list[list[float]], w: int, h: int) -> None:
+    for i, (x1, y1, x2, y2) in enumerate(boxes):
+        if not (x1 >= 0 and y1 >= 0 and x2 <= w and y2 <= h):
+            raise APIError(
+                400,
+                f"boxes[{i}] [{x1}, {y1}, {x2}, {y2}] is outside the {w}x{h} image "
+                f"(x in 0..{w}, y in 0..{h}, pixels)",
+                param="boxes",
+            )
 
 
 def _pixels(job: Job) -> np.ndarray | None:
@@ -113,7 +185,7 @@ class Sam3API(FamilyAPI):
             "predict",
             Sam3PredictRequest,
             Sam3PredictResponse,
-            "SAM 3 instances (score, box, polygon, area, mask) for each text prompt.",
+            "SAM 3 instances (score, box, polygon, area, mask) for text prompts and/or exemplar boxes.",
         ),
         Route(
             "embed",
@@ -125,7 +197,12 @@ class Sam3API(FamilyAPI):
 
     def check(self, op: str, request: BaseModel) -> None:
         if isinstance(request, Sam3PredictRequest):
-            self.check_text_length([(f"prompts[{i}]", p) for i, p in enumerate(request.prompts)], "prompts")
+            prompts = enumerate(request.prompts or [])
+            self.check_text_length([(f"prompts[{i}]", p) for i, p in prompts], "prompts")
+
+    def check_image(self, op: str, request: BaseModel, size: tuple[int, int]) -> None:
+        if isinstance(request, Sam3PredictRequest):
+            _check_boxes(request.boxes or [], *size)
 
     def load_model(self, entry: ModelEntry) -> Sam3Runner:
         return load_sam3(entry, self.torch_device, self.compute_dtype, self.fam.cache_size)
@@ -135,6 +212,8 @@ class Sam3API(FamilyAPI):
             "embedding_cache": {k: m.cache.stats() for k, m in self._models.items()},
             "encoded_images": {k: m.encoded_images for k, m in self._models.items()},
             "encoded_prompts": {k: m.encoded_prompts for k, m in self._models.items()},
+            "text_batch_sizes": {k: _histogram(m.text_batches) for k, m in self._models.items()},
+            "detector_batch_sizes": {k: _histogram(m.detector_batches) for k, m in self._models.items()},
         }
 
     def _prepare(self, job: Job) -> _Prepared:
@@ -147,18 +226,21 @@ class Sam3API(FamilyAPI):
             return_masks=p["return_masks"],
             mask_format=p["mask_format"],
         )
-        return _Prepared(job.image_id, _pixels(job), p["prompts"], filters)
+        boxes = p["boxes"] or []
+        labels = [bool(v) for v in p["box_labels"]] if p["box_labels"] is not None else [True] * len(boxes)
+        return _Prepared(job.image_id, _pixels(job), p["prompts"], boxes, labels, filters)
 
     def op_predict(self, runner: Sam3Runner, jobs: list[Job]) -> list:
-        """Every new image of the batch goes through the vision backbone together (cached ones are
-        skipped), then each request's prompts run on its own encoding."""
+        """The batch's new images go through the vision backbone together (cached ones are
+        skipped), then the find-queries of every request, on whichever image, through the
+        detector together, ``prompt_chunk`` at a time."""
         return self.grouped(
             "predict",
             jobs,
             prepare=self._prepare,
             key=lambda _: None,
-            forward=lambda items: runner.encode([i.key for i in items], [i.image for i in items]),
-            finish=lambda job, item, enc: self._answer(runner, job, item, enc),
+            forward=lambda items: self._detect(runner, items),
+            finish=lambda job, item, out: self._answer(job, item, *out),
         )
 
     def op_embed(self, runner: Sam3Runner, jobs: list[Job]) -> list:
@@ -177,21 +259,46 @@ class Sam3API(FamilyAPI):
             },
         )
 
-    def _answer(self, runner: Sam3Runner, job: Job, item: _Prepared, enc: Encoded | None) -> dict:
-        if enc is None:
-            raise not_cached(job.image_id, self.family)
-        results = predict(runner, enc, item.prompts, item.filters)
-        size = mask_bytes(results)
+    def _detect(self, runner: Sam3Runner, items: list[_Prepared]) -> list[tuple]:
+        """Every query of the batch's requests through the detector together; per request its
+        queries and detections, or the APIError that answers it (image not cached, or boxes
+        outside an image named by image_id, whose size only the cache knows)."""
+        encoded = runner.encode([i.key for i in items], [i.image for i in items])
+        per_item: list[list[Query] | APIError] = []
+        for item, enc in zip(items, encoded, strict=True):
+            try:
+                if enc is None:
+                    raise not_cached(item.key, self.family)
+                _check_boxes(item.boxes, enc.width, enc.height)
+                per_item.append(make_queries(enc, item.prompts, item.boxes, item.labels, item.filters))
+            except APIError as e:
+                per_item.append(e)
+        queries = [q for qs in per_item if not isinstance(qs, APIError) for q in qs]
+        dets = iter(runner.detect(queries, self.fam.prompt_chunk))
+        return [(qs, None) if isinstance(qs, APIError) else (qs, [next(dets) for _ in qs]) for qs in per_item]
+
+    def _answer(
+        self, job: Job, item: _Prepared, queries: list[Query] | APIError, dets: list[Detections] | None
+    ) -> dict:
+        if isinstance(queries, APIError):
+            raise queries
+        found = results(queries, dets, item.filters)
+        size = mask_bytes(found)
         if size > self.cfg.limits.max_response_bytes:
             raise APIError(
                 400,
-                f"{len(results)} masks would need {size / 2**20:.0f} MiB, over this server's limit of "
+                f"{len(found)} masks would need {size / 2**20:.0f} MiB, over this server's limit of "
                 f"{self.cfg.limits.max_response_bytes / 2**20:.0f} MiB; raise score_threshold or min_area, "
                 "or use return_masks=false (polygons only)",
                 code="response_too_large",
             )
+        enc: Encoded = queries[0].enc
         return {
             "image_size": {"width": enc.width, "height": enc.height},
-            "results": results,
+            "results": found,
             "model": job.model_id,
         }
+
+
+def _histogram(counts: dict[int, int]) -> dict[str, int]:
+    return {str(k): v for k, v in sorted(counts.items())}

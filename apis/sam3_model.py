@@ -1,4 +1,4 @@
-"""SAM 3 maths: build and load the image model, cache encoded images, turn text prompts into instances.
+"""SAM 3 maths: build and load the image model, cache encoded images, turn prompts into instances.
 
 Plain functions and classes on sam3's own modules, callable from tests and benchmarks without a
 server. The model runs through sam3's ``Sam3Processor`` preprocessing and
@@ -8,6 +8,8 @@ server. The model runs through sam3's ``Sam3Processor`` preprocessing and
   checkpoints load, and tests build a tiny model from the same classes);
 * a checkpoint loader that refuses a file that does not fit (sam3 loads with ``strict=False``);
 * an LRU cache of encoded images, so a new prompt on a known image skips the vision backbone;
+* find-queries (a text, exemplar boxes, or both) of several requests, on one or several cached
+  images, in one detector forward, and new texts through the text encoder as one batch;
 * post-processing one instance at a time (the processor upsamples every kept mask at once, which
   for a low threshold on a large image would need gigabytes), plus polygons, areas and
   mask encodings.
@@ -16,8 +18,9 @@ server. The model runs through sam3's ``Sam3Processor`` preprocessing and
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,10 +28,10 @@ import numpy as np
 import torch
 from PIL import Image
 from sam3.model import box_ops
-from sam3.model.data_misc import interpolate
+from sam3.model.data_misc import FindStage, interpolate
 from sam3.model.decoder import TransformerDecoder, TransformerDecoderLayer
 from sam3.model.encoder import TransformerEncoderFusion, TransformerEncoderLayer
-from sam3.model.geometry_encoders import SequenceGeometryEncoder
+from sam3.model.geometry_encoders import Prompt, SequenceGeometryEncoder
 from sam3.model.maskformer_segmentation import PixelDecoder, UniversalSegmentationHead
 from sam3.model.model_misc import MLP, DotProductScoring, TransformerWrapper
 from sam3.model.model_misc import MultiheadAttentionWrapper as MultiheadAttention
@@ -323,20 +326,43 @@ class Encoded:
     width: int
 
 
+# sam3's processor gives a boxes-only query this text (``Sam3Processor.add_geometric_prompt``)
+VISUAL_TEXT = "visual"
+
+
+@dataclass
+class Query:
+    """One find-query of the detector: a text, exemplar boxes, or both, on one encoded image."""
+
+    enc: Encoded
+    text: str | None  # None: boxes only
+    boxes: list[list[float]] = field(default_factory=list)  # [x1, y1, x2, y2] in pixels
+    labels: list[bool] = field(default_factory=list)  # per box: True = positive exemplar
+    score_threshold: float = 0.0  # detections at or below it are dropped as soon as they are made
+
+
 @dataclass
 class Detections:
-    """Every query's answer to one text prompt, before any threshold."""
+    """Every query's answer to one find-query, before any threshold."""
 
     scores: torch.Tensor  # (Q,) sigmoid(logit) x sigmoid(presence), as Sam3Processor scores them
     boxes: torch.Tensor  # (Q, 4) cx, cy, w, h in [0, 1]
     mask_logits: torch.Tensor  # (Q, h, w) low resolution
+
+    def above(self, threshold: float) -> Detections:
+        """Only the queries scoring above ``threshold`` (copies, so the batch's tensors can go)."""
+        keep = torch.nonzero(self.scores > threshold).flatten()
+        return Detections(
+            scores=self.scores[keep], boxes=self.boxes[keep], mask_logits=self.mask_logits[keep]
+        )
 
 
 class Sam3Runner(Autocast):
     """A SAM 3 image model with its processor, an LRU of encoded images and one of encoded prompts.
 
     ``encoded_images`` counts the images the vision backbone actually processed and
-    ``encoded_prompts`` the texts the text encoder did.
+    ``encoded_prompts`` the texts the text encoder did; ``text_batches`` and ``detector_batches``
+    count the text-encoder and detector forwards by their batch size.
     """
 
     def __init__(
@@ -351,6 +377,8 @@ class Sam3Runner(Autocast):
         self.text_cache: LRUCache[dict[str, torch.Tensor]] = LRUCache(256)
         self.encoded_images = 0
         self.encoded_prompts = 0
+        self.text_batches: Counter[int] = Counter()
+        self.detector_batches: Counter[int] = Counter()
         self._pos_enc: list[torch.Tensor] | None = None
 
     @torch.inference_mode()
@@ -377,40 +405,108 @@ class Sam3Runner(Autocast):
 
         return self.cache.fetch_or_find(keys, images, encode)
 
-    def backbone_out(self, enc: Encoded) -> dict[str, Any]:
-        """``Sam3Processor``'s ``state["backbone_out"]`` for one encoded image."""
-        return {
-            "vision_features": enc.backbone_fpn[-1],
-            "vision_pos_enc": self._pos_enc,
-            "backbone_fpn": enc.backbone_fpn,
-            "sam2_backbone_out": None,
-        }
+    def texts(self, prompts: list[str]) -> list[dict[str, torch.Tensor]]:
+        """The text encoder's outputs per prompt: cached ones reused (pipelines repeat their
+        prompts), the new ones through the encoder as one batch. The tokenizer pads every text
+        to the same context length, so a batch is the same work per text as one alone."""
 
-    def text(self, prompt: str) -> dict[str, torch.Tensor]:
-        """The text encoder's outputs for one prompt (cached: pipelines repeat their prompts)."""
-        found = self.text_cache.get(prompt)
-        if found is None:
-            found = self.model.backbone.forward_text([prompt], device=self.device)
-            self.encoded_prompts += 1
-            self.text_cache.put(prompt, found)
-        return found
+        def encode(todo: list[int]) -> list[dict[str, torch.Tensor]]:
+            with self.autocast():
+                out = self.model.backbone.forward_text([prompts[i] for i in todo], device=self.device)
+            self.encoded_prompts += len(todo)
+            self.text_batches[len(todo)] += 1
+            return [  # copies, so an evicted entry frees its memory
+                {
+                    "language_features": out["language_features"][:, j : j + 1].clone(),
+                    "language_mask": out["language_mask"][j : j + 1].clone(),
+                }
+                for j in range(len(todo))
+            ]
+
+        return self.text_cache.fetch(prompts, encode)
 
     @torch.inference_mode()
-    def detect(self, enc: Encoded, prompt: str) -> Detections:
-        """Run the detector on one encoded image for one text prompt (``Sam3Processor.set_text_prompt``
-        without its threshold and upsampling)."""
+    def detect(self, queries: Sequence[Query], chunk: int) -> list[Detections]:
+        """Every query's detections above its score threshold, ``chunk`` queries per detector
+        forward. A query is one find-query of ``Sam3Image.forward_grounding`` (its
+        ``img_ids``/``text_ids``), so queries on the same or different cached images, with or
+        without boxes, share one forward; the answers are those of one query at a time."""
+        texts = self.texts([q.text or VISUAL_TEXT for q in queries])
+        out: list[Detections] = []
+        for start in range(0, len(queries), chunk):
+            out += self._forward(queries[start : start + chunk], texts[start : start + chunk])
+        return out
+
+    def _forward(self, queries: Sequence[Query], texts: list[dict[str, torch.Tensor]]) -> list[Detections]:
+        """One detector forward over ``queries`` (``Sam3Processor._forward_grounding`` without its
+        threshold and upsampling)."""
+        n = len(queries)
+        images = list({id(q.enc): q.enc for q in queries}.values())
+        slot = {id(enc): i for i, enc in enumerate(images)}
+        if len(images) == 1:
+            fpn = images[0].backbone_fpn
+        else:
+            fpn = [torch.cat(level) for level in zip(*(enc.backbone_fpn for enc in images), strict=True)]
+        pos = [p.expand(len(images), *p.shape[1:]) for p in self._pos_enc]
+        backbone_out = {
+            "vision_features": fpn[-1],
+            "vision_pos_enc": pos,
+            "backbone_fpn": fpn,
+            "sam2_backbone_out": None,
+            "language_features": torch.cat([t["language_features"] for t in texts], dim=1),
+            "language_mask": torch.cat([t["language_mask"] for t in texts]),
+        }
+        find = FindStage(
+            img_ids=torch.tensor([slot[id(q.enc)] for q in queries], device=self.device, dtype=torch.long),
+            text_ids=torch.arange(n, device=self.device, dtype=torch.long),
+            input_boxes=None,
+            input_boxes_mask=None,
+            input_boxes_label=None,
+            input_points=None,
+            input_points_mask=None,
+        )
+        self.detector_batches[n] += 1
         with self.autocast():
-            out = self.model.forward_grounding(
-                backbone_out={**self.backbone_out(enc), **self.text(prompt)},
-                find_input=self.processor.find_stage,
-                geometric_prompt=self.model._get_dummy_prompt(),
+            res = self.model.forward_grounding(
+                backbone_out=backbone_out,
+                find_input=find,
+                geometric_prompt=self._geometry(queries),
                 find_target=None,
             )
-        presence = out["presence_logit_dec"].float().sigmoid().unsqueeze(1)
-        scores = (out["pred_logits"].float().sigmoid() * presence).squeeze(-1)
-        return Detections(
-            scores=scores[0], boxes=out["pred_boxes"][0].float(), mask_logits=out["pred_masks"][0]
-        )
+        presence = res["presence_logit_dec"].float().sigmoid().unsqueeze(1)
+        scores = (res["pred_logits"].float().sigmoid() * presence).squeeze(-1)
+        boxes = res["pred_boxes"].float()
+        return [
+            Detections(scores=scores[i], boxes=boxes[i], mask_logits=res["pred_masks"][i]).above(
+                q.score_threshold
+            )
+            for i, q in enumerate(queries)
+        ]
+
+    def _geometry(self, queries: Sequence[Query]) -> Prompt:
+        """The queries' boxes as one right-padded ``Prompt``: normalised (cx, cy, w, h) as
+        ``Sam3Processor.add_geometric_prompt`` takes them, padding masked out of every attention."""
+        n = len(queries)
+        most = max(len(q.boxes) for q in queries)
+        if most == 0:
+            return self.model._get_dummy_prompt(num_prompts=n)
+        boxes = torch.zeros(most, n, 4, device=self.device)
+        labels = torch.zeros(most, n, device=self.device, dtype=torch.bool)
+        padding = torch.ones(n, most, device=self.device, dtype=torch.bool)
+        for i, q in enumerate(queries):
+            if q.boxes:
+                boxes[: len(q.boxes), i] = torch.tensor(
+                    [normalized_cxcywh(b, q.enc.width, q.enc.height) for b in q.boxes], dtype=torch.float32
+                )
+                labels[: len(q.boxes), i] = torch.tensor(q.labels, dtype=torch.bool)
+                padding[i, : len(q.boxes)] = False
+        return Prompt(box_embeddings=boxes, box_mask=padding, box_labels=labels)
+
+
+def normalized_cxcywh(box: Sequence[float], width: int, height: int) -> list[float]:
+    """A pixel [x1, y1, x2, y2] box as the normalised [cx, cy, w, h] that sam3's geometry encoder takes."""
+    x1, y1, x2, y2 = box
+    return [(x1 + x2) / 2 / width, (y1 + y2) / 2 / height, (x2 - x1) / width, (y2 - y1) / height]
 
 
 # ----------------------------------------------------------------------------- instances
@@ -434,8 +530,8 @@ def instance_mask(logits: torch.Tensor, height: int, width: int) -> np.ndarray:
     return (up.sigmoid() > 0.5)[0, 0].cpu().numpy()
 
 
-def instances(det: Detections, height: int, width: int, prompt: str, filters: Filters) -> list[dict]:
-    """The prompt's instances, best score first. Per instance: score, bbox [x1, y1, x2, y2] in
+def instances(det: Detections, height: int, width: int, prompt: str | None, filters: Filters) -> list[dict]:
+    """The query's instances, best score first. Per instance: score, bbox [x1, y1, x2, y2] in
     pixels (clipped to the image), polygon of the largest external contour, area = mask pixel
     count, and the mask when asked for. An empty mask has no outline and is never returned.
 
@@ -467,12 +563,25 @@ def instances(det: Detections, height: int, width: int, prompt: str, filters: Fi
     return out
 
 
-def predict(runner: Sam3Runner, enc: Encoded, prompts: list[str], filters: Filters) -> list[dict]:
-    """Every prompt's instances on one encoded image (:meth:`Sam3Runner.encode`), prompt by prompt."""
+def make_queries(
+    enc: Encoded,
+    prompts: list[str] | None,
+    boxes: list[list[float]],
+    labels: list[bool],
+    filters: Filters,
+) -> list[Query]:
+    """A request's find-queries on its encoded image: one per text prompt, each with all the
+    exemplar boxes (sam3's processor combines its text with every box added to it), or one
+    boxes-only query when there is no text."""
+    return [Query(enc, text, boxes, labels, filters.score_threshold) for text in (prompts or [None])]
+
+
+def results(queries: list[Query], dets: list[Detections], filters: Filters) -> list[dict]:
+    """The instances of every query, in query order (:func:`instances`)."""
     return [
         inst
-        for prompt in prompts
-        for inst in instances(runner.detect(enc, prompt), enc.height, enc.width, prompt, filters)
+        for q, det in zip(queries, dets, strict=True)
+        for inst in instances(det, q.enc.height, q.enc.width, q.text, filters)
     ]
 
 

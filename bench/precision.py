@@ -31,7 +31,7 @@ from apis.dense import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, to_tens
 from apis.dino_model import dense_features as dino_dense  # noqa: E402
 from apis.dino_model import load_dino  # noqa: E402
 from apis.sam2_model import Prompt, load_sam2, predict_prompt  # noqa: E402
-from apis.sam3_model import instance_mask, load_sam3  # noqa: E402
+from apis.sam3_model import Query, instance_mask, load_sam3  # noqa: E402
 
 PHOTOS = ("astronaut", "coffee", "chelsea")
 
@@ -87,7 +87,7 @@ def sam3_case(cfg, rounds: int, top: int = 10):
         masks = {}
         for dtype in (torch.float32, torch.bfloat16):
             runner.dtype = dtype
-            det = runner.detect(runner.encode([name], [im])[0], "cat")
+            det = runner.detect([Query(runner.encode([name], [im])[0], "cat")], chunk=1)[0]
             if dtype == torch.float32:
                 queries = torch.argsort(det.scores, descending=True)[:top].tolist()
             masks[dtype] = [instance_mask(det.mask_logits[q], h, w) for q in queries]

@@ -65,16 +65,22 @@ class Sam3ServiceClient:
         image_url: str | None = None,
         model: str | None = None,
         image_id: str | None = None,
+        boxes: Sequence[Sequence[float]] | None = None,
+        box_labels: Sequence[int] | None = None,
     ) -> dict:
         """Instances of each text prompt: ``{"image_size": {...}, "results": [...]}``.
 
         The image is one of ``image_path`` (a file on the server, inside its allowed roots),
         ``image`` (base64 text, a local file path as ``Path``, bytes, PIL image or uint8 array)
         or ``image_url``; or ``image_id`` (from :meth:`embed`), with or without one of those to
-        fall back on. Thresholds left None take the server's defaults.
+        fall back on. Thresholds left None take the server's defaults. ``boxes`` are exemplar
+        boxes ``[x1, y1, x2, y2]`` in pixels, combined with every prompt or, with no prompts, the
+        query on their own; ``box_labels`` gives 1 (positive) or 0 (negative) per box, default all 1.
         """
         payload = {
-            "prompts": list(prompts),
+            "prompts": list(prompts) if prompts or boxes is None else None,
+            "boxes": [[float(v) for v in box] for box in boxes] if boxes is not None else None,
+            "box_labels": [int(v) for v in box_labels] if box_labels is not None else None,
             "return_masks": return_masks,
             "mask_format": mask_format,
             "score_threshold": score_threshold,

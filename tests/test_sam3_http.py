@@ -76,6 +76,7 @@ def sam3_server(tmp_path_factory, sam3_checkpoint, image_root, image_host):
             "max_batch_size": 8,
             "batch_timeout": 0.2,
             "cache_size": 16,  # --cache-size below overrides it
+            "prompt_chunk": 4,
             "models": [{"name": "sam3-tiny", "weights": str(sam3_checkpoint), "arch_config": str(ARCH)}],
         },
     }
@@ -103,13 +104,21 @@ def raw_scores(processor, image: np.ndarray, prompt: str) -> np.ndarray:
     return state["scores"].numpy()
 
 
-def reference(processor, image, prompt, score_threshold=0.5, epsilon_factor=0.02, min_area=100) -> list[dict]:
+def reference(
+    processor, image, prompt, score_threshold=0.5, epsilon_factor=0.02, min_area=100, boxes=(), labels=()
+) -> list[dict]:
     """Sam3Processor's instances with the documented rules on top: best score first, box clipped
     to the image, polygon = approxPolyDP of the largest external contour, kept when that
-    polygon's area >= min_area; empty masks have no polygon and are dropped."""
+    polygon's area >= min_area; empty masks have no polygon and are dropped. ``boxes`` (pixels)
+    are added one by one after the text prompt, if any, as the processor takes them."""
     h, w = image.shape[:2]
     processor.confidence_threshold = score_threshold
-    state = processor.set_text_prompt(prompt, processor.set_image(Image.fromarray(image)))
+    state = processor.set_image(Image.fromarray(image))
+    if prompt is not None:
+        state = processor.set_text_prompt(prompt, state)
+    for (x1, y1, x2, y2), label in zip(boxes, labels, strict=True):
+        cxcywh = [(x1 + x2) / 2 / w, (y1 + y2) / 2 / h, (x2 - x1) / w, (y2 - y1) / h]
+        state = processor.add_geometric_prompt(cxcywh, bool(label), state)
     out = []
     for i in torch.argsort(state["scores"], descending=True, stable=True).tolist():
         mask = state["masks"][i, 0].numpy()
@@ -307,6 +316,71 @@ def test_concurrent_requests_batch_the_backbone_and_answer_like_the_processor(sa
         assert_matches(got["results"], reference(processor, image, "tree", 0.0, 0.02, 0), "tree")
 
 
+def test_concurrent_prompts_on_a_cached_image_share_one_detector_forward(sam3_server, client, processor):
+    image = scene(seed=12)
+    client.predict(image=image, prompts=["warm"])  # cached from now on
+    before = info(sam3_server)["detector_batch_sizes"]["sam3-tiny"]
+    prompts = ["a red car", "tree", "the dog on the left", "cat", "bird", "sky"]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        answers = list(
+            pool.map(lambda p: client.predict(image=image, prompts=[p], return_masks=True), prompts)
+        )
+    after = info(sam3_server)["detector_batch_sizes"]["sam3-tiny"]
+    new = {int(k): v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+    assert sum(k * v for k, v in new.items()) == len(prompts)  # one query per request ...
+    assert max(new) > 1  # ... and some of them shared a forward, at most prompt_chunk at a time
+    assert max(new) <= 4
+    for prompt, got in zip(prompts, answers, strict=True):
+        assert_matches(got["results"], reference(processor, image, prompt), prompt)
+
+
+def test_a_requests_prompts_run_prompt_chunk_at_a_time(sam3_server, client, processor):
+    image = scene(seed=13)
+    prompts = ["a", "b c", "tree", "the dog on the left", "sky", "a red car"]
+    before = info(sam3_server)["detector_batch_sizes"]["sam3-tiny"]
+    got = client.predict(image=image, prompts=prompts)
+    after = info(sam3_server)["detector_batch_sizes"]["sam3-tiny"]
+    assert {int(k): v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)} == {4: 1, 2: 1}
+    for prompt in prompts:
+        mine = [r for r in got["results"] if r["prompt"] == prompt]
+        assert_matches(mine, reference(processor, image, prompt), prompt)
+
+
+# ----------------------------------------------------------------------------- exemplar boxes
+
+BOX_CASES = {
+    "one positive box": (None, [[3, 4, 30, 40]], None),
+    "boxes alone, one negative": (None, [[0, 0, 45, 61], [10.5, 20, 40, 55]], [1, 0]),
+    "text and boxes": (["a red car", "tree"], [[3, 4, 30, 40], [5, 30, 44, 60]], [1, 0]),
+    "text and a negative box": (["tree"], [[5, 10, 40, 55]], [0]),
+}
+
+
+@pytest.mark.parametrize("case", BOX_CASES)
+def test_box_prompts_equal_sam3_processor(client, processor, case):
+    prompts, boxes, labels = BOX_CASES[case]
+    image = scene(seed=4)
+    got = client.predict(
+        image=image, prompts=prompts or (), boxes=boxes, box_labels=labels, return_masks=True
+    )
+    labels = labels or [1] * len(boxes)
+    for prompt in prompts or [None]:
+        mine = [r for r in got["results"] if r["prompt"] == prompt]
+        assert mine  # some instances pass the 0.5 threshold
+        assert_matches(mine, reference(processor, image, prompt, boxes=boxes, labels=labels), prompt)
+    assert {r["prompt"] for r in got["results"]} <= set(prompts or [None])
+    plain = client.predict(image=image, prompts=prompts or ["visual"], score_threshold=0, min_area=0)
+    boxed = client.predict(
+        image=image,
+        prompts=prompts or ["visual"],
+        boxes=boxes,
+        box_labels=labels,
+        score_threshold=0,
+        min_area=0,
+    )
+    assert [r["score"] for r in plain["results"]] != [r["score"] for r in boxed["results"]]  # boxes count
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -323,6 +397,17 @@ BAD = {
     "negative min_area": ({"prompts": ["cat"], "min_area": -1}, 422, "min_area"),
     "unknown model": ({"prompts": ["cat"], "model": "sam9"}, 400, "offers: sam3-tiny"),
     "unknown field": ({"prompts": ["cat"], "box": [1, 2, 3, 4]}, 422, "box"),
+    "no prompts nor boxes": ({}, 422, "give prompts, boxes, or both"),
+    "empty box list": ({"boxes": []}, 422, "at least 1"),
+    "empty box": ({"boxes": [[10, 10, 10, 20]]}, 422, "boxes[0] [10.0, 10.0, 10.0, 20.0] is empty"),
+    "inverted box": ({"prompts": ["cat"], "boxes": [[1, 1, 5, 5], [20, 10, 5, 30]]}, 422, "boxes[1]"),
+    "box of 3 numbers": ({"boxes": [[1, 2, 3]]}, 422, "4 numbers"),
+    "box outside the image": ({"boxes": [[10, 10, 46, 20]]}, 400, "outside the 45x61 image"),
+    "negative box": ({"boxes": [[-1, 0, 5, 5]]}, 400, "boxes[0] [-1.0, 0.0, 5.0, 5.0] is outside"),
+    "labels do not match": ({"boxes": [[1, 1, 5, 5]], "box_labels": [1, 0]}, 422, "2 labels for 1 boxes"),
+    "labels without boxes": ({"prompts": ["cat"], "box_labels": [1]}, 422, "box_labels needs boxes"),
+    "label not 0 or 1": ({"boxes": [[1, 1, 5, 5]], "box_labels": [2]}, 422, "box_labels[0] is 2"),
+    "too many boxes": ({"boxes": [[1, 1, 5, 5]] * 33}, 422, "at most 32"),
 }
 
 
