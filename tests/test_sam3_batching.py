@@ -52,7 +52,7 @@ def references(model):
 @pytest.mark.parametrize("chunk", [1, 2, 3, 7, 16])
 def test_batched_queries_equal_the_processor_one_prompt_at_a_time(model, references, chunk):
     runner = Sam3Runner(model, Sam3Arch.from_json(ARCH), torch.device("cpu"), torch.float32, cache_size=4)
-    encs = runner.encode(IMAGES)
+    encs = runner.encode([str(i) for i in range(len(IMAGES))], IMAGES)
     queries = [Query(encs[i], text, boxes, labels) for i, text, boxes, labels in QUERIES]
     dets = runner.detect(queries, chunk)
     assert sum(runner.detector_batches.values()) == -(-len(QUERIES) // chunk)  # forwards of <= chunk
@@ -69,7 +69,7 @@ def test_batched_queries_equal_the_processor_one_prompt_at_a_time(model, referen
 
 def test_new_prompts_are_text_encoded_as_one_batch(model):
     runner = Sam3Runner(model, Sam3Arch.from_json(ARCH), torch.device("cpu"), torch.float32, cache_size=4)
-    enc = runner.encode(IMAGES[:1])[0]
+    enc = runner.encode(["0"], IMAGES[:1])[0]
     runner.detect([Query(enc, t) for t in ["cat", "dog", "cat", "bird"]], chunk=8)
     assert runner.encoded_prompts == 3 and dict(runner.text_batches) == {3: 1}
     runner.detect(
@@ -80,7 +80,7 @@ def test_new_prompts_are_text_encoded_as_one_batch(model):
 
 def test_a_score_threshold_drops_detections_as_they_are_made(model, references):
     runner = Sam3Runner(model, Sam3Arch.from_json(ARCH), torch.device("cpu"), torch.float32, cache_size=4)
-    enc = runner.encode(IMAGES[:1])[0]
+    enc = runner.encode(["0"], IMAGES[:1])[0]
     det = runner.detect([Query(enc, "a red car", score_threshold=0.5)], chunk=1)[0]
     want = references[0]["scores"]
     assert 0 < len(det.scores) < len(want)
