@@ -113,8 +113,8 @@ class ClipEmbedRequest(_ClipModelFields):
     @model_validator(mode="after")
     def _no_blank_text(self):
         for i, text in enumerate(self.texts):
-            if not text.strip():
-                raise ValueError(f"texts[{i}] is empty; send non-blank texts")
+            if is_blank(text):
+                raise ValueError(f"texts[{i}] is blank (only whitespace or invisible characters); send text")
         return self
 
 
@@ -131,8 +131,8 @@ class ClipClassifyRequest(_ClipModelFields, ImageInput):
     @model_validator(mode="after")
     def _well_formed(self):
         for i, label in enumerate(self.labels):
-            if not label.strip():
-                raise ValueError(f"labels[{i}] is empty; send non-blank labels")
+            if is_blank(label):
+                raise ValueError(f"labels[{i}] is blank (only whitespace or invisible characters); send text")
         for i, template in enumerate(self.templates or []):
             if "{}" not in template:
                 raise ValueError(f"templates[{i}] has no '{{}}' where the label goes: {template!r}")

@@ -21,6 +21,7 @@ from .config import Limits, ServerConfig
 from .errors import APIError
 from .family import Job
 from .images import decode_base64, decode_image, probe_image
+from .replies import non_finite
 
 
 def check_count(n: int, limits: Limits, param: str, what: str = "inputs") -> None:
@@ -137,6 +138,8 @@ def openai_answer(
     """OpenAI's embeddings list, inputs in request order; ``base64`` is little-endian float32,
     as OpenAI sends it. Usage counts the text tokens and, per image, the ViT's tokens."""
     oa = job.params["openai"]
+    if not (torch.isfinite(images).all() and torch.isfinite(texts).all()):
+        raise non_finite("an embedding")
     rows = {"image": iter(images.numpy()), "text": iter(texts.numpy())}
     data = []
     for index, kind in enumerate(oa["kinds"]):

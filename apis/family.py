@@ -166,7 +166,7 @@ class FamilySpec(LitSpec):
     def _endpoint(self, route: Route) -> Callable:
         async def endpoint(request):
             try:
-                if isinstance(request, ImageInput):
+                if isinstance(request, ImageInput) or route.op == "embed":
                     # base64 decoding, URL or disk I/O and the header probe, off the event loop
                     loop = asyncio.get_running_loop()
                     ctx = contextvars.copy_context()  # the request id, for log lines of the preparing thread
@@ -190,7 +190,7 @@ class FamilySpec(LitSpec):
     async def submit(self, job: Job) -> Reply:
         """A worker's answer to a prepared job (also what apis/openai_routes.py sends)."""
         job.request_id = REQUEST_ID.get()
-        affinity = self._api.affinity(job) if self.dispatcher.connected > 1 else None
+        affinity = self._api.affinity(job)
         # a request with only an image_id can be answered only where that image is cached
         stay = job.image_id is not None and job.image_bytes is None
         reply = await self.dispatcher.submit(job, affinity, stay=stay)

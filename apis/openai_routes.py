@@ -25,7 +25,7 @@ from .embed import EmbeddingRoutes, check_count, read_image
 from .errors import APIError, _validation_message, error_body
 from .family import FamilyAPI, Job
 from .routing import JsonBodyRoute
-from .schemas import StrictRequest
+from .schemas import StrictRequest, is_blank
 
 _DATA_URI = re.compile(r"data:image/[\w.+-]+;base64,")
 _BASE64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
@@ -66,8 +66,8 @@ class EmbeddingsRequest(StrictRequest):
                 )
             if not isinstance(item, str):
                 raise ValueError(f"item {i} is not a string")
-            if not item.strip():
-                raise ValueError(f"item {i} is an empty string; send non-blank texts")
+            if is_blank(item):
+                raise ValueError(f"item {i} is blank (only whitespace or invisible characters); send text")
         return v
 
 

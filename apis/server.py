@@ -160,6 +160,9 @@ def listen_socket(host: str, port: int) -> socket.socket:
     except OSError as e:
         raise RuntimeError(f"cannot listen on {host} port {port}: {e}") from e
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # uvicorn wraps a socket given by fd as a Unix socket, so nothing sets TCP_NODELAY on the
+    # connections; Linux copies it from the listening socket to each accepted one
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind(address)
     except OSError as e:
@@ -256,7 +259,7 @@ def _add_observability_routes(server: VisionServer, metrics: Metrics, unavailabl
 def _unavailable_endpoints(name: str, reason: str):
     """``/<family>/health`` and the routes of a family left out: 503 with the reason."""
     body = {"status": "unavailable", "family": name, "reason": reason}
-    error = APIError(503, f"{name} is not served by this server: {reason}", code="family_unavailable")
+    error = APIError(501, f"{name} is not served by this server: {reason}", code="family_unavailable")
 
     async def family_health(_: Request) -> JSONResponse:
         return JSONResponse(body, status_code=503)

@@ -238,7 +238,7 @@ def test_concurrent_dino_embeds_of_both_poolings(server, images, dino_ref, dkw):
     [
         ("/clip/embed", {}, 400, "images", "no images and texts given"),
         ("/clip/embed", {"texts": ["t"] * (MAX_INPUTS + 1)}, 400, "images", f"at most {MAX_INPUTS}"),
-        ("/clip/embed", {"texts": ["ok", " "]}, 422, "body", "texts[1] is empty"),
+        ("/clip/embed", {"texts": ["ok", " "]}, 422, "body", "texts[1] is blank"),
         ("/clip/embed", {"images": ["aGVsbG8gd29ybGQ="]}, 400, "images[0]", "not an image format"),
         ("/clip/embed", {"texts": ["a"], "model_name": "ViT-H-14"}, 400, "model_name", "clip-tiny/testfile"),
         ("/dino/embed", {"images": []}, 400, "images", "no images given"),
@@ -259,7 +259,7 @@ def test_concurrent_dino_embeds_of_both_poolings(server, images, dino_ref, dkw):
             "body",
             "no '{}'",
         ),
-        ("/clip/classify", {"image": "PNG", "labels": ["a", ""]}, 422, "body", "labels[1] is empty"),
+        ("/clip/classify", {"image": "PNG", "labels": ["a", ""]}, 422, "body", "labels[1] is blank"),
     ],
 )
 def test_bad_embedding_requests_get_clear_errors(server, images, path, body, status, param, words):

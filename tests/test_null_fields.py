@@ -53,7 +53,7 @@ BASES: dict[str, list[dict]] = {
         {"image": IMG, "box": [5, 5, 40, 30]},
     ],
     "sam2/embed": [{"image": IMG}],
-    "sam3/predict": [{"image": IMG, "prompts": ["mug"]}],
+    "sam3/predict": [{"image": IMG, "prompts": ["mug"]}, {"image": IMG, "boxes": [[5, 5, 40, 30]]}],
     "sam3/embed": [{"image": IMG}],
     "rmbg/remove": [{"image": IMG}],
 }

@@ -298,7 +298,7 @@ def test_server_downloads_at_start_and_leaves_out_an_optional_gated_family(tmp_p
         h = requests.get(server.url + "/rmbg/health")
         assert h.status_code == 503 and h.json()["status"] == "unavailable"
         r = requests.post(server.url + "/rmbg/remove", json={"image": "x"}, headers=auth)
-        assert r.status_code == 503 and r.json()["error"]["code"] == "family_unavailable"
+        assert r.status_code == 501 and r.json()["error"]["code"] == "family_unavailable"
         assert "WILL NOT BE SERVED" in server.log()
         metrics = requests.get(server.url + "/metrics")  # public_metrics: no key needed
         assert metrics.status_code == 200
