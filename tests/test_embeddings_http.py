@@ -239,7 +239,7 @@ def test_concurrent_dino_embeds_of_both_poolings(server, images, dino_ref, dkw):
         ("/clip/embed", {}, 400, "images", "no images and texts given"),
         ("/clip/embed", {"texts": ["t"] * (MAX_INPUTS + 1)}, 400, "images", f"at most {MAX_INPUTS}"),
         ("/clip/embed", {"texts": ["ok", " "]}, 422, "body", "texts[1] is blank"),
-        ("/clip/embed", {"images": ["aGVsbG8gd29ybGQ="]}, 400, "images[0]", "not an image format"),
+        ("/clip/embed", {"images": ["aGVsbG8gd29ybGQ="]}, 400, "images[0]", "not a format this server reads"),
         ("/clip/embed", {"texts": ["a"], "model_name": "ViT-H-14"}, 400, "model_name", "clip-tiny/testfile"),
         ("/dino/embed", {"images": []}, 400, "images", "no images given"),
         ("/dino/embed", {"images": ["x"], "pooling": "max"}, 422, "pooling", "'cls' or 'mean'"),

@@ -880,7 +880,8 @@ def test_requests_whose_clients_left_are_dropped_and_a_cheap_one_is_answered_beh
     """A slow auto_mask holds the SAM 2 worker; auto_masks queued behind it whose clients then
     leave are withdrawn and never run; a prompt_mask behind them is answered (bounded by its
     timeout) and the worker counted only the slow one and the prompt."""
-    slow = {**ROUTES["sam2/auto_mask"], "points_per_side": 16}  # 256 points: seconds on CPU
+    # 1024 points: seconds on a quiet CPU, so the clients below leave while their requests still queue
+    slow = {**ROUTES["sam2/auto_mask"], "points_per_side": 32}
     before = _ok_count(server.url, "sam2", "auto_mask"), _ok_count(server.url, "sam2", "prompt_mask")
     with ThreadPoolExecutor(1) as pool:
         blocker = pool.submit(send, server.url, "sam2/auto_mask", slow, KEYS[0], 300)

@@ -419,7 +419,7 @@ def test_min_mask_region_area_works_as_with_sam2s_kernel(kw, sam2_checkpoint, mo
     assert areas[0] != areas[30]
 
 
-#: The presets as README/SPEC state them (not read from the server): what the library gets.
+#: The presets as the README states them (not read from the server): what the library gets.
 PRESET_VALUES = {
     "coarse": {
         "points_per_side": 16,
