@@ -132,10 +132,10 @@ def collect_keys(args: argparse.Namespace) -> list[str]:
 
 
 def fetch_weights(cfg, log: logging.Logger) -> tuple[dict[str, str], list[str]]:
-    """Every enabled family's weights on this machine, downloaded where missing (apis/weights.py).
+    """Every enabled family's weights on this machine, downloaded where missing (apis/core/weights.py).
     Returns the optional families left out with the reason (now disabled in ``cfg``) and the
     required ones that cannot start."""
-    from apis.weights import WeightsUnavailable, fetch_family
+    from apis.core.weights import WeightsUnavailable, fetch_family
 
     unavailable: dict[str, str] = {}
     failed: list[str] = []
@@ -160,10 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.weights_dir:  # before huggingface_hub is imported: it reads the variable once
         os.environ["HF_HUB_CACHE"] = str(Path(args.weights_dir).resolve())
     os.environ["VISIONSERVE_LOG_FORMAT"] = args.log_format  # the workers' format too
-    from apis.config import CachedFamily, load_config
-    from apis.drain import install_sigterm_drain
-    from apis.family import configure_logging, reuse_freed_memory
-    from apis.server import Options, build_server, random_weight_models
+    from apis.config import load_config
+    from apis.core.logs import configure_logging
+    from apis.core.process import reuse_freed_memory
+    from apis.core.settings import CachedFamily
+    from apis.http.drain import install_sigterm_drain
+    from apis.server import Options, build_server, close_dispatchers, random_weight_models
 
     configure_logging(args.log_level, args.log_format)
     # The HTTP process moves multi-MB bodies and answers too: without this, each one page-faulted
@@ -280,12 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, RuntimeError):
             log.error("startup failed: %s", e)
             code = 1
-        for proc in getattr(server, "inference_workers", []):
-            proc.kill()
-        manager = getattr(server.transport_config, "manager", None)
-        if manager is not None:
-            manager.shutdown()
-    server.close_dispatchers()
+        server.kill_workers()
+    close_dispatchers(server)
     logging.shutdown()
     # The HTTP servers are non-daemon threads that never return on their own; the workers and
     # the manager are already gone, so leave now (this also releases the port).

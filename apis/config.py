@@ -7,12 +7,12 @@ cache sizes, input and size limits), so the routes themselves carry no policy.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, create_model
 
-MiB = 1024 * 1024
+from apis.core.settings import Family, Inputs, Limits, StrictSettings
+from apis.families import FAMILIES
 
 # Environment of the model workers (set by the server before it starts them; a value already in
 # the environment wins). PyTorch's CPU threads (GNU OpenMP) spin after each parallel region
@@ -22,189 +22,25 @@ MiB = 1024 * 1024
 WORKER_ENV = {"GOMP_SPINCOUNT": "10000"}
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _ServerSettings(StrictSettings):
+    """The settings of the whole server; one optional section per family is added below."""
 
-
-class Limits(_Strict):
-    """Caps that keep one request from exhausting the server."""
-
-    max_body_bytes: int = Field(64 * MiB, gt=0, description="Largest request body; larger -> 413.")
-    max_image_pixels: int = Field(40_000_000, gt=0, description="Largest decoded image (width x height).")
-    max_image_side: int = Field(16384, gt=0, description="Largest image width or height.")
-    max_response_bytes: int = Field(256 * MiB, gt=0, description="Largest dense tensor a response may carry.")
-    max_text_chars: int = Field(2000, gt=0, description="Longest text prompt.")
-    max_tokens: int = Field(
-        32768, gt=0, description="Largest ViT patch grid (rows x columns) a dense request may need."
-    )
-    max_embed_inputs: int = Field(
-        64,
-        gt=0,
-        description="Most inputs (images + texts) of one /clip/embed, /dino/embed or /v1/embeddings "
-        "request, and most labels of one /clip/classify request.",
-    )
-    max_auto_mask_points: int = Field(
-        65536,
-        gt=0,
-        description="Most SAM 2 auto_mask prompt points over all crop layers (the request's compute).",
-    )
-    body_timeout_s: float = Field(
-        60.0, gt=0, description="Seconds a request body may take to arrive; -> 408."
-    )
-    max_header_bytes: int = Field(32 * 1024, ge=1024, description="Largest request head (headers); -> 431.")
-    max_url_bytes: int = Field(8 * 1024, ge=256, description="Longest request URL; -> 414.")
-    max_headers: int = Field(100, ge=10, description="Most request headers; -> 431.")
-
-
-class UrlInput(_Strict):
-    """``image_url`` input: off unless enabled; public addresses only unless told otherwise."""
-
-    enabled: bool = False
-    allowed_hosts: list[str] = Field(
-        default_factory=list,
-        description="Host names ('example.com', '*.example.com') or IPs/CIDRs; empty = any public host.",
-    )
-    allow_private_networks: bool = Field(
-        False, description="Allow loopback/private/link-local targets (only for trusted networks)."
-    )
-    timeout_s: float = Field(10.0, gt=0)
-    max_redirects: int = Field(3, ge=0)
-
-
-class PathInput(_Strict):
-    """``image_path`` input: off unless at least one root folder is named."""
-
-    roots: list[Path] = Field(default_factory=list)
-
-
-class Inputs(_Strict):
-    url: UrlInput = Field(default_factory=UrlInput)
-    path: PathInput = Field(default_factory=PathInput)
-
-
-class ModelEntry(_Strict):
-    """One model an operator allows. ``name``/``pretrained`` are what requests ask for."""
-
-    name: str
-    pretrained: str = ""
-    weights: str | None = Field(
-        None,
-        description="'random', a local checkpoint path, hf://<org>/<repo>/<file> (a file on the Hugging Face "
-        "hub), or null to let the library fetch `pretrained`.",
-    )
-    arch_config: Path | None = Field(None, description="Architecture JSON for models the library lacks.")
-    aliases: list[list[str] | str] = Field(default_factory=list, description="Other spellings of this model.")
-
-    @property
-    def is_random(self) -> bool:
-        return self.weights == "random"
-
-    @property
-    def weights_source(self) -> str:
-        if self.is_random:
-            return "random (untrained weights: outputs are meaningless)"
-        if self.weights and self.weights.startswith("hf://"):
-            return f"hub file {self.weights}"
-        if self.weights:
-            return f"file {self.weights}"
-        return f"library download of '{self.pretrained or self.name}'"
-
-
-class Family(_Strict):
-    """Settings shared by every model of one family (clip, dino, ...)."""
-
-    enabled: bool = True
-    required: bool = Field(
-        True,
-        description="false: if the weights cannot be had (gated, missing, offline), serve the other families "
-        "without this one (logged, and named by /health and /info) instead of refusing to start.",
-    )
-    models: list[ModelEntry] = Field(default_factory=list)
-    load: Literal["eager", "lazy"] = Field("eager", description="Load at worker start, or on first use.")
-    max_batch_size: int = Field(16, ge=1)
-    batch_timeout: float = Field(
-        0.0,
-        ge=0,
-        description="Seconds a batch waits, from its first request, for more to arrive (up to "
-        "max_batch_size). 0 takes only what is already queued: under load requests pile up while the "
-        "worker computes, so batches fill anyway.",
-    )
-    workers_per_device: int | None = Field(None, ge=1)
-
-    @field_validator("models")
-    @classmethod
-    def _some_models(cls, v: list[ModelEntry]) -> list[ModelEntry]:
-        if not v:
-            raise ValueError("list at least one model")
-        return v
-
-
-class CachedFamily(Family):
-    """A family whose workers keep image embeddings (SAM 2, SAM 3)."""
-
-    cache_size: int = Field(
-        16, ge=0, description="Image embeddings kept per model in each worker (LRU); 0 disables the cache."
-    )
-    route_by_image: bool = Field(
-        True,
-        description="With several workers: send the requests on one image to the worker that has it "
-        "cached, while that worker's queue is at most max_batch_size longer than the least busy one's.",
-    )
-
-
-class Sam3Family(CachedFamily):
-    """SAM 3's instance filters: what a request gets when it leaves them out."""
-
-    score_threshold: float = Field(0.5, ge=0.0, le=1.0, description="Keep instances scoring above this.")
-    epsilon_factor: float = Field(
-        0.02, ge=0.0, le=1.0, description="Polygon simplification (approxPolyDP), x the contour perimeter."
-    )
-    min_area: float = Field(100, ge=0.0, description="Drop instances whose polygon covers fewer pixels.")
-    prompt_chunk: int = Field(
-        8,
-        ge=1,
-        description="Find-queries (a text prompt, with or without boxes) per detector forward: a request's "
-        "prompts, and those of the requests batched with it, run this many at a time. Peak memory grows "
-        "with it; 1 runs them one at a time.",
-    )
-
-
-class RmbgModelEntry(ModelEntry):
-    """An ONNX background-removal model and its processing. ``preset`` (or a name starting with
-    rmbg-2.0, rmbg-1.4 or birefnet) gives the model card's values; the fields below override them."""
-
-    preset: Literal["rmbg-2.0", "rmbg-1.4", "birefnet"] | None = None
-    input_size: int | None = Field(None, gt=0, le=4096, description="Square input side; null = preset/ONNX.")
-    mean: tuple[float, float, float] | None = None
-    std: tuple[float, float, float] | None = None
-    activation: Literal["sigmoid", "none"] | None = Field(
-        None, description="sigmoid: the model outputs logits; none: it outputs probabilities."
-    )
-    min_max: bool | None = Field(None, description="Stretch each matte to [0, 1] (RMBG-1.4's card).")
-
-
-class RmbgFamily(Family):
-    models: list[RmbgModelEntry] = Field(default_factory=list)
-
-
-FAMILY_NAMES = ("clip", "dino", "sam2", "sam3", "rmbg")
-
-
-class ServerConfig(_Strict):
     limits: Limits = Field(default_factory=Limits)
     inputs: Inputs = Field(default_factory=Inputs)
     public_docs: bool = Field(False, description="Serve /docs and /openapi.json without a key.")
     public_metrics: bool = Field(False, description="Serve /metrics (Prometheus) without a key.")
-    clip: Family | None = None
-    dino: Family | None = None
-    sam2: CachedFamily | None = None
-    sam3: Sam3Family | None = None
-    rmbg: RmbgFamily | None = None
 
     def families(self) -> dict[str, Family]:
-        return {
-            name: fam for name in FAMILY_NAMES if (fam := getattr(self, name)) is not None and fam.enabled
-        }
+        """The enabled families' settings, in the registry's order."""
+        return {name: fam for name in FAMILIES if (fam := getattr(self, name)) is not None and fam.enabled}
+
+
+#: One optional section per registered family (apis/families.py), each of its own settings type.
+ServerConfig = create_model(
+    "ServerConfig",
+    __base__=_ServerSettings,
+    **{name: (entry.settings | None, None) for name, entry in FAMILIES.items()},
+)
 
 
 def load_config(path: str | Path | None) -> ServerConfig:

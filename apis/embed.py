@@ -17,11 +17,13 @@ import numpy as np
 import pybase64
 import torch
 
-from .config import Limits, ServerConfig
-from .errors import APIError
-from .family import Job
-from .images import decode_base64, decode_image, probe_image
-from .replies import non_finite
+from apis.config import ServerConfig
+from apis.core.errors import APIError
+from apis.core.images import decode_image, probe_image
+from apis.core.replies import non_finite
+from apis.core.settings import Limits
+from apis.family import Job
+from apis.http.inputs import decode_base64
 
 
 def check_count(n: int, limits: Limits, param: str, what: str = "inputs") -> None:

@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import ctypes
 import inspect
 import logging
 import os
-import signal
 import time
 import zlib
 from collections import Counter, defaultdict
@@ -30,24 +28,26 @@ from typing import Any
 import litserve as ls
 import torch
 from fastapi.responses import JSONResponse
-from litserve.specs.base import LitSpec
-from litserve.utils import WorkerSetupStatus
 from PIL import Image
 from pydantic import BaseModel
 
-from .config import ModelEntry, ServerConfig
-from .dispatch import Dispatcher
-from .errors import APIError
-from .image_ids import content_id
-from .images import IMAGE_FIELDS, ImageInput, decode_image, probe_image, read_image_bytes
-from .observability import REQUEST_ID, adopt_litserve_logger, log_handler
-from .registry import Key, ModelRegistry, canonical
-from .replies import Reply
-from .weights import hub_file, is_hf_uri
-from .worker_loop import WorkerLoop
+from apis.config import ServerConfig
+from apis.core.errors import APIError
+from apis.core.image_ids import content_id
+from apis.core.images import decode_image, probe_image
+from apis.core.logs import REQUEST_ID, configure_logging
+from apis.core.precision import resolve_dtype
+from apis.core.process import die_with_parent, reuse_freed_memory
+from apis.core.registry import Key, ModelRegistry, canonical
+from apis.core.replies import Reply
+from apis.core.settings import ModelEntry
+from apis.core.weights import hub_file, is_hf_uri
+from apis.http.inputs import IMAGE_FIELDS, ImageInput, read_image_bytes
+from apis.http.responses import error_response, reply_response
+from apis.litserve_internals import FamilySpecBase, WorkerLoop
+from apis.transport.dispatch import Dispatcher
 
 log = logging.getLogger("visionserve")
-LOG_FORMAT_ENV = "VISIONSERVE_LOG_FORMAT"
 
 #: Threads that read and check image inputs (base64, URL, file; header probe). Pillow parses some
 #: headers in Python, so a crafted file costs its thread, never the event loop (/health and every
@@ -66,79 +66,23 @@ class Route:
 @dataclass
 class Job:
     """One request as it travels to a worker: validated fields, the model's id, raw image bytes,
-    and on caching routes the image_id (apis/image_ids.py), which a request may send alone."""
+    and on caching routes the image_id (apis/core/image_ids.py), which a request may send alone."""
 
     op: str
     model_id: str
     params: dict[str, Any]
     image_bytes: bytes | None = None
     image: Image.Image | None = field(default=None, repr=False)
-    request_id: str = "-"  # the worker's log lines name it (apis/observability.py)
+    request_id: str = "-"  # the worker's log lines name it (apis/http/metrics.py)
     image_id: str | None = None
 
 
-def configure_logging(level: str, fmt: str | None = None) -> None:
-    """Same log format in the server process and in every (spawned) worker: text, or one JSON
-    object per line. Workers read the format from ``$VISIONSERVE_LOG_FORMAT`` (app.py sets it)."""
-    fmt = fmt or os.environ.get(LOG_FORMAT_ENV, "text")
-    logging.basicConfig(level=logging.WARNING, handlers=[log_handler(fmt)], force=True)
-    log.setLevel(level.upper())
-    if fmt == "json":
-        adopt_litserve_logger()
-
-
-def resolve_dtype(name: str, device: str) -> torch.dtype:
-    if name == "auto":
-        if device.startswith("cuda"):
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters
-
-
-def _libc() -> ctypes.CDLL | None:
-    """glibc, for the worker's process settings; None elsewhere (they are then skipped)."""
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
-def reuse_freed_memory() -> bool:
-    """glibc: keep memory a request freed for the next one instead of returning it to the OS.
-
-    By default glibc maps every allocation above 32 MB afresh and unmaps it when freed, and trims
-    the heap. A model's activations are that large, so every request page-faults (zero-fills)
-    gigabytes again: a SAM 3 prompt on CPU took 6.1 s instead of 4.5 s (bench/allocator.py).
-    The HTTP process calls it too, for multi-MB bodies and answers. The price is that a process
-    keeps the memory of its largest request, as PyTorch's CUDA allocator does on GPUs. Returns
-    False where this is not glibc.
-    """
-    libc = _libc()
-    if libc is None:
-        return False
-    return bool(libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30))
-
-
-def _die_with_parent() -> None:
-    """Linux: have the kernel kill this worker if the server process dies, even by SIGKILL."""
-    libc = _libc()
-    if libc is None:
-        return
-    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() == 1:
-        os._exit(0)
-
-
-class FamilySpec(LitSpec):
+class FamilySpec(FamilySpecBase):
     """Registers a family's POST routes and its ``GET /<family>/health``; requests go to the
-    family's workers through its :class:`~apis.dispatch.Dispatcher`."""
+    family's workers through its :class:`~apis.transport.dispatch.Dispatcher`."""
 
     def __init__(self, api: FamilyAPI):
-        super().__init__()
-        self.api_path = f"/{api.family}"
+        super().__init__(api.family)
         self._api = api
         self.dispatcher: Dispatcher | None = None
         self.address: str | None = None  # what a worker connects to
@@ -148,7 +92,6 @@ class FamilySpec(LitSpec):
         # Endpoints and the dispatcher (sockets, requests in flight) belong to the HTTP process;
         # a worker, also one restarted while requests wait, needs only the address.
         state = super().__getstate__()
-        state["_endpoints"] = []
         state["dispatcher"] = None
         state["_preparing"] = None
         return state
@@ -176,8 +119,8 @@ class FamilySpec(LitSpec):
                 else:
                     job = self._api.prepare(route.op, request)
             except APIError as e:
-                return e.response()
-            return (await self.submit(job)).response()
+                return error_response(e)
+            return reply_response(await self.submit(job))
 
         endpoint.__signature__ = inspect.Signature(
             [inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=route.request)],
@@ -201,9 +144,8 @@ class FamilySpec(LitSpec):
 
     async def health(self) -> JSONResponse:
         """Open readiness of this family's workers (what the seed clients poll)."""
-        prefix = f"{self._api.family}_"
-        states = [v for k, v in self._server.workers_setup_status.items() if k.startswith(prefix)]
-        ready = sum(v == WorkerSetupStatus.READY for v in states)
+        states = self.worker_states(self._api.family)
+        ready = sum(states)
         ok = bool(states) and ready == len(states)
         body = {
             "status": "ok" if ok else "starting",
@@ -264,7 +206,7 @@ class FamilyAPI(ls.LitAPI):
 
     def affinity(self, job: Job) -> Hashable | None:
         """For a route that caches encoded images, the key that sends every request on one image
-        for this model to the same worker (:class:`~apis.dispatch.Dispatcher`): its image_id,
+        for this model to the same worker (:class:`~apis.transport.dispatch.Dispatcher`): its image_id,
         whether the request sent the image or only the id."""
         if job.op not in self.cached_ops or job.image_id is None or not self.fam.route_by_image:
             return None
@@ -289,7 +231,7 @@ class FamilyAPI(ls.LitAPI):
 
     # ------------------------------------------------------------------ worker process
     def setup(self, device: str) -> None:
-        _die_with_parent()
+        die_with_parent()
         reuse_freed_memory()
         configure_logging(self.log_level)
         if device.startswith("cuda"):
@@ -426,7 +368,7 @@ class FamilyAPI(ls.LitAPI):
         return out
 
     def encode_response(self, output: dict | APIError | Reply) -> Reply:
-        """The answer rendered here, in the worker (apis/replies.py)."""
+        """The answer rendered here, in the worker (apis/core/replies.py)."""
         reply = Reply.of(output)
         if self.stats is not None:
             # The worker's counters ride back with each answer: fresh in /info as soon as the

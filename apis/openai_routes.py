@@ -20,12 +20,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field, field_validator
 
-from .config import ServerConfig
-from .embed import EmbeddingRoutes, check_count, read_image
-from .errors import APIError, _validation_message, error_body
-from .family import FamilyAPI, Job
-from .routing import JsonBodyRoute
-from .schemas import StrictRequest, is_blank
+from apis.config import ServerConfig
+from apis.core.errors import APIError, error_body
+from apis.embed import EmbeddingRoutes, check_count, read_image
+from apis.family import FamilyAPI, Job
+from apis.http.errors import _validation_message
+from apis.http.responses import reply_response
+from apis.http.routing import JsonBodyRoute
+from apis.http.schemas import StrictRequest, is_blank
 
 _DATA_URI = re.compile(r"data:image/[\w.+-]+;base64,")
 _BASE64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
@@ -200,7 +202,7 @@ class OpenAIEmbeddings:
             api, job = self.job(body)
         except APIError as e:
             return _openai_error(e)
-        return (await api.spec.submit(job)).response()
+        return reply_response(await api.spec.submit(job))
 
     def card(self, model_id: str) -> dict:
         return {"id": model_id, "object": "model", "created": self.created, "owned_by": "visionserve"}

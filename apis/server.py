@@ -2,7 +2,7 @@
 
 Worker processes are placed by LitServe (``workers_per_device`` on every device) and restarted
 by its monitor when they die. Requests reach them through each family's dispatcher
-(apis/dispatch.py), which lives on the event loop of the one HTTP server, a thread of this
+(apis/transport/dispatch.py), which lives on the event loop of the one HTTP server, a thread of this
 process (``api_server_worker_type='thread'``). There is one HTTP server: LitServe 0.2.19's
 thread servers share each family's spec and its answer-queue id, which ends up the last
 server's (``_start_server``), and the work that needs cores is in the model workers anyway.
@@ -11,46 +11,29 @@ server's (``_start_server``), and the work that needs cores is in the model work
 from __future__ import annotations
 
 import logging
-import os
-import socket
-import threading
-import time
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-import litserve as ls
-from fastapi import FastAPI, Request
+from fastapi import Request
 from fastapi.responses import JSONResponse, Response
-from litserve.utils import WorkerSetupStatus
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.middleware.gzip import GZipMiddleware
 
-from . import __version__
-from .clip_api import ClipAPI
-from .config import WORKER_ENV, ServerConfig
-from .dino_api import DinoAPI
-from .drain import DrainGate, DrainState
-from .errors import APIError, install_error_handlers
-from .family import LOG_FORMAT_ENV, FamilyAPI
-from .middleware import BearerAuth, BodyLimit
-from .observability import Metrics, RequestContext, adopt_litserve_logger
-from .openai_routes import install_openai_routes
-from .playground import install_playground, is_playground
-from .protocol import http_protocol
-from .rmbg_api import RmbgAPI
-from .routing import JsonBodyRoute
-from .sam2_api import Sam2API
-from .sam3_api import Sam3API
+from apis import __version__
+from apis.config import WORKER_ENV, ServerConfig
+from apis.core.errors import APIError
+from apis.families import FAMILIES
+from apis.family import FamilyAPI
+from apis.http.drain import DrainGate, DrainState
+from apis.http.errors import install_error_handlers
+from apis.http.metrics import Metrics, RequestContext
+from apis.http.middleware import BearerAuth, BodyLimit
+from apis.http.playground import install_playground, is_playground
+from apis.http.protocol import http_protocol
+from apis.http.responses import error_response
+from apis.litserve_internals import VisionServer
+from apis.openai_routes import install_openai_routes
 
 log = logging.getLogger("visionserve")
 
-FAMILIES: dict[str, type[FamilyAPI]] = {
-    "clip": ClipAPI,
-    "dino": DinoAPI,
-    "sam2": Sam2API,
-    "sam3": Sam3API,
-    "rmbg": RmbgAPI,
-}
 _DOC_PATHS = {"/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"}
 
 
@@ -68,115 +51,18 @@ class Options:
     unavailable: dict[str, str] = field(default_factory=dict)  # optional families left out, and why
 
 
-class VisionServer(ls.LitServer):
-    """LitServer plus a shared stats dict, all-workers-ready startup and a clean stop."""
-
-    def _init_manager(self, num_api_servers: int):
-        manager = super()._init_manager(num_api_servers)
-        self.stats = manager.dict()
-        for api in self.litapi_connector:
-            api.stats = self.stats
-        return manager
-
-    http_protocol: type | None = None  # uvicorn's protocol class (apis/protocol.py)
-
-    def run(self, host: str = "127.0.0.1", port: int = 8000, **kwargs) -> None:
-        """LitServer.run with what the dispatchers need: one HTTP server, a thread of this process.
-        Keyword arguments reach uvicorn.Config, so does the guarded HTTP protocol.
-
-        LitServe 0.2.19 listens only on 0.0.0.0, 127.0.0.1 or ::, so the socket is bound here, on
-        any address or host name, and handed to uvicorn as a file descriptor (before any worker
-        starts: a taken port fails at once)."""
-        for name, value in WORKER_ENV.items():  # read by libraries as workers import them
-            os.environ.setdefault(name, value)
-        if self.http_protocol is not None:
-            kwargs.setdefault("http", self.http_protocol)
-        self.listener = listen_socket(host, port)
-        super().run(
-            host="0.0.0.0",  # only passes LitServe's check: uvicorn uses fd
-            port=port,
-            fd=self.listener.fileno(),
-            num_api_servers=1,
-            api_server_worker_type="thread",
-            generate_client_file=False,
-            **kwargs,
-        )
-
-    def _register_spec_endpoints(self, lit_api: FamilyAPI) -> None:
-        """The family's routes, with bodies parsed by :class:`~apis.routing.JsonBodyRoute`.
-        LitServe's auth dependency is left out: BearerAuth guards every route before this."""
-        lit_api.spec._server = self
-        for path, endpoint, methods in lit_api.spec.endpoints:
-            self.app.router.add_api_route(path, endpoint, methods=methods, route_class_override=JsonBodyRoute)
-
-    @asynccontextmanager
-    async def lifespan(self, app: FastAPI):
-        """LitServe's start-up, then each family's dispatcher on the HTTP server's event loop."""
-        async with super().lifespan(app):
-            if os.environ.get(LOG_FORMAT_ENV) == "json":  # LitServe's run() set its own handler again
-                adopt_litserve_logger()
-            for api in self.litapi_connector:
-                await api.spec.dispatcher.start(api.request_timeout)
-            yield
-
-    def close_dispatchers(self) -> None:
-        """Remove the worker sockets (app.py calls it on every way out)."""
-        for api in self.litapi_connector:
-            if api.spec.dispatcher is not None:
-                api.spec.dispatcher.close()
-
-    def verify_worker_status(self):
-        """Serve only once EVERY worker loaded its models; fail fast (no restart loop) if one cannot."""
-        expected = sum(len(self._inference_workers_config_for_api(a.api_path)) for a in self.litapi_connector)
-        while True:
-            states = list(self.workers_setup_status.values())
-            if any(s == WorkerSetupStatus.ERROR for s in states) or any(
-                not p.is_alive() for p in self.inference_workers
-            ):
-                raise RuntimeError("a model worker failed to start (see its error above)")
-            if len(states) == expected and all(s == WorkerSetupStatus.READY for s in states):
-                return
-            time.sleep(0.1)
-
-    def _perform_graceful_shutdown(self, manager, uvicorn_workers, shutdown_reason: str = "normal"):
-        # Stop the monitor first, or it restarts the workers we are about to terminate. From a new
-        # thread: Ctrl-C/SIGTERM may have cut this thread's manager connection mid-call.
-        setter = threading.Thread(target=self._shutdown_event.set, daemon=True)
-        setter.start()
-        setter.join(timeout=2)
-        # HTTP server threads cannot be terminated; app.py exits the process once workers are gone.
-        processes = {k: w for k, w in uvicorn_workers.items() if not isinstance(w, threading.Thread)}
-        super()._perform_graceful_shutdown(manager, processes, shutdown_reason)
-
-
-def listen_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to ``host`` (an IPv4 or IPv6 address or a host name) and ``port``, as
-    uvicorn binds one; RuntimeError saying which address failed and why."""
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-        sock = socket.socket(family, kind, proto)
-    except OSError as e:
-        raise RuntimeError(f"cannot listen on {host} port {port}: {e}") from e
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    # uvicorn wraps a socket given by fd as a Unix socket, so nothing sets TCP_NODELAY on the
-    # connections; Linux copies it from the listening socket to each accepted one
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    try:
-        sock.bind(address)
-    except OSError as e:
-        sock.close()
-        raise RuntimeError(f"cannot listen on {host} port {port}: {e.strerror or e}") from e
-    sock.set_inheritable(True)
-    return sock
+def close_dispatchers(server: VisionServer) -> None:
+    """Remove the worker sockets (app.py calls it on every way out)."""
+    for api in server.litapi_connector:
+        if api.spec.dispatcher is not None:
+            api.spec.dispatcher.close()
 
 
 def build_server(cfg: ServerConfig, opts: Options) -> VisionServer:
     families = cfg.families()
     if not families:
         raise ValueError("no model family is enabled: configure at least one (see configs/demo.yaml)")
-    apis = [FAMILIES[name](cfg, dtype=opts.dtype, log_level=opts.log_level) for name in families]
+    apis = [FAMILIES[name].api_class()(cfg, dtype=opts.dtype, log_level=opts.log_level) for name in families]
     wpd = {f"/{name}": fam.workers_per_device or opts.workers_per_device for name, fam in families.items()}
 
     def is_open(path: str) -> bool:
@@ -206,8 +92,13 @@ def build_server(cfg: ServerConfig, opts: Options) -> VisionServer:
         middlewares=middlewares,
         restart_workers=True,
     )
-    # LitServe adds gzip at level 9; on multi-MB base64 tensors it costs more CPU than it saves bytes.
-    server.app.user_middleware = [m for m in server.app.user_middleware if m.cls is not GZipMiddleware]
+    server.worker_env = WORKER_ENV
+
+    async def start_dispatchers() -> None:
+        for api in apis:
+            await api.spec.dispatcher.start(api.request_timeout)
+
+    server.on_start = start_dispatchers
     server.app.title, server.app.version = "visionserve", __version__
     server.http_protocol = http_protocol(cfg.limits)
     # '/route/' must not answer 307 with a Location built from the request's Host header
@@ -252,7 +143,7 @@ def _add_observability_routes(server: VisionServer, metrics: Metrics, unavailabl
     for name, reason in unavailable.items():
         family_health, refuse = _unavailable_endpoints(name, reason)
         server.app.add_api_route(f"/{name}/health", family_health, methods=["GET"], include_in_schema=False)
-        for route in FAMILIES[name].routes:
+        for route in FAMILIES[name].api_class().routes:
             server.app.add_api_route(f"/{name}/{route.op}", refuse, methods=["POST"], include_in_schema=False)
 
 
@@ -265,7 +156,7 @@ def _unavailable_endpoints(name: str, reason: str):
         return JSONResponse(body, status_code=503)
 
     async def refuse(_: Request) -> Response:
-        return error.response()
+        return error_response(error)
 
     return family_health, refuse
 

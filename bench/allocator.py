@@ -1,5 +1,5 @@
 """Request time with glibc's default allocator vs reusing freed memory (what workers do, see
-``apis.family.reuse_freed_memory``), in-process, full-size models.
+``apis.core.process.reuse_freed_memory``), in-process, full-size models.
 
     python bench/allocator.py [--families sam3,sam2,dino,clip] [--rounds 4]
 
@@ -35,12 +35,12 @@ def side(family: str, reuse: bool) -> None:
     """Child: set the route up, then time one call per line read from stdin."""
     import apis.family
     from apis.config import load_config
-    from apis.server import FAMILIES
+    from apis.families import FAMILIES
     from bench.serving import in_process, photo
 
     if not reuse:
-        apis.family.reuse_freed_memory = lambda: False  # keep glibc's defaults
-    api = FAMILIES[family](load_config(ROOT / "configs" / "bench-full.yaml"))
+        apis.core.process.reuse_freed_memory = lambda: False  # keep glibc's defaults
+    api = FAMILIES[family].api_class()(load_config(ROOT / "configs" / "bench-full.yaml"))
     api.setup("cpu")
     op, extra = CASES[family]
     payload = {"image": photo(), **extra}

@@ -84,7 +84,7 @@ def model_ceiling(cfg_path: Path, dtype: str, texts: list[str], rounds: int = 5)
     """Median seconds per text of ``encode_texts`` one at a time and as one batch."""
     import torch
 
-    from apis.clip_model import encode_texts, load_clip
+    from apis.clip.model import encode_texts, load_clip
     from apis.config import load_config
 
     cm = load_clip(load_config(cfg_path).clip.models[0], "cpu", getattr(torch, dtype))

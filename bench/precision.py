@@ -24,14 +24,14 @@ from bench.harness import ROOT, ms, ran, spread, table, timed  # noqa: E402
 # isort: split
 import torch  # noqa: E402
 
-from apis.clip_model import dense_features as clip_dense  # noqa: E402
-from apis.clip_model import load_clip  # noqa: E402
+from apis.clip.model import dense_features as clip_dense  # noqa: E402
+from apis.clip.model import load_clip  # noqa: E402
 from apis.config import load_config  # noqa: E402
-from apis.dense import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, to_tensor  # noqa: E402
-from apis.dino_model import dense_features as dino_dense  # noqa: E402
-from apis.dino_model import load_dino  # noqa: E402
-from apis.sam2_model import Prompt, load_sam2, predict_prompt  # noqa: E402
-from apis.sam3_model import Query, instance_mask, load_sam3  # noqa: E402
+from apis.core.dense import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, to_tensor  # noqa: E402
+from apis.dino.model import dense_features as dino_dense  # noqa: E402
+from apis.dino.model import load_dino  # noqa: E402
+from apis.sam2.model import Prompt, load_sam2, predict_prompt  # noqa: E402
+from apis.sam3.model import Query, instance_mask, load_sam3  # noqa: E402
 
 PHOTOS = ("astronaut", "coffee", "chelsea")
 

@@ -39,8 +39,8 @@ from bench.harness import ROOT, ms, ran, server, table, timed  # noqa: E402
 
 # isort: split
 from apis.config import load_config  # noqa: E402
-from apis.family import reuse_freed_memory  # noqa: E402
-from apis.sam3_model import Query, load_sam3  # noqa: E402
+from apis.core.process import reuse_freed_memory  # noqa: E402
+from apis.sam3.model import Query, load_sam3  # noqa: E402
 
 
 def prompts(n: int, start: int = 0) -> list[str]:

@@ -47,7 +47,7 @@ from bench.harness import (  # noqa: E402
 
 # isort: split
 from apis.config import load_config  # noqa: E402
-from apis.server import FAMILIES  # noqa: E402
+from apis.families import FAMILIES  # noqa: E402
 
 BLOCK = 3  # timed back-to-back calls per side and round
 FLOOR_CALLS = 30  # timed calls to uvicorn alone per route
@@ -145,7 +145,7 @@ def main() -> None:
     with floor_server() as floor_url:
         floor = Client(floor_url)
         for family in dict.fromkeys(f for f, _, _ in todo):
-            api = FAMILIES[family](cfg)
+            api = FAMILIES[family].api_class()(cfg)
             api.setup("cuda:0" if args.device == "cuda" else "cpu")
             placement = ["--accelerator", "cuda", "--devices", "1"] if args.device == "cuda" else []
             with server(config, "--models", family, *placement) as url:

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import pybase64
 
+from apis.core.masks import decode_png, decode_rle, save_overlay
+
 from .common import (
     VisionServeError,
     content_id,
@@ -32,7 +34,6 @@ from .common import (
     image_file_bytes,
     post_image,
 )
-from .masks import decode_png, decode_rle, save_overlay
 
 __all__ = [
     "VisionServeError",

@@ -13,7 +13,7 @@ extras="server"
 .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
 .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 # sam2's sdist compiles against the torch above; without CUDA it skips its (optional) kernel,
-# whose CPU replacement lives in apis/sam2_model.py.
+# whose CPU replacement lives in apis/sam2/model.py.
 .venv/bin/python -m pip show -q sam2 >/dev/null 2>&1 ||
     SAM2_BUILD_CUDA=0 .venv/bin/python -m pip install -q --no-build-isolation "sam2==1.1.0"
 .venv/bin/python -m pip install -q -e ".[${extras}]"

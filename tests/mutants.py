@@ -48,7 +48,7 @@ MUTANTS = [
     ),
     Mutant(
         "pca: fixed random projection",
-        "apis/dense.py",
+        "apis/core/dense.py",
         "        _, _, v = torch.pca_lowrank(x, q=q, center=False, niter=niter)",
         "        v = torch.linalg.qr(torch.randn(x.shape[1], q))[0]",
         (
@@ -59,7 +59,7 @@ MUTANTS = [
     ),
     Mutant(
         "pca: sign not fixed",
-        "apis/dense.py",
+        "apis/core/dense.py",
         "    v = v * torch.where(v[idx, torch.arange(q)] < 0, -1.0, 1.0)\n",
         "",
         ("tests/test_units.py::test_pca_equals_numpy_svd_up_to_the_documented_sign_and_scaling",),
@@ -67,7 +67,7 @@ MUTANTS = [
     ),
     Mutant(
         "pca: min-max instead of quantiles",
-        "apis/dense.py",
+        "apis/core/dense.py",
         "    lo = torch.quantile(proj, q_min, dim=0)\n    hi = torch.quantile(proj, q_max, dim=0)",
         "    lo = proj.amin(dim=0)\n    hi = proj.amax(dim=0)",
         (
@@ -78,7 +78,7 @@ MUTANTS = [
     ),
     Mutant(
         "relevancy: max over negatives",
-        "apis/clip_model.py",
+        "apis/clip/model.py",
         "torch.softmax(pair, dim=-1)[..., 0].amin(dim=-1)",
         "torch.softmax(pair, dim=-1)[..., 0].amax(dim=-1)",
         ("tests/test_clip_http.py::test_relevancy_equals_the_lerf_formula",),
@@ -86,7 +86,7 @@ MUTANTS = [
     ),
     Mutant(
         "relevancy: the negative's column",
-        "apis/clip_model.py",
+        "apis/clip/model.py",
         "torch.softmax(pair, dim=-1)[..., 0].amin(dim=-1)",
         "torch.softmax(pair, dim=-1)[..., 1].amin(dim=-1)",
         ("tests/test_clip_http.py::test_relevancy_equals_the_lerf_formula",),
@@ -94,7 +94,7 @@ MUTANTS = [
     ),
     Mutant(
         "relevancy: temperature ignored",
-        "apis/clip_model.py",
+        "apis/clip/model.py",
         "neg], dim=-1) * temperature",
         "neg], dim=-1) * 10.0",
         ("tests/test_clip_http.py::test_relevancy_equals_the_lerf_formula",),
@@ -102,7 +102,7 @@ MUTANTS = [
     ),
     Mutant(
         "full-res similarity: uniform map",
-        "apis/clip_api.py",
+        "apis/clip/api.py",
         'sim = spatial_softmax(sim, p["softmax"])',
         "sim = torch.full_like(sim, 1.0 / sim.numel())",
         ("tests/test_clip_http.py::test_similarity_full_resolution_cosine_and_negatives",),
@@ -110,7 +110,7 @@ MUTANTS = [
     ),
     Mutant(
         "full-res similarity: softmax before upsampling",
-        "apis/clip_api.py",
+        "apis/clip/api.py",
         """        if not p["ret_patches"]:
             sim = upsample_grid(sim[..., None], geom, p["interpolation_mode"])[..., 0]
         if p["softmax"] > 0 and not negatives:
@@ -124,7 +124,7 @@ MUTANTS = [
     ),
     Mutant(
         "padding: replicate pads by reflection",
-        "apis/dense.py",
+        "apis/core/dense.py",
         "F.pad(x, (0, pw, 0, ph), mode=mode) if",
         "F.pad(x, (0, pw, 0, ph), mode='reflect' if mode == 'replicate' else mode) if",
         ("tests/test_clip_http.py::test_padding_mode_equals_numpy_padding_of_the_normalised_image",),
@@ -132,7 +132,7 @@ MUTANTS = [
     ),
     Mutant(
         "interpolation: corners aligned",
-        "apis/dense.py",
+        "apis/core/dense.py",
         'kwargs = {"align_corners": False} if mode',
         'kwargs = {"align_corners": True} if mode',
         ("tests/test_clip_http.py::test_every_interpolation_mode_equals_its_rule",),
@@ -140,7 +140,7 @@ MUTANTS = [
     ),
     Mutant(
         "interpolation: nearest-exact read as nearest",
-        "apis/dense.py",
+        "apis/core/dense.py",
         "x = F.interpolate(x, size=padded_hw, mode=mode, **kwargs)",
         "x = F.interpolate(x, size=padded_hw, mode=mode.replace('-exact', ''), **kwargs)",
         ("tests/test_dino_http.py::test_upsampling_a_stride_7_grid_follows_each_modes_rule",),
@@ -148,7 +148,7 @@ MUTANTS = [
     ),
     Mutant(
         "center_crop: offset rounded down",
-        "apis/dense.py",
+        "apis/core/dense.py",
         "left, top = int(round((w - side) / 2.0)), int(round((h - side) / 2.0))",
         "left, top = (w - side) // 2, (h - side) // 2",
         ("tests/test_clip_http.py::test_extract_load_size_and_crop_equal_torchvision_transforms",),
@@ -156,7 +156,7 @@ MUTANTS = [
     ),
     Mutant(
         "load_size: bilinear resize",
-        "apis/dense.py",
+        "apis/core/dense.py",
         "img = img.resize((w, h), Image.BICUBIC)",
         "img = img.resize((w, h), Image.BILINEAR)",
         ("tests/test_clip_http.py::test_extract_load_size_and_crop_equal_torchvision_transforms",),
@@ -164,7 +164,7 @@ MUTANTS = [
     ),
     Mutant(
         "dino pos-embed: timm's resize for hub models",
-        "apis/dino_model.py",
+        "apis/dino/model.py",
         "    if dm.registers:\n        out = F.interpolate(table, size=grid",
         "    if True:\n        out = F.interpolate(table, size=grid",
         ("tests/test_dino_http.py::test_values_equal_timm_on_the_same_weights",),
@@ -172,7 +172,7 @@ MUTANTS = [
     ),
     Mutant(
         "dino pos-embed: offset 0 instead of 0.1",
-        "apis/dino_model.py",
+        "apis/dino/model.py",
         "scale = ((grid[0] + 0.1) / native[0], (grid[1] + 0.1) / native[1])",
         "scale = ((grid[0] + 0.0) / native[0], (grid[1] + 0.0) / native[1])",
         ("tests/test_dino_http.py::test_values_equal_timm_on_the_same_weights",),
@@ -180,7 +180,7 @@ MUTANTS = [
     ),
     Mutant(
         "log-binning: averages count the padding",
-        "apis/dino_model.py",
+        "apis/dino/model.py",
         "padding=k // 2, count_include_pad=False)",
         "padding=k // 2, count_include_pad=True)",
         ("tests/test_dino_http.py::test_log_binning_equals_the_per_cell_definition",),
@@ -188,7 +188,7 @@ MUTANTS = [
     ),
     Mutant(
         "log-binning: zero padding off the grid",
-        "apis/dino_model.py",
+        "apis/dino/model.py",
         'padded = F.pad(pooled, (k, k, k, k), mode="replicate")',
         "padded = F.pad(pooled, (k, k, k, k))",
         ("tests/test_dino_http.py::test_log_binning_equals_the_per_cell_definition",),
@@ -196,7 +196,7 @@ MUTANTS = [
     ),
     Mutant(
         "batching off",
-        "apis/worker_loop.py",
+        "apis/transport/worker_loop.py",
         "items = link.collect(lit_api.max_batch_size,",
         "items = link.collect(1,",
         (
@@ -207,7 +207,7 @@ MUTANTS = [
     ),
     Mutant(
         "auto_mask: m2m ignored",
-        "apis/sam2_model.py",
+        "apis/sam2/model.py",
         "amg = _Generator(pred.model, output_mode=output_mode, **s)",
         'amg = _Generator(pred.model, output_mode=output_mode, **{**s, "use_m2m": False})',
         ("tests/test_sam2_http.py::test_auto_mask_equals_the_library_generator_field_by_field",),
@@ -215,7 +215,7 @@ MUTANTS = [
     ),
     Mutant(
         "auto_mask: no hole filling in the predictor",
-        "apis/sam2_model.py",
+        "apis/sam2/model.py",
         'pred.configure(0.0, s["min_mask_region_area"], s["min_mask_region_area"])',
         "pred.configure(0.0, 0.0, 0.0)",
         ("tests/test_sam2_http.py::test_auto_mask_equals_the_library_generator_field_by_field",),
@@ -223,7 +223,7 @@ MUTANTS = [
     ),
     Mutant(
         "prompt_mask: hole area used for sprinkles too",
-        "apis/sam2_model.py",
+        "apis/sam2/model.py",
         "self._transforms.max_sprinkle_area = max_sprinkle_area",
         "self._transforms.max_sprinkle_area = max_hole_area",
         ("tests/test_sam2_http.py::test_hole_and_sprinkle_filling_equal_the_library_predictor",),
@@ -231,7 +231,7 @@ MUTANTS = [
     ),
     Mutant(
         "sam3: first contour, not the largest",
-        "apis/masks.py",
+        "apis/core/masks.py",
         "contour = max(contours, key=cv2.contourArea)",
         "contour = contours[0]",
         ("tests/test_sam3_http.py::test_score_threshold_min_area_and_epsilon_including_explicit_zero",),
@@ -239,7 +239,7 @@ MUTANTS = [
     ),
     Mutant(
         "sam3: polygon simplified with a fixed epsilon",
-        "apis/masks.py",
+        "apis/core/masks.py",
         "approx = cv2.approxPolyDP(contour, epsilon_factor * cv2.arcLength(contour, True), True)",
         "approx = cv2.approxPolyDP(contour, 2.0 * epsilon_factor, True)",
         (
@@ -251,7 +251,7 @@ MUTANTS = [
     ),
     Mutant(
         "sam3: batched encodings out of order",
-        "apis/sam3_model.py",
+        "apis/sam3/model.py",
         'backbone_fpn=[f[j : j + 1].clone() for f in out["backbone_fpn"]],',
         'backbone_fpn=[f[0:1].clone() for f in out["backbone_fpn"]],',
         (
@@ -261,7 +261,7 @@ MUTANTS = [
     ),
     Mutant(
         "dtype: autocast never entered",
-        "apis/precision.py",
+        "apis/core/precision.py",
         "if self.dtype == torch.float32:",
         "if True:",
         (
@@ -272,7 +272,7 @@ MUTANTS = [
     ),
     Mutant(
         "rmbg: threshold 0 gives an all-zero alpha",
-        "apis/rmbg_model.py",
+        "apis/rmbg/model.py",
         "return np.where(matte > threshold, 255, 0).astype(np.uint8)",
         "return np.where(matte > threshold, 255 * (threshold != 0), 0).astype(np.uint8)",
         ("tests/test_rmbg_http.py::test_mask_both_webp_and_threshold_are_consistent",),
@@ -280,7 +280,7 @@ MUTANTS = [
     ),
     Mutant(
         "sam3 builder: half the attention heads",
-        "apis/sam3_model.py",
+        "apis/sam3/model.py",
         "    heads: int = 8\n",
         "    heads: int = 4\n",
         ("tests/test_sam3_units.py::test_default_architecture_is_the_released_one",),

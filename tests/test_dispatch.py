@@ -1,4 +1,4 @@
-"""Requests to workers and back (apis/dispatch.py, apis/worker_loop.py), driven directly."""
+"""Requests to workers and back (apis/transport/dispatch.py and worker_loop.py), driven directly."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ from types import SimpleNamespace
 import orjson
 import pytest
 
-from apis.arena import Arena, ArenaOffer
-from apis.dispatch import Dispatcher, WorkerLink, frame
-from apis.replies import Reply
-from apis.worker_loop import run_batch
+from apis.core.replies import Reply
+from apis.http.responses import reply_response
+from apis.transport.arena import Arena, ArenaOffer
+from apis.transport.dispatch import Dispatcher, WorkerLink, frame
+from apis.transport.worker_loop import run_batch
 
 
 def link_pair() -> tuple[socket.socket, WorkerLink]:
@@ -268,7 +269,7 @@ def test_a_worker_that_cannot_map_the_arena_says_so_and_keeps_the_socket(caplog)
 
 @pytest.mark.parametrize("arena_bytes", [64 << 20, 1 << 20], ids=["through the arena", "too big for it"])
 def test_an_answer_body_travels_as_raw_bytes_with_its_status_headers_and_stats(monkeypatch, arena_bytes):
-    monkeypatch.setattr("apis.dispatch.ARENA_BYTES", arena_bytes)
+    monkeypatch.setattr("apis.transport.dispatch.ARENA_BYTES", arena_bytes)
     body = bytes(range(256)) * (12 * 4096)  # 12 MB, more than the socket buffers
 
     async def scenario():
@@ -294,7 +295,7 @@ def test_an_answer_body_travels_as_raw_bytes_with_its_status_headers_and_stats(m
             )
             assert reply.body == body
             assert link._arena._written == (len(body) if arena_bytes > len(body) else 0)
-            response = reply.response()
+            response = reply_response(reply)
             assert response.body == body and response.headers["content-length"] == str(len(body))
             assert response.headers["x-visionserve-model"] == "m"
             link.close()

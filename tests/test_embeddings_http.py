@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from apis.clip_model import DEFAULT_TEMPLATES
-from apis.errors import APIError
+from apis.clip.model import DEFAULT_TEMPLATES
+from apis.core.errors import APIError
 from clients import clip_client as cc
 from clients import dino_client as dc
 from tests.conftest import CLIP_ARCH, KEYS, ServerProcess

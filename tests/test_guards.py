@@ -13,16 +13,16 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
-from apis.clip_api import ClipSimilarityRequest, ClipTextRequest
-from apis.config import Limits
-from apis.dispatch import Withdraw, WorkerLink, frame
-from apis.errors import APIError
-from apis.protocol import http_protocol
-from apis.replies import Reply, non_finite_at
-from apis.sam2_api import Sam2AutoMaskRequest, Sam2PromptRequest, auto_mask_points, generator_settings
-from apis.sam3_api import Sam3PredictRequest
-from apis.schemas import is_blank
-from apis.tensors import encode_array, tensor_answer
+from apis.clip.api import ClipSimilarityRequest, ClipTextRequest
+from apis.core.errors import APIError
+from apis.core.replies import Reply, non_finite_at
+from apis.core.settings import Limits
+from apis.core.tensors import encode_array, tensor_answer
+from apis.http.protocol import http_protocol
+from apis.http.schemas import is_blank
+from apis.sam2.api import Sam2AutoMaskRequest, Sam2PromptRequest, auto_mask_points, generator_settings
+from apis.sam3.api import Sam3PredictRequest
+from apis.transport.dispatch import Withdraw, WorkerLink, frame
 
 
 @pytest.mark.parametrize(
@@ -211,7 +211,7 @@ def test_an_unexpected_exception_is_answered_in_the_json_shape():
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from apis.errors import install_error_handlers
+    from apis.http.errors import install_error_handlers
 
     app = FastAPI()
     install_error_handlers(app)

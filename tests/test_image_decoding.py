@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from apis.config import Limits
-from apis.errors import APIError
-from apis.images import ALLOWED_FORMATS, HEADER_STEPS, decode_base64, decode_image, probe_image
+from apis.core.errors import APIError
+from apis.core.images import ALLOWED_FORMATS, HEADER_STEPS, decode_image, probe_image
+from apis.core.settings import Limits
+from apis.http.inputs import decode_base64
 
 LIMITS = Limits(max_image_pixels=4_000_000, max_image_side=4096)
 FUZZ_SEED = 24

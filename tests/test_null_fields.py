@@ -18,7 +18,7 @@ import pytest
 import requests
 from PIL import Image
 
-from apis.server import FAMILIES
+from apis.families import FAMILIES
 from tests.conftest import KEYS, ROOT, ServerProcess
 
 DEMO = ROOT / "configs" / "demo.yaml"
@@ -60,7 +60,11 @@ BASES: dict[str, list[dict]] = {
 
 
 def request_models() -> dict[str, type]:
-    return {f"{api.family}/{r.op}": r.request for api in FAMILIES.values() for r in api.routes}
+    return {
+        f"{api.family}/{r.op}": r.request
+        for api in (e.api_class() for e in FAMILIES.values())
+        for r in api.routes
+    }
 
 
 def optional_fields(model: type) -> set[str]:

@@ -12,8 +12,9 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from apis.observability import REQUEST_ID, request_id_from
-from apis.worker_loop import run_batch
+from apis.core.logs import REQUEST_ID
+from apis.http.metrics import request_id_from
+from apis.transport.worker_loop import run_batch
 from clients.clip_client import encode_clip_text_decoded
 from clients.sam2_client import generate_sam2_auto_masks_decoded, sam2_point_mask
 from tests.conftest import ROOT, ServerProcess
@@ -212,7 +213,7 @@ class _Api:
         return [{"ok": True} for _ in xs]
 
     def encode_response(self, y):
-        from apis.replies import Reply
+        from apis.core.replies import Reply
 
         return Reply.of(y)
 

@@ -122,12 +122,12 @@ def test_sam3_scores_within_tolerance(low_server, processor):  # noqa: F811
 def test_float16_clip_and_dino_within_tolerance(rgb_image, clip_checkpoint, ref_model, dino_models):  # noqa: F811
     import torch
 
-    from apis.clip_model import dense_features as clip_dense
-    from apis.clip_model import load_clip
-    from apis.config import ModelEntry
-    from apis.dense import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, preprocess
-    from apis.dino_model import dense_features as dino_dense
-    from apis.dino_model import load_dino
+    from apis.clip.model import dense_features as clip_dense
+    from apis.clip.model import load_clip
+    from apis.core.dense import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, preprocess
+    from apis.core.settings import ModelEntry
+    from apis.dino.model import dense_features as dino_dense
+    from apis.dino.model import load_dino
 
     clip = ModelEntry(
         name="clip-tiny", pretrained="testfile", weights=str(clip_checkpoint), arch_config=CLIP_ARCH

@@ -18,7 +18,7 @@ import pytest
 import requests
 from PIL import Image
 
-from apis.rmbg_model import tiny_onnx
+from apis.rmbg.model import tiny_onnx
 from clients.common import VisionServeError, encode_image, post
 from clients.rmbg_client import main as rmbg_cli
 from clients.rmbg_client import remove_background, remove_background_response

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from sam3.model.sam3_image_processor import Sam3Processor
 
-from apis.sam3_model import Query, Sam3Arch, Sam3Runner, instance_mask, normalized_cxcywh
+from apis.sam3.model import Query, Sam3Arch, Sam3Runner, instance_mask, normalized_cxcywh
 from tests.test_sam3_http import ARCH, scene, tiny_model
 
 IMAGES = [scene(seed=0), scene(h=50, w=70, seed=1)]

@@ -15,18 +15,20 @@ import timm
 import torch
 from PIL import Image, ImageFile
 
-from apis.clip_api import ClipExtractRequest, clip_key
-from apis.config import Limits, ModelEntry, PathInput, UrlInput, load_config
-from apis.dense import pca_rgb, resized_size
-from apis.dino_model import HUB_TO_TIMM, architecture
-from apis.errors import APIError
+from apis.clip.api import ClipExtractRequest, clip_key
+from apis.config import load_config
+from apis.core.dense import pca_rgb, resized_size
+from apis.core.errors import APIError
+from apis.core.images import _png_has_chunk, decode_image, probe_image
+from apis.core.registry import ModelRegistry
+from apis.core.settings import Limits, ModelEntry, PathInput, UrlInput
+from apis.dino.model import HUB_TO_TIMM, architecture
+from apis.families import FAMILIES
 from apis.family import Job
-from apis.images import _pick_address, _png_has_chunk, decode_image, probe_image, read_path
-from apis.middleware import BearerAuth
-from apis.registry import ModelRegistry
-from apis.sam2_api import Sam2PromptRequest
-from apis.sam2_model import connected_components, variant_name
-from apis.server import FAMILIES
+from apis.http.inputs import _pick_address, read_path
+from apis.http.middleware import BearerAuth
+from apis.sam2.api import Sam2PromptRequest
+from apis.sam2.model import connected_components, variant_name
 from tests.conftest import ROOT
 from tests.references import svd_pca_rgb
 
@@ -229,7 +231,7 @@ def test_sam2_released_variants_map_to_package_configs(version, size):
 
     import sam2
 
-    from apis.sam2_model import architecture
+    from apis.sam2.model import architecture
 
     config, overrides = architecture(ModelEntry(name=f"{version}_hiera_{size}"))
     assert config == f"configs/{version}/{version}_hiera_{size}.yaml" and overrides == []
@@ -238,7 +240,7 @@ def test_sam2_released_variants_map_to_package_configs(version, size):
 
 def test_affinity_keys_name_the_image_id_and_model_of_the_routes_that_cache_images():
     cfg = load_config(ROOT / "configs" / "demo.yaml")
-    sam2, sam3, clip = (FAMILIES[f](cfg) for f in ("sam2", "sam3", "clip"))
+    sam2, sam3, clip = (FAMILIES[f].api_class()(cfg) for f in ("sam2", "sam3", "clip"))
     buf = io.BytesIO()
     Image.new("RGB", (8, 6), (1, 2, 3)).save(buf, format="PNG")
     png = buf.getvalue()

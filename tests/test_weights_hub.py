@@ -118,8 +118,8 @@ def hub_files(tmp_path_factory) -> dict[str, bytes]:
     from sam2.build_sam import build_sam2
 
     from apis import sam3_compat
-    from apis.rmbg_model import tiny_onnx
-    from apis.sam3_model import Sam3Arch, build_sam3_image
+    from apis.rmbg.model import tiny_onnx
+    from apis.sam3.model import Sam3Arch, build_sam3_image
 
     tmp = tmp_path_factory.mktemp("hub-files")
     files = {
@@ -364,7 +364,7 @@ def test_messages_name_the_repo_each_library_downloads_from():
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     from apis.config import load_config
-    from apis.weights import explain
+    from apis.core.weights import explain
 
     cfg = load_config(ROOT / "configs" / "default.yaml")
     repos = {

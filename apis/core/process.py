@@ -1,0 +1,43 @@
+"""Settings of a model worker's own process (Linux/glibc; skipped elsewhere)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters
+
+
+def _libc() -> ctypes.CDLL | None:
+    """glibc, for the worker's process settings; None elsewhere (they are then skipped)."""
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def reuse_freed_memory() -> bool:
+    """glibc: keep memory a request freed for the next one instead of returning it to the OS.
+
+    By default glibc maps every allocation above 32 MB afresh and unmaps it when freed, and trims
+    the heap. A model's activations are that large, so every request page-faults (zero-fills)
+    gigabytes again: a SAM 3 prompt on CPU took 6.1 s instead of 4.5 s (bench/allocator.py).
+    The HTTP process calls it too, for multi-MB bodies and answers. The price is that a process
+    keeps the memory of its largest request, as PyTorch's CUDA allocator does on GPUs. Returns
+    False where this is not glibc.
+    """
+    libc = _libc()
+    if libc is None:
+        return False
+    return bool(libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30))
+
+
+def die_with_parent() -> None:
+    """Linux: have the kernel kill this worker if the server process dies, even by SIGKILL."""
+    libc = _libc()
+    if libc is None:
+        return
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:
+        os._exit(0)

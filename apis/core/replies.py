@@ -1,0 +1,78 @@
+"""Answers as the HTTP process sends them, rendered by the worker that made them.
+
+A worker turns each result into its response body (JSON by orjson, or ``.npy`` bytes) and the
+HTTP process sends that body as it came off the worker's socket. It never unpickles multi-MB
+base64 strings nor renders them a second time on the event loop, which every other request
+waits for (a SAM 2 answer with float32 masks is 6 MB: docs/benchmarks.md, Serving).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from apis.core.errors import APIError
+
+log = logging.getLogger("visionserve")
+JSON_MEDIA_TYPE = "application/json"
+NPY_MEDIA_TYPE = "application/x-npy"
+
+
+@dataclass
+class Reply:
+    status: int
+    body: bytes | bytearray
+    media_type: str = JSON_MEDIA_TYPE
+    headers: dict[str, str] = field(default_factory=dict)
+    stats: tuple[str, dict] | None = None  # the answering worker's counters, for /info
+
+    @classmethod
+    def of(cls, result: dict | APIError | Reply) -> Reply:
+        """A route's result (an answer dict, an error, or a Reply already made) as a Reply."""
+        if isinstance(result, Reply):
+            return result
+        if isinstance(result, APIError):
+            return cls(result.status, orjson.dumps(result.body()))
+        where = non_finite_at(result)
+        if where is not None:  # orjson would have written null: a bug must not reach clients as data
+            return cls.of(non_finite(where))
+        return cls(200, orjson.dumps(result))
+
+    @classmethod
+    def npy(cls, data: bytes, meta: dict[str, Any]) -> Reply:
+        """A body that IS a ``.npy`` file; ``meta`` travels as ``X-Visionserve-*`` headers."""
+        headers = {f"X-Visionserve-{k.replace('_', '-')}": str(v) for k, v in meta.items()}
+        return cls(200, data, NPY_MEDIA_TYPE, headers)
+
+
+def non_finite(where: str) -> APIError:
+    """The 500 that replaces an answer carrying NaN or infinity (logged: it is a server fault)."""
+    log.error("an answer carried NaN or infinite values at %s; answered 500 instead", where)
+    return APIError(
+        500,
+        f"the model produced NaN or infinite values ({where}); the answer was withheld. This is a "
+        "server fault, not the request's (details are in the server log)",
+        code="non_finite_output",
+    )
+
+
+def non_finite_at(value: Any, path: str = "answer") -> str | None:
+    """Where the first NaN or infinite float in a JSON-able answer is, or None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else path
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        if isinstance(item, (float, dict, list, tuple)):
+            where = non_finite_at(item, f"{path}.{key}" if isinstance(key, str) else f"{path}[{key}]")
+            if where is not None:
+                return where
+    return None

@@ -1,0 +1,89 @@
+"""Dense tensors on the wire: base64 of raw little-endian values, plus ``shape`` and ``dtype``,
+or (``response_format: npy``) the ``.npy`` file itself as the response body.
+
+float32 is the default (what the seed clients decode); float16 halves the bytes on request and
+npy drops base64's third. Sizes are checked before anything is computed, so nobody builds a
+4 GB JSON by accident.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import pybase64
+
+from apis.core.errors import APIError
+from apis.core.replies import Reply, non_finite
+
+OutputDType = Literal["float32", "float16"]
+ResponseFormat = Literal["json", "npy"]
+_BITS = {"float32": 32, "float16": 16, "packbits": 1}  # per value on the wire, before base64
+
+
+def base64_len(nbytes: int) -> int:
+    return 4 * math.ceil(nbytes / 3)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def check_response_size(
+    shape: Sequence[int], dtype: OutputDType | Literal["packbits"], limit: int, hint: str
+) -> None:
+    """Refuse, before computing it, a tensor whose base64 form would exceed ``limit`` bytes
+    (``packbits``: 0/1 values sent as ``numpy.packbits`` bytes)."""
+    nbytes = math.ceil(math.prod(shape) * _BITS[dtype] / 8)
+    wire = base64_len(nbytes)
+    if wire > limit:
+        dims = "x".join(str(s) for s in shape)
+        raise APIError(
+            400,
+            f"the response would carry a {dims} {dtype} tensor: {_human(nbytes)} raw, "
+            f"{_human(wire)} as base64, over this server's limit of {_human(limit)}; {hint}",
+            code="response_too_large",
+        )
+
+
+def encode_array(arr: np.ndarray, dtype: OutputDType = "float32") -> tuple[str, list[int]]:
+    """(base64 of little-endian ``dtype`` values in C order, shape)."""
+    out = finite_values(arr, dtype)
+    return pybase64.b64encode_as_string(out), list(out.shape)
+
+
+def finite_values(arr: np.ndarray, dtype: OutputDType) -> np.ndarray:
+    """``arr`` as little-endian ``dtype``; a 500 if the model made NaN/inf, a 400 if the values
+    only overflow the requested float16."""
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise non_finite("a returned tensor")
+    out = np.ascontiguousarray(arr, dtype=np.dtype(dtype).newbyteorder("<"))
+    if out.dtype != arr.dtype and not np.isfinite(out).all():
+        raise APIError(
+            400,
+            f"the values exceed {dtype}'s range (largest magnitude {float(np.abs(arr).max()):g}); "
+            "ask for output_dtype=float32",
+            param="output_dtype",
+        )
+    return out
+
+
+def tensor_answer(
+    arr: np.ndarray, field: str, dtype: OutputDType, fmt: ResponseFormat, **meta: str | bool
+) -> dict | Reply:
+    """A route's answer carrying one tensor: JSON with ``field`` (base64), ``shape``, ``dtype``
+    and ``meta``; or, for npy, the ``.npy`` bytes with ``meta`` (sent as ``X-Visionserve-*``
+    headers)."""
+    if fmt == "npy":
+        buf = io.BytesIO()
+        np.save(buf, finite_values(arr, dtype), allow_pickle=False)
+        return Reply.npy(buf.getvalue(), meta)
+    data, shape = encode_array(arr, dtype)
+    return {field: data, "shape": shape, "dtype": dtype, **meta}

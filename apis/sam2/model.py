@@ -1,0 +1,368 @@
+"""SAM 2 maths: configured variants, cached and batched image embeddings, prompts, automatic masks.
+
+Plain functions and classes on sam2's own ``SAM2ImagePredictor`` and
+``SAM2AutomaticMaskGenerator``, callable from tests and benchmarks without a server. Two things
+are added to the library: an LRU cache of image embeddings (a prompt on a cached image never
+runs the image encoder) and a CPU version of the connected-components kernel that sam2 only
+ships for CUDA (without it ``max_hole_area``, ``max_sprinkle_area`` and AMG's
+``min_mask_region_area`` are silently skipped).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import sam2.utils.misc
+import torch
+from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+from sam2.build_sam import _hf_download as sam2_hf_download
+from sam2.build_sam import build_sam2, build_sam2_hf
+from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+from apis.core.cache import LRUCache
+from apis.core.precision import Autocast
+from apis.core.settings import ModelEntry
+
+_SIZES = {"t": "tiny", "s": "small", "b+": "base_plus", "l": "large"}
+_SIZE_WORDS = {"tiny": "t", "small": "s", "base_plus": "b+", "baseplus": "b+", "large": "l"}
+_VARIANT = re.compile(r"(sam2(?:\.1)?)_hiera_(t|s|b\+|l|tiny|small|base_?plus|large)")
+
+#: The seed's presets; explicit request fields override them.
+PRESETS: dict[str, dict[str, Any]] = {
+    "coarse": {
+        "points_per_side": 16,
+        "points_per_batch": 64,
+        "pred_iou_thresh": 0.8,
+        "stability_score_thresh": 0.95,
+        "stability_score_offset": 1.0,
+        "crop_n_layers": 0,
+        "crop_n_points_downscale_factor": 1,
+        "min_mask_region_area": 100,
+        "use_m2m": False,
+    },
+    "fine_grained": {
+        "points_per_side": 64,
+        "points_per_batch": 128,
+        "pred_iou_thresh": 0.7,
+        "stability_score_thresh": 0.92,
+        "stability_score_offset": 0.7,
+        "crop_n_layers": 1,
+        "crop_n_points_downscale_factor": 2,
+        "min_mask_region_area": 25,
+        "use_m2m": True,
+    },
+}
+_PRESET_COMMON = {
+    "mask_threshold": 0.0,
+    "box_nms_thresh": 0.7,
+    "crop_nms_thresh": 0.7,
+    "crop_overlap_ratio": 512 / 1500,
+    "multimask_output": True,
+    "point_grids": None,
+}
+for _preset in PRESETS.values():
+    _preset.update(_PRESET_COMMON)
+
+
+def variant_name(text: str | None) -> str | None:
+    """Canonical name of a SAM 2 variant from any spelling of its config, checkpoint or HF id.
+
+    'configs/sam2.1/sam2.1_hiera_l.yaml', './checkpoints/sam2.1_hiera_large.pt' and
+    'facebook/sam2.1-hiera-large' all give 'sam2.1_hiera_l'. Other names are only normalised
+    (case, '-' vs '_', folder and extension dropped).
+    """
+    if not text or not text.strip():
+        return None
+    base = Path(text.strip()).name.lower().replace("-", "_")
+    base = re.sub(r"\.(yaml|yml|pt|pth|safetensors|ckpt)$", "", base)
+    m = _VARIANT.fullmatch(base)
+    if m is None:
+        return base
+    size = _SIZE_WORDS.get(m.group(2), m.group(2))
+    return f"{m.group(1)}_hiera_{size}"
+
+
+def architecture(entry: ModelEntry) -> tuple[str, list[str]]:
+    """(sam2 package config name, hydra overrides) for a configured model.
+
+    ``arch_config`` JSON (``{"config": "configs/sam2.1/sam2.1_hiera_t.yaml", "overrides": [...]}``)
+    describes models that are not one of the eight released variants (the tiny test one).
+    """
+    if entry.arch_config is not None:
+        spec = json.loads(Path(entry.arch_config).read_text())
+        return spec["config"], list(spec.get("overrides", []))
+    name = variant_name(entry.name) or ""
+    m = _VARIANT.fullmatch(name)
+    if m is None:
+        raise ValueError(
+            f"unknown SAM 2 model {entry.name!r}: use a variant such as sam2.1_hiera_l "
+            "(sam2 or sam2.1 x hiera t, s, b+, l) or give an arch_config"
+        )
+    return f"configs/{m.group(1)}/{name}.yaml", []
+
+
+def hf_repo(entry: ModelEntry) -> str:
+    """The hub repo of the released variant the entry is named after (its ``arch_config``, if
+    any, only changes the architecture the checkpoint is loaded into)."""
+    m = _VARIANT.fullmatch(variant_name(entry.name) or "")
+    if m is None:
+        raise ValueError(f"{entry.name}: give `weights` (a checkpoint file); only released variants download")
+    return f"facebook/{m.group(1)}-hiera-{_SIZES[m.group(2)].replace('_', '-')}"
+
+
+# ----------------------------------------------------------------------------- CPU post-processing
+
+
+def connected_components(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-connected components of (N, 1, H, W) binary masks, as sam2's CUDA kernel returns them:
+    a label per foreground pixel (0 on background) and the area of each pixel's component.
+
+    All N masks are labelled in one OpenCV call: stacked into one tall image with a row and a
+    column of background after each, so no component can reach into the next mask.
+    """
+    n, _, h, w = mask.shape
+    tiles = np.zeros((n, h + 1, w + 1), dtype=np.uint8)
+    tiles[:, :h, :w] = mask.detach().to("cpu", torch.uint8).numpy()[:, 0]
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(tiles.reshape(n * (h + 1), w + 1), connectivity=8)
+    labels = labels.reshape(n, h + 1, w + 1)[:, :h, :w]
+    areas = np.where(labels > 0, stats[labels, cv2.CC_STAT_AREA], 0)
+    as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32)[:, None]).to(mask.device)  # noqa: E731
+    return as_tensor(labels), as_tensor(areas)
+
+
+def _cuda_kernel_available() -> bool:
+    try:
+        from sam2 import _C  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def install_cpu_connected_components() -> None:
+    """Route sam2's connected-components calls to :func:`connected_components` unless the CUDA
+    kernel is built and the mask is on a GPU. Idempotent."""
+    current = sam2.utils.misc.get_connected_components
+    if getattr(current, "visionserve", False):
+        return
+    cuda_kernel = current if _cuda_kernel_available() else None
+
+    def dispatch(mask: torch.Tensor):
+        if cuda_kernel is not None and mask.is_cuda:
+            return cuda_kernel(mask)
+        return connected_components(mask)
+
+    dispatch.visionserve = True
+    sam2.utils.misc.get_connected_components = dispatch
+
+
+# ----------------------------------------------------------------------------- embeddings
+
+
+@dataclass
+class Embedding:
+    """What SAM2ImagePredictor keeps after ``set_image``: enough to prompt without the encoder."""
+
+    image_embed: torch.Tensor  # (1, C, h, w)
+    high_res_feats: list[torch.Tensor]
+    orig_hw: tuple[int, int]
+    file: bytes | None = None  # the image file: auto_mask on an image_id needs pixels for its crops
+
+
+class Sam2Predictor(SAM2ImagePredictor, Autocast):
+    """SAM2ImagePredictor whose image embeddings come from an LRU cache, missing ones computed
+    in one batch. ``encoded_images`` counts what the image encoder actually processed."""
+
+    def __init__(self, model, cache_size: int, dtype: torch.dtype = torch.float32):
+        super().__init__(model)
+        s = model.image_size  # the library hard-codes the feature sizes of 1024-px models
+        self._bb_feat_sizes = [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]
+        self.cache: LRUCache[Embedding] = LRUCache(cache_size)
+        self.dtype = dtype
+        self.encoded_images = 0
+        self._whole: tuple[str, np.ndarray, bytes | None] | None = (
+            None  # auto_mask's image: key, pixels, file
+        )
+        model.image_encoder.register_forward_hook(self._count)
+
+    def _count(self, _module, inputs, _output) -> None:
+        self.encoded_images += inputs[0].shape[0]
+
+    @property
+    def low_res_size(self) -> int:
+        return self.model.image_size // 4
+
+    def configure(self, mask_threshold: float, max_hole_area: float, max_sprinkle_area: float) -> None:
+        """Per-request post-processing settings (the library fixes them at construction)."""
+        self.mask_threshold = mask_threshold
+        self._transforms.mask_threshold = mask_threshold
+        self._transforms.max_hole_area = max_hole_area
+        self._transforms.max_sprinkle_area = max_sprinkle_area
+
+    @torch.inference_mode()
+    def embeddings(
+        self,
+        keys: Sequence[str],
+        images: Sequence[np.ndarray | None],
+        files: Sequence[bytes | None] | None = None,
+    ) -> list[Embedding | None]:
+        """Embeddings of whole HWC uint8 images by cache key (their image_id): cached ones reused,
+        the missing images encoded as one batch and kept with their ``files``; a key given
+        without an image is only looked up (None if not cached)."""
+
+        def encode(todo: list[int]) -> list[Embedding]:
+            with self.autocast():
+                SAM2ImagePredictor.set_image_batch(self, [images[i] for i in todo])
+            feats = self._features
+            out = [
+                Embedding(  # copies, so an evicted entry frees its memory
+                    image_embed=feats["image_embed"][j : j + 1].clone(),
+                    high_res_feats=[f[j : j + 1].clone() for f in feats["high_res_feats"]],
+                    orig_hw=tuple(images[i].shape[:2]),
+                    file=None if files is None else files[i],
+                )
+                for j, i in enumerate(todo)
+            ]
+            self.reset_predictor()
+            return out
+
+        return self.cache.fetch_or_find(keys, images, encode)
+
+    def use(self, emb: Embedding) -> None:
+        """Make ``emb`` the current image, as if ``set_image`` had just computed it."""
+        self.reset_predictor()
+        self._features = {"image_embed": emb.image_embed, "high_res_feats": emb.high_res_feats}
+        self._orig_hw = [emb.orig_hw]
+        self._is_image_set = True
+        self._is_batch = False
+
+    def set_image(self, image) -> None:
+        """The automatic mask generator's entry point: the whole image goes through the cache, its
+        crops (other shapes) are encoded as usual and not kept."""
+        if self._whole is not None and isinstance(image, np.ndarray) and image.shape == self._whole[1].shape:
+            key, whole, file = self._whole
+            self.use(self.embeddings([key], [whole], [file])[0])
+        else:
+            super().set_image(image)
+
+    @contextlib.contextmanager
+    def whole_image(self, key: str, image: np.ndarray, file: bytes | None = None):
+        self._whole = (key, image, file)
+        try:
+            yield
+        finally:
+            self._whole = None
+
+
+def load_sam2(
+    entry: ModelEntry, device: str | torch.device, dtype: torch.dtype = torch.float32, cache_size: int = 16
+) -> Sam2Predictor:
+    """Build the configured variant and load its checkpoint (sam2's strict loader: a file that
+    does not fit the architecture fails loudly). ``weights`` None downloads the released one."""
+    install_cpu_connected_components()
+    config, overrides = architecture(entry)
+    if entry.is_random:
+        model = build_sam2(config, None, device=str(device), hydra_overrides_extra=overrides)
+    elif entry.weights:
+        if not Path(entry.weights).is_file():
+            raise FileNotFoundError(f"SAM 2 checkpoint for {entry.name} not found: {entry.weights}")
+        model = build_sam2(config, entry.weights, device=str(device), hydra_overrides_extra=overrides)
+    elif entry.arch_config is None:
+        model = build_sam2_hf(hf_repo(entry), device=str(device))
+    else:  # sam2's download, loaded into the configured architecture
+        _, checkpoint = sam2_hf_download(hf_repo(entry))
+        model = build_sam2(config, checkpoint, device=str(device), hydra_overrides_extra=overrides)
+    return Sam2Predictor(model, cache_size, dtype)
+
+
+# ----------------------------------------------------------------------------- the two routes
+
+
+@dataclass
+class Prompt:
+    point_coords: list[list[float]] | None = None
+    point_labels: list[int] | None = None
+    box: list[float] | None = None
+    mask_input: np.ndarray | None = None  # (1, L, L) low-res logits
+    multimask_output: bool = True
+    return_logits: bool = False
+    normalize_coords: bool = True
+    mask_threshold: float = 0.0
+    max_hole_area: float = 0.0
+    max_sprinkle_area: float = 0.0
+
+
+@torch.inference_mode()
+def predict_prompt(pred: Sam2Predictor, emb: Embedding, prompt: Prompt):
+    """(masks (C, H, W), iou (C,), low-res logits (C, L, L)) float32, via ``SAM2ImagePredictor.predict``."""
+    pred.use(emb)
+    pred.configure(prompt.mask_threshold, prompt.max_hole_area, prompt.max_sprinkle_area)
+    with pred.autocast():
+        masks, iou, low = pred.predict(
+            point_coords=None if prompt.point_coords is None else np.asarray(prompt.point_coords, np.float32),
+            point_labels=None if prompt.point_labels is None else np.asarray(prompt.point_labels, np.int32),
+            box=None if prompt.box is None else np.asarray(prompt.box, np.float32),
+            mask_input=prompt.mask_input,
+            multimask_output=prompt.multimask_output,
+            return_logits=prompt.return_logits,
+            normalize_coords=prompt.normalize_coords,
+        )
+    return masks.astype(np.float32), iou.astype(np.float32), low.astype(np.float32)
+
+
+def auto_settings(preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """A preset's generator settings with the request's explicit (non-None) values on top."""
+    settings = dict(PRESETS[preset])
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    if overrides.get("point_grids") is not None:
+        settings["points_per_side"] = None  # the generator takes one or the other
+    return settings
+
+
+@torch.inference_mode()
+def auto_masks(
+    pred: Sam2Predictor,
+    key: str,
+    image: np.ndarray,
+    settings: dict[str, Any],
+    output_mode: str,
+    file: bytes | None = None,
+) -> list[dict]:
+    """``SAM2AutomaticMaskGenerator.generate`` on the cached predictor (``key``: the image's id,
+    ``file``: its file, cached with the embedding).
+
+    ``min_mask_region_area`` drives the generator's hole/sprinkle filling (connected components,
+    here on CPU too) and its final small-region removal, as in the library.
+    """
+    s = dict(settings)
+    if s.get("point_grids") is not None:
+        s["point_grids"] = [np.asarray(g, dtype=np.float64) for g in s["point_grids"]]
+    amg = _Generator(pred.model, output_mode=output_mode, **s)
+    pred.configure(0.0, s["min_mask_region_area"], s["min_mask_region_area"])
+    amg.predictor = pred
+    with pred.whole_image(key, image, file), pred.autocast():
+        try:
+            return amg.generate(image)
+        except IndexError:
+            # sam2 1.1.0 crashes ranking crops when no crop kept a mask (box_area of nothing)
+            if amg.kept == 0:
+                return []
+            raise
+
+
+class _Generator(SAM2AutomaticMaskGenerator):
+    """The library's generator, counting the masks its crops keep (see :func:`auto_masks`)."""
+
+    kept = 0
+
+    def _process_crop(self, *args, **kwargs):
+        data = super()._process_crop(*args, **kwargs)
+        self.kept += len(data["rles"])
+        return data

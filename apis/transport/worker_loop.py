@@ -1,0 +1,76 @@
+"""A model worker's main loop: batches from the family's socket through the LitAPI hooks.
+
+It runs the hooks as LitServe's batched loop does (decode_request, batch, predict, unbatch,
+encode_response), over :class:`~apis.transport.dispatch.WorkerLink` instead of LitServe's
+queues. Collection blocks until a request arrives and times the batch window from that arrival,
+so an idle worker sleeps (docs/benchmarks.md, Idle CPU).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from apis.core.errors import APIError
+from apis.core.logs import REQUEST_ID
+from apis.core.replies import Reply
+from apis.transport.dispatch import WorkerLink, queue_timeout, timeout_seconds
+
+log = logging.getLogger("visionserve")
+IDLE_WAIT_S = 1.0  # one blocking wait for the first request; the loop then asks again
+
+
+def serve(lit_api: Any, worker_id: int) -> None:
+    """Serve the family's socket (``lit_api.spec.address``) until the HTTP process closes it."""
+    link = WorkerLink.connect(lit_api.spec.address, worker_id)
+    try:
+        while True:
+            items = link.collect(lit_api.max_batch_size, lit_api.batch_timeout, IDLE_WAIT_S)
+            if items:
+                link.started(len(items))
+            for uid, answer in run_batch(lit_api, items):
+                link.answer(uid, answer)
+    except (EOFError, ConnectionError):
+        log.info("%s worker %d: the server has gone, stopping", lit_api.api_path, worker_id)
+    finally:
+        link.close()
+
+
+def run_batch(lit_api: Any, items: list) -> list[tuple[int, Reply]]:
+    """``(uid, reply)`` for each collected ``(uid, sent, job)``; never raises. A request that
+    waited longer than the server's timeout is answered 504 without running. ``encode_response``
+    returns a :class:`~apis.core.replies.Reply`."""
+    limit = timeout_seconds(lit_api.request_timeout)
+    now = time.monotonic()
+    answers: list[tuple[int, Reply]] = []
+    live: list[tuple[int, Any]] = []
+    for uid, sent, job in items:
+        if limit is not None and now - sent > limit:
+            log.error(
+                "%s: a request waited %.1fs (timeout %ss); answered 504", lit_api.api_path, now - sent, limit
+            )
+            answers.append((uid, queue_timeout()))
+        else:
+            live.append((uid, job))
+    if not live:
+        return answers
+    # this batch's log lines name its requests
+    token = REQUEST_ID.set(",".join(getattr(job, "request_id", "-") for _, job in live))
+    try:
+        inputs = [lit_api.decode_request(job) for _, job in live]
+        if lit_api.max_batch_size > 1:
+            outputs = list(lit_api.unbatch(lit_api.predict(lit_api.batch(inputs))))
+        else:
+            outputs = [lit_api.predict(x) for x in inputs]
+        answers += [(uid, lit_api.encode_response(y)) for (uid, _), y in zip(live, outputs, strict=True)]
+    except Exception:
+        log.exception("%s: a batch of %d request(s) failed", lit_api.api_path, len(live))
+        error = APIError(
+            500, "internal error in the model worker (details are in the server log)", code="internal_error"
+        )
+        failed = Reply.of(error)
+        answers += [(uid, failed) for uid, _ in live]
+    finally:
+        REQUEST_ID.reset(token)
+    return answers
