@@ -132,10 +132,10 @@ def collect_keys(args: argparse.Namespace) -> list[str]:
 
 
 def fetch_weights(cfg, log: logging.Logger) -> tuple[dict[str, str], list[str]]:
-    """Every enabled family's weights on this machine, downloaded where missing (apis/core/weights.py).
+    """Every enabled family's weights on this machine, downloaded where missing (apis/downloads.py).
     Returns the optional families left out with the reason (now disabled in ``cfg``) and the
     required ones that cannot start."""
-    from apis.core.weights import WeightsUnavailable, fetch_family
+    from apis.downloads import WeightsUnavailable, fetch_family
 
     unavailable: dict[str, str] = {}
     failed: list[str] = []

@@ -11,18 +11,20 @@ OpenAI's (rendered here, in the worker, like every other answer).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import pybase64
 import torch
+from PIL import Image
 
 from apis.config import ServerConfig
 from apis.core.errors import APIError
 from apis.core.images import decode_image, probe_image
 from apis.core.replies import non_finite
 from apis.core.settings import Limits
-from apis.family import Job
+from apis.family import Job, Route
 from apis.http.inputs import decode_base64
 
 
@@ -57,81 +59,90 @@ def _decode(data: bytes, limits: Limits, param: str):
         raise APIError(e.status, f"{param}: {e.message}", param=param, code=e.code) from None
 
 
-class EmbeddingRoutes:
-    """Mixin of a :class:`~apis.family.FamilyAPI` that serves global embeddings.
+class EmbedRoute(Route):
+    """``/<family>/embed`` (and the family's share of ``/v1/embeddings``): global embeddings.
 
-    ``Job.params`` of an embedding job: ``images`` (file bytes), ``image_params`` (the request
-    field each came from, for errors), ``texts``, ``output_dtype`` and ``openai`` (None, or what
-    :func:`openai_answer` needs).
+    ``Job.params``: ``images`` (file bytes), ``image_params`` (the request field each came from,
+    for errors), ``texts``, ``output_dtype`` and ``openai`` (None, or what :func:`openai_answer`
+    needs). Subclasses give the model's steps and build the family's answer.
     """
 
-    embeds_texts: bool = False  # whether the family has a text tower in the images' space
+    name = "embed"
+    reads_files = True
+    embeds_texts: ClassVar[bool] = False  # whether the family has a text tower in the images' space
 
-    def prepare_embed(self, job: Job) -> Job:
-        """HTTP process: the base64 images of ``/<family>/embed`` as checked bytes."""
+    def dim(self, model: Any) -> int:
+        raise NotImplementedError
+
+    def preprocess(self, model: Any, image: Image.Image) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_images(self, model: Any, pixels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_texts(self, model: Any, texts: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def read_inputs(self, job: Job) -> Job:
+        """The base64 images of ``/<family>/embed`` as checked bytes."""
         names = [f"images[{i}]" for i in range(len(job.params["images"]))]
         job.params["images"] = [
-            read_image(t, self.cfg, n) for t, n in zip(job.params["images"], names, strict=True)
+            read_image(t, self.api.cfg, n) for t, n in zip(job.params["images"], names, strict=True)
         ]
         job.params["image_params"] = names
         job.params.setdefault("openai", None)
         return job
 
-    def embed_batch(
-        self,
-        op: str,
-        jobs: list[Job],
-        dim: int,
-        preprocess: Callable[[Any], torch.Tensor],
-        encode_images: Callable[[torch.Tensor], torch.Tensor],
-        encode_texts: Callable[[list[str]], torch.Tensor] | None = None,
-    ) -> list[tuple[torch.Tensor, torch.Tensor] | APIError]:
-        """(image embeddings, text embeddings) per job on the CPU, or its error: the rows of what
-        ``encode_images`` / ``encode_texts`` return ((n, dim) each for CLIP) that belong to the job."""
-        out: list[Any] = [None] * len(jobs)
-        pixels: list[torch.Tensor] = []
-        texts: list[str] = []
-        spans = {}
-        for i, job in enumerate(jobs):
-            p = job.params
-            try:
-                asked = (p["openai"] or {}).get("dimensions")
-                if asked is not None and asked != dim:
-                    raise APIError(
-                        400,
-                        f"dimensions={asked}, but {job.model_id} makes {dim}-dimensional embeddings and "
-                        f"cannot shorten them (it was not trained for truncation); leave dimensions out "
-                        f"or send {dim}",
-                        param="dimensions",
-                        code="unsupported_dimensions",
-                    )
-                px = [
-                    preprocess(_decode(b, self.cfg.limits, name))
-                    for b, name in zip(p["images"], p["image_params"], strict=True)
-                ]
-            except APIError as e:
-                out[i] = e
-                continue
-            spans[i] = (len(pixels), len(pixels) + len(px), len(texts), len(texts) + len(p["texts"]))
-            pixels += px
-            texts += p["texts"]
-        images_emb = self._chunked(encode_images, torch.stack(pixels), op) if pixels else torch.empty(0, dim)
-        texts_emb = self._chunked(encode_texts, texts, op) if texts else torch.empty(0, dim)
-        for i, (a, b, c, d) in spans.items():
-            out[i] = (images_emb[a:b], texts_emb[c:d])
+    def decode_request(self, model: Any, job: Job) -> _EmbedInput:
+        p = job.params
+        dim = self.dim(model)
+        asked = (p["openai"] or {}).get("dimensions")
+        if asked is not None and asked != dim:
+            raise APIError(
+                400,
+                f"dimensions={asked}, but {job.model_id} makes {dim}-dimensional embeddings and "
+                f"cannot shorten them (it was not trained for truncation); leave dimensions out "
+                f"or send {dim}",
+                param="dimensions",
+                code="unsupported_dimensions",
+            )
+        pixels = [
+            self.preprocess(model, _decode(b, self.api.cfg.limits, name))
+            for b, name in zip(p["images"], p["image_params"], strict=True)
+        ]
+        return _EmbedInput(pixels, p["texts"])
+
+    def predict(self, model: Any, items: list[_EmbedInput]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every image of the batch's requests through one forward, every text through another
+        (in chunks), on the CPU: (image embeddings, text embeddings) per request."""
+        dim = self.dim(model)
+        pixels = [px for item in items for px in item.pixels]
+        texts = [t for item in items for t in item.texts]
+        images_emb = (
+            self.chunked(lambda x: self.encode_images(model, x), torch.stack(pixels))
+            if pixels
+            else torch.empty(0, dim)
+        )
+        texts_emb = (
+            self.chunked(lambda t: self.encode_texts(model, t), texts) if texts else torch.empty(0, dim)
+        )
+        out, i, t = [], 0, 0
+        for item in items:
+            out.append((images_emb[i : i + len(item.pixels)], texts_emb[t : t + len(item.texts)]))
+            i, t = i + len(item.pixels), t + len(item.texts)
         return out
 
-    def _chunked(self, forward: Callable, items: Sequence, op: str | None) -> torch.Tensor:
+    def chunked(self, forward: Callable[[Any], torch.Tensor], items: Sequence) -> torch.Tensor:
         """``forward`` over chunks of at most ``limits.max_embed_inputs`` items, concatenated on
-        the CPU; each chunk counts as a forward of ``op`` in /info unless ``op`` is None."""
-        size = self.cfg.limits.max_embed_inputs
-        parts = []
-        for start in range(0, len(items), size):
-            chunk = items[start : start + size]
-            if op is not None:
-                self._forwards[op][len(chunk)] += 1
-            parts.append(forward(chunk).cpu())
-        return torch.cat(parts)
+        the CPU: memory stays bounded by what one request may ask for."""
+        size = self.api.cfg.limits.max_embed_inputs
+        return torch.cat([forward(items[start : start + size]).cpu() for start in range(0, len(items), size)])
+
+
+@dataclass
+class _EmbedInput:
+    pixels: list[torch.Tensor]
+    texts: list[str]
 
 
 def openai_answer(

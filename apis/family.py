@@ -4,9 +4,10 @@ A family's routes (``/clip/extract``, ``/clip/encode_text``, ...) are endpoints 
 :class:`FamilySpec`, so one worker process holds ONE copy of each model however many routes
 use it. Work is split where it is cheapest to refuse bad input:
 
-* HTTP process (:meth:`FamilyAPI.prepare`): pydantic validation, model lookup, reading the
+* HTTP process (:meth:`FamilyAPI.job_for`): pydantic validation, model lookup, reading the
   image bytes and checking the image header. Errors answer at once and never reach a worker.
-* worker (:meth:`FamilyAPI.predict`): pixel decoding and the model. Each request's failure is
+* worker (the LitAPI hooks ``decode_request``, ``predict``, ``encode_response``): pixel
+  decoding and the model, through each :class:`Route`'s own hooks. Each request's failure is
   carried as a value, so one bad request never fails the others in its batch.
 """
 
@@ -23,7 +24,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import litserve as ls
 import torch
@@ -52,15 +53,56 @@ log = logging.getLogger("visionserve")
 #: Threads that read and check image inputs (base64, URL, file; header probe). Pillow parses some
 #: headers in Python, so a crafted file costs its thread, never the event loop (/health and every
 #: other request). Bounded: more image requests than this wait for a free thread.
-PREPARE_THREADS = 8
+READ_THREADS = 8
 
 
-@dataclass(frozen=True)
 class Route:
-    op: str
-    request: type[BaseModel]
-    response: type[BaseModel]
-    summary: str
+    """One route of a family, ``POST /<family>/<name>``: its schemas, its checks in the HTTP
+    process and its hooks in the worker.
+
+    In the worker the family hands a route the requests of one batch that are for it and for one
+    model: :meth:`decode_request` turns each into a model input, :meth:`predict` runs once per
+    group of inputs with equal :meth:`batch_key`, and :meth:`encode_response` builds each answer.
+    An APIError raised by decode_request or encode_response answers only that request.
+    """
+
+    name: ClassVar[str]
+    request: ClassVar[type[BaseModel]]
+    response: ClassVar[type[BaseModel]]
+    summary: ClassVar[str]
+    caches_image: ClassVar[bool] = False  # the worker keeps the encoded image (image_id routes)
+    reads_files: ClassVar[bool] = False  # read_inputs reads files: run it off the event loop
+
+    def __init__(self, api: FamilyAPI):
+        self.api = api
+
+    # -- HTTP process ---------------------------------------------------------------------
+    def check(self, request: BaseModel) -> None:
+        """Checks that need the server's config (limits); raise APIError."""
+
+    def check_image(self, request: BaseModel, size: tuple[int, int]) -> None:
+        """Checks that need the image's (width, height), before it is decoded; raise APIError."""
+
+    def read_inputs(self, job: Job) -> Job:
+        """Inputs other than the image field, read and checked into ``job.params`` (embed's images)."""
+        return job
+
+    # -- worker process -------------------------------------------------------------------
+    def decode_request(self, model: Any, job: Job) -> Any:
+        """A request's model input; ``job.image`` holds its decoded image, if it sent one."""
+        return job
+
+    def batch_key(self, item: Any) -> Hashable:
+        """Inputs with equal keys run through one :meth:`predict` call."""
+        return None
+
+    def predict(self, model: Any, items: list[Any]) -> Sequence[Any]:
+        """One output per input."""
+        raise NotImplementedError
+
+    def encode_response(self, model: Any, job: Job, item: Any, output: Any) -> dict | Reply:
+        """The answer to one request: a JSON-able dict, or a :class:`~apis.core.replies.Reply`."""
+        raise NotImplementedError
 
 
 @dataclass
@@ -68,7 +110,7 @@ class Job:
     """One request as it travels to a worker: validated fields, the model's id, raw image bytes,
     and on caching routes the image_id (apis/core/image_ids.py), which a request may send alone."""
 
-    op: str
+    route: str
     model_id: str
     params: dict[str, Any]
     image_bytes: bytes | None = None
@@ -86,14 +128,14 @@ class FamilySpec(FamilySpecBase):
         self._api = api
         self.dispatcher: Dispatcher | None = None
         self.address: str | None = None  # what a worker connects to
-        self._preparing: ThreadPoolExecutor | None = None  # made in the HTTP process
+        self._reading: ThreadPoolExecutor | None = None  # made in the HTTP process
 
     def __getstate__(self):
         # Endpoints and the dispatcher (sockets, requests in flight) belong to the HTTP process;
         # a worker, also one restarted while requests wait, needs only the address.
         state = super().__getstate__()
         state["dispatcher"] = None
-        state["_preparing"] = None
+        state["_reading"] = None
         return state
 
     def pre_setup(self, lit_api: FamilyAPI):
@@ -101,23 +143,23 @@ class FamilySpec(FamilySpecBase):
         # delays a request by one batch, less than encoding its image again elsewhere
         self.dispatcher = Dispatcher(lit_api.family, slack=lit_api.max_batch_size)
         self.address = self.dispatcher.address
-        for route in lit_api.routes:
-            self.add_endpoint(f"{self.api_path}/{route.op}", self._endpoint(route), ["POST"])
+        for route in lit_api.handlers.values():
+            self.add_endpoint(f"{self.api_path}/{route.name}", self._endpoint(route), ["POST"])
         self.add_endpoint(f"{self.api_path}/health", self.health, ["GET", "HEAD"])
-        self._preparing = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix=f"{lit_api.family}-prepare")
+        self._reading = ThreadPoolExecutor(READ_THREADS, thread_name_prefix=f"{lit_api.family}-read")
 
     def _endpoint(self, route: Route) -> Callable:
         async def endpoint(request):
             try:
-                if isinstance(request, ImageInput) or route.op == "embed":
+                if isinstance(request, ImageInput) or route.reads_files:
                     # base64 decoding, URL or disk I/O and the header probe, off the event loop
                     loop = asyncio.get_running_loop()
-                    ctx = contextvars.copy_context()  # the request id, for log lines of the preparing thread
+                    ctx = contextvars.copy_context()  # the request id, for log lines of the reading thread
                     job = await loop.run_in_executor(
-                        self._preparing, ctx.run, self._api.prepare, route.op, request
+                        self._reading, ctx.run, self._api.job_for, route, request
                     )
                 else:
-                    job = self._api.prepare(route.op, request)
+                    job = self._api.job_for(route, request)
             except APIError as e:
                 return error_response(e)
             return reply_response(await self.submit(job))
@@ -126,12 +168,12 @@ class FamilySpec(FamilySpecBase):
             [inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=route.request)],
             return_annotation=route.response,
         )
-        endpoint.__name__ = f"{self._api.family}_{route.op}"
+        endpoint.__name__ = f"{self._api.family}_{route.name}"
         endpoint.__doc__ = route.summary
         return endpoint
 
     async def submit(self, job: Job) -> Reply:
-        """A worker's answer to a prepared job (also what apis/openai_routes.py sends)."""
+        """A worker's answer to a job (also what apis/openai_routes.py sends)."""
         job.request_id = REQUEST_ID.get()
         affinity = self._api.affinity(job)
         # a request with only an image_id can be answered only where that image is cached
@@ -157,15 +199,14 @@ class FamilySpec(FamilySpecBase):
 
 
 class FamilyAPI(ls.LitAPI):
-    """Base LitAPI of a model family. Subclasses set the class attributes and implement
-    :meth:`load_model` and one ``op_<name>(model, jobs) -> list[dict | APIError]`` per route."""
+    """Base LitAPI of a model family. Subclasses set the class attributes, list their
+    :class:`Route` classes and implement :meth:`load_model`."""
 
-    family: str
-    routes: tuple[Route, ...]
-    model_fields: tuple[str, ...]
+    family: ClassVar[str]
+    routes: ClassVar[tuple[type[Route], ...]]
+    selector: ClassVar[type[BaseModel]]  # the request fields that pick a model (a mixin of every request)
     model_key: Callable[..., Key] = staticmethod(canonical)
-    model_fill_defaults: bool = True  # see ModelRegistry.resolve
-    cached_ops: frozenset[str] = frozenset()  # routes whose workers cache the encoded image
+    model_fill_defaults: ClassVar[bool] = True  # see ModelRegistry.resolve
 
     def __init__(self, cfg: ServerConfig, dtype: str = "auto", log_level: str = "info"):
         fam = cfg.families()[self.family]
@@ -179,41 +220,45 @@ class FamilyAPI(ls.LitAPI):
         self.fam = fam
         self.dtype_name = dtype
         self.log_level = log_level
+        self.handlers: dict[str, Route] = {route.name: route(self) for route in self.routes}
         self.registry = ModelRegistry(
             self.family,
             fam.models,
-            self.model_fields,
+            self.selector_fields(),
             key=self.model_key,
             fill_defaults=self.model_fill_defaults,
         )
         self.stats: Any = None  # shared dict, set by the server before workers start
         self.live_stats: dict[str, dict] = {}  # HTTP process: counters that came with answers
 
+    @classmethod
+    def selector_fields(cls) -> tuple[str, ...]:
+        return tuple(cls.selector.model_fields)
+
     # ------------------------------------------------------------------ HTTP process
-    def prepare(self, op: str, request: BaseModel) -> Job:
-        """Validate what needs the config and read the image bytes; raises APIError."""
-        entry = self.registry.resolve(*(getattr(request, f, None) for f in self.model_fields))
-        self.check(op, request)
+    def job_for(self, route: Route, request: BaseModel) -> Job:
+        """The job a worker runs for ``request``: model looked up, checks that need the config,
+        image bytes read and their header checked; raises APIError."""
+        fields = self.selector_fields()
+        entry = self.registry.resolve(*(getattr(request, f, None) for f in fields))
+        route.check(request)
         image, image_id = None, getattr(request, "image_id", None)
         if isinstance(request, ImageInput) and image_id is None:
             image = read_image_bytes(request, self.cfg)
-            self.check_image(op, request, probe_image(image, self.cfg.limits))
-            if op in self.cached_ops:
+            route.check_image(request, probe_image(image, self.cfg.limits))
+            if route.caches_image:
                 image_id = content_id(image)
-        params = request.model_dump(exclude={*IMAGE_FIELDS, "image_id", *self.model_fields})
-        model_id = self.registry.id_of(entry)
-        return Job(op=op, model_id=model_id, params=params, image_bytes=image, image_id=image_id)
+        params = request.model_dump(exclude={*IMAGE_FIELDS, "image_id", *fields})
+        job = Job(route.name, self.registry.id_of(entry), params, image_bytes=image, image_id=image_id)
+        return route.read_inputs(job)
 
     def affinity(self, job: Job) -> Hashable | None:
         """For a route that caches encoded images, the key that sends every request on one image
-        for this model to the same worker (:class:`~apis.transport.dispatch.Dispatcher`): its image_id,
-        whether the request sent the image or only the id."""
-        if job.op not in self.cached_ops or job.image_id is None or not self.fam.route_by_image:
+        for this model to the same worker (:class:`~apis.transport.dispatch.Dispatcher`): its
+        image_id, whether the request sent the image or only the id."""
+        if not self.handlers[job.route].caches_image or job.image_id is None or not self.fam.route_by_image:
             return None
         return job.model_id, job.image_id
-
-    def check(self, op: str, request: BaseModel) -> None:
-        """Family-specific checks that pydantic cannot express; raise APIError."""
 
     def check_text_length(self, texts: Sequence[tuple[str, str]], param: str) -> None:
         """400 for the first of ``texts`` ((name, text) pairs) over ``limits.max_text_chars``."""
@@ -225,9 +270,6 @@ class FamilyAPI(ls.LitAPI):
                     f"{name} has {len(text)} characters, longer than this server's limit of {limit}",
                     param=param,
                 )
-
-    def check_image(self, op: str, request: BaseModel, size: tuple[int, int]) -> None:
-        """Checks that need the image's (width, height), before it is decoded; raise APIError."""
 
     # ------------------------------------------------------------------ worker process
     def setup(self, device: str) -> None:
@@ -281,6 +323,7 @@ class FamilyAPI(ls.LitAPI):
         return self._models[key]
 
     def decode_request(self, request: Job) -> Job | APIError:
+        """The image's pixels, decoded here in the worker; the route decodes the rest."""
         if request.image_bytes is not None:
             try:
                 request.image = decode_image(request.image_bytes, self.cfg.limits)
@@ -295,74 +338,62 @@ class FamilyAPI(ls.LitAPI):
         return output
 
     def predict(self, x):
+        """The batch's jobs grouped by route and model, each group through its route's hooks."""
         items = x if self.max_batch_size > 1 else [x]
         results: list[Any] = list(items)
         groups: dict[tuple[str, str], list[int]] = defaultdict(list)
         for i, item in enumerate(items):
             if isinstance(item, Job):
-                groups[(item.op, item.model_id)].append(i)
-        for (op, model_id), idx in groups.items():
-            self._batches[op][len(idx)] += 1
-            for i, out in zip(idx, self._run(op, model_id, [items[i] for i in idx]), strict=True):
+                groups[(item.route, item.model_id)].append(i)
+        for (name, model_id), idx in groups.items():
+            self._batches[name][len(idx)] += 1
+            for i, out in zip(idx, self._run(name, model_id, [items[i] for i in idx]), strict=True):
                 results[i] = out
         for i, item in enumerate(items):
-            op = item.op if isinstance(item, Job) else "decode"
+            name = item.route if isinstance(item, Job) else "decode"
             res = results[i]
-            self._requests[op][
+            self._requests[name][
                 "ok"
                 if not isinstance(res, APIError)
                 else ("server_error" if res.status >= 500 else "client_error")
             ] += 1
         return results if self.max_batch_size > 1 else results[0]
 
-    def _run(self, op: str, model_id: str, jobs: list[Job]) -> list:
-        handler = getattr(self, f"op_{op}")
+    def _run(self, name: str, model_id: str, jobs: list[Job]) -> list:
         try:
             model = self.model(self.registry.by_id(model_id))
-            return handler(model, jobs)
+            return self._through(self.handlers[name], model, jobs)
         except APIError as e:
             return [e] * len(jobs)
         except Exception:
             if len(jobs) > 1:  # find the culprit: run each request on its own
-                return [out for job in jobs for out in self._run(op, model_id, [job])]
-            log.exception("%s/%s failed", self.family, op)
+                return [out for job in jobs for out in self._run(name, model_id, [job])]
+            log.exception("%s/%s failed", self.family, name)
             return [
                 APIError(
                     500,
-                    f"internal error while running {self.family}/{op} (details are in the server log)",
+                    f"internal error while running {self.family}/{name} (details are in the server log)",
                     code="internal_error",
                 )
             ]
 
-    def grouped(
-        self,
-        op: str,
-        jobs: list[Job],
-        prepare: Callable[[Job], Any],
-        key: Callable[[Any], Hashable],
-        forward: Callable[[list[Any]], Sequence[Any]],
-        finish: Callable[[Job, Any, Any], dict],
-    ) -> list:
-        """Run the model once per group of requests whose prepared inputs share ``key``.
-
-        ``prepare`` and ``finish`` run per request, and an APIError there answers only that
-        request; ``forward`` takes a group's prepared inputs and returns one output each.
-        """
+    def _through(self, route: Route, model: Any, jobs: list[Job]) -> list:
+        """``route``'s hooks over ``jobs``: decode each, predict once per batch key, encode each."""
         out: list[Any] = [None] * len(jobs)
         groups: dict[Hashable, list[tuple[int, Any]]] = defaultdict(list)
         for i, job in enumerate(jobs):
             try:
-                item = prepare(job)
+                item = route.decode_request(model, job)
             except APIError as e:
                 out[i] = e
                 continue
-            groups[key(item)].append((i, item))
+            groups[route.batch_key(item)].append((i, item))
         for members in groups.values():
-            self._forwards[op][len(members)] += 1
-            results = forward([item for _, item in members])
-            for (i, item), res in zip(members, results, strict=True):
+            self._forwards[route.name][len(members)] += 1
+            outputs = route.predict(model, [item for _, item in members])
+            for (i, item), output in zip(members, outputs, strict=True):
                 try:
-                    out[i] = finish(jobs[i], item, res)
+                    out[i] = route.encode_response(model, jobs[i], item, output)
                 except APIError as e:
                     out[i] = e
         return out

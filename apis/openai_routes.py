@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from apis.config import ServerConfig
 from apis.core.errors import APIError, error_body
-from apis.embed import EmbeddingRoutes, check_count, read_image
+from apis.embed import EmbedRoute, check_count, read_image
 from apis.family import FamilyAPI, Job
 from apis.http.errors import _validation_message
 from apis.http.responses import reply_response
@@ -140,7 +140,7 @@ class OpenAIEmbeddings:
         self.created = int(time.time())
         self.models: dict[str, tuple[FamilyAPI, str]] = {}
         for api in apis:
-            if isinstance(api, EmbeddingRoutes):
+            if isinstance(api.handlers.get("embed"), EmbedRoute):
                 for entry in api.registry.entries:
                     model_id = api.registry.id_of(entry)
                     self.models.setdefault(_spelling(model_id), (api, model_id))
@@ -170,7 +170,7 @@ class OpenAIEmbeddings:
                 images.append(data)
                 names.append(param)
                 continue
-            if not api.embeds_texts:
+            if not api.handlers["embed"].embeds_texts:
                 raise APIError(
                     400,
                     f"{param} is not an image, and {model_id} embeds images only: send images as data URIs "
@@ -194,7 +194,7 @@ class OpenAIEmbeddings:
                 "dimensions": req.dimensions,
             },
         }
-        return api, Job(op="embed", model_id=model_id, params=params)
+        return api, Job("embed", model_id, params)
 
     async def embeddings(self, body: EmbeddingsRequest) -> Response:
         """Embeddings of texts (CLIP) and images (CLIP, DINOv2), OpenAI's request and answer."""

@@ -144,7 +144,7 @@ def _add_observability_routes(server: VisionServer, metrics: Metrics, unavailabl
         family_health, refuse = _unavailable_endpoints(name, reason)
         server.app.add_api_route(f"/{name}/health", family_health, methods=["GET"], include_in_schema=False)
         for route in FAMILIES[name].api_class().routes:
-            server.app.add_api_route(f"/{name}/{route.op}", refuse, methods=["POST"], include_in_schema=False)
+            server.app.add_api_route(f"/{name}/{route.name}", refuse, methods=["POST"], include_in_schema=False)
 
 
 def _unavailable_endpoints(name: str, reason: str):
@@ -183,7 +183,7 @@ def describe(cfg: ServerConfig, opts: Options, apis: list[FamilyAPI], devices, s
                     totals.setdefault(op, {}).setdefault(k, 0)
                     totals[op][k] += n
         families[api.family] = {
-            "routes": [f"/{api.family}/{r.op}" for r in api.routes],
+            "routes": [f"/{api.family}/{name}" for name in api.handlers],
             "models": [
                 {"id": api.registry.id_of(e), "weights": e.weights_source, "random_weights": e.is_random}
                 for e in api.registry.entries

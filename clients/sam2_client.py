@@ -21,8 +21,6 @@ from typing import Any
 import numpy as np
 import pybase64
 
-from apis.core.masks import decode_png, decode_rle, save_overlay
-
 from .common import (
     VisionServeError,
     content_id,
@@ -34,6 +32,7 @@ from .common import (
     image_file_bytes,
     post_image,
 )
+from .masks import decode_png, decode_rle, save_overlay
 
 __all__ = [
     "VisionServeError",

@@ -21,9 +21,8 @@ from typing import Any
 import numpy as np
 import requests
 
-from apis.core.masks import decode_png, decode_rle, save_overlay
-
 from .common import VisionServeError, get, image_fields, post_image, server_settings
+from .masks import decode_png, decode_rle, save_overlay
 
 __all__ = [
     "NoLiveEndpointError",

@@ -61,7 +61,7 @@ BASES: dict[str, list[dict]] = {
 
 def request_models() -> dict[str, type]:
     return {
-        f"{api.family}/{r.op}": r.request
+        f"{api.family}/{r.name}": r.request
         for api in (e.api_class() for e in FAMILIES.values())
         for r in api.routes
     }

@@ -364,7 +364,7 @@ def test_messages_name_the_repo_each_library_downloads_from():
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     from apis.config import load_config
-    from apis.core.weights import explain
+    from apis.downloads import explain
 
     cfg = load_config(ROOT / "configs" / "default.yaml")
     repos = {

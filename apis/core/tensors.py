@@ -28,7 +28,7 @@ def base64_len(nbytes: int) -> int:
     return 4 * math.ceil(nbytes / 3)
 
 
-def _human(n: float) -> str:
+def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
@@ -43,12 +43,23 @@ def check_response_size(
     (``packbits``: 0/1 values sent as ``numpy.packbits`` bytes)."""
     nbytes = math.ceil(math.prod(shape) * _BITS[dtype] / 8)
     wire = base64_len(nbytes)
-    if wire > limit:
-        dims = "x".join(str(s) for s in shape)
+    dims = "x".join(str(s) for s in shape)
+    check_answer_bytes(
+        wire,
+        f"the response would carry a {dims} {dtype} tensor: {human_bytes(nbytes)} raw, "
+        f"{human_bytes(wire)} as base64",
+        limit,
+        hint,
+    )
+
+
+def check_answer_bytes(nbytes: int, what: str, limit: int, hint: str) -> None:
+    """The one ``response_too_large`` refusal: ``what`` (the answer's size, said in words) is
+    over ``limit`` bytes; ``hint`` says what to ask for instead."""
+    if nbytes > limit:
         raise APIError(
             400,
-            f"the response would carry a {dims} {dtype} tensor: {_human(nbytes)} raw, "
-            f"{_human(wire)} as base64, over this server's limit of {_human(limit)}; {hint}",
+            f"{what}, over this server's limit of {human_bytes(limit)}; {hint}",
             code="response_too_large",
         )
 

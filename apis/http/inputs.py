@@ -18,10 +18,11 @@ from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
 import pybase64
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from apis.config import ServerConfig
 from apis.core.errors import APIError
+from apis.core.image_ids import IMAGE_ID
 from apis.core.settings import PathInput, UrlInput
 
 IMAGE_FIELDS = ("image", "image_url", "image_path")
@@ -238,3 +239,43 @@ def fetch_url(url: str, cfg: UrlInput, max_bytes: int) -> bytes:
 
 
 # --------------------------------------------------------------------------- pixels
+
+
+class CachedImageInput(ImageInput):
+    """An image, or the ``image_id`` of one that a ``/embed`` call (or an earlier request) cached."""
+
+    image_id: str | None = Field(
+        None,
+        description="Instead of the image: the id /embed answered, i.e. the hex SHA-256 of the image "
+        "file's bytes. Unknown or evicted ids get 404 image_not_cached: then send the image again.",
+    )
+
+    @field_validator("image_id")
+    @classmethod
+    def _hex(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not IMAGE_ID.fullmatch(value.lower()):
+            raise ValueError(
+                f"image_id must be 64 hex digits (the SHA-256 of the image file, as /embed answers it); "
+                f"got {len(value)} characters{'' if len(value) > 80 else f': {value!r}'}"
+            )
+        return value.lower()
+
+    @model_validator(mode="after")
+    def _exactly_one_image(self):
+        given = [f for f in (*IMAGE_FIELDS, "image_id") if getattr(self, f) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "send exactly one of 'image' (base64), 'image_url', 'image_path' or 'image_id'"
+                + (f"; got {', '.join(given)}" if given else "; got none")
+            )
+        return self
+
+
+class EmbedResponse(BaseModel):
+    image_id: str = Field(..., description="Hex SHA-256 of the image file: send it as image_id from now on.")
+    width: int
+    height: int
+    cached: bool = Field(..., description="true: the worker had it already and the encoder did not run.")
+    model: str

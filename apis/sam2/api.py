@@ -15,13 +15,13 @@ import pybase64
 from pydantic import BaseModel, Field, model_validator
 
 from apis.core.errors import APIError
-from apis.core.image_ids import CachedImageInput, EmbedResponse, not_cached
+from apis.core.image_ids import not_cached
 from apis.core.images import decode_image
 from apis.core.masks import png_base64
 from apis.core.settings import ModelEntry
 from apis.core.tensors import base64_len, check_response_size, encode_array
 from apis.family import FamilyAPI, Job, Route
-from apis.http.inputs import ImageInput
+from apis.http.inputs import CachedImageInput, EmbedResponse, ImageInput
 from apis.http.schemas import StrictRequest
 from apis.sam2.model import (
     PRESETS,

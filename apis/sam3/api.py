@@ -10,10 +10,10 @@ import numpy as np
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from apis.core.errors import APIError
-from apis.core.image_ids import CachedImageInput, EmbedResponse, not_cached
+from apis.core.image_ids import not_cached
 from apis.core.settings import ModelEntry
 from apis.family import FamilyAPI, Job, Route
-from apis.http.inputs import ImageInput
+from apis.http.inputs import CachedImageInput, EmbedResponse, ImageInput
 from apis.http.schemas import StrictRequest, is_blank
 from apis.sam3.model import (
     Detections,
