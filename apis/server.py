@@ -144,7 +144,9 @@ def _add_observability_routes(server: VisionServer, metrics: Metrics, unavailabl
         family_health, refuse = _unavailable_endpoints(name, reason)
         server.app.add_api_route(f"/{name}/health", family_health, methods=["GET"], include_in_schema=False)
         for route in FAMILIES[name].api_class().routes:
-            server.app.add_api_route(f"/{name}/{route.name}", refuse, methods=["POST"], include_in_schema=False)
+            server.app.add_api_route(
+                f"/{name}/{route.name}", refuse, methods=["POST"], include_in_schema=False
+            )
 
 
 def _unavailable_endpoints(name: str, reason: str):

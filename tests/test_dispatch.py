@@ -141,7 +141,7 @@ def test_dispatcher_balances_fails_a_dead_workers_requests_and_waits_for_a_resta
     async def scenario():
         d = Dispatcher("test")
         try:
-            await d.start(queue_timeout=0.5)
+            await d.start(timeout=0.5)
             slow = FakeWorker(d.address, 0, delay=0.3)
             fast = FakeWorker(d.address, 1)
             while d.connected < 2:

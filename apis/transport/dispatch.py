@@ -107,7 +107,7 @@ def timeout_seconds(setting: float | bool | None) -> float | None:
     return None if setting in (None, -1, False) else float(setting)
 
 
-def worker_died() -> Reply:
+def worker_died_reply() -> Reply:
     return Reply.of(
         APIError(
             500,
@@ -117,7 +117,7 @@ def worker_died() -> Reply:
     )
 
 
-def queue_timeout() -> Reply:
+def timed_out_reply() -> Reply:
     return Reply.of(
         APIError(
             504,
@@ -216,9 +216,9 @@ class Dispatcher:
         self._seen: set[int] = set()  # worker ids that connected once
         self.restarts = 0  # connections of a worker id seen before: a restarted worker
 
-    async def start(self, queue_timeout: float | bool | None) -> None:
+    async def start(self, timeout: float | bool | None) -> None:
         """Accept workers on the running event loop (the HTTP server's)."""
-        self._timeout = timeout_seconds(queue_timeout)
+        self._timeout = timeout_seconds(timeout)
         self._connected = asyncio.Event()
         loop = asyncio.get_running_loop()
         self._server = await loop.create_unix_server(lambda: _Link(self), sock=self._listener)
@@ -250,7 +250,7 @@ class Dispatcher:
             try:
                 await asyncio.wait_for(self._connected.wait(), limit)
             except TimeoutError:
-                return queue_timeout()
+                return timed_out_reply()
             finally:
                 self._unsent -= 1
         link = self._pick(affinity, stay)
@@ -306,7 +306,7 @@ class Dispatcher:
             )
         for waiting in link.waiting.values():
             if not waiting.done():
-                waiting.set_result(worker_died())
+                waiting.set_result(worker_died_reply())
 
 
 class WorkerLink:

@@ -15,7 +15,7 @@ from typing import Any
 from apis.core.errors import APIError
 from apis.core.logs import REQUEST_ID
 from apis.core.replies import Reply
-from apis.transport.dispatch import WorkerLink, queue_timeout, timeout_seconds
+from apis.transport.dispatch import WorkerLink, timed_out_reply, timeout_seconds
 
 log = logging.getLogger("visionserve")
 IDLE_WAIT_S = 1.0  # one blocking wait for the first request; the loop then asks again
@@ -50,7 +50,7 @@ def run_batch(lit_api: Any, items: list) -> list[tuple[int, Reply]]:
             log.error(
                 "%s: a request waited %.1fs (timeout %ss); answered 504", lit_api.api_path, now - sent, limit
             )
-            answers.append((uid, queue_timeout()))
+            answers.append((uid, timed_out_reply()))
         else:
             live.append((uid, job))
     if not live:
