@@ -168,8 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     from apis.server import Options, build_server, close_dispatchers, random_weight_models
 
     configure_logging(args.log_level, args.log_format)
-    # The HTTP process moves multi-MB bodies and answers too: without this, each one page-faulted
-    # fresh memory (a 6 MB SAM 2 answer took 4.4 ms to read from its worker, 1.1 ms with it).
+    # the HTTP process moves multi-MB bodies and answers too
     reuse_freed_memory()
     log = logging.getLogger("visionserve")
     cfg = load_config(args.config)

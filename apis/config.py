@@ -14,11 +14,8 @@ from pydantic import Field, create_model
 from apis.core.settings import Family, Inputs, Limits, StrictSettings
 from apis.families import FAMILIES
 
-# Environment of the model workers (set by the server before it starts them; a value already in
-# the environment wins). PyTorch's CPU threads (GNU OpenMP) spin after each parallel region
-# before they sleep: 300,000 PAUSE instructions by default, milliseconds on recent Xeons. After a
-# forward the spinning thread kept a core that the HTTP side needed to deliver the answer; with
-# 10,000 spins the model is no slower and the core is free (docs/benchmarks.md, Serving).
+# Environment of the model workers (a value already set wins): OpenMP threads spin less after a
+# forward, so they free the core the HTTP side needs to deliver the answer (docs/benchmarks.md).
 WORKER_ENV = {"GOMP_SPINCOUNT": "10000"}
 
 

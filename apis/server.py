@@ -1,12 +1,5 @@
-"""Assembles the one LitServer: family APIs, auth and size middleware, errors, ``/info``.
-
-Worker processes are placed by LitServe (``workers_per_device`` on every device) and restarted
-by its monitor when they die. Requests reach them through each family's dispatcher
-(apis/transport/dispatch.py), which lives on the event loop of the one HTTP server, a thread of this
-process (``api_server_worker_type='thread'``). There is one HTTP server: LitServe 0.2.19's
-thread servers share each family's spec and its answer-queue id, which ends up the last
-server's (``_start_server``), and the work that needs cores is in the model workers anyway.
-"""
+"""Assembles the one LitServer: family APIs, auth and size middleware, errors, ``/info``,
+``/metrics``. The path of a request through it is drawn in docs/design.md."""
 
 from __future__ import annotations
 

@@ -26,8 +26,8 @@ _PNG_CHUNK_HEAD = struct.Struct(">I4s")  # data length, chunk type
 #: refused unread.
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 ALLOWED_NAMES = "JPEG, PNG, WebP, GIF, BMP or TIFF"
-#: Pillow parses JPEG markers, PNG chunks and GIF blocks before the pixels one by one in Python
-#: (3 million empty JPEG markers took 3 s); a file that needs more steps than this is refused.
+#: Pillow parses JPEG markers, PNG chunks and GIF blocks one by one in Python before the pixels;
+#: a file that needs more steps than this is refused (docs/benchmarks.md, Measured choices).
 HEADER_STEPS = 10_000
 
 
@@ -141,9 +141,7 @@ def probe_image(data: bytes, limits: Limits) -> tuple[int, int]:
     img = _open(data, limits)
     w, h = img.size
     if img.format == "PNG" and "exif" not in img.info and not _png_has_chunk(data, b"eXIf"):
-        # No EXIF chunk anywhere. Pillow's PNG getexif() would decode every pixel to look for
-        # one after the image data (5 ms of a 640x480 prompt in the HTTP process, repeated by
-        # the worker).
+        # No EXIF chunk anywhere: Pillow's PNG getexif() would decode every pixel to look for one.
         return w, h
     try:
         rotated = img.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8)
@@ -153,9 +151,9 @@ def probe_image(data: bytes, limits: Limits) -> tuple[int, int]:
 
 
 def _png_has_chunk(data: bytes, kind: bytes) -> bool:
-    """Whether a chunk of type ``kind`` is in the PNG, from the chunk headers alone: a few dozen
-    8-byte reads where searching the bytes (``kind in data``) took 0.37 ms for a 640x480 photo.
-    A file whose chunks run past its end answers True, so the caller takes the careful path."""
+    """Whether a chunk of type ``kind`` is in the PNG, from the chunk headers alone (a few dozen
+    reads, not a search of the whole file). A file whose chunks run past its end answers True,
+    so the caller takes the careful path."""
     at = 8  # after the signature
     while at + 8 <= len(data):
         length, found = _PNG_CHUNK_HEAD.unpack_from(data, at)

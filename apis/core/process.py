@@ -20,12 +20,10 @@ def _libc() -> ctypes.CDLL | None:
 def reuse_freed_memory() -> bool:
     """glibc: keep memory a request freed for the next one instead of returning it to the OS.
 
-    By default glibc maps every allocation above 32 MB afresh and unmaps it when freed, and trims
-    the heap. A model's activations are that large, so every request page-faults (zero-fills)
-    gigabytes again: a SAM 3 prompt on CPU took 6.1 s instead of 4.5 s (bench/allocator.py).
-    The HTTP process calls it too, for multi-MB bodies and answers. The price is that a process
-    keeps the memory of its largest request, as PyTorch's CUDA allocator does on GPUs. Returns
-    False where this is not glibc.
+    By default glibc maps every allocation above 32 MB afresh and unmaps it when freed, so every
+    request page-faults its activations again (docs/benchmarks.md, Allocator). The price: a
+    process keeps the memory of its largest request, as PyTorch's CUDA allocator does on GPUs.
+    Returns False where this is not glibc.
     """
     libc = _libc()
     if libc is None:

@@ -1,9 +1,8 @@
 """Answers as the HTTP process sends them, rendered by the worker that made them.
 
 A worker turns each result into its response body (JSON by orjson, or ``.npy`` bytes) and the
-HTTP process sends that body as it came off the worker's socket. It never unpickles multi-MB
-base64 strings nor renders them a second time on the event loop, which every other request
-waits for (a SAM 2 answer with float32 masks is 6 MB: docs/benchmarks.md, Serving).
+HTTP process sends that body as it came off the worker's socket: the event loop, which every
+other request waits for, never renders or unpickles a multi-MB answer.
 """
 
 from __future__ import annotations

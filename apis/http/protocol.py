@@ -1,12 +1,12 @@
 """The HTTP server's own guards, below the ASGI app: limits on the request line and headers, and
 the errors the HTTP parser answers by itself in the project's JSON error shape.
 
-uvicorn (with httptools, its fast parser) puts no limit on a request's head: a 64 MB header value
-or 10,000 headers reached the app, and httptools gathers a long value by concatenation, so its
-cost grows with the square of the size. :func:`http_protocol` gives uvicorn a protocol class that
-refuses a head over ``limits.max_header_bytes`` (431), a URL over ``limits.max_url_bytes`` (414)
-or more than ``limits.max_headers`` headers (431), and answers malformed requests (an unknown
-method, Content-Length together with chunked encoding, broken chunks) with a JSON 400.
+uvicorn (with httptools) puts no limit on a request's head, and httptools gathers a long header
+value by concatenation, so its cost grows with the square of the size. :func:`http_protocol`
+gives uvicorn a protocol class that refuses a head over ``limits.max_header_bytes`` (431), a
+URL over ``limits.max_url_bytes`` (414) or more than ``limits.max_headers`` headers (431), and
+answers malformed requests (an unknown method, Content-Length together with chunked encoding,
+broken chunks) with a JSON 400.
 """
 
 from __future__ import annotations

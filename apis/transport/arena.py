@@ -1,11 +1,8 @@
 """Shared memory for answer bodies, from a model worker to the HTTP process.
 
-A 6 MB answer written to the worker's Unix socket travels as ~170 kernel buffers of 36 KB.
-When the HTTP process sits on another core it wakes for each one, and the two then move the
-body at the pace of a cross-core wake-up: ~85 µs per 36 KB on these VMs, 10 ms for a float32
-SAM 2 answer that takes 0.6 ms when the reader happens to wake after the writer is done
-(docs/benchmarks.md, Serving). Through an arena the body is one copy on each side and the socket
-carries one small frame.
+A multi-MB answer written to a Unix socket travels as many small kernel buffers, and a reader on
+another core wakes for each one (docs/benchmarks.md, Serving). Through an arena the body is one
+copy on each side and the socket carries one small frame.
 
 The HTTP process makes one arena per connected worker (a memfd: outside /dev/shm and its size
 limit, memory only for the pages touched) and offers it in its first frame; the worker maps it

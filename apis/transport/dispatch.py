@@ -1,10 +1,8 @@
 """Requests to model workers and answers back: one Unix socket per worker, no broker.
 
-LitServe 0.2.19 sends every request through its manager process: the HTTP process puts it on a
-manager queue, the worker takes it from there, reports "started" on a second queue and answers
-on it, and a thread hands each answer to the event loop: four round trips to a third process
-and two thread hand-offs per request. Here the HTTP process's event loop writes each request
-straight to a worker's socket and reads the answer from it (docs/benchmarks.md, Serving):
+The HTTP process's event loop writes each request straight to a worker's socket and reads the
+answer from it: no broker process, no polling thread (docs/benchmarks.md compares LitServe's
+own transports):
 
 * each family listens on one socket, made before its workers start; a worker connects once its
   models are loaded, and a restarted worker connects again;
