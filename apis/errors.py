@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 _TYPES = {
@@ -22,6 +23,26 @@ _TYPES = {
     422: "invalid_request_error",
     500: "server_error",
     503: "server_unavailable",
+}
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error answer, as :func:`error_body` writes it."""
+
+    error: ErrorDetail
+
+
+#: ``responses=`` of every route: its 4xx answers in /openapi.json are this shape, not FastAPI's
+#: default 422 ``HTTPValidationError`` (which this server never sends).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": ErrorResponse, "description": "The request was refused; `error.message` says why."}
 }
 
 

@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from .config import ServerConfig
 from .embed import EmbeddingRoutes, check_count, read_image
-from .errors import APIError, _validation_message, error_body
+from .errors import ERROR_RESPONSES, APIError, _validation_message, error_body
 from .family import FamilyAPI, Job
 from .routing import JsonBodyRoute
 from .schemas import StrictRequest, is_blank
@@ -240,6 +240,7 @@ def install_openai_routes(app: FastAPI, cfg: ServerConfig, apis: Sequence[Family
         routes.embeddings,
         methods=["POST"],
         response_model=EmbeddingsResponse,
+        responses=ERROR_RESPONSES,
         summary="OpenAI-compatible embeddings (texts; images as data URIs or base64).",
         route_class_override=OpenAIRoute,
     )
@@ -248,6 +249,7 @@ def install_openai_routes(app: FastAPI, cfg: ServerConfig, apis: Sequence[Family
         routes.list_models,
         methods=["GET"],
         response_model=ModelList,
+        responses=ERROR_RESPONSES,
         summary="OpenAI-compatible list of the embedding models.",
     )
     app.router.add_api_route(
@@ -255,5 +257,6 @@ def install_openai_routes(app: FastAPI, cfg: ServerConfig, apis: Sequence[Family
         routes.get_model,
         methods=["GET"],
         response_model=ModelCard,
+        responses=ERROR_RESPONSES,
         summary="One embedding model.",
     )

@@ -30,7 +30,7 @@ from .clip_api import ClipAPI
 from .config import WORKER_ENV, ServerConfig
 from .dino_api import DinoAPI
 from .drain import DrainGate, DrainState
-from .errors import APIError, install_error_handlers
+from .errors import ERROR_RESPONSES, APIError, install_error_handlers
 from .family import LOG_FORMAT_ENV, FamilyAPI
 from .middleware import BearerAuth, BodyLimit
 from .observability import Metrics, RequestContext, adopt_litserve_logger
@@ -107,7 +107,9 @@ class VisionServer(ls.LitServer):
         LitServe's auth dependency is left out: BearerAuth guards every route before this."""
         lit_api.spec._server = self
         for path, endpoint, methods in lit_api.spec.endpoints:
-            self.app.router.add_api_route(path, endpoint, methods=methods, route_class_override=JsonBodyRoute)
+            self.app.router.add_api_route(
+                path, endpoint, methods=methods, route_class_override=JsonBodyRoute, responses=ERROR_RESPONSES
+            )
 
     @asynccontextmanager
     async def lifespan(self, app: FastAPI):
