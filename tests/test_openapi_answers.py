@@ -42,8 +42,13 @@ IMG = _png_b64()
 DENSE = {"image": IMG, "load_size": 56}
 # Untrained SAM weights score low: thresholds of 0 keep instances and masks, so the item
 # schemas (Sam2Mask, Sam3Instance, Sam3Mask) are exercised, not only empty lists.
-AUTO = {"image": IMG, "points_per_side": 4, "crop_n_layers": 0, "pred_iou_thresh": 0.0}
-AUTO = {**AUTO, "stability_score_thresh": 0.0}
+AUTO = {
+    "image": IMG,
+    "points_per_side": 4,
+    "crop_n_layers": 0,
+    "pred_iou_thresh": 0.0,
+    "stability_score_thresh": 0.0,
+}
 SAM3 = {"image": IMG, "score_threshold": 0.0, "min_area": 0.0}
 
 
@@ -54,7 +59,7 @@ class Case:
     body: dict | None = None  # None: GET
     npy: bool = False  # the answer is a .npy file, not JSON
     nonempty: tuple[str, ...] = ()  # list fields that must not be empty (so their items are checked)
-    extra: dict[str, Any] = field(default_factory=dict)
+    path_params: dict[str, str] = field(default_factory=dict)
 
 
 CASES = [
@@ -166,7 +171,7 @@ CASES = [
         "v1-embeddings-dino", "/v1/embeddings", {"input": [IMG], "model": "dinov2_tiny14"}, nonempty=("data",)
     ),
     Case("v1-models", "/v1/models", nonempty=("data",)),
-    Case("v1-models-one", "/v1/models/{model}", extra={"model": "dinov2_tiny14_reg"}),
+    Case("v1-models-one", "/v1/models/{model}", path_params={"model": "dinov2_tiny14_reg"}),
 ]
 
 # Error answers, each against the schema the route declares for its status (4XX).
@@ -234,7 +239,7 @@ def declared(spec: dict, path: str, method: str, status: int) -> dict:
 
 
 def call(server, case: Case) -> requests.Response:
-    url = server.url + case.path.format(**case.extra)
+    url = server.url + case.path.format(**case.path_params)
     if case.body is None:
         return requests.get(url, headers=AUTH, timeout=300)
     return requests.post(url, json=case.body, headers=AUTH, timeout=300)
