@@ -43,6 +43,7 @@ from litserve.utils import WorkerSetupStatus
 from starlette.middleware.gzip import GZipMiddleware
 
 from apis.core.logs import LOG_FORMAT_ENV, adopt_litserve_logger, log
+from apis.http.errors import ERROR_RESPONSES
 from apis.http.routing import JsonBodyRoute
 from apis.transport.worker_loop import serve
 
@@ -99,7 +100,9 @@ class VisionServer(ls.LitServer):
     def _register_spec_endpoints(self, lit_api: ls.LitAPI) -> None:
         lit_api.spec._server = self
         for path, endpoint, methods in lit_api.spec.endpoints:
-            self.app.router.add_api_route(path, endpoint, methods=methods, route_class_override=JsonBodyRoute)
+            self.app.router.add_api_route(
+                path, endpoint, methods=methods, responses=ERROR_RESPONSES, route_class_override=JsonBodyRoute
+            )
 
     @asynccontextmanager
     async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:

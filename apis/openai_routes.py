@@ -24,7 +24,7 @@ from apis.config import ServerConfig
 from apis.core.errors import APIError, error_body
 from apis.embed import EmbedRoute, check_count, read_image
 from apis.family import FamilyAPI, Job
-from apis.http.errors import _validation_message
+from apis.http.errors import ERROR_RESPONSES, _validation_message
 from apis.http.responses import reply_response
 from apis.http.routing import JsonBodyRoute
 from apis.http.schemas import StrictRequest, is_blank
@@ -242,6 +242,7 @@ def install_openai_routes(app: FastAPI, cfg: ServerConfig, apis: Sequence[Family
         routes.embeddings,
         methods=["POST"],
         response_model=EmbeddingsResponse,
+        responses=ERROR_RESPONSES,
         summary="OpenAI-compatible embeddings (texts; images as data URIs or base64).",
         route_class_override=OpenAIRoute,
     )
@@ -250,6 +251,7 @@ def install_openai_routes(app: FastAPI, cfg: ServerConfig, apis: Sequence[Family
         routes.list_models,
         methods=["GET"],
         response_model=ModelList,
+        responses=ERROR_RESPONSES,
         summary="OpenAI-compatible list of the embedding models.",
     )
     app.router.add_api_route(
@@ -257,5 +259,6 @@ def install_openai_routes(app: FastAPI, cfg: ServerConfig, apis: Sequence[Family
         routes.get_model,
         methods=["GET"],
         response_model=ModelCard,
+        responses=ERROR_RESPONSES,
         summary="One embedding model.",
     )

@@ -286,6 +286,22 @@ MUTANTS = [
         ("tests/test_sam3_units.py::test_default_architecture_is_the_released_one",),
         "item 7: a constructor argument that keeps every parameter's shape",
     ),
+    Mutant(
+        "answers: a declared field left out",
+        "apis/sam2/api.py",
+        '            "num_masks": len(out),\n',
+        "",
+        ("tests/test_openapi_answers.py::test_answer_matches_its_schema[sam2-auto_mask-float32]",),
+        "issue 21: answers are rendered as bytes, so nothing else holds them to Sam2AutoMaskResponse",
+    ),
+    Mutant(
+        "answers: a field of the wrong type",
+        "apis/sam3/api.py",
+        '"image_size": {"width": enc.width,',
+        '"image_size": {"width": str(enc.width),',
+        ("tests/test_openapi_answers.py::test_answer_matches_its_schema[sam3-predict-prompts]",),
+        "issue 21: a string where ImageSize declares an integer",
+    ),
 ]
 
 

@@ -3,13 +3,36 @@ validation and HTTP errors rendered as JSON answers."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from apis.core.errors import APIError, error_body
 from apis.http.responses import error_response
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error answer, as :func:`~apis.core.errors.error_body` writes it."""
+
+    error: ErrorDetail
+
+
+#: ``responses=`` of every route: its 4xx answers in /openapi.json are this shape, not FastAPI's
+#: default 422 ``HTTPValidationError`` (which this server never sends).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": ErrorResponse, "description": "The request was refused; `error.message` says why."}
+}
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:

@@ -1,0 +1,305 @@
+"""Every route's answer holds to the schema the server itself publishes in ``/openapi.json``.
+
+Answers are rendered to bytes in the workers (apis/core/replies.py), so FastAPI never checks them
+against a route's declared response model: this file does, over HTTP, with ``jsonschema``. It
+reads each route's 200 schema (and the 4XX error schema) from the live ``/openapi.json``,
+resolves the ``$ref``s to its components, and validates one answer per answer shape (dtype, PCA,
+mask encodings, RLE modes, SAM 3 prompts and boxes, float and base64 embeddings, ...). Objects
+that list their properties are also closed (no undeclared key may appear), so the published
+schema is the whole answer. A route the server lists with a JSON 200 schema but no case here
+fails ``test_every_route_with_a_schema_has_a_case``. One server runs every family of
+configs/demo.yaml.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import io
+from dataclasses import dataclass, field
+from typing import Any
+
+import jsonschema
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from tests.conftest import KEYS, ROOT, ServerProcess
+
+DEMO = ROOT / "configs" / "demo.yaml"
+AUTH = {"Authorization": f"Bearer {KEYS[0]}"}
+
+
+def _png_b64(h: int = 45, w: int = 61) -> str:
+    rng = np.random.default_rng(5)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+IMG = _png_b64()
+DENSE = {"image": IMG, "load_size": 56}
+# Untrained SAM weights score low: thresholds of 0 keep instances and masks, so the item
+# schemas (Sam2Mask, Sam3Instance, Sam3Mask) are exercised, not only empty lists.
+AUTO = {
+    "image": IMG,
+    "points_per_side": 4,
+    "crop_n_layers": 0,
+    "pred_iou_thresh": 0.0,
+    "stability_score_thresh": 0.0,
+}
+SAM3 = {"image": IMG, "score_threshold": 0.0, "min_area": 0.0}
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    path: str
+    body: dict | None = None  # None: GET
+    npy: bool = False  # the answer is a .npy file, not JSON
+    nonempty: tuple[str, ...] = ()  # list fields that must not be empty (so their items are checked)
+    path_params: dict[str, str] = field(default_factory=dict)
+
+
+CASES = [
+    Case("clip-extract", "/clip/extract", DENSE),
+    Case(
+        "clip-extract-pca-fp16-chw",
+        "/clip/extract",
+        {**DENSE, "ret_pca": True, "output_dtype": "float16", "tensor_format": "CHW"},
+    ),
+    Case("clip-extract-npy", "/clip/extract", {**DENSE, "response_format": "npy"}, npy=True),
+    Case("clip-encode_text", "/clip/encode_text", {"text": "a red mug"}),
+    Case("clip-encode_text-fp16", "/clip/encode_text", {"text": "a red mug", "output_dtype": "float16"}),
+    Case("clip-similarity", "/clip/similarity", {**DENSE, "text": "a red mug"}),
+    Case("clip-similarity-negatives", "/clip/similarity", {**DENSE, "text": "mug", "negatives": ["robot"]}),
+    Case(
+        "clip-similarity-npy",
+        "/clip/similarity",
+        {**DENSE, "text": "mug", "response_format": "npy"},
+        npy=True,
+    ),
+    Case("clip-embed", "/clip/embed", {"images": [IMG], "texts": ["a red mug", "a robot"]}),
+    Case("clip-embed-texts-fp16", "/clip/embed", {"texts": ["a red mug"], "output_dtype": "float16"}),
+    Case("clip-classify", "/clip/classify", {"image": IMG, "labels": ["mug", "robot"]}, nonempty=("labels",)),
+    Case("dino-extract", "/dino/extract", {"image": IMG}),
+    Case(
+        "dino-extract-pca-bin-fp16",
+        "/dino/extract",
+        {"image": IMG, "ret_pca": True, "bin": True, "output_dtype": "float16"},
+    ),
+    Case("dino-extract-npy", "/dino/extract", {"image": IMG, "response_format": "npy"}, npy=True),
+    Case("dino-embed", "/dino/embed", {"images": [IMG, IMG]}),
+    Case("dino-embed-mean-raw", "/dino/embed", {"images": [IMG], "pooling": "mean", "normalize": False}),
+    Case("sam2-auto_mask-float32", "/sam2/auto_mask", AUTO, nonempty=("masks",)),
+    Case(
+        "sam2-auto_mask-packbits",
+        "/sam2/auto_mask",
+        {**AUTO, "mask_encoding": "packbits"},
+        nonempty=("masks",),
+    ),
+    Case("sam2-auto_mask-png", "/sam2/auto_mask", {**AUTO, "mask_encoding": "png"}, nonempty=("masks",)),
+    Case(
+        "sam2-auto_mask-uncompressed_rle",
+        "/sam2/auto_mask",
+        {**AUTO, "output_mode": "uncompressed_rle"},
+        nonempty=("masks",),
+    ),
+    Case(
+        "sam2-auto_mask-coco_rle", "/sam2/auto_mask", {**AUTO, "output_mode": "coco_rle"}, nonempty=("masks",)
+    ),
+    Case(
+        "sam2-prompt_mask-points",
+        "/sam2/prompt_mask",
+        {"image": IMG, "point_coords": [[20, 20]], "point_labels": [1]},
+    ),
+    Case(
+        "sam2-prompt_mask-box-packbits",
+        "/sam2/prompt_mask",
+        {"image": IMG, "box": [5, 5, 40, 30], "mask_encoding": "packbits", "multimask_output": False},
+    ),
+    Case(
+        "sam2-prompt_mask-logits",
+        "/sam2/prompt_mask",
+        {"image": IMG, "box": [5, 5, 40, 30], "return_logits": True},
+    ),
+    Case("sam2-embed", "/sam2/embed", {"image": IMG}),
+    Case(
+        "sam3-predict-prompts", "/sam3/predict", {**SAM3, "prompts": ["mug", "robot"]}, nonempty=("results",)
+    ),
+    Case(
+        "sam3-predict-boxes-rle",
+        "/sam3/predict",
+        {**SAM3, "boxes": [[5, 5, 40, 30]], "return_masks": True},
+        nonempty=("results",),
+    ),
+    Case(
+        "sam3-predict-both-png",
+        "/sam3/predict",
+        {
+            **SAM3,
+            "prompts": ["mug"],
+            "boxes": [[5, 5, 40, 30]],
+            "box_labels": [0],
+            "return_masks": True,
+            "mask_format": "png",
+        },
+        nonempty=("results",),
+    ),
+    Case("sam3-embed", "/sam3/embed", {"image": IMG}),
+    Case("rmbg-remove-rgba", "/rmbg/remove", {"image": IMG}),
+    Case("rmbg-remove-mask-webp", "/rmbg/remove", {"image": IMG, "output": "mask", "output_format": "webp"}),
+    Case("rmbg-remove-both-threshold", "/rmbg/remove", {"image": IMG, "output": "both", "threshold": 0.5}),
+    Case(
+        "v1-embeddings-text-float",
+        "/v1/embeddings",
+        {"input": "a red mug", "model": "clip-tiny/random"},
+        nonempty=("data",),
+    ),
+    Case(
+        "v1-embeddings-image-base64",
+        "/v1/embeddings",
+        {
+            "input": [f"data:image/png;base64,{IMG}", "a mug"],
+            "model": "clip-tiny/random",
+            "encoding_format": "base64",
+        },
+        nonempty=("data",),
+    ),
+    Case(
+        "v1-embeddings-dino", "/v1/embeddings", {"input": [IMG], "model": "dinov2_tiny14"}, nonempty=("data",)
+    ),
+    Case("v1-models", "/v1/models", nonempty=("data",)),
+    Case("v1-models-one", "/v1/models/{model}", path_params={"model": "dinov2_tiny14_reg"}),
+]
+
+# Error answers, each against the schema the route declares for its status (4XX).
+ERRORS = [
+    ("422-family-body", "/clip/encode_text", {"text": None}, 422),
+    ("422-unknown-field", "/sam2/prompt_mask", {"image": IMG, "box": [1, 1, 5, 5], "boxes": []}, 422),
+    ("400-box-outside-image", "/sam3/predict", {"image": IMG, "boxes": [[5, 5, 80, 30]]}, 400),
+    ("400-unknown-model", "/dino/extract", {"image": IMG, "model_type": "no_such_dino"}, 400),
+    ("400-openai-body", "/v1/embeddings", {"input": "x"}, 400),
+    ("404-openai-model", "/v1/embeddings", {"input": "x", "model": "nope"}, 404),
+]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    proc = ServerProcess(
+        None, tmp_path_factory.mktemp("openapi"), ["--config", str(DEMO), "--api-key", KEYS[0]]
+    )
+    try:
+        yield proc.wait_ready(600)  # a busy two-core machine took 266 s
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def spec(server) -> dict:
+    r = requests.get(server.url + "/openapi.json", headers=AUTH, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def closed(schema: Any) -> Any:
+    """``schema`` with ``additionalProperties: false`` on every object that lists its properties
+    and says nothing about others (pydantic's default), so an undeclared key fails too."""
+    if isinstance(schema, dict):
+        out = {k: closed(v) for k, v in schema.items()}
+        if "properties" in out and "additionalProperties" not in out:
+            out["additionalProperties"] = False
+        return out
+    if isinstance(schema, list):
+        return [closed(v) for v in schema]
+    return schema
+
+
+def check(spec: dict, schema: dict, answer: Any) -> None:
+    """Validate ``answer`` against ``schema``, whose ``$ref``s point into the spec's components;
+    fails the test with every violation, each with its place in the answer."""
+    root = closed({**schema, "components": spec.get("components", {})})
+    validator = jsonschema.Draft202012Validator(root)
+    problems = [
+        f"{'/'.join(map(str, e.absolute_path)) or '(answer)'}: {e.message}"
+        for e in validator.iter_errors(answer)
+    ]
+    assert not problems, "\n".join(problems)
+
+
+def declared(spec: dict, path: str, method: str, status: int) -> dict:
+    """The JSON schema the route declares for ``status`` (exact code first, then its range)."""
+    responses = spec["paths"][path][method]["responses"]
+    entry = responses.get(str(status)) or responses.get(f"{str(status)[0]}XX") or responses.get("default")
+    assert entry is not None, f"{method.upper()} {path} declares no answer for {status}: {sorted(responses)}"
+    schema = entry.get("content", {}).get("application/json", {}).get("schema")
+    assert schema, f"{method.upper()} {path} declares no JSON schema for {status}"
+    return schema
+
+
+def call(server, case: Case) -> requests.Response:
+    url = server.url + case.path.format(**case.path_params)
+    if case.body is None:
+        return requests.get(url, headers=AUTH, timeout=300)
+    return requests.post(url, json=case.body, headers=AUTH, timeout=300)
+
+
+def test_every_route_with_a_schema_has_a_case(spec):
+    with_schema = {
+        (path, method)
+        for path, ops in spec["paths"].items()
+        for method, op in ops.items()
+        if op.get("responses", {}).get("200", {}).get("content", {}).get("application/json", {}).get("schema")
+    }
+    covered = {(c.path, "get" if c.body is None else "post") for c in CASES}
+    assert with_schema - covered == set(), "give these routes a case here"
+    assert covered - with_schema == set(), "these cases' routes publish no 200 JSON schema"
+    # every POST route declares a schema (what a client generator reads)
+    posts = {(path, "post") for path, ops in spec["paths"].items() if "post" in ops}
+    assert posts <= with_schema, posts - with_schema
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_answer_matches_its_schema(server, spec, case):
+    r = call(server, case)
+    assert r.status_code == 200, r.text
+    method = "get" if case.body is None else "post"
+    if case.npy:  # the body IS the .npy file; its meta comes as headers
+        assert r.headers["content-type"] == "application/x-npy"
+        arr = np.load(io.BytesIO(r.content), allow_pickle=False)
+        assert arr.ndim >= 2 and arr.dtype == np.float32
+        assert r.headers["x-visionserve-model"]
+        return
+    assert r.headers["content-type"] == "application/json"
+    answer = r.json()
+    for name in case.nonempty:
+        assert answer[name], f"{name} is empty: its items' schema would go unchecked"
+    check(spec, declared(spec, case.path, method, 200), answer)
+
+
+@pytest.mark.parametrize(("path", "body", "status"), [e[1:] for e in ERRORS], ids=[e[0] for e in ERRORS])
+def test_error_answers_match_the_declared_error_schema(server, spec, path, body, status):
+    r = requests.post(server.url + path, json=body, headers=AUTH, timeout=300)
+    assert r.status_code == status, r.text
+    check(spec, declared(spec, path, "post", status), r.json())
+
+
+def test_refused_key_matches_the_declared_error_schema(server, spec):
+    r = requests.post(server.url + "/clip/encode_text", json={"text": "x"}, timeout=30)
+    assert r.status_code == 401, r.text
+    check(spec, declared(spec, "/clip/encode_text", "post", 401), r.json())
+
+
+def test_the_check_catches_a_missing_field_and_a_wrong_type(spec):
+    """The validation above fails on the faults it is there for (and not only in theory)."""
+    good = {"image_id": "ab" * 32, "width": 61, "height": 45, "cached": False, "model": "m"}
+    schema = declared(spec, "/sam3/embed", "post", 200)
+    check(spec, schema, good)
+    for bad in (
+        {k: v for k, v in good.items() if k != "cached"},
+        {**good, "width": "61"},
+        {**good, "undeclared": 1},
+    ):
+        with pytest.raises(AssertionError):
+            check(spec, schema, copy.deepcopy(bad))
