@@ -109,6 +109,10 @@ MUTANTS = [
         "item 4: a map that sums to 1 and says nothing",
     ),
     Mutant(
+        ("tests/test_clip_http.py::test_similarity_full_resolution_cosine_and_negatives",),
+        "item 4: a map that sums to 1 and says nothing",
+    ),
+    Mutant(
         "full-res similarity: softmax before upsampling",
         "apis/clip/api.py",
         """        if not p["ret_patches"]:
