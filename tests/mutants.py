@@ -109,20 +109,16 @@ MUTANTS = [
         "item 4: a map that sums to 1 and says nothing",
     ),
     Mutant(
-        ("tests/test_clip_http.py::test_similarity_full_resolution_cosine_and_negatives",),
-        "item 4: a map that sums to 1 and says nothing",
-    ),
-    Mutant(
         "full-res similarity: softmax before upsampling",
         "apis/clip/api.py",
         """        if not p["ret_patches"]:
-            sim = upsample_grid(sim[..., None], geom, p["interpolation_mode"])[..., 0]
+            sim = upsample_grid(sim[..., None], item.geom, p["interpolation_mode"])[..., 0]
         if p["softmax"] > 0 and not negatives:
             sim = spatial_softmax(sim, p["softmax"])""",
         """        if p["softmax"] > 0 and not negatives:
             sim = spatial_softmax(sim, p["softmax"])
         if not p["ret_patches"]:
-            sim = upsample_grid(sim[..., None], geom, p["interpolation_mode"])[..., 0]""",
+            sim = upsample_grid(sim[..., None], item.geom, p["interpolation_mode"])[..., 0]""",
         ("tests/test_clip_http.py::test_similarity_full_resolution_cosine_and_negatives",),
         "item 4: the seed's order of steps",
     ),
