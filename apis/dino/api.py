@@ -1,168 +1,60 @@
-"""DINO routes: ``/dino/extract`` (seed 004 fields) and ``/dino/embed``. Schemas and the thin
-LitAPI; maths in :mod:`apis.dino.model`."""
+"""DINO routes: ``/dino/extract`` (seed 004's fields) and ``/dino/embed``. The maths lives in
+:mod:`apis.dino.model`."""
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, Field
+from PIL import Image
 
 from apis.core.dense import IMAGENET_MEAN, IMAGENET_STD, Geometry, plan, preprocess, respond
 from apis.core.errors import APIError
 from apis.core.settings import ModelEntry
-from apis.core.tensors import OutputDType, encode_array
+from apis.core.tensors import encode_array
 from apis.dino.model import (
     BIN_CELLS,
     POOLINGS,
     DinoModel,
     Facet,
-    Pooling,
     dense_features,
     global_embeddings,
     load_dino,
     log_bin,
 )
-from apis.embed import EmbeddingRoutes, check_count, openai_answer
-from apis.family import FamilyAPI, Job, Route
-from apis.http.schemas import DenseOptions, DenseResponse, StrictRequest
-
-_MODEL_TYPE = Field(
-    None,
-    description="torch.hub name (dinov2_vits14, _vitb14, _vitl14, _vitg14, each also _reg) among the "
-    "server's models; null = the server's default model.",
+from apis.dino.schemas import (
+    DinoEmbedRequest,
+    DinoEmbedResponse,
+    DinoExtractRequest,
+    DinoExtractResponse,
+    DinoModelSelector,
 )
-
-
-class DinoExtractRequest(DenseOptions):
-    model_type: str | None = _MODEL_TYPE
-    stride: int | None = Field(
-        None, gt=0, description="Patch-embedding stride; must divide the patch size (14). null = 14."
-    )
-    load_size: int | None = Field(
-        -1,
-        description=">0: shorter side resized to this; <0: shorter side times |load_size|; null: no resize.",
-    )
-    facet: Facet = Field(
-        "token",
-        description="token: block output (before the final norm); key/query/value: its qkv projection.",
-    )
-    layer: int = Field(-1, description="Block index; negative counts from the last block.")
-    bin: bool = Field(False, description="Log-binned descriptors (hierarchy 2): 17 x D channels.")
-
-
-class DinoEmbedRequest(StrictRequest):
-    model_type: str | None = _MODEL_TYPE
-    images: list[str] = Field(
-        ..., description="Base64 image files (optionally data: URIs), embedded in order."
-    )
-    pooling: Pooling = Field(
-        "cls",
-        description="cls: the class token (timm's pre-logits output); mean: the mean of the patch tokens.",
-    )
-    normalize: bool = Field(False, description="L2-normalise each embedding.")
-    output_dtype: OutputDType = "float32"
-
-
-class DinoExtractResponse(DenseResponse):
-    pass
-
-
-class DinoEmbedResponse(BaseModel):
-    embeddings: str = Field(..., description="base64 of little-endian (N, D) values in `dtype`.")
-    shape: list[int]
-    dtype: OutputDType
-    pooling: Pooling
-    normalized: bool
-    model: str
+from apis.embed import EmbedRoute, check_count, openai_answer
+from apis.family import FamilyAPI, Job, Route
 
 
 @dataclass
-class _Prepared:
-    x: torch.Tensor  # (1, 3, Hp, Wp) normalised, padded
+class DenseInput:
+    """An extract request's image, normalised and padded, where its patches land, and the
+    forward it asks for."""
+
+    x: torch.Tensor  # (1, 3, Hp, Wp)
     geom: Geometry
     stride: int
     layer: int  # 0..depth-1
     facet: Facet
     bin: bool
 
-    def group(self) -> tuple:
-        """Requests with equal groups run as one forward pass."""
-        return (tuple(self.x.shape), self.stride, self.layer, self.facet, self.bin)
 
+class Extract(Route):
+    name = "extract"
+    request = DinoExtractRequest
+    response = DinoExtractResponse
+    summary = "Dense DINOv2 features: facet, layer, stride, log-binning."
 
-class DinoAPI(EmbeddingRoutes, FamilyAPI):
-    family = "dino"
-    model_fields = ("model_type",)
-    routes = (
-        Route(
-            "extract",
-            DinoExtractRequest,
-            DinoExtractResponse,
-            "Dense DINOv2 features: facet, layer, stride, log-binning.",
-        ),
-        Route(
-            "embed",
-            DinoEmbedRequest,
-            DinoEmbedResponse,
-            "Global DINOv2 image embeddings: the class token or the mean of the patch tokens.",
-        ),
-    )
-
-    def check(self, op: str, request: BaseModel) -> None:
-        if op == "embed":
-            check_count(len(request.images), self.cfg.limits, "images", "images")
-
-    def prepare(self, op: str, request: BaseModel) -> Job:
-        job = super().prepare(op, request)
-        if op == "embed":
-            job.params["texts"] = []
-            job = self.prepare_embed(job)
-        return job
-
-    def load_model(self, entry: ModelEntry) -> DinoModel:
-        return load_dino(entry, self.torch_device, self.compute_dtype)
-
-    def op_embed(self, dm: DinoModel, jobs: list[Job]) -> list:
-        """Every image of the batch's requests in one forward, whatever pooling each asks for."""
-        results = self.embed_batch(
-            "embed", jobs, dm.embed_dim, dm.preprocess, lambda x: global_embeddings(dm, x)
-        )
-        return [
-            r if isinstance(r, APIError) else self._embed_answer(dm, job, r[0])
-            for job, r in zip(jobs, results, strict=True)
-        ]
-
-    @staticmethod
-    def _embed_answer(dm: DinoModel, job: Job, pooled: torch.Tensor) -> dict:
-        p = job.params
-        emb = pooled[:, POOLINGS.index(p["pooling"])]
-        if p["normalize"]:
-            emb = F.normalize(emb, dim=-1)
-        if p["openai"] is not None:
-            return openai_answer(job, emb, emb[:0], dm.image_tokens, [])
-        data, shape = encode_array(emb.numpy(), p["output_dtype"])
-        return {
-            "embeddings": data,
-            "shape": shape,
-            "dtype": p["output_dtype"],
-            "pooling": p["pooling"],
-            "normalized": p["normalize"],
-            "model": job.model_id,
-        }
-
-    def op_extract(self, dm: DinoModel, jobs: list[Job]) -> list:
-        return self.grouped(
-            "extract",
-            jobs,
-            prepare=lambda job: self._prepare(dm, job),
-            key=_Prepared.group,
-            forward=lambda items: self._forward(dm, items),
-            finish=lambda job, item, feats: respond(feats, item.geom, job.params, job.model_id),
-        )
-
-    def _prepare(self, dm: DinoModel, job: Job) -> _Prepared:
+    def decode_request(self, dm: DinoModel, job: Job) -> DenseInput:
         p = job.params
         patch = dm.patch_size
         stride = p["stride"] or patch
@@ -181,14 +73,75 @@ class DinoAPI(EmbeddingRoutes, FamilyAPI):
                 param="layer",
             )
         channels = 3 if p["ret_pca"] else dm.embed_dim * (BIN_CELLS if p["bin"] else 1)
-        geom = plan(job.image.size, p, patch, stride, channels, self.cfg.limits)
+        geom = plan(job.image.size, p, patch, stride, channels, self.api.cfg.limits)
         x = preprocess(
             job.image, p["load_size"], False, patch, p["padding_mode"], IMAGENET_MEAN, IMAGENET_STD
         )
-        return _Prepared(x, geom, stride, p["layer"] % dm.depth, p["facet"], p["bin"])
+        return DenseInput(x, geom, stride, p["layer"] % dm.depth, p["facet"], p["bin"])
 
-    @staticmethod
-    def _forward(dm: DinoModel, items: list[_Prepared]) -> torch.Tensor:
+    def batch_key(self, item: DenseInput) -> Hashable:
+        """Inputs of one padded size that ask for the same forward share it."""
+        return (tuple(item.x.shape), item.stride, item.layer, item.facet, item.bin)
+
+    def predict(self, dm: DinoModel, items: list[DenseInput]) -> torch.Tensor:
         first = items[0]
         feats = dense_features(dm, torch.cat([i.x for i in items]), first.stride, first.facet, first.layer)
         return (log_bin(feats) if first.bin else feats).cpu()
+
+    def encode_response(self, dm: DinoModel, job: Job, item: DenseInput, feats: torch.Tensor) -> dict:
+        return respond(feats, item.geom, job.params, job.model_id)
+
+
+class Embed(EmbedRoute):
+    """Every image of the batch's requests in one forward, whatever pooling each asks for:
+    the model gives both poolings and each answer picks its own."""
+
+    request = DinoEmbedRequest
+    response = DinoEmbedResponse
+    summary = "Global DINOv2 image embeddings: the class token or the mean of the patch tokens."
+
+    def check(self, request: DinoEmbedRequest) -> None:
+        check_count(len(request.images), self.api.cfg.limits, "images", "images")
+
+    def read_inputs(self, job: Job) -> Job:
+        job.params["texts"] = []  # no text tower
+        return super().read_inputs(job)
+
+    def dim(self, dm: DinoModel) -> int:
+        return dm.embed_dim
+
+    def preprocess(self, dm: DinoModel, image: Image.Image) -> torch.Tensor:
+        return dm.preprocess(image)
+
+    def encode_images(self, dm: DinoModel, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 2, D): both poolings (apis.dino.model.POOLINGS) of each image."""
+        return global_embeddings(dm, pixels)
+
+    def encode_response(
+        self, dm: DinoModel, job: Job, item, output: tuple[torch.Tensor, torch.Tensor]
+    ) -> dict:
+        pooled, _ = output  # no texts
+        p = job.params
+        emb = pooled[:, POOLINGS.index(p["pooling"])]
+        if p["normalize"]:
+            emb = F.normalize(emb, dim=-1)
+        if p["openai"] is not None:
+            return openai_answer(job, emb, emb[:0], dm.image_tokens, [])
+        data, shape = encode_array(emb.numpy(), p["output_dtype"])
+        return {
+            "embeddings": data,
+            "shape": shape,
+            "dtype": p["output_dtype"],
+            "pooling": p["pooling"],
+            "normalized": p["normalize"],
+            "model": job.model_id,
+        }
+
+
+class DinoAPI(FamilyAPI):
+    family = "dino"
+    selector = DinoModelSelector
+    routes = (Extract, Embed)
+
+    def load_model(self, entry: ModelEntry) -> DinoModel:
+        return load_dino(entry, self.torch_device, self.compute_dtype)
