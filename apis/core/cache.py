@@ -70,3 +70,13 @@ class LRUCache(Generic[T]):
 
     def stats(self) -> dict[str, int]:
         return {"hits": self.hits, "misses": self.misses, "size": len(self._items), "capacity": self.capacity}
+
+
+def cache_stats(models: dict) -> dict:
+    """``/info`` counters of the families that cache encoded images (SAM 2, SAM 3), from a worker's
+    {model_id: model}: each model's cache (``.cache``) and its count of images it encoded
+    (``.encoded_images``)."""
+    return {
+        "embedding_cache": {k: m.cache.stats() for k, m in models.items()},
+        "encoded_images": {k: m.encoded_images for k, m in models.items()},
+    }
