@@ -8,8 +8,8 @@ model in each worker.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from typing import Generic, TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -72,10 +72,9 @@ class LRUCache(Generic[T]):
         return {"hits": self.hits, "misses": self.misses, "size": len(self._items), "capacity": self.capacity}
 
 
-def cache_stats(models: dict) -> dict:
-    """``/info`` counters of the families that cache encoded images (SAM 2, SAM 3), from a worker's
-    {model_id: model}: each model's cache (``.cache``) and its count of images it encoded
-    (``.encoded_images``)."""
+def cache_stats(models: Mapping[str, Any]) -> dict[str, dict]:
+    """``/info`` counters of a family that caches encoded images (SAM 2, SAM 3), per model id:
+    its cache's hits, misses and size, and how many images its encoder ran on."""
     return {
         "embedding_cache": {k: m.cache.stats() for k, m in models.items()},
         "encoded_images": {k: m.encoded_images for k, m in models.items()},
