@@ -21,7 +21,7 @@ from apis.core.tensors import encode_array, tensor_answer
 from apis.http.protocol import http_protocol
 from apis.http.schemas import is_blank
 from apis.sam2.api import Sam2AutoMaskRequest, Sam2PromptRequest, auto_mask_points, generator_settings
-from apis.sam3.api import Sam3PredictRequest
+from apis.sam3.schemas import Sam3PredictRequest
 from apis.transport.dispatch import Withdraw, WorkerLink, frame
 
 

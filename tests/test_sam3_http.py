@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from apis import sam3_compat
+from apis.sam3 import compat as sam3_compat
 from apis.sam3.model import Sam3Arch, build_sam3_image
 from clients.common import encode_image, post
 from clients.sam3_client import Sam3ServiceClient, VisionServeError, decode_instance_mask

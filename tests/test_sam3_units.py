@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from apis import sam3_compat
 from apis.core.masks import coco_rle, largest_polygon, png_base64
+from apis.sam3 import compat as sam3_compat
 from apis.sam3.model import Detections, Filters, Sam3Arch, build_sam3_image, instances, load_checkpoint
 from clients.sam3_client import decode_instance_mask, decode_instance_masks, save_instances_overlay
 from tests.conftest import ROOT, ServerProcess

@@ -117,8 +117,8 @@ def hub_files(tmp_path_factory) -> dict[str, bytes]:
     import timm
     from sam2.build_sam import build_sam2
 
-    from apis import sam3_compat
     from apis.rmbg.model import tiny_onnx
+    from apis.sam3 import compat as sam3_compat
     from apis.sam3.model import Sam3Arch, build_sam3_image
 
     tmp = tmp_path_factory.mktemp("hub-files")
