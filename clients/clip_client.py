@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .common import VisionServeError, decode_array, encode_image, get, image_arg, image_fields, post
+from .common import VisionServeError, decode_array, encode_image, get, image_arg, post_arguments
 
 __all__ = [
     "VisionServeError",
@@ -62,24 +62,7 @@ def extract_clip_features(
     timeout: float = 600.0,
 ) -> dict:
     """POST /clip/extract; returns the JSON (``features``, ``shape``, ``dtype``, ``is_pca``)."""
-    payload = {
-        **image_fields(image, image_url, image_path),
-        "model_name": model_name,
-        "model_pretrained": model_pretrained,
-        "ret_pca": ret_pca,
-        "ret_patches": ret_patches,
-        "load_size": load_size,
-        "center_crop": center_crop,
-        "pca_niter": pca_niter,
-        "pca_q_min": pca_q_min,
-        "pca_q_max": pca_q_max,
-        "interpolation_mode": interpolation_mode,
-        "tensor_format": tensor_format,
-        "padding_mode": padding_mode,
-        "output_dtype": output_dtype,
-        "response_format": response_format,
-    }
-    return post(FAMILY, "extract", payload, base_url, api_key, timeout)
+    return post_arguments(FAMILY, "extract", locals())
 
 
 def encode_clip_text(
@@ -92,13 +75,7 @@ def encode_clip_text(
     timeout: float = 120.0,
 ) -> dict:
     """POST /clip/encode_text; returns ``text_embedding``, ``shape``, ``dtype``."""
-    payload = {
-        "text": text,
-        "model_name": model_name,
-        "model_pretrained": model_pretrained,
-        "output_dtype": output_dtype,
-    }
-    return post(FAMILY, "encode_text", payload, base_url, api_key, timeout)
+    return post_arguments(FAMILY, "encode_text", locals())
 
 
 def compute_clip_similarity(
@@ -125,25 +102,7 @@ def compute_clip_similarity(
     timeout: float = 600.0,
 ) -> dict:
     """POST /clip/similarity; returns ``similarity_map``, ``shape``, ``dtype``."""
-    payload = {
-        **image_fields(image, image_url, image_path),
-        "text": text,
-        "model_name": model_name,
-        "model_pretrained": model_pretrained,
-        "softmax": softmax,
-        "ret_pca": ret_pca,
-        "ret_patches": ret_patches,
-        "load_size": load_size,
-        "center_crop": center_crop,
-        "interpolation_mode": interpolation_mode,
-        "padding_mode": padding_mode,
-        "similarity": similarity,
-        "negatives": negatives,
-        "relevancy_temperature": relevancy_temperature,
-        "output_dtype": output_dtype,
-        "response_format": response_format,
-    }
-    return post(FAMILY, "similarity", payload, base_url, api_key, timeout)
+    return post_arguments(FAMILY, "similarity", locals())
 
 
 def embed_clip(
@@ -159,14 +118,9 @@ def embed_clip(
     """POST /clip/embed: (image embeddings (N, D), text embeddings (M, D)), L2-normalised, in
     one space (cosine = dot product). ``images``: file paths, bytes, PIL images or uint8 arrays;
     at most the server's ``limits.max_embed_inputs`` images and texts together."""
-    payload = {
-        "images": [encode_image(image) for image in images or []],
-        "texts": list(texts or []),
-        "model_name": model_name,
-        "model_pretrained": model_pretrained,
-        "output_dtype": output_dtype,
-    }
-    r = post(FAMILY, "embed", payload, base_url, api_key, timeout)
+    images = [encode_image(image) for image in images or []]
+    texts = list(texts or [])
+    r = post_arguments(FAMILY, "embed", locals())
     return (
         decode_array(r["image_embeddings"], r["image_shape"], r["dtype"]),
         decode_array(r["text_embeddings"], r["text_shape"], r["dtype"]),
@@ -187,14 +141,8 @@ def classify_clip(
 ) -> np.ndarray:
     """POST /clip/classify: the labels' probabilities (L,), in their order (``image`` may be a
     file path). ``templates`` with ``{}`` for the label; None uses the server's default set."""
-    payload = {
-        **image_fields(image_arg(image), image_url, image_path),
-        "labels": list(labels),
-        "templates": templates,
-        "model_name": model_name,
-        "model_pretrained": model_pretrained,
-    }
-    r = post(FAMILY, "classify", payload, base_url, api_key, timeout)
+    image, labels = image_arg(image), list(labels)
+    r = post_arguments(FAMILY, "classify", locals())
     return np.asarray(r["probabilities"], dtype=np.float32)
 
 

@@ -169,6 +169,29 @@ def post_image(
     return post(family, route, {**payload, **fields}, base_url, api_key, timeout, headers)
 
 
+# The arguments of a client function that say where and how to send, not what to ask.
+_IMAGE_ARGS = ("image", "image_url", "image_path")
+_CONNECTION_ARGS = ("base_url", "api_key", "timeout")
+
+
+def post_arguments(
+    family: str, route: str, arguments: dict[str, Any], drop_none: bool = False, image_key: bool = False
+) -> dict:
+    """POST a route from a client function whose parameters are named as the route's request
+    fields: ``arguments`` is that function's ``locals()``. The image arguments become the image
+    fields, the connection ones set up the call, every other one is a JSON field (left out when
+    None if ``drop_none``). ``image_key`` (families that cache images) sends through
+    :func:`post_image`: ``image_id`` with its fallback and the ``X-Image-Key`` header."""
+    args = dict(arguments)
+    fields = image_fields(*(args.pop(name, None) for name in _IMAGE_ARGS))
+    base_url, api_key, timeout = (args.pop(name) for name in _CONNECTION_ARGS)
+    image_id = args.pop("image_id", None)
+    payload = {k: v for k, v in args.items() if v is not None or not drop_none}
+    if image_key:
+        return post_image(family, route, payload, fields, image_id, base_url, api_key, timeout)
+    return post(family, route, {**payload, **fields}, base_url, api_key, timeout)
+
+
 def image_fields(image: Any = None, image_url: str | None = None, image_path: str | None = None) -> dict:
     """The request's image fields. A ``str`` ``image`` is already base64 (as in the seed clients)."""
     if image is not None and not isinstance(image, str):

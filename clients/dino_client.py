@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .common import VisionServeError, decode_array, encode_image, get, image_arg, image_fields, post
+from .common import VisionServeError, decode_array, encode_image, get, image_arg, post_arguments
 
 __all__ = [
     "VisionServeError",
@@ -56,26 +56,7 @@ def extract_dino_features(
     timeout: float = 600.0,
 ) -> dict:
     """POST /dino/extract; returns the JSON (``features``, ``shape``, ``dtype``, ``is_pca``)."""
-    payload = {
-        **image_fields(image, image_url, image_path),
-        "model_type": model_type,
-        "stride": stride,
-        "ret_pca": ret_pca,
-        "ret_patches": ret_patches,
-        "load_size": load_size,
-        "facet": facet,
-        "layer": layer,
-        "bin": bin,
-        "pca_niter": pca_niter,
-        "pca_q_min": pca_q_min,
-        "pca_q_max": pca_q_max,
-        "interpolation_mode": interpolation_mode,
-        "tensor_format": tensor_format,
-        "padding_mode": padding_mode,
-        "output_dtype": output_dtype,
-        "response_format": response_format,
-    }
-    return post(FAMILY, "extract", payload, base_url, api_key, timeout)
+    return post_arguments(FAMILY, "extract", locals())
 
 
 def decode_features(features_b64: str, shape: list[int], dtype: str = "float32") -> np.ndarray:
@@ -102,12 +83,6 @@ def embed_dino(
     """POST /dino/embed: (N, D) embeddings, the class token (``pooling="cls"``) or the mean of
     the patch tokens (``"mean"``), L2-normalised if ``normalize``. ``images``: file paths, bytes,
     PIL images or uint8 arrays; at most the server's ``limits.max_embed_inputs``."""
-    payload = {
-        "images": [encode_image(image) for image in images],
-        "model_type": model_type,
-        "pooling": pooling,
-        "normalize": normalize,
-        "output_dtype": output_dtype,
-    }
-    r = post(FAMILY, "embed", payload, base_url, api_key, timeout)
+    images = [encode_image(image) for image in images]
+    r = post_arguments(FAMILY, "embed", locals())
     return decode_array(r["embeddings"], r["shape"], r["dtype"])

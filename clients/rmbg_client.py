@@ -18,7 +18,7 @@ from typing import Any
 import pybase64
 from PIL import Image
 
-from .common import VisionServeError, get, image_fields, post
+from .common import VisionServeError, get, post_arguments
 
 __all__ = ["VisionServeError", "health", "remove_background", "remove_background_response"]
 
@@ -45,15 +45,7 @@ def remove_background_response(
 ) -> dict:
     """The server's answer as it came: ``image`` and/or ``mask`` (base64), ``width``, ``height``.
     ``image`` here is base64 text or anything ``encode_image`` takes (path, bytes, PIL, array)."""
-    payload = {
-        **image_fields(image, image_url, image_path),
-        "output": output,
-        "output_format": output_format,
-        "threshold": threshold,
-        "model": model,
-    }
-    payload = {k: v for k, v in payload.items() if v is not None}
-    return post(FAMILY, "remove", payload, base_url, api_key, timeout)
+    return post_arguments(FAMILY, "remove", locals(), drop_none=True)
 
 
 def remove_background(image: Any, output: str = "rgba", **kwargs) -> Image.Image:

@@ -28,9 +28,8 @@ from .common import (
     encode_image,
     get,
     image_arg,
-    image_fields,
     image_file_bytes,
-    post_image,
+    post_arguments,
 )
 from .masks import decode_png, decode_rle, save_overlay
 
@@ -80,9 +79,8 @@ def embed_sam2_image(
 ) -> dict:
     """POST /sam2/embed: encode the image into the server's cache once. Answers ``image_id``,
     ``width``, ``height``, ``cached`` (already there) and ``model``. ``image`` may be a path."""
-    payload = {"model_cfg": model_cfg, "checkpoint_path": checkpoint_path}
-    fields = image_fields(image_arg(image), image_url, image_path)
-    return post_image(FAMILY, "embed", payload, fields, None, base_url, api_key, timeout)
+    image = image_arg(image)
+    return post_arguments(FAMILY, "embed", locals(), image_key=True)
 
 
 def generate_sam2_auto_masks(
@@ -121,30 +119,7 @@ def generate_sam2_auto_masks(
     """
     if point_grids is not None:
         point_grids = [np.asarray(g, dtype=float).tolist() for g in point_grids]
-    payload = {
-        "model_cfg": model_cfg,
-        "checkpoint_path": checkpoint_path,
-        "preset": preset,
-        "points_per_side": points_per_side,
-        "points_per_batch": points_per_batch,
-        "pred_iou_thresh": pred_iou_thresh,
-        "stability_score_thresh": stability_score_thresh,
-        "stability_score_offset": stability_score_offset,
-        "mask_threshold": mask_threshold,
-        "box_nms_thresh": box_nms_thresh,
-        "crop_n_layers": crop_n_layers,
-        "crop_nms_thresh": crop_nms_thresh,
-        "crop_overlap_ratio": crop_overlap_ratio,
-        "crop_n_points_downscale_factor": crop_n_points_downscale_factor,
-        "point_grids": point_grids,
-        "min_mask_region_area": min_mask_region_area,
-        "use_m2m": use_m2m,
-        "multimask_output": multimask_output,
-        "output_mode": output_mode,
-        "mask_encoding": mask_encoding,
-    }
-    fields = image_fields(image, image_url, image_path)
-    return post_image(FAMILY, "auto_mask", payload, fields, image_id, base_url, api_key, timeout)
+    return post_arguments(FAMILY, "auto_mask", locals(), image_key=True)
 
 
 def _as_list(value: Any) -> Any:
@@ -194,24 +169,8 @@ def generate_sam2_prompt_masks(
     """
     if mask_input is not None and not isinstance(mask_input, str):
         mask_input, mask_input_shape = encode_mask_input(mask_input)
-    payload = {
-        "model_cfg": model_cfg,
-        "checkpoint_path": checkpoint_path,
-        "point_coords": _as_list(point_coords),
-        "point_labels": _as_list(point_labels),
-        "box": _as_list(box),
-        "mask_input": mask_input,
-        "mask_input_shape": mask_input_shape,
-        "multimask_output": multimask_output,
-        "return_logits": return_logits,
-        "normalize_coords": normalize_coords,
-        "mask_threshold": mask_threshold,
-        "max_hole_area": max_hole_area,
-        "max_sprinkle_area": max_sprinkle_area,
-        "mask_encoding": mask_encoding,
-    }
-    fields = image_fields(image, image_url, image_path)
-    r = post_image(FAMILY, "prompt_mask", payload, fields, image_id, base_url, api_key, timeout)
+    point_coords, point_labels, box = _as_list(point_coords), _as_list(point_labels), _as_list(box)
+    r = post_arguments(FAMILY, "prompt_mask", locals(), image_key=True)
     if r.get("mask_encoding") == "packbits":
         masks = unpack_bits(r["masks"], r["masks_shape"]).astype(np.float32)
     else:
