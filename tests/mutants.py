@@ -286,6 +286,22 @@ MUTANTS = [
         ("tests/test_sam3_units.py::test_default_architecture_is_the_released_one",),
         "item 7: a constructor argument that keeps every parameter's shape",
     ),
+    Mutant(
+        "sam3 builder: gelu in the decoder",
+        "apis/sam3_model.py",
+        'layer=TransformerDecoderLayer(\n            activation="relu",',
+        'layer=TransformerDecoderLayer(\n            activation="gelu",',
+        ("tests/test_sam3_units.py::test_outputs_equal_sam3s_own_builder_on_the_same_weights",),
+        "item 7: a function-valued argument the settings comparison cannot see",
+    ),
+    Mutant(
+        "sam3 builder: position temperature",
+        "apis/sam3_model.py",
+        "temperature=10000,",
+        "temperature=20000,",
+        ("tests/test_sam3_units.py::test_outputs_equal_sam3s_own_builder_on_the_same_weights",),
+        "item 7: a number that keeps every shape, at the tiny sizes",
+    ),
 ]
 
 
