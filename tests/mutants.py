@@ -302,6 +302,26 @@ MUTANTS = [
         ("tests/test_sam3_units.py::test_outputs_equal_sam3s_own_builder_on_the_same_weights",),
         "item 7: a number that keeps every shape, at the tiny sizes",
     ),
+    Mutant(
+        "auto_mask: a threshold applied off by 0.05",
+        "apis/sam2_model.py",
+        "    s = dict(settings)\n",
+        '    s = {**settings, "pred_iou_thresh": settings["pred_iou_thresh"] + 0.05}\n',
+        (
+            "tests/test_sam2_http.py::test_request_defaults_reach_the_generator_as_documented",
+            "tests/test_sam2_http.py::test_auto_mask_equals_the_library_generator_field_by_field"
+            "[thresholds that split the masks]",
+        ),
+        "item 9: the reported settings are right, the generator gets another threshold",
+    ),
+    Mutant(
+        "auto_mask: fine_grained default stability",
+        "apis/sam2_model.py",
+        '"stability_score_thresh": 0.92,',
+        '"stability_score_thresh": 0.9,',
+        ("tests/test_sam2_http.py::test_request_defaults_reach_the_generator_as_documented",),
+        "item 9: a default preset value that keeps no mask either way with random weights",
+    ),
 ]
 
 
