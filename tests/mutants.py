@@ -322,6 +322,27 @@ MUTANTS = [
         ("tests/test_sam2_http.py::test_request_defaults_reach_the_generator_as_documented",),
         "item 9: a default preset value that keeps no mask either way with random weights",
     ),
+    Mutant(
+        "sam3: first contour, against the independent outline",
+        "apis/masks.py",
+        "contour = max(contours, key=cv2.contourArea)",
+        "contour = contours[0]",
+        (
+            "tests/test_sam3_http.py::test_exact_polygons_outline_the_largest_component_and_simplify_within_epsilon",
+        ),
+        "item 10: the polygon of another component, caught without OpenCV's contours in the reference",
+    ),
+    Mutant(
+        "sam3: largest by pixel count",
+        "apis/masks.py",
+        "contour = max(contours, key=cv2.contourArea)",
+        "contour = max(contours, key=lambda c: int(cv2.drawContours("
+        "np.zeros(mask.shape, np.uint8), [c], -1, 1, -1).sum()))",
+        (
+            "tests/test_sam3_http.py::test_exact_polygons_outline_the_largest_component_and_simplify_within_epsilon",
+        ),
+        "item 10: another reading of 'largest' (the most pixels, not the largest outline)",
+    ),
 ]
 
 

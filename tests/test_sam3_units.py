@@ -346,3 +346,22 @@ def test_outputs_equal_sam3s_own_builder_on_the_same_weights(monkeypatch):
         assert len(want["scores"]) == arch.num_queries and want["scores"].std() > 0
         for k in want:
             torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-4)
+
+
+def test_outline_reference_is_the_area_inside_a_contour_walk():
+    """``references.outline_area`` (2x2 blocks, no contour walk) equals OpenCV's area of each
+    component's external contour on speckled masks, the case where it differs from a pixel count."""
+    import cv2
+
+    from tests import references
+
+    rng = np.random.default_rng(0)
+    differ_from_pixels = 0
+    for _ in range(40):
+        mask = rng.random((20, 25)) < rng.uniform(0.3, 0.8)
+        for part in references.components(mask):
+            contours, _ = cv2.findContours(part.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+            filled = references.holes_filled(part)
+            assert references.outline_area(filled) == cv2.contourArea(contours[0])
+            differ_from_pixels += references.outline_area(filled) != filled.sum()
+    assert differ_from_pixels > 100
