@@ -343,6 +343,30 @@ MUTANTS = [
         ),
         "item 10: another reading of 'largest' (the most pixels, not the largest outline)",
     ),
+    Mutant(
+        "options: --timeout ignored",
+        "app.py",
+        "queue_timeout=args.timeout,",
+        "queue_timeout=300.0,",
+        ("tests/test_server_options.py::test_a_request_queued_past_the_timeout_gets_504_queue_timeout",),
+        "item 4 (server options): the queue timeout left at its default",
+    ),
+    Mutant(
+        "options: lazy loads eagerly",
+        "apis/family.py",
+        'if self.fam.load == "eager":',
+        "if True:",
+        ("tests/test_server_options.py::test_lazy_loading_models_and_devices",),
+        "item 4 (server options): load: lazy accepted and ignored",
+    ),
+    Mutant(
+        "options: key-file comments kept",
+        "app.py",
+        'line = line.split("#", 1)[0].strip()',
+        "line = line.strip()",
+        ("tests/test_server_options.py::test_keys_from_the_key_file_only",),
+        "item 4 (server options): a comment line becomes an accepted key",
+    ),
 ]
 
 
