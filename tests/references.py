@@ -4,6 +4,7 @@ Each mode is a (out, in) weight matrix per axis, built from the rule as PyTorch 
 (half-pixel centres, ``align_corners=False``); a grid is resampled by applying the matrix of
 each axis. The tests compare the server's upsampling and positional-embedding resizing with
 these, so a wrong mode, scale or coordinate convention shows up as different numbers.
+The flood fills at the end state SAM 3's "largest polygon" without OpenCV's contour walk.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ QUEUE_TIMEOUT = 0.2  # seconds; the blocking request below takes 10x that or mor
 def server(tmp_path_factory, clip_checkpoint, image_root):
     tmp = tmp_path_factory.mktemp("options")
     keys = tmp / "keys.txt"
-    keys.write_text(f"# deploy keys\n{FILE_KEYS[0]}\n\n  {FILE_KEYS[1]}  \n")
+    keys.write_text(f"# deploy keys\n{FILE_KEYS[0]}\n\n  {FILE_KEYS[1]}  # staging\n")
     config = clip_config(clip_checkpoint, image_root)
     config["limits"] |= {"max_tokens": 32768, "max_image_pixels": 8_000_000}
     config["clip"] = {**config["clip"], "load": "lazy", "max_batch_size": 1, "batch_timeout": 0}
