@@ -302,6 +302,87 @@ MUTANTS = [
         ("tests/test_openapi_answers.py::test_answer_matches_its_schema[sam3-predict-prompts]",),
         "issue 21: a string where ImageSize declares an integer",
     ),
+    Mutant(
+        "sam3 builder: gelu in the decoder",
+        "apis/sam3/model.py",
+        'layer=TransformerDecoderLayer(\n            activation="relu",',
+        'layer=TransformerDecoderLayer(\n            activation="gelu",',
+        ("tests/test_sam3_units.py::test_outputs_equal_sam3s_own_builder_on_the_same_weights",),
+        "item 7: a function-valued argument the settings comparison cannot see",
+    ),
+    Mutant(
+        "sam3 builder: position temperature",
+        "apis/sam3/model.py",
+        "temperature=10000,",
+        "temperature=20000,",
+        ("tests/test_sam3_units.py::test_outputs_equal_sam3s_own_builder_on_the_same_weights",),
+        "item 7: a number that keeps every shape, at the tiny sizes",
+    ),
+    Mutant(
+        "auto_mask: a threshold applied off by 0.05",
+        "apis/sam2/model.py",
+        "    s = dict(settings)\n",
+        '    s = {**settings, "pred_iou_thresh": settings["pred_iou_thresh"] + 0.05}\n',
+        (
+            "tests/test_sam2_http.py::test_request_defaults_reach_the_generator_as_documented",
+            "tests/test_sam2_http.py::test_auto_mask_equals_the_library_generator_field_by_field"
+            "[thresholds that split the masks]",
+        ),
+        "item 9: the reported settings are right, the generator gets another threshold",
+    ),
+    Mutant(
+        "auto_mask: fine_grained default stability",
+        "apis/sam2/model.py",
+        '"stability_score_thresh": 0.92,',
+        '"stability_score_thresh": 0.9,',
+        ("tests/test_sam2_http.py::test_request_defaults_reach_the_generator_as_documented",),
+        "item 9: a default preset value that keeps no mask either way with random weights",
+    ),
+    Mutant(
+        "sam3: first contour, against the independent outline",
+        "apis/core/masks.py",
+        "contour = max(contours, key=cv2.contourArea)",
+        "contour = contours[0]",
+        (
+            "tests/test_sam3_http.py::test_exact_polygons_outline_the_largest_component_and_simplify_within_epsilon",
+        ),
+        "item 10: the polygon of another component, caught without OpenCV's contours in the reference",
+    ),
+    Mutant(
+        "sam3: largest by pixel count",
+        "apis/core/masks.py",
+        "contour = max(contours, key=cv2.contourArea)",
+        "contour = max(contours, key=lambda c: int(cv2.drawContours("
+        "np.zeros(mask.shape, np.uint8), [c], -1, 1, -1).sum()))",
+        (
+            "tests/test_sam3_http.py::test_exact_polygons_outline_the_largest_component_and_simplify_within_epsilon",
+        ),
+        "item 10: another reading of 'largest' (the most pixels, not the largest outline)",
+    ),
+    Mutant(
+        "options: --timeout ignored",
+        "app.py",
+        "queue_timeout=args.timeout,",
+        "queue_timeout=300.0,",
+        ("tests/test_server_options.py::test_a_request_queued_past_the_timeout_gets_504_queue_timeout",),
+        "item 4 (server options): the queue timeout left at its default",
+    ),
+    Mutant(
+        "options: lazy loads eagerly",
+        "apis/family.py",
+        'if self.fam.load == "eager":',
+        "if True:",
+        ("tests/test_server_options.py::test_lazy_loading_models_and_devices",),
+        "item 4 (server options): load: lazy accepted and ignored",
+    ),
+    Mutant(
+        "options: key-file comments kept",
+        "app.py",
+        'line = line.split("#", 1)[0].strip()',
+        "line = line.strip()",
+        ("tests/test_server_options.py::test_keys_from_the_key_file_only",),
+        "item 4 (server options): a comment line becomes an accepted key",
+    ),
 ]
 
 

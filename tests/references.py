@@ -4,6 +4,7 @@ Each mode is a (out, in) weight matrix per axis, built from the rule as PyTorch 
 (half-pixel centres, ``align_corners=False``); a grid is resampled by applying the matrix of
 each axis. The tests compare the server's upsampling and positional-embedding resizing with
 these, so a wrong mode, scale or coordinate convention shows up as different numbers.
+The flood fills at the end state SAM 3's "largest polygon" without OpenCV's contour walk.
 """
 
 from __future__ import annotations
@@ -70,3 +71,65 @@ def svd_pca_rgb(feats: np.ndarray, q_min: float, q_max: float) -> np.ndarray:
     proj = x @ v
     lo, hi = np.quantile(proj, q_min, axis=0), np.quantile(proj, q_max, axis=0)
     return np.clip((proj - lo) / (hi - lo), 0, 1).reshape(h, w, 3)
+
+
+def _flood(grid: np.ndarray, seeds: list[tuple[int, int]], steps: list[tuple[int, int]]) -> np.ndarray:
+    """Cells of ``grid`` (bool) reachable from ``seeds`` through ``grid`` cells by ``steps``."""
+    h, w = grid.shape
+    seen = np.zeros_like(grid, dtype=bool)
+    todo = [s for s in seeds if grid[s]]
+    for s in todo:
+        seen[s] = True
+    while todo:
+        y, x = todo.pop()
+        for dy, dx in steps:
+            v, u = y + dy, x + dx
+            if 0 <= v < h and 0 <= u < w and grid[v, u] and not seen[v, u]:
+                seen[v, u] = True
+                todo.append((v, u))
+    return seen
+
+
+FOUR = [(-1, 0), (1, 0), (0, -1), (0, 1)]
+EIGHT = FOUR + [(-1, -1), (-1, 1), (1, -1), (1, 1)]
+
+
+def components(mask: np.ndarray) -> list[np.ndarray]:
+    """The 8-connected components of a boolean mask, each as a boolean mask."""
+    left = mask.astype(bool).copy()
+    out = []
+    for y, x in zip(*np.nonzero(mask), strict=True):
+        if left[y, x]:
+            part = _flood(left, [(int(y), int(x))], EIGHT)
+            left &= ~part
+            out.append(part)
+    return out
+
+
+def holes_filled(shape: np.ndarray) -> np.ndarray:
+    """The shape plus every background pixel that the outside cannot reach 4-connectedly (the
+    background neighbourhood that pairs with an 8-connected shape)."""
+    ground = np.pad(~shape.astype(bool), 1, constant_values=True)  # a ring joins all the outside
+    return ~_flood(ground, [(0, 0)], FOUR)[1:-1, 1:-1]
+
+
+def outline_area(region: np.ndarray) -> float:
+    """Area inside the closed outline through the centres of a filled region's boundary pixels
+    (the polygon a contour walk gives), from 2x2 pixel blocks alone: a block of four region
+    pixels adds its unit square between their centres, a block of three the half square their
+    outline cuts off; two or fewer add nothing (an 8-connected outline passes straight by)."""
+    f = region.astype(int)
+    n = f[:-1, :-1] + f[1:, :-1] + f[:-1, 1:] + f[1:, 1:]
+    return float((n == 4).sum() + 0.5 * (n == 3).sum())
+
+
+def largest_outlines(mask: np.ndarray) -> list[np.ndarray]:
+    """The regions a "largest external outline" of ``mask`` may enclose: of its 8-connected
+    components with their holes filled, those whose outline encloses the most area (ties
+    give several). Not the most pixels: a ragged component can have more pixels and a
+    smaller outline area."""
+    filled = [holes_filled(c) for c in components(mask)]
+    if not filled:
+        return []
+    areas = [outline_area(f) for f in filled]
+    return [f for f, a in zip(filled, areas, strict=True) if a == max(areas)]

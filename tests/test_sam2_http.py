@@ -464,7 +464,16 @@ AUTO_CASES = {
         | {"stability_score_thresh": 0.2, "box_nms_thresh": 0.5, "multimask_output": False},
         "coco_rle",
     ),
+    # predicted IoUs and stability scores of this model lie within 0.52-0.55 here: these keep
+    # some masks and drop others (checked against the library with both thresholds at 0)
+    "thresholds that split the masks": (
+        "coarse",
+        {"points_per_side": 6, "pred_iou_thresh": 0.53, "stability_score_offset": 0.5, "mask_threshold": 0.3}
+        | {"stability_score_thresh": 0.525, "box_nms_thresh": 1.0, "multimask_output": False},
+        "binary_mask",
+    ),
 }
+SPLITTING = {"thresholds that split the masks"}
 
 
 @pytest.mark.parametrize("case", AUTO_CASES)
@@ -495,6 +504,9 @@ def test_auto_mask_equals_the_library_generator_field_by_field(kw, sam2_checkpoi
     assert r["num_masks"] == len(want), (r["num_masks"], len(want))
     if overrides.get("pred_iou_thresh") == 0.0:
         assert want, "a case meant to keep masks kept none"
+    if case in SPLITTING:
+        amg.pred_iou_thresh = amg.stability_score_thresh = 0.0
+        assert 0 < len(want) < len(amg.generate(image)), "the thresholds must keep some masks, not all"
     for m, w in zip(r["masks"], want, strict=True):
         assert m["area"] == w["area"]
         np.testing.assert_allclose(m["bbox"], w["bbox"], atol=1e-6)
@@ -506,6 +518,49 @@ def test_auto_mask_equals_the_library_generator_field_by_field(kw, sam2_checkpoi
             np.testing.assert_array_equal(sc.decode_segmentation(m), w["segmentation"])
         else:
             assert m["segmentation"] == w["segmentation"]
+
+
+def test_request_defaults_reach_the_generator_as_documented(sam2_checkpoint, monkeypatch):
+    """What the server hands ``SAM2AutomaticMaskGenerator`` for a request that names nothing
+    (preset ``fine_grained``) or only the preset: the README's values, and where the README
+    says nothing else, the library's own defaults. Read at the generator's constructor, so a
+    default that is reported right but applied wrong fails too."""
+    import inspect
+
+    from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+
+    from apis import sam2_model
+    from apis.sam2.api import Sam2AutoMaskRequest, generator_settings
+
+    library = {
+        k: p.default
+        for k, p in inspect.signature(SAM2AutomaticMaskGenerator.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    assert {k: library[k] for k in COMMON_VALUES} == COMMON_VALUES
+    assert {
+        k: library[k] for k in PRESET_VALUES["coarse"] if k not in ("points_per_side", "min_mask_region_area")
+    } == {
+        k: v
+        for k, v in PRESET_VALUES["coarse"].items()
+        if k not in ("points_per_side", "min_mask_region_area")
+    }
+    seen = []
+    real_init = sam2_model._Generator.__init__
+
+    def spy(self, model, **kwargs):
+        seen.append(kwargs)
+        real_init(self, model, **kwargs)
+
+    monkeypatch.setattr(sam2_model._Generator, "__init__", spy)
+    monkeypatch.setattr(sam2_model.SAM2AutomaticMaskGenerator, "generate", lambda self, image: [])
+    pred = sam2_model.Sam2Predictor(build_tiny(str(sam2_checkpoint)), cache_size=1)
+    image = encode_image(scene())
+    for body, preset in (({}, "fine_grained"), ({"preset": "coarse"}, "coarse")):
+        settings = generator_settings(Sam2AutoMaskRequest(image=image, **body).model_dump())
+        sam2_model.auto_masks(pred, "k", scene(), settings, "binary_mask")
+        want = {**PRESET_VALUES[preset], **COMMON_VALUES, "point_grids": None, "output_mode": "binary_mask"}
+        assert seen.pop() == want
 
 
 def test_point_grids_replace_points_per_side(kw):

@@ -230,3 +230,138 @@ def test_overlay_shows_masks_and_polygons(tmp_path):
     assert (out[7, 7] != 10).any()  # inside the mask: blended
     assert (out[15, 20] != 10).any()  # on the second polygon's edge: drawn
     assert (out[2, 25] == 10).all()  # elsewhere: untouched
+
+
+def _library_builder_with_sizes(monkeypatch, arch: Sam3Arch) -> torch.nn.Module:
+    """sam3's own ``build_sam3_image_model`` with only the size arguments of its constructors
+    replaced by ``arch``'s (widths, depths, heads, queries, resolution): every other argument
+    (flags, activations, temperatures, scale factors...) is the library's."""
+    import sam3.model_builder as mb
+
+    d = arch.d_model
+    sizes = {
+        "ViT": {
+            "img_size": arch.resolution,
+            "pretrain_img_size": arch.pretrain_img_size,
+            "patch_size": arch.patch_size,
+            "embed_dim": arch.vit_dim,
+            "depth": arch.vit_depth,
+            "num_heads": arch.vit_heads,
+            "mlp_ratio": arch.vit_mlp_ratio,
+            "window_size": arch.window_size,
+            "global_att_blocks": arch.global_att_blocks,
+        },
+        "PositionEmbeddingSine": {"num_pos_feats": d},
+        "Sam3DualViTDetNeck": {"d_model": d},
+        "VETextEncoder": {
+            "d_model": d,
+            "width": arch.text_width,
+            "heads": arch.text_heads,
+            "layers": arch.text_layers,
+        },
+        "TransformerEncoderLayer": {"d_model": d, "dim_feedforward": arch.ffn_dim},
+        "MultiheadAttention": {"num_heads": arch.heads, "embed_dim": d},
+        "TransformerEncoderFusion": {"num_layers": arch.encoder_layers, "d_model": d},
+        "TransformerDecoderLayer": {"d_model": d, "dim_feedforward": arch.ffn_dim, "n_heads": arch.heads},
+        "TransformerDecoder": {
+            "num_layers": arch.decoder_layers,
+            "num_queries": arch.num_queries,
+            "d_model": d,
+            "resolution": arch.resolution,
+            "stride": arch.patch_size,
+        },
+        "MLP": {"input_dim": d, "hidden_dim": arch.ffn_dim, "output_dim": d},
+        "DotProductScoring": {"d_model": d, "d_proj": d},
+        "PixelDecoder": {"hidden_dim": d},
+        "UniversalSegmentationHead": {"hidden_dim": d},
+        "CXBlock": {"dim": d},
+        "SequenceGeometryEncoder": {"d_model": d, "num_layers": arch.geometry_layers},
+        "TransformerWrapper": {"d_model": d},
+    }
+    for name, override in sizes.items():
+        cls = getattr(mb, name)
+
+        def resized(*args, _cls=cls, _override=override, **kwargs):
+            assert not args, f"{_cls.__name__} built with positional arguments"
+            assert set(_override) <= set(kwargs), f"{_cls.__name__}: {set(_override) - set(kwargs)}"
+            return _cls(**{**kwargs, **_override})
+
+        monkeypatch.setattr(mb, name, resized)
+
+    class _Nn:  # the builder's only positional size: nn.LayerNorm(256) of the scoring MLP
+        def __getattr__(self, attr):
+            return getattr(torch.nn, attr)
+
+        @staticmethod
+        def LayerNorm(width):  # noqa: N802 (torch's name)
+            assert width == 256
+            return torch.nn.LayerNorm(d)
+
+    monkeypatch.setattr(mb, "nn", _Nn())
+    # precompute_resolution=1008 is the released resolution too (skipped on CPU by sam3_compat)
+    create_pos = mb._create_position_encoding
+    monkeypatch.setattr(
+        mb,
+        "_create_position_encoding",
+        lambda precompute_resolution=None: create_pos(precompute_resolution and arch.resolution),
+    )
+    return mb.build_sam3_image_model(bpe_path=sam3_compat.bpe_path(), device="cpu", load_from_HF=False)
+
+
+def test_outputs_equal_sam3s_own_builder_on_the_same_weights(monkeypatch):
+    """Our builder against sam3's ``build_sam3_image_model`` at the tiny sizes (only the size
+    arguments swapped): the same weights give the same vision features, text features, scores,
+    boxes and mask logits through sam3's ``Sam3Processor``, for a text and a box prompt. A
+    constructor argument that keeps every shape (an activation, a temperature, a flag) differs."""
+    from sam3.model.sam3_image_processor import Sam3Processor
+
+    sam3_compat.install()
+    arch = Sam3Arch.from_json(TINY)
+    torch.manual_seed(3)
+    lib = _library_builder_with_sizes(monkeypatch, arch).eval()
+    sam3_compat.init_untrained(lib)
+    ours = build_sam3_image(arch).eval()
+    ours.load_state_dict(lib.state_dict(), strict=True)
+    sam3_compat.move_caches(ours, torch.device("cpu"))
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (150, 200, 3), dtype=np.uint8))
+    outs = []
+    for model in (lib, ours):
+        proc = Sam3Processor(model, resolution=arch.resolution, device="cpu", confidence_threshold=0.0)
+        with torch.inference_mode():
+            state = proc.set_image(image)
+            fpn = [t.clone() for t in state["backbone_out"]["backbone_fpn"]]
+            text = proc.set_text_prompt("a striped cat", state)
+            text = {k: text[k].clone() for k in ("scores", "boxes", "masks_logits")}
+            feats = model.backbone.forward_text(["a striped cat"], device="cpu")["language_features"].clone()
+            proc.reset_all_prompts(state)
+            box = proc.add_geometric_prompt([0.4, 0.5, 0.3, 0.4], True, state)
+            box = {k: box[k].clone() for k in ("scores", "boxes", "masks_logits")}
+        outs.append((fpn, feats, text, box))
+    (fpn_a, feats_a, text_a, box_a), (fpn_b, feats_b, text_b, box_b) = outs
+    for a, b in zip(fpn_a, fpn_b, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(feats_b, feats_a, rtol=1e-5, atol=1e-5)
+    for want, got in ((text_a, text_b), (box_a, box_b)):
+        assert len(want["scores"]) == arch.num_queries and want["scores"].std() > 0
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-4)
+
+
+def test_outline_reference_is_the_area_inside_a_contour_walk():
+    """``references.outline_area`` (2x2 blocks, no contour walk) equals OpenCV's area of each
+    component's external contour on speckled masks, the case where it differs from a pixel count."""
+    import cv2
+
+    from tests import references
+
+    rng = np.random.default_rng(0)
+    differ_from_pixels = 0
+    for _ in range(40):
+        mask = rng.random((20, 25)) < rng.uniform(0.3, 0.8)
+        for part in references.components(mask):
+            contours, _ = cv2.findContours(part.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+            filled = references.holes_filled(part)
+            assert references.outline_area(filled) == cv2.contourArea(contours[0])
+            differ_from_pixels += references.outline_area(filled) != filled.sum()
+    assert differ_from_pixels > 100
