@@ -20,7 +20,7 @@ from apis.core.settings import Limits
 from apis.core.tensors import encode_array, tensor_answer
 from apis.http.protocol import http_protocol
 from apis.http.schemas import is_blank
-from apis.sam2.api import Sam2AutoMaskRequest, Sam2PromptRequest, auto_mask_points, generator_settings
+from apis.sam2.schemas import Sam2AutoMaskRequest, Sam2PromptRequest, auto_mask_points, generator_settings
 from apis.sam3.api import Sam3PredictRequest
 from apis.transport.dispatch import Withdraw, WorkerLink, frame
 

@@ -8,8 +8,8 @@ model in each worker.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from typing import Generic, TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -70,3 +70,12 @@ class LRUCache(Generic[T]):
 
     def stats(self) -> dict[str, int]:
         return {"hits": self.hits, "misses": self.misses, "size": len(self._items), "capacity": self.capacity}
+
+
+def cache_stats(models: Mapping[str, Any]) -> dict[str, dict]:
+    """``/info`` counters of a family that caches encoded images (SAM 2, SAM 3), per model id:
+    its cache's hits, misses and size, and how many images its encoder ran on."""
+    return {
+        "embedding_cache": {k: m.cache.stats() for k, m in models.items()},
+        "encoded_images": {k: m.encoded_images for k, m in models.items()},
+    }
