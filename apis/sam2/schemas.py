@@ -195,13 +195,16 @@ class Sam2PromptRequest(Sam2ModelSelector, CachedImageInput):
         "[C, H, W] 0/1 masks, 32x smaller); packbits needs return_logits=false.",
     )
 
-    # mask_input as validation decoded it, (1, L, L) float32: the worker takes this, not the text
-    _mask: np.ndarray | None = PrivateAttr(None)
+    # mask_input's float32 values as validation decoded them; bytes, so requests still compare with ==
+    _mask: bytes | None = PrivateAttr(None)
 
     @property
     def mask(self) -> np.ndarray | None:
-        """The decoded ``mask_input`` ((1, L, L) float32), or None."""
-        return self._mask
+        """``mask_input`` as a (1, L, L) float32 array, from the values validation decoded (the
+        worker takes this, so the text is decoded once); None without mask_input."""
+        if self._mask is None:
+            return None
+        return np.frombuffer(self._mask, np.float32).reshape(1, *self.mask_input_shape[-2:]).copy()
 
     @model_validator(mode="after")
     def _prompts(self):
@@ -226,7 +229,7 @@ class Sam2PromptRequest(Sam2ModelSelector, CachedImageInput):
         if (self.mask_input is None) != (self.mask_input_shape is None):
             raise ValueError("mask_input and mask_input_shape go together: send both or neither")
         if self.mask_input is not None:
-            self._mask = decode_mask_input(self.mask_input, self.mask_input_shape)
+            self._mask = decode_mask_input(self.mask_input, self.mask_input_shape).tobytes()
         if not self.point_coords and self.box is None and self.mask_input is None:
             raise ValueError("give at least one prompt: point_coords + point_labels, box or mask_input")
         return self
