@@ -311,8 +311,10 @@ class Sam2API(FamilyAPI):
     routes = (AutoMask, PromptMask, Embed)
 
     def job_for(self, route: Route, request: BaseModel) -> Job:
+        """The base's job; a prompt's ``mask_input`` travels as the array its validation decoded,
+        so the worker does not decode the base64 text again."""
         job = super().job_for(route, request)
-        if isinstance(request, Sam2PromptRequest):  # the worker takes the mask validation decoded
+        if isinstance(request, Sam2PromptRequest):
             job.params["mask_input"] = request.mask
         return job
 
