@@ -530,7 +530,7 @@ def test_request_defaults_reach_the_generator_as_documented(sam2_checkpoint, mon
     from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
 
     from apis.sam2 import model as sam2_model
-    from apis.sam2.api import Sam2AutoMaskRequest, generator_settings
+    from apis.sam2.schemas import Sam2AutoMaskRequest, generator_settings
 
     library = {
         k: p.default

@@ -15,7 +15,8 @@ import timm
 import torch
 from PIL import Image, ImageFile
 
-from apis.clip.api import ClipExtractRequest, clip_key
+from apis.clip.api import clip_key
+from apis.clip.schemas import ClipExtractRequest
 from apis.config import load_config
 from apis.core.dense import pca_rgb, resized_size
 from apis.core.errors import APIError
@@ -27,8 +28,8 @@ from apis.families import FAMILIES
 from apis.family import Job
 from apis.http.inputs import _pick_address, read_path
 from apis.http.middleware import BearerAuth
-from apis.sam2.api import Sam2PromptRequest
 from apis.sam2.model import connected_components, variant_name
+from apis.sam2.schemas import Sam2PromptRequest
 from tests.conftest import ROOT
 from tests.references import svd_pca_rgb
 
@@ -246,9 +247,11 @@ def test_affinity_keys_name_the_image_id_and_model_of_the_routes_that_cache_imag
     png = buf.getvalue()
     image = base64.b64encode(png).decode()
     click = {"point_coords": [[1, 1]], "point_labels": [1]}
-    job = sam2.prepare("prompt_mask", Sam2PromptRequest(image=image, **click))
+    job = sam2.job_for(sam2.handlers["prompt_mask"], Sam2PromptRequest(image=image, **click))
     assert job.image_id == hashlib.sha256(png).hexdigest() and job.image_bytes == png
-    by_id = sam2.prepare("prompt_mask", Sam2PromptRequest(image_id=job.image_id.upper(), **click))
+    by_id = sam2.job_for(
+        sam2.handlers["prompt_mask"], Sam2PromptRequest(image_id=job.image_id.upper(), **click)
+    )
     assert (by_id.image_id, by_id.image_bytes, "image_id" in by_id.params) == (job.image_id, None, False)
     key = sam2.affinity(job)
     assert (
@@ -259,6 +262,7 @@ def test_affinity_keys_name_the_image_id_and_model_of_the_routes_that_cache_imag
     assert key != sam2.affinity(Job("prompt_mask", job.model_id, {}, image_id="0" * 64))
     assert key != sam2.affinity(Job("prompt_mask", "m2", {}, image_id=job.image_id))  # a cache per model
     assert sam3.affinity(Job("predict", "m", {}, image_id=job.image_id)) is not None
-    assert clip.prepare("extract", ClipExtractRequest(image=image)).image_id is None  # CLIP caches no image
+    extract = clip.job_for(clip.handlers["extract"], ClipExtractRequest(image=image))
+    assert extract.image_id is None  # CLIP caches no image
     assert clip.affinity(Job("extract", "m", {}, png, image_id=job.image_id)) is None
     assert sam3.affinity(Job("predict", "m", {}, None)) is None
