@@ -3,6 +3,10 @@
     python bench/serving.py                # demo config (tiny models): c = 1, 8, 32 and overhead
     python bench/serving.py --full         # full-size random weights: overhead at c = 1
     python bench/serving.py --full --device cuda   # the same on GPU 0 (scripts/gpu_check.sh)
+    python bench/serving.py --sides litserve,zmq,ours   # LitServe default, fast_queue, ours
+
+Each side (``harness.SIDES``) is one server for all the families asked for; the LitServe sides
+are ``bench/litserve_sides.py``, plain LitAPIs running the same family code.
 
 "In-process" is the worker's own work without HTTP: the route's LitAPI object, set up in this
 process with the same config and seeded weights, runs ``prepare`` (validation, base64, header
@@ -31,6 +35,7 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]
 
 from bench.harness import (  # noqa: E402
     ROOT,
+    SIDES,
     Client,
     alternate,
     drive,
@@ -39,7 +44,7 @@ from bench.harness import (  # noqa: E402
     ms,
     p,
     ran,
-    server,
+    side_server,
     spread,
     table,
     timed,
@@ -135,40 +140,58 @@ def main() -> None:
         default=None,
         help="also p50/p95/throughput at concurrency 1, 8, 32 (default: on for the demo config)",
     )
+    ap.add_argument(
+        "--sides",
+        default="ours",
+        help="comma-separated, in order: " + ", ".join(f"{k} ({v})" for k, v in SIDES.items()),
+    )
+    ap.add_argument("--ops", default=None, help="comma-separated subset of routes (op names)")
+    ap.add_argument("--concurrency", default="1,8,32", help="load levels (with --load)")
     args = ap.parse_args()
     config = ROOT / "configs" / ("bench-full.yaml" if args.full else "demo.yaml")
     rounds = args.rounds or (3 if args.full else 10)
     cfg = load_config(config)
     wanted = set(args.families.split(",")) if args.families else None
-    todo = [r for r in routes(args.full) if wanted is None or r[0] in wanted]
+    ops = set(args.ops.split(",")) if args.ops else None
+    todo = [
+        r for r in routes(args.full) if (wanted is None or r[0] in wanted) and (ops is None or r[1] in ops)
+    ]
+    families = list(dict.fromkeys(f for f, _, _ in todo))
+    sides = args.sides.split(",")
     overhead_rows, load_rows = [], []
+    apis = {}
+    for family in families:  # the in-process side, once for every server side
+        apis[family] = FAMILIES[family](cfg)
+        apis[family].setup("cuda:0" if args.device == "cuda" else "cpu")
     with floor_server() as floor_url:
         floor = Client(floor_url)
-        for family in dict.fromkeys(f for f, _, _ in todo):
-            api = FAMILIES[family](cfg)
-            api.setup("cuda:0" if args.device == "cuda" else "cpu")
-            placement = ["--accelerator", "cuda", "--devices", "1"] if args.device == "cuda" else []
-            with server(config, "--models", family, *placement) as url:
+        for side in sides:
+            served = sorted({op for _, op, _ in todo})
+            with side_server(side, config, families, served, cuda=args.device == "cuda") as url:
                 client = Client(url)
-                for fam, op, payload in (r for r in todo if r[0] == family):
+                for fam, op, payload in todo:
                     label = f"/{fam}/{op}" + (
                         f" ({payload['mask_encoding']})" if "mask_encoding" in payload else ""
                     )
-                    overhead_rows.append([label, *overhead(client, floor, api, op, payload, rounds)])
+                    cells = overhead(client, floor, apis[fam], op, payload, rounds)
+                    overhead_rows.append([label, SIDES[side], *cells])
                     print(overhead_rows[-1], flush=True)
                     if args.load if args.load is not None else not args.full:
-                        for c in (1, 8, 32):
+                        for c in (int(c) for c in args.concurrency.split(",")):
                             run = drive(f"{url}/{fam}/{op}", [payload] * max(2 * c, 16), c)
-                            row = [label, c, ms(p(run.latencies, 50)), ms(p(run.latencies, 95))]
+                            row = [label, SIDES[side], c, ms(p(run.latencies, 50)), ms(p(run.latencies, 95))]
                             load_rows.append([*row, f"{run.throughput:.1f}"])
                             print(load_rows[-1], flush=True)
                 client.close()
-            del api
+    order = list(dict.fromkeys(r[0] for r in overhead_rows))  # routes, then sides in their order
+    overhead_rows.sort(key=lambda r: order.index(r[0]))
+    load_rows.sort(key=lambda r: (order.index(r[0]), r[2]))
     print(ran(f"{rounds} alternations of {BLOCK} timed calls"))
     print(
         table(
             [
                 "route",
+                "side",
                 "HTTP p50 ms",
                 "spread",
                 "in-process p50 ms",
@@ -182,7 +205,7 @@ def main() -> None:
     )
     if load_rows:
         print()
-        print(table(["route", "concurrency", "p50 ms", "p95 ms", "requests/s"], load_rows))
+        print(table(["route", "side", "concurrency", "p50 ms", "p95 ms", "requests/s"], load_rows))
 
 
 if __name__ == "__main__":
