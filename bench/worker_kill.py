@@ -1,6 +1,6 @@
 """What a client sees when the worker running its request dies, and how soon the route serves again.
 
-    python bench/worker_kill.py [--sides litserve,zmq,ours] [--points 64]
+    python bench/worker_kill.py [--sides litserve,zmq,ours] [--points 20]
 
 Each side (``harness.SIDES``) serves tiny SAM 2 (configs/demo.yaml; the LitServe sides only its
 ``auto_mask`` route, so one worker each). A slow ``/sam2/auto_mask`` (``--points`` per side) is
@@ -94,7 +94,7 @@ def kill_mid_request(url: str, slow: bytes, small: bytes) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sides", default="litserve,zmq,ours", help="comma-separated: " + ", ".join(SIDES))
-    ap.add_argument("--points", type=int, default=64, help="points_per_side of the slow request")
+    ap.add_argument("--points", type=int, default=20, help="points_per_side of the slow request")
     args = ap.parse_args()
     img = photo()
     slow = encode({"image": img, "points_per_side": args.points})
