@@ -59,10 +59,10 @@ def busiest_worker(url: str) -> psutil.Process:
 def kill_mid_request(url: str, slow: bytes, small: bytes) -> list[str]:
     route = f"{url}/sam2/auto_mask"
     t0 = time.perf_counter()
-    status, _ = post(route, slow)
+    status, body = post(route, slow)
     whole = time.perf_counter() - t0
     if status != 200:
-        raise RuntimeError(f"the slow request failed before any kill: {status}")
+        raise RuntimeError(f"the slow request failed before any kill: {status} {body[:300]!r}")
     answer: list = []
     client = threading.Thread(target=lambda: answer.append((post(route, slow), time.perf_counter())))
     client.start()
