@@ -5,7 +5,7 @@
     python bench/serving.py --full --device cuda   # the same on GPU 0 (scripts/gpu_check.sh)
     python bench/serving.py --sides litserve,zmq,ours   # LitServe default, fast_queue, ours
 
-Each side (``harness.SIDES``) is one server for all the families asked for; the LitServe sides
+Each side (``harness.SIDES``) is one server per family, in turn; the LitServe sides
 are ``bench/litserve_sides.py``, plain LitAPIs running the same family code.
 
 "In-process" is the worker's own work without HTTP: the route's LitAPI object, set up in this
@@ -159,30 +159,37 @@ def main() -> None:
     families = list(dict.fromkeys(f for f, _, _ in todo))
     sides = args.sides.split(",")
     overhead_rows, load_rows = [], []
-    apis = {}
-    for family in families:  # the in-process side, once for every server side
-        apis[family] = FAMILIES[family](cfg)
-        apis[family].setup("cuda:0" if args.device == "cuda" else "cpu")
     with floor_server() as floor_url:
         floor = Client(floor_url)
-        for side in sides:
-            served = sorted({op for _, op, _ in todo})
-            with side_server(side, config, families, served, cuda=args.device == "cuda") as url:
-                client = Client(url)
-                for fam, op, payload in todo:
-                    label = f"/{fam}/{op}" + (
-                        f" ({payload['mask_encoding']})" if "mask_encoding" in payload else ""
-                    )
-                    cells = overhead(client, floor, apis[fam], op, payload, rounds)
-                    overhead_rows.append([label, SIDES[side], *cells])
-                    print(overhead_rows[-1], flush=True)
-                    if args.load if args.load is not None else not args.full:
-                        for c in (int(c) for c in args.concurrency.split(",")):
-                            run = drive(f"{url}/{fam}/{op}", [payload] * max(2 * c, 16), c)
-                            row = [label, SIDES[side], c, ms(p(run.latencies, 50)), ms(p(run.latencies, 95))]
-                            load_rows.append([*row, f"{run.throughput:.1f}"])
-                            print(load_rows[-1], flush=True)
-                client.close()
+        for family in families:  # one family at a time: full-size models are large
+            api = FAMILIES[family](cfg)  # the in-process side, for every server side
+            api.setup("cuda:0" if args.device == "cuda" else "cpu")
+            mine = [r for r in todo if r[0] == family]
+            for side in sides:
+                served = sorted({op for _, op, _ in mine})
+                with side_server(side, config, [family], served, cuda=args.device == "cuda") as url:
+                    client = Client(url)
+                    for fam, op, payload in mine:
+                        label = f"/{fam}/{op}" + (
+                            f" ({payload['mask_encoding']})" if "mask_encoding" in payload else ""
+                        )
+                        cells = overhead(client, floor, api, op, payload, rounds)
+                        overhead_rows.append([label, SIDES[side], *cells])
+                        print(overhead_rows[-1], flush=True)
+                        if args.load if args.load is not None else not args.full:
+                            for c in (int(c) for c in args.concurrency.split(",")):
+                                run = drive(f"{url}/{fam}/{op}", [payload] * max(2 * c, 16), c)
+                                row = [
+                                    label,
+                                    SIDES[side],
+                                    c,
+                                    ms(p(run.latencies, 50)),
+                                    ms(p(run.latencies, 95)),
+                                ]
+                                load_rows.append([*row, f"{run.throughput:.1f}"])
+                                print(load_rows[-1], flush=True)
+                    client.close()
+            del api
     order = list(dict.fromkeys(r[0] for r in overhead_rows))  # routes, then sides in their order
     overhead_rows.sort(key=lambda r: order.index(r[0]))
     load_rows.sort(key=lambda r: (order.index(r[0]), r[2]))
