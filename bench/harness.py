@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -53,6 +53,41 @@ def server(config: str | Path, *args: str, timeout: float = 900.0) -> Iterator[s
     with _serving(
         [sys.executable, str(ROOT / "app.py"), "--config", str(config), "--no-auth", *args], timeout
     ) as url:
+        yield url
+
+
+SIDES = {
+    "litserve": "LitServe default (manager queues)",
+    "zmq": "LitServe fast_queue (ZeroMQ)",
+    "ours": "ours",
+}
+
+
+@contextmanager
+def side_server(
+    side: str, config: str | Path, families: list[str], routes: list[str] | None = None, cuda: bool = False
+) -> Iterator[str]:
+    """The families of ``config`` served by one side of the three-sided comparison (``SIDES``):
+    ``app.py`` for ours, ``bench/litserve_sides.py`` (one plain LitAPI per route) otherwise.
+    ``routes`` (ops) limits what the LitServe sides start a worker for; ours serves every route."""
+    if side == "ours":
+        placement = ["--accelerator", "cuda", "--devices", "1"] if cuda else []
+        with server(config, *(["--models", ",".join(families)] if families else []), *placement) as url:
+            yield url
+        return
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.litserve_sides",
+        "--config",
+        str(config),
+        "--families",
+        ",".join(families),
+    ]
+    cmd += ["--routes", ",".join(routes)] if routes else []
+    cmd += ["--fast-queue"] if side == "zmq" else []
+    cmd += ["--accelerator", "cuda"] if cuda else []
+    with _serving(cmd, 900.0) as url:
         yield url
 
 
@@ -90,10 +125,11 @@ def _serving(cmd: list[str], timeout: float) -> Iterator[str]:
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
-            try:
+            with suppress(subprocess.TimeoutExpired):
                 proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        # what outlived it: plain LitServe dies on SIGTERM and leaves its queue manager behind
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         log.close()
 
 

@@ -3,9 +3,13 @@
     python bench/serving.py                # demo config (tiny models): c = 1, 8, 32 and overhead
     python bench/serving.py --full         # full-size random weights: overhead at c = 1
     python bench/serving.py --full --device cuda   # the same on GPU 0 (scripts/gpu_check.sh)
+    python bench/serving.py --sides litserve,zmq,ours   # LitServe default, fast_queue, ours
+
+Each side (``harness.SIDES``) is one server per family, in turn; the LitServe sides
+are ``bench/litserve_sides.py``, plain LitAPIs running the same family code.
 
 "In-process" is the worker's own work without HTTP: the route's LitAPI object, set up in this
-process with the same config and seeded weights, runs ``prepare`` (validation, base64, header
+process with the same config and seeded weights, runs ``job_for`` (validation, base64, header
 check), ``decode_request`` and ``predict`` (decode, model, response encoding) on the same
 payload. The ratio HTTP p50 / in-process p50 is what the server adds: HTTP, JSON, the queue,
 the process hop. Both sides alternate in blocks of back-to-back calls (``harness.alternate``);
@@ -31,6 +35,7 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]
 
 from bench.harness import (  # noqa: E402
     ROOT,
+    SIDES,
     Client,
     alternate,
     drive,
@@ -39,7 +44,7 @@ from bench.harness import (  # noqa: E402
     ms,
     p,
     ran,
-    server,
+    side_server,
     spread,
     table,
     timed,
@@ -83,8 +88,8 @@ def routes(full: bool) -> list[tuple[str, str, dict]]:
 
 
 def in_process(api, op: str, payload: dict):
-    route = next(r for r in api.routes if r.op == op)
-    job = api.prepare(op, route.request.model_validate(payload))
+    route = api.handlers[op]
+    job = api.job_for(route, route.request.model_validate(payload))
     out = api.predict([api.decode_request(job)] if api.max_batch_size > 1 else api.decode_request(job))
     out = out[0] if isinstance(out, list) else out
     if not isinstance(out, dict):
@@ -135,40 +140,65 @@ def main() -> None:
         default=None,
         help="also p50/p95/throughput at concurrency 1, 8, 32 (default: on for the demo config)",
     )
+    ap.add_argument(
+        "--sides",
+        default="ours",
+        help="comma-separated, in order: " + ", ".join(f"{k} ({v})" for k, v in SIDES.items()),
+    )
+    ap.add_argument("--ops", default=None, help="comma-separated subset of routes (op names)")
+    ap.add_argument("--concurrency", default="1,8,32", help="load levels (with --load)")
     args = ap.parse_args()
     config = ROOT / "configs" / ("bench-full.yaml" if args.full else "demo.yaml")
     rounds = args.rounds or (3 if args.full else 10)
     cfg = load_config(config)
     wanted = set(args.families.split(",")) if args.families else None
-    todo = [r for r in routes(args.full) if wanted is None or r[0] in wanted]
+    ops = set(args.ops.split(",")) if args.ops else None
+    todo = [
+        r for r in routes(args.full) if (wanted is None or r[0] in wanted) and (ops is None or r[1] in ops)
+    ]
+    families = list(dict.fromkeys(f for f, _, _ in todo))
+    sides = args.sides.split(",")
     overhead_rows, load_rows = [], []
     with floor_server() as floor_url:
         floor = Client(floor_url)
-        for family in dict.fromkeys(f for f, _, _ in todo):
-            api = FAMILIES[family].api_class()(cfg)
+        for family in families:  # one family at a time: full-size models are large
+            api = FAMILIES[family].api_class()(cfg)  # the in-process side, for every server side
             api.setup("cuda:0" if args.device == "cuda" else "cpu")
-            placement = ["--accelerator", "cuda", "--devices", "1"] if args.device == "cuda" else []
-            with server(config, "--models", family, *placement) as url:
-                client = Client(url)
-                for fam, op, payload in (r for r in todo if r[0] == family):
-                    label = f"/{fam}/{op}" + (
-                        f" ({payload['mask_encoding']})" if "mask_encoding" in payload else ""
-                    )
-                    overhead_rows.append([label, *overhead(client, floor, api, op, payload, rounds)])
-                    print(overhead_rows[-1], flush=True)
-                    if args.load if args.load is not None else not args.full:
-                        for c in (1, 8, 32):
-                            run = drive(f"{url}/{fam}/{op}", [payload] * max(2 * c, 16), c)
-                            row = [label, c, ms(p(run.latencies, 50)), ms(p(run.latencies, 95))]
-                            load_rows.append([*row, f"{run.throughput:.1f}"])
-                            print(load_rows[-1], flush=True)
-                client.close()
+            mine = [r for r in todo if r[0] == family]
+            for side in sides:
+                served = sorted({op for _, op, _ in mine})
+                with side_server(side, config, [family], served, cuda=args.device == "cuda") as url:
+                    client = Client(url)
+                    for fam, op, payload in mine:
+                        label = f"/{fam}/{op}" + (
+                            f" ({payload['mask_encoding']})" if "mask_encoding" in payload else ""
+                        )
+                        cells = overhead(client, floor, api, op, payload, rounds)
+                        overhead_rows.append([label, SIDES[side], *cells])
+                        print(overhead_rows[-1], flush=True)
+                        if args.load if args.load is not None else not args.full:
+                            for c in (int(c) for c in args.concurrency.split(",")):
+                                run = drive(f"{url}/{fam}/{op}", [payload] * max(2 * c, 16), c)
+                                row = [
+                                    label,
+                                    SIDES[side],
+                                    c,
+                                    ms(p(run.latencies, 50)),
+                                    ms(p(run.latencies, 95)),
+                                ]
+                                load_rows.append([*row, f"{run.throughput:.1f}"])
+                                print(load_rows[-1], flush=True)
+                    client.close()
             del api
+    order = list(dict.fromkeys(r[0] for r in overhead_rows))  # routes, then sides in their order
+    overhead_rows.sort(key=lambda r: order.index(r[0]))
+    load_rows.sort(key=lambda r: (order.index(r[0]), r[2]))
     print(ran(f"{rounds} alternations of {BLOCK} timed calls"))
     print(
         table(
             [
                 "route",
+                "side",
                 "HTTP p50 ms",
                 "spread",
                 "in-process p50 ms",
@@ -182,7 +212,7 @@ def main() -> None:
     )
     if load_rows:
         print()
-        print(table(["route", "concurrency", "p50 ms", "p95 ms", "requests/s"], load_rows))
+        print(table(["route", "side", "concurrency", "p50 ms", "p95 ms", "requests/s"], load_rows))
 
 
 if __name__ == "__main__":
