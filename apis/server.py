@@ -10,11 +10,13 @@ server's (``_start_server``), and the work that needs cores is in the model work
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import socket
 import threading
 import time
+from collections.abc import Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -26,9 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.middleware.gzip import GZipMiddleware
 
 from . import __version__
-from .clip_api import ClipAPI
 from .config import WORKER_ENV, ServerConfig
-from .dino_api import DinoAPI
 from .drain import DrainGate, DrainState
 from .errors import APIError, install_error_handlers
 from .family import LOG_FORMAT_ENV, FamilyAPI
@@ -37,20 +37,35 @@ from .observability import Metrics, RequestContext, adopt_litserve_logger
 from .openai_routes import install_openai_routes
 from .playground import install_playground, is_playground
 from .protocol import http_protocol
-from .rmbg_api import RmbgAPI
 from .routing import JsonBodyRoute
-from .sam2_api import Sam2API
-from .sam3_api import Sam3API
 
 log = logging.getLogger("visionserve")
 
-FAMILIES: dict[str, type[FamilyAPI]] = {
-    "clip": ClipAPI,
-    "dino": DinoAPI,
-    "sam2": Sam2API,
-    "sam3": Sam3API,
-    "rmbg": RmbgAPI,
+_FAMILY_CLASSES = {
+    "clip": ("clip_api", "ClipAPI"),
+    "dino": ("dino_api", "DinoAPI"),
+    "sam2": ("sam2_api", "Sam2API"),
+    "sam3": ("sam3_api", "Sam3API"),
+    "rmbg": ("rmbg_api", "RmbgAPI"),
 }
+
+
+class _Families(Mapping[str, type[FamilyAPI]]):
+    """Family name to its LitAPI class, imported on first use: a server (or a --download run)
+    imports the model libraries of the families it serves only, a few CPU-seconds each."""
+
+    def __getitem__(self, name: str) -> type[FamilyAPI]:
+        module, cls = _FAMILY_CLASSES[name]
+        return getattr(importlib.import_module(f"{__package__}.{module}"), cls)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_FAMILY_CLASSES)
+
+    def __len__(self) -> int:
+        return len(_FAMILY_CLASSES)
+
+
+FAMILIES: Mapping[str, type[FamilyAPI]] = _Families()
 _DOC_PATHS = {"/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"}
 
 
