@@ -330,10 +330,10 @@ REFUSALS = {  # id: (gated repos, files removed, the family)
 }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def refused_runs(tmp_path_factory, hub_files) -> dict[str, subprocess.Popen]:
-    """Each refusal's app run (and the offline one's), all started at once: each spends seconds
-    importing its library on one core. Each has a fake hub of its own; a test reads its run."""
+    """Each refusal's app run (and the offline one's), all started with the module (autouse), so
+    their seconds of library imports overlap the server tests. Each has a fake hub of its own."""
     hubs, runs = [], {}
     try:
         tmp = tmp_path_factory.mktemp("offline")
