@@ -64,7 +64,7 @@ class ServerProcess:
                     return self
             except requests.ConnectionError:
                 pass
-            time.sleep(0.25)
+            time.sleep(0.1)
         raise TimeoutError(f"server not ready after {timeout}s:\n{self.log()}")
 
     def stop(self, timeout: float = 15.0) -> int:

@@ -35,14 +35,24 @@ def sha256(data: bytes) -> str:
 
 
 @pytest.fixture(scope="module")
-def sam2_server(tmp_path_factory, sam2_checkpoint):  # noqa: F811
-    model = {"name": MODEL, "weights": str(sam2_checkpoint), "arch_config": str(SAM2_ARCH)}
-    config = {"sam2": {"max_batch_size": 8, "batch_timeout": 0.05, "cache_size": 3, "models": [model]}}
-    server = ServerProcess(config, tmp_path_factory.mktemp("sam2-id"), ["--api-key", KEYS[0]])
+def id_server(tmp_path_factory, sam2_checkpoint, sam3_checkpoint):  # noqa: F811
+    """SAM 2 and SAM 3 in one server (one start): caches and counters are per family."""
+    sam2 = {"name": MODEL, "weights": str(sam2_checkpoint), "arch_config": str(SAM2_ARCH)}
+    sam3 = {"name": "sam3-tiny", "weights": str(sam3_checkpoint), "arch_config": str(SAM3_ARCH)}
+    config = {
+        "sam2": {"max_batch_size": 8, "batch_timeout": 0.05, "cache_size": 3, "models": [sam2]},
+        "sam3": {"max_batch_size": 8, "cache_size": 2, "models": [sam3]},
+    }
+    server = ServerProcess(config, tmp_path_factory.mktemp("sam-id"), ["--api-key", KEYS[0]])
     try:
         yield server.wait_ready()
     finally:
         server.stop()
+
+
+@pytest.fixture
+def sam2_server(id_server):
+    return id_server
 
 
 @pytest.fixture
@@ -216,15 +226,9 @@ def test_an_image_and_its_id_go_to_the_same_of_two_workers(tmp_path, sam2_checkp
 # ----------------------------------------------------------------------------- SAM 3
 
 
-@pytest.fixture(scope="module")
-def sam3_server(tmp_path_factory, sam3_checkpoint):  # noqa: F811
-    model = {"name": "sam3-tiny", "weights": str(sam3_checkpoint), "arch_config": str(SAM3_ARCH)}
-    config = {"sam3": {"max_batch_size": 8, "cache_size": 2, "models": [model]}}
-    server = ServerProcess(config, tmp_path_factory.mktemp("sam3-id"), ["--api-key", KEYS[0]])
-    try:
-        yield server.wait_ready()
-    finally:
-        server.stop()
+@pytest.fixture
+def sam3_server(id_server):
+    return id_server
 
 
 def test_sam3_predict_on_an_image_id_equals_predict_on_the_image_and_recovers_from_eviction(sam3_server):

@@ -57,18 +57,24 @@ def test_generated_key_demo_config_inputs_off_and_clean_sigterm(tmp_path, rgb_im
         info = requests.get(server.url + "/info", headers={"Authorization": f"Bearer {key}"}).json()
         assert info["random_weights"] is True
         assert info["families"]["clip"]["models"][0]["weights"].startswith("random")
-        pids = [w["pid"] for w in info["families"]["clip"]["workers"]]
-        assert pids and all(alive(p) for p in pids)
+        pids = [w["pid"] for f in info["families"].values() for w in f["workers"]]
+        assert len(pids) == 5 and all(alive(p) for p in pids)  # one worker per demo family
     finally:
         code = server.stop(timeout=60)  # past that, SIGKILL: a non-zero code
     assert code == 0, server.log()
-    time.sleep(0.5)
+    deadline = time.monotonic() + 10  # the server exits as its workers exit: reaping may lag
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert not any(alive(p) for p in pids), "orphaned worker processes"
     assert port_free(server.port)
 
 
 def test_no_auth_and_a_worker_killed_mid_request(tmp_path, rgb_image):
-    server = ServerProcess(None, tmp_path, ["--config", str(DEMO), "--no-auth"]).wait_ready()
+    # CLIP alone of the demo config: the worker killed is a CLIP one (four more families would
+    # only add start-up time)
+    server = ServerProcess(
+        None, tmp_path, ["--config", str(DEMO), "--no-auth", "--models", "clip"]
+    ).wait_ready()
     try:
         r = requests.post(server.url + "/clip/encode_text", json={"text": "x"})
         assert r.status_code == 200 and r.json()["shape"] == [32]
@@ -79,21 +85,22 @@ def test_no_auth_and_a_worker_killed_mid_request(tmp_path, rgb_image):
         worker = psutil.Process(pid)
         cpu0 = sum(worker.cpu_times()[:2])
         with ThreadPoolExecutor(1) as pool:
-            pending = pool.submit(requests.post, server.url + "/clip/extract", json=slow, timeout=30)
+            # a dead worker must answer, not hang: the generous timeout only bounds a hang, as a
+            # loaded machine may take long to notice the death and answer
+            pending = pool.submit(requests.post, server.url + "/clip/extract", json=slow, timeout=180)
             # kill once the worker is busy with it (0.3 CPU-seconds into a ~3 CPU-second request)
             deadline = time.monotonic() + 10
             while sum(worker.cpu_times()[:2]) - cpu0 < 0.3 and time.monotonic() < deadline:
                 time.sleep(0.01)
             os.kill(pid, signal.SIGKILL)
-            t0 = time.monotonic()
             r = pending.result()
-        assert time.monotonic() - t0 < 20  # well before the 30 s client timeout: not a hang
         assert r.status_code == 500 and r.json()["error"]["code"] == "worker_died"
-        server.wait_ready(60)
-        deadline = time.monotonic() + 60
+        server.wait_ready(180)
+        deadline = time.monotonic() + 180  # a new worker imports torch and loads the model again
         while requests.get(server.url + "/clip/health").status_code != 200 and time.monotonic() < deadline:
-            time.sleep(0.5)
-        r = requests.post(server.url + "/clip/encode_text", json={"text": "x"}, timeout=30)
+            time.sleep(0.1)
+        assert requests.get(server.url + "/clip/health").status_code == 200, server.log()
+        r = requests.post(server.url + "/clip/encode_text", json={"text": "x"}, timeout=120)
         assert r.status_code == 200 and r.json()["shape"] == [32]
         assert requests.get(server.url + "/info").json()["families"]["clip"]["workers"][0]["pid"] != pid
     finally:

@@ -185,16 +185,29 @@ def hub_env(tmp: Path, endpoint: str, offline: bool = False) -> dict[str, str]:
     return env
 
 
-def run_app(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+def start_app(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    return subprocess.run(
+    return subprocess.Popen(
         [sys.executable, str(ROOT / "app.py"), *args],
         env={**full_env, **env},
         cwd=cwd,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=300,
     )
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> subprocess.CompletedProcess:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def run_app(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    return finish(start_app(args, env, cwd))
 
 
 def released_files(files: dict[str, bytes]) -> set[str]:
@@ -310,32 +323,56 @@ def test_server_downloads_at_start_and_leaves_out_an_optional_gated_family(tmp_p
         hub.close()
 
 
+REFUSALS = {  # id: (gated repos, files removed, the family)
+    "gated-403": (("facebook/sam3",), (), "sam3"),
+    "missing-file-404": ((), ("facebook/sam3/sam3.pt",), "sam3"),
+    "missing-repo-401": ((), ("briaai/RMBG-1.4/onnx/model.onnx", "briaai/RMBG-1.4/x"), "rmbg"),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def refused_runs(tmp_path_factory, hub_files) -> dict[str, subprocess.Popen]:
+    """Each refusal's app run (and the offline one's), all started with the module (autouse), so
+    their seconds of library imports overlap the server tests. Each has a fake hub of its own."""
+    hubs, runs = [], {}
+    try:
+        tmp = tmp_path_factory.mktemp("offline")
+        cfg_path = tmp / "sam2.yaml"
+        cfg_path.write_text(json.dumps({"sam2": hub_config(tmp)["sam2"]}))
+        env = hub_env(tmp, "http://127.0.0.1:9", offline=True)
+        runs["offline"] = start_app(["--config", str(cfg_path), "--api-key", KEY], env, tmp)
+        for case, (gated, files_removed, family) in REFUSALS.items():
+            tmp = tmp_path_factory.mktemp(case)
+            hubs.append(FakeHub({k: v for k, v in hub_files.items() if k not in files_removed}, gated=gated))
+            cfg_path = tmp / "one.yaml"
+            cfg_path.write_text(json.dumps({family: hub_config(tmp)[family]}))
+            runs[case] = start_app(
+                ["--config", str(cfg_path), "--api-key", KEY], hub_env(tmp, hubs[-1].url), tmp
+            )
+        yield runs
+    finally:
+        for proc in runs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        for hub in hubs:
+            hub.close()
+
+
 @pytest.mark.parametrize(
-    ("gated", "files_removed", "family", "expect"),
+    ("case", "expect"),
     [
-        (("facebook/sam3",), (), "sam3", ["gated", "facebook/sam3", "https://huggingface.co/facebook/sam3"]),
-        ((), ("facebook/sam3/sam3.pt",), "sam3", ["has no file", "facebook/sam3", "sam3.pt"]),
-        (
-            (),
-            ("briaai/RMBG-1.4/onnx/model.onnx", "briaai/RMBG-1.4/x"),
-            "rmbg",
-            ["briaai/RMBG-1.4", "401/404"],
-        ),
+        ("gated-403", ["gated", "facebook/sam3", "https://huggingface.co/facebook/sam3"]),
+        ("missing-file-404", ["has no file", "facebook/sam3", "sam3.pt"]),
+        ("missing-repo-401", ["briaai/RMBG-1.4", "401/404"]),
     ],
-    ids=["gated-403", "missing-file-404", "missing-repo-401"],
+    ids=list(REFUSALS),
 )
-def test_hub_refusals_are_one_plain_message(tmp_path, hub_files, gated, files_removed, family, expect):
+def test_hub_refusals_are_one_plain_message(refused_runs, case, expect):
     """A required family whose weights the hub refuses: exit 1 with a sentence naming the family,
     the repo, the licence page and the token, and no traceback."""
-    files = {k: v for k, v in hub_files.items() if k not in files_removed}
-    hub = FakeHub(files, gated=gated)
-    config = {family: hub_config(tmp_path)[family]}
-    cfg_path = tmp_path / "one.yaml"
-    cfg_path.write_text(json.dumps(config))
-    try:
-        done = run_app(["--config", str(cfg_path), "--api-key", KEY], hub_env(tmp_path, hub.url), tmp_path)
-    finally:
-        hub.close()
+    family = REFUSALS[case][2]
+    done = finish(refused_runs[case])
     assert done.returncode == 1
     err = done.stderr
     assert "Traceback" not in err
@@ -346,15 +383,8 @@ def test_hub_refusals_are_one_plain_message(tmp_path, hub_files, gated, files_re
     assert "startup failed" in err
 
 
-def test_offline_without_the_files_says_to_download_first(tmp_path, hub_files):
-    config = {"sam2": hub_config(tmp_path)["sam2"]}
-    cfg_path = tmp_path / "sam2.yaml"
-    cfg_path.write_text(json.dumps(config))
-    done = run_app(
-        ["--config", str(cfg_path), "--api-key", KEY],
-        hub_env(tmp_path, "http://127.0.0.1:9", offline=True),
-        tmp_path,
-    )
+def test_offline_without_the_files_says_to_download_first(refused_runs):
+    done = finish(refused_runs["offline"])
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "facebook/sam2.1-hiera-tiny" in done.stderr and "python app.py --download" in done.stderr
 
