@@ -43,7 +43,7 @@ def resized_size(width: int, height: int, load_size: int | None) -> tuple[int, i
     return (new_short, new_long) if width <= height else (new_long, new_short)
 
 
-def prepare_image(img: Image.Image, load_size: int | None, center_crop: bool) -> Image.Image:
+def resize_and_crop(img: Image.Image, load_size: int | None, center_crop: bool) -> Image.Image:
     """Resize (bicubic) by the ``load_size`` rule, then optionally centre-crop a square.
 
     The crop side is the shorter side after resizing, which equals ``load_size`` when it is
@@ -69,7 +69,7 @@ def preprocess(
     std: tuple,
 ) -> torch.Tensor:
     """Resize/crop, normalise and pad to a multiple of ``patch``: (1, 3, Hp, Wp) float32."""
-    img = prepare_image(img, load_size, center_crop)
+    img = resize_and_crop(img, load_size, center_crop)
     return pad_to_multiple(to_tensor(img, mean, std), patch, padding_mode)
 
 
