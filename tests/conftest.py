@@ -176,3 +176,18 @@ def rgb_image() -> Image.Image:
     """Non-square, and neither side a multiple of the 14-px patch."""
     rng = np.random.default_rng(1)
     return Image.fromarray(rng.integers(0, 255, (45, 61, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="session")
+def demo_server(tmp_path_factory):
+    """``configs/demo.yaml`` (every family, tiny random weights) with the key ``KEYS[0]``: one
+    server for the files that only read answers (OpenAPI schemas, null fields, the playground)."""
+    proc = ServerProcess(
+        None,
+        tmp_path_factory.mktemp("demo"),
+        ["--config", str(ROOT / "configs" / "demo.yaml"), "--api-key", KEYS[0]],
+    )
+    try:
+        yield proc.wait_ready(600)  # every family's workers; a busy two-core machine took 266 s
+    finally:
+        proc.stop()

@@ -181,7 +181,7 @@ def test_requests_naming_an_image_stay_with_its_worker_until_it_is_busier_by_mor
     async def scenario():
         d = Dispatcher("test", slack=1)
         try:
-            await d.start(queue_timeout=1.0)
+            await d.start(timeout=1.0)
             FakeWorker(d.address, 0, delay=0.05)
             while d.connected < 1:
                 await asyncio.sleep(0.01)
@@ -220,7 +220,7 @@ def test_requests_naming_only_an_image_id_wait_at_its_home_however_busy():
     async def scenario():
         d = Dispatcher("test", slack=0)
         try:
-            await d.start(queue_timeout=1.0)
+            await d.start(timeout=1.0)
             for w in range(2):
                 FakeWorker(d.address, w, delay=0.05)
                 while d.connected < w + 1:
@@ -275,7 +275,7 @@ def test_an_answer_body_travels_as_raw_bytes_with_its_status_headers_and_stats(m
     async def scenario():
         d = Dispatcher("test")
         try:
-            await d.start(queue_timeout=5.0)
+            await d.start(timeout=5.0)
             link = WorkerLink.connect(d.address, 3)
 
             def serve():

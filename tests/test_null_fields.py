@@ -19,9 +19,8 @@ import requests
 from PIL import Image
 
 from apis.families import FAMILIES
-from tests.conftest import KEYS, ROOT, ServerProcess
+from tests.conftest import KEYS
 
-DEMO = ROOT / "configs" / "demo.yaml"
 NULL_IS_A_VALUE = {"load_size"}  # null: no resize (tested below)
 
 
@@ -102,14 +101,8 @@ def test_null_validates_to_the_default_field_by_field(route):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    proc = ServerProcess(
-        None, tmp_path_factory.mktemp("nulls"), ["--config", str(DEMO), "--api-key", KEYS[0]]
-    )
-    try:
-        yield proc.wait_ready(300)
-    finally:
-        proc.stop()
+def server(demo_server):
+    return demo_server
 
 
 def post(server, route: str, body: dict) -> requests.Response:

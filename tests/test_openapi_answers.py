@@ -25,9 +25,8 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.conftest import KEYS, ROOT, ServerProcess
+from tests.conftest import KEYS
 
-DEMO = ROOT / "configs" / "demo.yaml"
 AUTH = {"Authorization": f"Bearer {KEYS[0]}"}
 
 
@@ -186,14 +185,8 @@ ERRORS = [
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    proc = ServerProcess(
-        None, tmp_path_factory.mktemp("openapi"), ["--config", str(DEMO), "--api-key", KEYS[0]]
-    )
-    try:
-        yield proc.wait_ready(600)  # a busy two-core machine took 266 s
-    finally:
-        proc.stop()
+def server(demo_server):
+    return demo_server
 
 
 @pytest.fixture(scope="module")

@@ -23,10 +23,9 @@ from PIL import Image, ImageDraw
 from clients import sam2_client as sc
 from clients.common import post
 from clients.sam3_client import Sam3ServiceClient
-from tests.conftest import ROOT, ServerProcess
+from tests.conftest import KEYS
 
-KEY = "playground-key"
-DEMO = ROOT / "configs" / "demo.yaml"
+KEY = KEYS[0]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
 
@@ -53,17 +52,6 @@ def picture(path: Path) -> Path:
     draw.rectangle([60, 180, 300, 210], fill=(240, 220, 40))
     img.save(path)
     return path
-
-
-@pytest.fixture(scope="module")
-def demo_server(tmp_path_factory):
-    server = ServerProcess(
-        None, tmp_path_factory.mktemp("playground"), ["--config", str(DEMO), "--api-key", KEY]
-    )
-    try:
-        yield server.wait_ready(timeout=300)
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
