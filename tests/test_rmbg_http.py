@@ -222,7 +222,7 @@ def test_oversized_answer_is_refused_with_its_size(kw):
     with pytest.raises(VisionServeError) as err:
         remove_background_response(big, output="both", **kw)
     assert err.value.status == 400 and err.value.code == "response_too_large"
-    assert "over this server's limit of 4.0 MiB" in err.value.message
+    assert "over this server's limit of 4 MiB" in err.value.message
 
 
 def test_folder_cli(tmp_path, kw, capsys):

@@ -29,9 +29,10 @@ def base64_len(nbytes: int) -> int:
 
 
 def human_bytes(n: float) -> str:
+    """``n`` bytes in words, to one decimal where it is not whole: 4 MiB, 173.5 MiB."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+            return f"{n:.1f}".removesuffix(".0") + f" {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} GiB"
 
