@@ -72,10 +72,12 @@ class EmbedRoute(Route):
     embeds_texts: ClassVar[bool] = False  # whether the family has a text tower in the images' space
 
     def dim(self, model: Any) -> int:
-        raise NotImplementedError
+        """The embedding width (CLIP's and DINO's model holders both say it as ``embed_dim``)."""
+        return model.embed_dim
 
     def preprocess(self, model: Any, image: Image.Image) -> torch.Tensor:
-        raise NotImplementedError
+        """The library's own evaluation transform, kept on the model holder."""
+        return model.preprocess(image)
 
     def encode_images(self, model: Any, pixels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

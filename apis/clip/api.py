@@ -7,7 +7,6 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 
 import torch
-from PIL import Image
 
 from apis.clip.model import (
     DEFAULT_TEMPLATES,
@@ -162,12 +161,6 @@ class Embed(EmbedRoute):
             len(request.images) + len(request.texts), self.api.cfg.limits, "images", "images and texts"
         )
         self.api.check_text_length([(f"texts[{i}]", t) for i, t in enumerate(request.texts)], "texts")
-
-    def dim(self, cm: ClipModel) -> int:
-        return cm.embed_dim
-
-    def preprocess(self, cm: ClipModel, image: Image.Image) -> torch.Tensor:
-        return cm.preprocess(image)
 
     def encode_images(self, cm: ClipModel, pixels: torch.Tensor) -> torch.Tensor:
         return encode_images(cm, pixels)

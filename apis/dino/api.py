@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from apis.core.dense import IMAGENET_MEAN, IMAGENET_STD, Geometry, plan, preprocess, respond
 from apis.core.errors import APIError
@@ -106,12 +105,6 @@ class Embed(EmbedRoute):
     def read_inputs(self, job: Job) -> Job:
         job.params["texts"] = []  # no text tower
         return super().read_inputs(job)
-
-    def dim(self, dm: DinoModel) -> int:
-        return dm.embed_dim
-
-    def preprocess(self, dm: DinoModel, image: Image.Image) -> torch.Tensor:
-        return dm.preprocess(image)
 
     def encode_images(self, dm: DinoModel, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 2, D): both poolings (apis.dino.model.POOLINGS) of each image."""
