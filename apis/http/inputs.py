@@ -279,3 +279,9 @@ class EmbedResponse(BaseModel):
     height: int
     cached: bool = Field(..., description="true: the worker had it already and the encoder did not run.")
     model: str
+
+
+def embed_answer(image_id: str, size: tuple[int, int], cached: bool, model_id: str) -> dict:
+    """The answer of ``/sam2/embed`` and ``/sam3/embed`` (:class:`EmbedResponse`); ``size`` is
+    (width, height)."""
+    return {"image_id": image_id, "width": size[0], "height": size[1], "cached": cached, "model": model_id}

@@ -22,7 +22,7 @@ from apis.core.masks import png_base64
 from apis.core.settings import ModelEntry
 from apis.core.tensors import base64_len, check_answer_bytes, check_response_size, encode_array, human_bytes
 from apis.family import FamilyAPI, Job, Route
-from apis.http.inputs import EmbedResponse
+from apis.http.inputs import EmbedResponse, embed_answer
 from apis.sam2.model import (
     Embedding,
     Prompt,
@@ -150,13 +150,7 @@ class Embed(_EncodesImages):
         return EmbedInput(WholeImage.of(job), job.image_id in pred.cache)
 
     def encode_response(self, pred: Sam2Predictor, job: Job, item: EmbedInput, emb: Embedding) -> dict:
-        return {
-            "image_id": job.image_id,
-            "width": emb.orig_hw[1],
-            "height": emb.orig_hw[0],
-            "cached": item.cached,
-            "model": job.model_id,
-        }
+        return embed_answer(job.image_id, emb.orig_hw[::-1], item.cached, job.model_id)
 
 
 class PromptMask(_EncodesImages):

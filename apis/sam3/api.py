@@ -14,7 +14,7 @@ from apis.core.image_ids import not_cached
 from apis.core.settings import ModelEntry
 from apis.core.tensors import check_answer_bytes, human_bytes
 from apis.family import FamilyAPI, Job, Route
-from apis.http.inputs import EmbedResponse
+from apis.http.inputs import EmbedResponse, embed_answer
 from apis.sam3.model import (
     Detections,
     Encoded,
@@ -154,13 +154,7 @@ class Embed(Route):
         return runner.encode([i.image_id for i in items], [i.image for i in items])
 
     def encode_response(self, runner: Sam3Runner, job: Job, item: EmbedInput, enc: Encoded) -> dict:
-        return {
-            "image_id": job.image_id,
-            "width": enc.width,
-            "height": enc.height,
-            "cached": item.cached,
-            "model": job.model_id,
-        }
+        return embed_answer(job.image_id, (enc.width, enc.height), item.cached, job.model_id)
 
 
 class Sam3API(FamilyAPI):
