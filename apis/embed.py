@@ -18,6 +18,7 @@ import numpy as np
 import pybase64
 import torch
 from PIL import Image
+from pydantic import BaseModel
 
 from apis.config import ServerConfig
 from apis.core.errors import APIError
@@ -85,7 +86,7 @@ class EmbedRoute(Route):
     def encode_texts(self, model: Any, texts: list[str]) -> torch.Tensor:
         raise NotImplementedError
 
-    def read_inputs(self, job: Job) -> Job:
+    def read_inputs(self, job: Job, request: BaseModel) -> Job:
         """The base64 images of ``/<family>/embed`` as checked bytes."""
         names = [f"images[{i}]" for i in range(len(job.params["images"]))]
         job.params["images"] = [

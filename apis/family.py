@@ -83,8 +83,9 @@ class Route:
     def check_image(self, request: BaseModel, size: tuple[int, int]) -> None:
         """Checks that need the image's (width, height), before it is decoded; raise APIError."""
 
-    def read_inputs(self, job: Job) -> Job:
-        """Inputs other than the image field, read and checked into ``job.params`` (embed's images)."""
+    def read_inputs(self, job: Job, request: BaseModel) -> Job:
+        """Inputs other than the image field, read into ``job.params`` (embed's images, SAM 2's
+        validated mask_input)."""
         return job
 
     # -- worker process -------------------------------------------------------------------
@@ -250,7 +251,7 @@ class FamilyAPI(ls.LitAPI):
                 image_id = content_id(image)
         params = request.model_dump(exclude={*IMAGE_FIELDS, "image_id", *fields})
         job = Job(route.name, self.registry.id_of(entry), params, image_bytes=image, image_id=image_id)
-        return route.read_inputs(job)
+        return route.read_inputs(job, request)
 
     def affinity(self, job: Job) -> Hashable | None:
         """For a route that caches encoded images, the key that sends every request on one image

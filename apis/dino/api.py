@@ -102,9 +102,9 @@ class Embed(EmbedRoute):
     def check(self, request: DinoEmbedRequest) -> None:
         check_count(len(request.images), self.api.cfg.limits, "images", "images")
 
-    def read_inputs(self, job: Job) -> Job:
+    def read_inputs(self, job: Job, request: DinoEmbedRequest) -> Job:
         job.params["texts"] = []  # no text tower
-        return super().read_inputs(job)
+        return super().read_inputs(job, request)
 
     def encode_images(self, dm: DinoModel, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 2, D): both poolings (apis.dino.model.POOLINGS) of each image."""

@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import pybase64
-from pydantic import BaseModel
 
 from apis.core.cache import cache_stats
 from apis.core.errors import APIError
@@ -162,6 +161,12 @@ class PromptMask(_EncodesImages):
     def check_image(self, request: Sam2PromptRequest, size: tuple[int, int]) -> None:
         check_prompt_fits(vars(request), size, self.api.cfg.limits.max_response_bytes)
 
+    def read_inputs(self, job: Job, request: Sam2PromptRequest) -> Job:
+        """``mask_input`` travels as the array its validation decoded: the worker does not
+        decode the base64 text again."""
+        job.params["mask_input"] = request.mask
+        return job
+
     def decode_request(self, pred: Sam2Predictor, job: Job) -> PromptInput:
         p = job.params
         mask = p["mask_input"]  # the array the request's validation decoded (Sam2API.job_for)
@@ -303,14 +308,6 @@ class Sam2API(FamilyAPI):
     model_key = staticmethod(sam2_key)
     model_fill_defaults = False
     routes = (AutoMask, PromptMask, Embed)
-
-    def job_for(self, route: Route, request: BaseModel) -> Job:
-        """The base's job; a prompt's ``mask_input`` travels as the array its validation decoded,
-        so the worker does not decode the base64 text again."""
-        job = super().job_for(route, request)
-        if isinstance(request, Sam2PromptRequest):
-            job.params["mask_input"] = request.mask
-        return job
 
     def load_model(self, entry: ModelEntry) -> Sam2Predictor:
         return load_sam2(entry, self.torch_device, self.compute_dtype, self.fam.cache_size)
