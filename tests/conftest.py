@@ -17,10 +17,43 @@ import pytest
 import requests
 import yaml
 from PIL import Image
+from xdist.scheduler import LoadScopeScheduling
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIP_ARCH = ROOT / "configs" / "models" / "clip-tiny.json"
 KEYS = ("test-key-one", "test-key-two")
+
+
+# Under pytest-xdist (``-n 2`` in pyproject's addopts) each test file runs whole on one worker,
+# so its module-scoped servers start once; the files that share a session server go together.
+SESSION_SERVER_FILES = {
+    "clip_server": ("test_auth_and_errors", "test_clip_http"),
+    "demo_server": ("test_null_fields", "test_openapi_answers", "test_playground"),
+}
+_FILE_GROUP = {file: server for server, files in SESSION_SERVER_FILES.items() for file in files}
+
+
+class ByFileAndSessionServer(LoadScopeScheduling):
+    """xdist's per-scope scheduling with a file as the scope, and one scope for all the files of
+    a session server. (``--dist loadgroup`` would do it with marks, but xdist 3.8 writes the
+    group into ``item._nodeid``, which pytest 9.2 no longer reads.)"""
+
+    def _split_scope(self, nodeid: str) -> str:
+        file = nodeid.split("::", 1)[0]
+        return _FILE_GROUP.get(Path(file).stem, file)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log) -> ByFileAndSessionServer:
+    return ByFileAndSessionServer(config, log)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A new file on a session server must be listed above, or a second worker would start
+    that server again."""
+    for item in items:
+        for server, files in SESSION_SERVER_FILES.items():
+            if server in item.fixturenames and item.path.stem not in files:
+                raise pytest.UsageError(f"{item.path.name} uses {server}: add it to SESSION_SERVER_FILES")
 
 
 def free_port() -> int:

@@ -410,7 +410,8 @@ def run(m: Mutant, timeout: float) -> tuple[str, float, str]:
         path.write_text(text.replace(m.old, m.new))
         env = {**os.environ, "PYTHONPATH": str(work), "PYTHONDONTWRITEBYTECODE": "1"}
         t0 = time.monotonic()
-        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *m.tests]
+        # -n 0: in one process, where -x stops with exit 1 (under xdist it is 2, "interrupted")
+        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-n", "0", "-p", "no:cacheprovider", *m.tests]
         try:
             p = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:

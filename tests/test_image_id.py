@@ -10,7 +10,6 @@ import hashlib
 import http.server
 import json
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -189,38 +188,6 @@ def test_clients_send_the_image_id_as_x_image_key_on_every_request():
     assert h4["X-Image-Key"] == "ab" * 32
     assert "image" in b1 and b2.keys() >= {"image_id", "prompts"} and "image" not in b2
     assert "image_id" not in b3 and b3["image"] == encode_image(png)
-
-
-def test_an_image_and_its_id_go_to_the_same_of_two_workers(tmp_path, sam2_checkpoint, reference):  # noqa: F811
-    model = {"name": MODEL, "weights": str(sam2_checkpoint), "arch_config": str(SAM2_ARCH)}
-    config = {"sam2": {"max_batch_size": 4, "cache_size": 8, "models": [model]}}
-    server = ServerProcess(config, tmp_path, ["--no-auth", "--workers-per-device", "2"]).wait_ready()
-    url = {"base_url": server.url + "/sam2"}
-    try:
-        images = [scene(seed=300 + i) for i in range(4)]
-        with ThreadPoolExecutor(4) as pool:
-            ids = [r["image_id"] for r in pool.map(lambda im: sc.embed_sam2_image(im, **url), images)]
-
-        def user(i: int):
-            answers = []
-            for k in range(5):  # clicks on the id, and one with the image itself, all on one worker
-                click = {"point_coords": [[10 + 8 * k, 30]], "point_labels": [1]}
-                if k == 2:
-                    answers.append(sc.sam2_point_mask(images[i], **click, **url))
-                else:
-                    answers.append(sc.generate_sam2_prompt_masks(image_id=ids[i], **click, **url))
-            return answers
-
-        with ThreadPoolExecutor(4) as pool:
-            answers = list(pool.map(user, range(4)))
-        for image, got in zip(images, answers, strict=True):
-            assert_same_answer(got[-1], direct(reference, image, point_coords=[[42, 30]], point_labels=[1]))
-        ws = workers(server, "sam2")
-        assert len(ws) == 2 and sum(w["encoded_images"][MODEL] for w in ws) == 4  # each image once
-        assert all(w["requests"]["embed"]["ok"] > 0 for w in ws)  # and both workers had some
-        assert all("client_error" not in w["requests"]["prompt_mask"] for w in ws)  # never not cached
-    finally:
-        server.stop()
 
 
 # ----------------------------------------------------------------------------- SAM 3

@@ -219,38 +219,94 @@ def test_second_prompt_on_an_image_skips_the_encoder(sam2_server, kw):
     assert after["embedding_cache"][model]["capacity"] == 4
 
 
-def test_with_two_workers_each_image_is_encoded_once(tmp_path, sam2_checkpoint, reference):
-    """Five users clicking on their own image at once: every prompt on an image goes to the worker
-    that encoded it (least busy first), so five encoder runs in all, on both workers."""
+@pytest.fixture(scope="module")
+def two_workers(tmp_path_factory, sam2_checkpoint):
+    """Two SAM 2 workers on one device, no key: which worker an image and its id go to."""
     model = {"name": "sam2.1_hiera_t", "weights": str(sam2_checkpoint), "arch_config": str(ARCH)}
-    config = {"sam2": {"max_batch_size": 8, "models": [model]}}
+    config = {"sam2": {"max_batch_size": 8, "cache_size": 16, "models": [model]}}
     args = ["--no-auth", "--workers-per-device", "2"]
-    server = ServerProcess(config, tmp_path, args).wait_ready()
+    server = ServerProcess(config, tmp_path_factory.mktemp("sam2-two"), args)
     try:
-        images = [scene(seed=200 + i) for i in range(5)]
-
-        def user(i: int):
-            think = random.Random(i)
-            for k in range(6):
-                time.sleep(think.uniform(0, 0.03))
-                got = sc.generate_sam2_prompt_masks(
-                    image=encode_image(images[i]), base_url=server.url + "/sam2", **click(k)
-                )
-            return got
-
-        def click(k: int) -> dict:
-            return {"point_coords": [[20 + 5 * k, 30]], "point_labels": [1]}
-
-        with ThreadPoolExecutor(5) as pool:
-            answers = list(pool.map(user, range(5)))
-        for image, got in zip(images, answers, strict=True):
-            assert_same_answer(got, direct(reference, image, **click(5)))
-        workers = requests.get(server.url + "/info").json()["families"]["sam2"]["workers"]
-        assert len(workers) == 2
-        assert sum(w["encoded_images"]["sam2.1_hiera_t"] for w in workers) == 5
-        assert all(w["requests"]["prompt_mask"]["ok"] > 0 for w in workers)
+        yield server.wait_ready()
     finally:
         server.stop()
+
+
+def worker_counts(server) -> list[tuple[int, int, int, int]]:
+    """Per worker: images encoded, prompt_mask answered, embed answered, prompt_mask refused."""
+    workers = requests.get(server.url + "/info").json()["families"]["sam2"]["workers"]
+    assert len(workers) == 2
+    out = []
+    for w in workers:
+        prompt, embed = w["requests"].get("prompt_mask", {}), w["requests"].get("embed", {})
+        out.append(
+            (
+                w["encoded_images"].get("sam2.1_hiera_t", 0),
+                prompt.get("ok", 0),
+                embed.get("ok", 0),
+                prompt.get("client_error", 0),
+            )
+        )
+    return out
+
+
+def grew(before: list[tuple], after: list[tuple]) -> list[tuple[int, ...]]:
+    return [tuple(a - b for a, b in zip(wa, wb, strict=True)) for wa, wb in zip(after, before, strict=True)]
+
+
+def test_with_two_workers_each_image_is_encoded_once(two_workers, reference):
+    """Five users clicking on their own image at once: every prompt on an image goes to the worker
+    that encoded it (least busy first), so five encoder runs in all, on both workers."""
+    url = two_workers.url + "/sam2"
+    before = worker_counts(two_workers)
+    images = [scene(seed=200 + i) for i in range(5)]
+
+    def user(i: int):
+        think = random.Random(i)
+        for k in range(6):
+            time.sleep(think.uniform(0, 0.03))
+            got = sc.generate_sam2_prompt_masks(image=encode_image(images[i]), base_url=url, **click(k))
+        return got
+
+    def click(k: int) -> dict:
+        return {"point_coords": [[20 + 5 * k, 30]], "point_labels": [1]}
+
+    with ThreadPoolExecutor(5) as pool:
+        answers = list(pool.map(user, range(5)))
+    for image, got in zip(images, answers, strict=True):
+        assert_same_answer(got, direct(reference, image, **click(5)))
+    diff = grew(before, worker_counts(two_workers))
+    assert sum(d[0] for d in diff) == 5
+    assert all(d[1] > 0 for d in diff)
+
+
+def test_an_image_and_its_id_go_to_the_same_of_two_workers(two_workers, reference):
+    """``/sam2/embed`` on four images at once, then clicks on each id and one with the image
+    itself: each image is encoded once, and no click finds its id missing on its worker."""
+    url = {"base_url": two_workers.url + "/sam2"}
+    before = worker_counts(two_workers)
+    images = [scene(seed=300 + i) for i in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        ids = [r["image_id"] for r in pool.map(lambda im: sc.embed_sam2_image(im, **url), images)]
+
+    def user(i: int):
+        answers = []
+        for k in range(5):  # clicks on the id, and one with the image itself, all on one worker
+            click = {"point_coords": [[10 + 8 * k, 30]], "point_labels": [1]}
+            if k == 2:
+                answers.append(sc.sam2_point_mask(images[i], **click, **url))
+            else:
+                answers.append(sc.generate_sam2_prompt_masks(image_id=ids[i], **click, **url))
+        return answers
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(user, range(4)))
+    for image, got in zip(images, answers, strict=True):
+        assert_same_answer(got[-1], direct(reference, image, point_coords=[[42, 30]], point_labels=[1]))
+    diff = grew(before, worker_counts(two_workers))
+    assert sum(d[0] for d in diff) == 4  # each image once
+    assert all(d[2] > 0 for d in diff)  # and both workers had some embeds
+    assert all(d[3] == 0 for d in diff)  # never "not cached"
 
 
 def test_concurrent_prompts_on_new_images_share_one_encoder_pass(sam2_server, reference, kw):
