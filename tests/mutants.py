@@ -103,7 +103,7 @@ MUTANTS = [
     Mutant(
         "full-res similarity: uniform map",
         "apis/clip/api.py",
-        'sim = spatial_softmax(sim, p["softmax"])',
+        'sim = model.spatial_softmax(sim, p["softmax"])',
         "sim = torch.full_like(sim, 1.0 / sim.numel())",
         ("tests/test_clip_http.py::test_similarity_full_resolution_cosine_and_negatives",),
         "item 4: a map that sums to 1 and says nothing",
@@ -114,9 +114,9 @@ MUTANTS = [
         """        if not p["ret_patches"]:
             sim = upsample_grid(sim[..., None], item.geom, p["interpolation_mode"])[..., 0]
         if p["softmax"] > 0 and not negatives:
-            sim = spatial_softmax(sim, p["softmax"])""",
+            sim = model.spatial_softmax(sim, p["softmax"])""",
         """        if p["softmax"] > 0 and not negatives:
-            sim = spatial_softmax(sim, p["softmax"])
+            sim = model.spatial_softmax(sim, p["softmax"])
         if not p["ret_patches"]:
             sim = upsample_grid(sim[..., None], item.geom, p["interpolation_mode"])[..., 0]""",
         ("tests/test_clip_http.py::test_similarity_full_resolution_cosine_and_negatives",),
@@ -332,7 +332,7 @@ MUTANTS = [
     ),
     Mutant(
         "auto_mask: fine_grained default stability",
-        "apis/sam2/model.py",
+        "apis/sam2/options.py",
         '"stability_score_thresh": 0.92,',
         '"stability_score_thresh": 0.9,',
         ("tests/test_sam2_http.py::test_request_defaults_reach_the_generator_as_documented",),

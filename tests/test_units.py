@@ -28,7 +28,8 @@ from apis.families import FAMILIES
 from apis.family import Job
 from apis.http.inputs import _pick_address, read_path
 from apis.http.middleware import BearerAuth
-from apis.sam2.model import connected_components, variant_name
+from apis.sam2.model import connected_components
+from apis.sam2.options import variant_name
 from apis.sam2.schemas import Sam2PromptRequest
 from tests.conftest import ROOT
 from tests.references import svd_pca_rgb

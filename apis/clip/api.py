@@ -8,21 +8,6 @@ from dataclasses import dataclass
 
 import torch
 
-from apis.clip.model import (
-    DEFAULT_TEMPLATES,
-    ClipModel,
-    class_embeddings,
-    count_tokens,
-    dense_features,
-    encode_images,
-    encode_texts,
-    load_clip,
-    prompts,
-    relevancy,
-    similarity,
-    spatial_softmax,
-    zero_shot_logits,
-)
 from apis.clip.schemas import (
     ClipClassifyRequest,
     ClipClassifyResponse,
@@ -37,11 +22,14 @@ from apis.clip.schemas import (
     ClipTextResponse,
 )
 from apis.core.dense import CLIP_MEAN, CLIP_STD, Geometry, plan, preprocess, respond, upsample_grid
+from apis.core.lazy import lazy_module
 from apis.core.registry import Key, canonical
 from apis.core.settings import ModelEntry
 from apis.core.tensors import encode_array, tensor_answer
 from apis.embed import EmbedRoute, check_count, openai_answer
 from apis.family import FamilyAPI, Job, Route
+
+model = lazy_module("apis.clip.model")  # the library loads in the worker (apis/core/lazy.py)
 
 
 def clip_key(name: str | None, pretrained: str | None) -> Key:
@@ -61,7 +49,7 @@ class DenseInput:
 class _DenseRoute(Route):
     """extract and similarity: images of one padded size share a forward through the ViT."""
 
-    def channels(self, cm: ClipModel, params: dict) -> int:
+    def channels(self, cm: model.ClipModel, params: dict) -> int:
         """Values per patch of the answer (for the response-size check)."""
         return 1
 
@@ -70,7 +58,7 @@ class _DenseRoute(Route):
         texts += [(f"negatives[{i}]", t) for i, t in enumerate(getattr(request, "negatives", None) or [])]
         self.api.check_text_length(texts, "text")
 
-    def decode_request(self, cm: ClipModel, job: Job) -> DenseInput:
+    def decode_request(self, cm: model.ClipModel, job: Job) -> DenseInput:
         p = job.params
         geom = plan(
             job.image.size, p, cm.patch_size, cm.patch_size, self.channels(cm, p), self.api.cfg.limits
@@ -83,8 +71,8 @@ class _DenseRoute(Route):
     def batch_key(self, item: DenseInput) -> Hashable:
         return item.x.shape
 
-    def predict(self, cm: ClipModel, items: list[DenseInput]) -> torch.Tensor:
-        return dense_features(cm, torch.cat([item.x for item in items])).cpu()
+    def predict(self, cm: model.ClipModel, items: list[DenseInput]) -> torch.Tensor:
+        return model.dense_features(cm, torch.cat([item.x for item in items])).cpu()
 
 
 class Extract(_DenseRoute):
@@ -93,10 +81,10 @@ class Extract(_DenseRoute):
     response = ClipExtractResponse
     summary = "Dense CLIP patch features (MaskCLIP)."
 
-    def channels(self, cm: ClipModel, params: dict) -> int:
+    def channels(self, cm: model.ClipModel, params: dict) -> int:
         return 3 if params["ret_pca"] else cm.embed_dim
 
-    def encode_response(self, cm: ClipModel, job: Job, item: DenseInput, feats: torch.Tensor) -> dict:
+    def encode_response(self, cm: model.ClipModel, job: Job, item: DenseInput, feats: torch.Tensor) -> dict:
         return respond(feats, item.geom, job.params, job.model_id)
 
 
@@ -106,18 +94,18 @@ class Similarity(_DenseRoute):
     response = ClipSimilarityResponse
     summary = "Per-patch image-text similarity map."
 
-    def encode_response(self, cm: ClipModel, job: Job, item: DenseInput, feats: torch.Tensor) -> dict:
+    def encode_response(self, cm: model.ClipModel, job: Job, item: DenseInput, feats: torch.Tensor) -> dict:
         p = job.params
         negatives = p["negatives"] or []
-        text = encode_texts(cm, [p["text"], *negatives]).cpu()
+        text = model.encode_texts(cm, [p["text"], *negatives]).cpu()
         if negatives:
-            sim = relevancy(feats, text[0], text[1:], p["relevancy_temperature"])
+            sim = model.relevancy(feats, text[0], text[1:], p["relevancy_temperature"])
         else:
-            sim = similarity(feats, text[0], p["similarity"])
+            sim = model.similarity(feats, text[0], p["similarity"])
         if not p["ret_patches"]:
             sim = upsample_grid(sim[..., None], item.geom, p["interpolation_mode"])[..., 0]
         if p["softmax"] > 0 and not negatives:
-            sim = spatial_softmax(sim, p["softmax"])
+            sim = model.spatial_softmax(sim, p["softmax"])
         arr = sim.to(torch.float32).numpy()
         return tensor_answer(
             arr, "similarity_map", p["output_dtype"], p["response_format"], model=job.model_id
@@ -133,14 +121,14 @@ class EncodeText(Route):
     def check(self, request: ClipTextRequest) -> None:
         self.api.check_text_length([("text", request.text)], "text")
 
-    def decode_request(self, cm: ClipModel, job: Job) -> str:
+    def decode_request(self, cm: model.ClipModel, job: Job) -> str:
         return job.params["text"]
 
-    def predict(self, cm: ClipModel, texts: list[str]) -> torch.Tensor:
+    def predict(self, cm: model.ClipModel, texts: list[str]) -> torch.Tensor:
         """All texts of the batch in one forward pass."""
-        return encode_texts(cm, texts).cpu()
+        return model.encode_texts(cm, texts).cpu()
 
-    def encode_response(self, cm: ClipModel, job: Job, text: str, emb: torch.Tensor) -> dict:
+    def encode_response(self, cm: model.ClipModel, job: Job, text: str, emb: torch.Tensor) -> dict:
         data, shape = encode_array(emb.numpy(), job.params["output_dtype"])
         return {
             "text_embedding": data,
@@ -162,19 +150,19 @@ class Embed(EmbedRoute):
         )
         self.api.check_text_length([(f"texts[{i}]", t) for i, t in enumerate(request.texts)], "texts")
 
-    def encode_images(self, cm: ClipModel, pixels: torch.Tensor) -> torch.Tensor:
-        return encode_images(cm, pixels)
+    def encode_images(self, cm: model.ClipModel, pixels: torch.Tensor) -> torch.Tensor:
+        return model.encode_images(cm, pixels)
 
-    def encode_texts(self, cm: ClipModel, texts: list[str]) -> torch.Tensor:
-        return encode_texts(cm, texts)
+    def encode_texts(self, cm: model.ClipModel, texts: list[str]) -> torch.Tensor:
+        return model.encode_texts(cm, texts)
 
     def encode_response(
-        self, cm: ClipModel, job: Job, item, output: tuple[torch.Tensor, torch.Tensor]
+        self, cm: model.ClipModel, job: Job, item, output: tuple[torch.Tensor, torch.Tensor]
     ) -> dict:
         images, texts = output
         p = job.params
         if p["openai"] is not None:
-            return openai_answer(job, images, texts, cm.image_tokens, count_tokens(cm, p["texts"]))
+            return openai_answer(job, images, texts, cm.image_tokens, model.count_tokens(cm, p["texts"]))
         image_data, image_shape = encode_array(images.numpy(), p["output_dtype"])
         text_data, text_shape = encode_array(texts.numpy(), p["output_dtype"])
         return {
@@ -205,32 +193,34 @@ class Classify(Route):
         templates = request.templates or []
         self.api.check_text_length([(f"templates[{i}]", t) for i, t in enumerate(templates)], "templates")
 
-    def decode_request(self, cm: ClipModel, job: Job) -> ClassifyInput:
-        templates = job.params["templates"] or list(DEFAULT_TEMPLATES)
-        return ClassifyInput(cm.preprocess(job.image), prompts(job.params["labels"], templates))
+    def decode_request(self, cm: model.ClipModel, job: Job) -> ClassifyInput:
+        templates = job.params["templates"] or list(model.DEFAULT_TEMPLATES)
+        return ClassifyInput(cm.preprocess(job.image), model.prompts(job.params["labels"], templates))
 
-    def predict(self, cm: ClipModel, items: list[ClassifyInput]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def predict(
+        self, cm: model.ClipModel, items: list[ClassifyInput]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The batch's images in one forward; its distinct prompts in chunks (cached)."""
-        images = encode_images(cm, torch.stack([item.pixels for item in items])).cpu()
+        images = model.encode_images(cm, torch.stack([item.pixels for item in items])).cpu()
         vectors = self._prompt_embeddings(cm, [t for item in items for t in item.prompts])
         return [(images[k], torch.stack([vectors[t] for t in item.prompts])) for k, item in enumerate(items)]
 
     def encode_response(
-        self, cm: ClipModel, job: Job, item: ClassifyInput, output: tuple[torch.Tensor, torch.Tensor]
+        self, cm: model.ClipModel, job: Job, item: ClassifyInput, output: tuple[torch.Tensor, torch.Tensor]
     ) -> dict:
         image, prompt_emb = output
         labels = job.params["labels"]
-        logits = zero_shot_logits(cm, image, class_embeddings(prompt_emb, len(labels)))
+        logits = model.zero_shot_logits(cm, image, model.class_embeddings(prompt_emb, len(labels)))
         return {
             "labels": labels,
             "probabilities": torch.softmax(logits, dim=0).tolist(),
             "logits": logits.tolist(),
             "logit_scale": float(cm.model.logit_scale.detach().float().exp()),
-            "templates": len(job.params["templates"] or DEFAULT_TEMPLATES),
+            "templates": len(job.params["templates"] or model.DEFAULT_TEMPLATES),
             "model": job.model_id,
         }
 
-    def _prompt_embeddings(self, cm: ClipModel, texts: list[str]) -> dict[str, torch.Tensor]:
+    def _prompt_embeddings(self, cm: model.ClipModel, texts: list[str]) -> dict[str, torch.Tensor]:
         """Normalised embeddings of the distinct ``texts``: cached ones reused, the others made
         in chunks of ``limits.max_embed_inputs`` and cached."""
         found: dict[str, torch.Tensor] = {}
@@ -244,7 +234,7 @@ class Classify(Route):
         size = self.api.cfg.limits.max_embed_inputs
         for start in range(0, len(missing), size):
             chunk = missing[start : start + size]
-            for text, vector in zip(chunk, encode_texts(cm, chunk).cpu(), strict=True):
+            for text, vector in zip(chunk, model.encode_texts(cm, chunk).cpu(), strict=True):
                 found[text] = vector.clone()  # not a view that keeps the whole chunk alive
                 cm.prompt_cache.put(text, found[text])
         return found
@@ -256,8 +246,8 @@ class ClipAPI(FamilyAPI):
     model_key = staticmethod(clip_key)
     routes = (Extract, EncodeText, Similarity, Embed, Classify)
 
-    def load_model(self, entry: ModelEntry) -> ClipModel:
-        return load_clip(entry, self.torch_device, self.compute_dtype)
+    def load_model(self, entry: ModelEntry) -> model.ClipModel:
+        return model.load_clip(entry, self.torch_device, self.compute_dtype)
 
     def extra_stats(self) -> dict:
         return {"prompt_cache": {k: m.prompt_cache.stats() for k, m in self._models.items()}}

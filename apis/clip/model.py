@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import open_clip
 import torch
@@ -18,14 +18,13 @@ import torch.nn.functional as F
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from open_clip.transformer import text_global_pool
 
+from apis.clip.options import SimilarityMode
 from apis.core.cache import LRUCache
 from apis.core.dense import interpolate_pos_embed
 from apis.core.precision import Autocast
 from apis.core.settings import ModelEntry
 
 log = logging.getLogger(__name__)
-
-SimilarityMode = Literal["dot", "cosine"]
 
 #: Prompt embeddings /clip/classify keeps per model and worker (a few KB each): a label set
 #: asked again costs no text-tower pass.

@@ -11,18 +11,10 @@ import torch.nn.functional as F
 
 from apis.core.dense import IMAGENET_MEAN, IMAGENET_STD, Geometry, plan, preprocess, respond
 from apis.core.errors import APIError
+from apis.core.lazy import lazy_module
 from apis.core.settings import ModelEntry
 from apis.core.tensors import encode_array
-from apis.dino.model import (
-    BIN_CELLS,
-    POOLINGS,
-    DinoModel,
-    Facet,
-    dense_features,
-    global_embeddings,
-    load_dino,
-    log_bin,
-)
+from apis.dino.options import POOLINGS, Facet
 from apis.dino.schemas import (
     DinoEmbedRequest,
     DinoEmbedResponse,
@@ -32,6 +24,8 @@ from apis.dino.schemas import (
 )
 from apis.embed import EmbedRoute, check_count, openai_answer
 from apis.family import FamilyAPI, Job, Route
+
+model = lazy_module("apis.dino.model")  # the library loads in the worker (apis/core/lazy.py)
 
 
 @dataclass
@@ -53,7 +47,7 @@ class Extract(Route):
     response = DinoExtractResponse
     summary = "Dense DINOv2 features: facet, layer, stride, log-binning."
 
-    def decode_request(self, dm: DinoModel, job: Job) -> DenseInput:
+    def decode_request(self, dm: model.DinoModel, job: Job) -> DenseInput:
         p = job.params
         patch = dm.patch_size
         stride = p["stride"] or patch
@@ -71,7 +65,7 @@ class Extract(Route):
                 f"0..{dm.depth - 1} or -{dm.depth}..-1",
                 param="layer",
             )
-        channels = 3 if p["ret_pca"] else dm.embed_dim * (BIN_CELLS if p["bin"] else 1)
+        channels = 3 if p["ret_pca"] else dm.embed_dim * (model.BIN_CELLS if p["bin"] else 1)
         geom = plan(job.image.size, p, patch, stride, channels, self.api.cfg.limits)
         x = preprocess(
             job.image, p["load_size"], False, patch, p["padding_mode"], IMAGENET_MEAN, IMAGENET_STD
@@ -82,12 +76,14 @@ class Extract(Route):
         """Inputs of one padded size that ask for the same forward share it."""
         return (tuple(item.x.shape), item.stride, item.layer, item.facet, item.bin)
 
-    def predict(self, dm: DinoModel, items: list[DenseInput]) -> torch.Tensor:
+    def predict(self, dm: model.DinoModel, items: list[DenseInput]) -> torch.Tensor:
         first = items[0]
-        feats = dense_features(dm, torch.cat([i.x for i in items]), first.stride, first.facet, first.layer)
-        return (log_bin(feats) if first.bin else feats).cpu()
+        feats = model.dense_features(
+            dm, torch.cat([i.x for i in items]), first.stride, first.facet, first.layer
+        )
+        return (model.log_bin(feats) if first.bin else feats).cpu()
 
-    def encode_response(self, dm: DinoModel, job: Job, item: DenseInput, feats: torch.Tensor) -> dict:
+    def encode_response(self, dm: model.DinoModel, job: Job, item: DenseInput, feats: torch.Tensor) -> dict:
         return respond(feats, item.geom, job.params, job.model_id)
 
 
@@ -106,12 +102,12 @@ class Embed(EmbedRoute):
         job.params["texts"] = []  # no text tower
         return super().read_inputs(job, request)
 
-    def encode_images(self, dm: DinoModel, pixels: torch.Tensor) -> torch.Tensor:
+    def encode_images(self, dm: model.DinoModel, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 2, D): both poolings (apis.dino.model.POOLINGS) of each image."""
-        return global_embeddings(dm, pixels)
+        return model.global_embeddings(dm, pixels)
 
     def encode_response(
-        self, dm: DinoModel, job: Job, item, output: tuple[torch.Tensor, torch.Tensor]
+        self, dm: model.DinoModel, job: Job, item, output: tuple[torch.Tensor, torch.Tensor]
     ) -> dict:
         pooled, _ = output  # no texts
         p = job.params
@@ -136,5 +132,5 @@ class DinoAPI(FamilyAPI):
     selector = DinoModelSelector
     routes = (Extract, Embed)
 
-    def load_model(self, entry: ModelEntry) -> DinoModel:
-        return load_dino(entry, self.torch_device, self.compute_dtype)
+    def load_model(self, entry: ModelEntry) -> model.DinoModel:
+        return model.load_dino(entry, self.torch_device, self.compute_dtype)

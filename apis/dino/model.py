@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import timm
 import torch
@@ -21,10 +21,7 @@ import torch.nn.functional as F
 
 from apis.core.precision import Autocast
 from apis.core.settings import ModelEntry
-
-Facet = Literal["token", "key", "query", "value"]
-Pooling = Literal["cls", "mean"]
-POOLINGS: tuple[Pooling, ...] = ("cls", "mean")
+from apis.dino.options import Facet
 
 #: torch.hub names (what requests send as ``model_type``) -> timm architectures.
 HUB_TO_TIMM = {

@@ -11,11 +11,13 @@ import pybase64
 from PIL import Image
 
 from apis.core.errors import APIError
+from apis.core.lazy import lazy_module
 from apis.core.settings import ModelEntry
 from apis.core.tensors import check_answer_bytes, human_bytes
 from apis.family import FamilyAPI, Job, Route
-from apis.rmbg.model import RmbgModel, alpha_channel, alpha_matte, cutout, encode_image, load_rmbg, preprocess
 from apis.rmbg.schemas import RmbgModelSelector, RmbgRemoveRequest, RmbgRemoveResponse
+
+model = lazy_module("apis.rmbg.model")  # the library loads in the worker (apis/core/lazy.py)
 
 WEBP_MAX_SIDE = 16383  # the WebP format's limit on width and height
 
@@ -44,22 +46,22 @@ class Remove(Route):
                 param="output_format",
             )
 
-    def decode_request(self, model: RmbgModel, job: Job) -> RemoveInput:
-        return RemoveInput(job.image, preprocess(job.image, model.size, model.processing))
+    def decode_request(self, rm: model.RmbgModel, job: Job) -> RemoveInput:
+        return RemoveInput(job.image, model.preprocess(job.image, rm.size, rm.processing))
 
-    def predict(self, model: RmbgModel, items: list[RemoveInput]) -> list[np.ndarray]:
-        return list(model.run(np.stack([i.x for i in items])))
+    def predict(self, rm: model.RmbgModel, items: list[RemoveInput]) -> list[np.ndarray]:
+        return list(rm.run(np.stack([i.x for i in items])))
 
-    def encode_response(self, model: RmbgModel, job: Job, item: RemoveInput, raw: np.ndarray) -> dict:
+    def encode_response(self, rm: model.RmbgModel, job: Job, item: RemoveInput, raw: np.ndarray) -> dict:
         p = job.params
         width, height = item.image.size
-        alpha = alpha_channel(alpha_matte(raw, width, height, model.processing), p["threshold"])
+        alpha = model.alpha_channel(model.alpha_matte(raw, width, height, rm.processing), p["threshold"])
         out: dict[str, Any] = {"format": p["output_format"], "width": width, "height": height}
         if p["output"] in ("rgba", "both"):
-            rgba = encode_image(cutout(item.image, alpha), p["output_format"])
+            rgba = model.encode_image(model.cutout(item.image, alpha), p["output_format"])
             out["image"] = pybase64.b64encode_as_string(rgba)
         if p["output"] in ("mask", "both"):
-            matte = encode_image(Image.fromarray(alpha), p["output_format"])
+            matte = model.encode_image(Image.fromarray(alpha), p["output_format"])
             out["mask"] = pybase64.b64encode_as_string(matte)
         size = sum(len(out.get(k) or "") for k in ("image", "mask"))
         check_answer_bytes(
@@ -77,8 +79,8 @@ class RmbgAPI(FamilyAPI):
     selector = RmbgModelSelector
     routes = (Remove,)
 
-    def load_model(self, entry: ModelEntry) -> RmbgModel:
-        return load_rmbg(entry, str(self.torch_device))
+    def load_model(self, entry: ModelEntry) -> model.RmbgModel:
+        return model.load_rmbg(entry, str(self.torch_device))
 
     def extra_stats(self) -> dict[str, Any]:
         return {

@@ -17,20 +17,13 @@ from apis.core.cache import cache_stats
 from apis.core.errors import APIError
 from apis.core.image_ids import not_cached
 from apis.core.images import decode_image
+from apis.core.lazy import lazy_module
 from apis.core.masks import png_base64
 from apis.core.settings import ModelEntry
 from apis.core.tensors import base64_len, check_answer_bytes, check_response_size, encode_array, human_bytes
 from apis.family import FamilyAPI, Job, Route
 from apis.http.inputs import EmbedResponse, embed_answer
-from apis.sam2.model import (
-    Embedding,
-    Prompt,
-    Sam2Predictor,
-    auto_masks,
-    load_sam2,
-    predict_prompt,
-    variant_name,
-)
+from apis.sam2.options import variant_name
 from apis.sam2.schemas import (
     MaskEncoding,
     Sam2AutoMaskRequest,
@@ -43,6 +36,8 @@ from apis.sam2.schemas import (
     generator_settings,
     layer_sides,
 )
+
+model = lazy_module("apis.sam2.model")  # the library loads in the worker (apis/core/lazy.py)
 
 
 def sam2_key(model_cfg: str | None, checkpoint_path: str | None = None) -> tuple[str]:
@@ -118,7 +113,7 @@ class EmbedInput:
 @dataclass
 class PromptInput:
     whole: WholeImage
-    prompt: Prompt
+    prompt: model.Prompt
 
 
 @dataclass
@@ -134,7 +129,9 @@ class _EncodesImages(Route):
 
     caches_image = True
 
-    def predict(self, pred: Sam2Predictor, items: list[EmbedInput | PromptInput]) -> list[Embedding | None]:
+    def predict(
+        self, pred: model.Sam2Predictor, items: list[EmbedInput | PromptInput]
+    ) -> list[model.Embedding | None]:
         wholes = [item.whole for item in items]
         return pred.embeddings([w.key for w in wholes], [w.image for w in wholes], [w.file for w in wholes])
 
@@ -145,10 +142,12 @@ class Embed(_EncodesImages):
     response = EmbedResponse
     summary = "Encode an image into the worker's cache; answers its image_id for prompt_mask / auto_mask."
 
-    def decode_request(self, pred: Sam2Predictor, job: Job) -> EmbedInput:
+    def decode_request(self, pred: model.Sam2Predictor, job: Job) -> EmbedInput:
         return EmbedInput(WholeImage.of(job), job.image_id in pred.cache)
 
-    def encode_response(self, pred: Sam2Predictor, job: Job, item: EmbedInput, emb: Embedding) -> dict:
+    def encode_response(
+        self, pred: model.Sam2Predictor, job: Job, item: EmbedInput, emb: model.Embedding
+    ) -> dict:
         return embed_answer(job.image_id, emb.orig_hw[::-1], item.cached, job.model_id)
 
 
@@ -167,7 +166,7 @@ class PromptMask(_EncodesImages):
         job.params["mask_input"] = request.mask
         return job
 
-    def decode_request(self, pred: Sam2Predictor, job: Job) -> PromptInput:
+    def decode_request(self, pred: model.Sam2Predictor, job: Job) -> PromptInput:
         p = job.params
         mask = p["mask_input"]  # the array the request's validation decoded (Sam2API.job_for)
         side = pred.low_res_size
@@ -178,7 +177,7 @@ class PromptMask(_EncodesImages):
                 f"[1, {side}, {side}] (the low_res_masks of its own answers)",
                 param="mask_input_shape",
             )
-        prompt = Prompt(
+        prompt = model.Prompt(
             point_coords=p["point_coords"],
             point_labels=p["point_labels"],
             box=p["box"],
@@ -193,13 +192,13 @@ class PromptMask(_EncodesImages):
         return PromptInput(WholeImage.of(job), prompt)
 
     def encode_response(
-        self, pred: Sam2Predictor, job: Job, item: PromptInput, emb: Embedding | None
+        self, pred: model.Sam2Predictor, job: Job, item: PromptInput, emb: model.Embedding | None
     ) -> dict:
         if emb is None:
             raise not_cached(job.image_id, self.api.family)
         if item.whole.image is None:  # only the id came: check the prompt against the cached size
             check_prompt_fits(job.params, emb.orig_hw[::-1], self.api.cfg.limits.max_response_bytes)
-        masks, iou, low = predict_prompt(pred, emb, item.prompt)
+        masks, iou, low = model.predict_prompt(pred, emb, item.prompt)
         encoding = job.params["mask_encoding"]
         out: dict[str, Any] = {}
         out["masks"], out["masks_shape"] = encode_binary(masks, encoding), list(masks.shape)
@@ -243,7 +242,7 @@ class AutoMask(Route):
             code="over_compute_budget",
         )
 
-    def decode_request(self, pred: Sam2Predictor, job: Job) -> AutoMaskInput:
+    def decode_request(self, pred: model.Sam2Predictor, job: Job) -> AutoMaskInput:
         whole = WholeImage.of(job)
         if whole.image is None:  # only the id came: the crops need pixels, decoded from the cached file
             emb = pred.cache.get(whole.key)
@@ -255,13 +254,15 @@ class AutoMask(Route):
     def batch_key(self, item: AutoMaskInput) -> Hashable:
         return id(item)  # one image per run: the generator batches its own points
 
-    def predict(self, pred: Sam2Predictor, items: list[AutoMaskInput]) -> list[list[dict]]:
+    def predict(self, pred: model.Sam2Predictor, items: list[AutoMaskInput]) -> list[list[dict]]:
         return [
-            auto_masks(pred, i.whole.key, i.whole.image, i.settings, i.output_mode, i.whole.file)
+            model.auto_masks(pred, i.whole.key, i.whole.image, i.settings, i.output_mode, i.whole.file)
             for i in items
         ]
 
-    def encode_response(self, pred: Sam2Predictor, job: Job, item: AutoMaskInput, masks: list[dict]) -> dict:
+    def encode_response(
+        self, pred: model.Sam2Predictor, job: Job, item: AutoMaskInput, masks: list[dict]
+    ) -> dict:
         p = job.params
         settings = item.settings
         h, w = item.whole.image.shape[:2]
@@ -309,8 +310,8 @@ class Sam2API(FamilyAPI):
     model_fill_defaults = False
     routes = (AutoMask, PromptMask, Embed)
 
-    def load_model(self, entry: ModelEntry) -> Sam2Predictor:
-        return load_sam2(entry, self.torch_device, self.compute_dtype, self.fam.cache_size)
+    def load_model(self, entry: ModelEntry) -> model.Sam2Predictor:
+        return model.load_sam2(entry, self.torch_device, self.compute_dtype, self.fam.cache_size)
 
     def extra_stats(self) -> dict[str, Any]:
         return cache_stats(self._models)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,64 +29,7 @@ from sam2.sam2_image_predictor import SAM2ImagePredictor
 from apis.core.cache import LRUCache
 from apis.core.precision import Autocast
 from apis.core.settings import ModelEntry
-
-_SIZES = {"t": "tiny", "s": "small", "b+": "base_plus", "l": "large"}
-_SIZE_WORDS = {"tiny": "t", "small": "s", "base_plus": "b+", "baseplus": "b+", "large": "l"}
-_VARIANT = re.compile(r"(sam2(?:\.1)?)_hiera_(t|s|b\+|l|tiny|small|base_?plus|large)")
-
-#: The seed's presets; explicit request fields override them.
-PRESETS: dict[str, dict[str, Any]] = {
-    "coarse": {
-        "points_per_side": 16,
-        "points_per_batch": 64,
-        "pred_iou_thresh": 0.8,
-        "stability_score_thresh": 0.95,
-        "stability_score_offset": 1.0,
-        "crop_n_layers": 0,
-        "crop_n_points_downscale_factor": 1,
-        "min_mask_region_area": 100,
-        "use_m2m": False,
-    },
-    "fine_grained": {
-        "points_per_side": 64,
-        "points_per_batch": 128,
-        "pred_iou_thresh": 0.7,
-        "stability_score_thresh": 0.92,
-        "stability_score_offset": 0.7,
-        "crop_n_layers": 1,
-        "crop_n_points_downscale_factor": 2,
-        "min_mask_region_area": 25,
-        "use_m2m": True,
-    },
-}
-_PRESET_COMMON = {
-    "mask_threshold": 0.0,
-    "box_nms_thresh": 0.7,
-    "crop_nms_thresh": 0.7,
-    "crop_overlap_ratio": 512 / 1500,
-    "multimask_output": True,
-    "point_grids": None,
-}
-for _preset in PRESETS.values():
-    _preset.update(_PRESET_COMMON)
-
-
-def variant_name(text: str | None) -> str | None:
-    """Canonical name of a SAM 2 variant from any spelling of its config, checkpoint or HF id.
-
-    'configs/sam2.1/sam2.1_hiera_l.yaml', './checkpoints/sam2.1_hiera_large.pt' and
-    'facebook/sam2.1-hiera-large' all give 'sam2.1_hiera_l'. Other names are only normalised
-    (case, '-' vs '_', folder and extension dropped).
-    """
-    if not text or not text.strip():
-        return None
-    base = Path(text.strip()).name.lower().replace("-", "_")
-    base = re.sub(r"\.(yaml|yml|pt|pth|safetensors|ckpt)$", "", base)
-    m = _VARIANT.fullmatch(base)
-    if m is None:
-        return base
-    size = _SIZE_WORDS.get(m.group(2), m.group(2))
-    return f"{m.group(1)}_hiera_{size}"
+from apis.sam2.options import SIZES, VARIANT, variant_name
 
 
 def architecture(entry: ModelEntry) -> tuple[str, list[str]]:
@@ -100,7 +42,7 @@ def architecture(entry: ModelEntry) -> tuple[str, list[str]]:
         spec = json.loads(Path(entry.arch_config).read_text())
         return spec["config"], list(spec.get("overrides", []))
     name = variant_name(entry.name) or ""
-    m = _VARIANT.fullmatch(name)
+    m = VARIANT.fullmatch(name)
     if m is None:
         raise ValueError(
             f"unknown SAM 2 model {entry.name!r}: use a variant such as sam2.1_hiera_l "
@@ -112,10 +54,10 @@ def architecture(entry: ModelEntry) -> tuple[str, list[str]]:
 def hf_repo(entry: ModelEntry) -> str:
     """The hub repo of the released variant the entry is named after (its ``arch_config``, if
     any, only changes the architecture the checkpoint is loaded into)."""
-    m = _VARIANT.fullmatch(variant_name(entry.name) or "")
+    m = VARIANT.fullmatch(variant_name(entry.name) or "")
     if m is None:
         raise ValueError(f"{entry.name}: give `weights` (a checkpoint file); only released variants download")
-    return f"facebook/{m.group(1)}-hiera-{_SIZES[m.group(2)].replace('_', '-')}"
+    return f"facebook/{m.group(1)}-hiera-{SIZES[m.group(2)].replace('_', '-')}"
 
 
 # ----------------------------------------------------------------------------- CPU post-processing
@@ -315,15 +257,6 @@ def predict_prompt(pred: Sam2Predictor, emb: Embedding, prompt: Prompt):
             normalize_coords=prompt.normalize_coords,
         )
     return masks.astype(np.float32), iou.astype(np.float32), low.astype(np.float32)
-
-
-def auto_settings(preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    """A preset's generator settings with the request's explicit (non-None) values on top."""
-    settings = dict(PRESETS[preset])
-    settings.update({k: v for k, v in overrides.items() if v is not None})
-    if overrides.get("point_grids") is not None:
-        settings["points_per_side"] = None  # the generator takes one or the other
-    return settings
 
 
 @torch.inference_mode()

@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field, PrivateAttr, model_validator
 
 from apis.http.inputs import CachedImageInput, ImageInput
 from apis.http.schemas import StrictRequest
-from apis.sam2.model import PRESETS, auto_settings
+from apis.sam2.options import PRESETS, auto_settings
 
 OutputMode = Literal["binary_mask", "uncompressed_rle", "coco_rle"]
 MaskEncoding = Literal["float32", "packbits", "png"]

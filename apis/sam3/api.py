@@ -11,22 +11,14 @@ import numpy as np
 from apis.core.cache import cache_stats
 from apis.core.errors import APIError
 from apis.core.image_ids import not_cached
+from apis.core.lazy import lazy_module
 from apis.core.settings import ModelEntry
 from apis.core.tensors import check_answer_bytes, human_bytes
 from apis.family import FamilyAPI, Job, Route
 from apis.http.inputs import EmbedResponse, embed_answer
-from apis.sam3.model import (
-    Detections,
-    Encoded,
-    Filters,
-    Query,
-    Sam3Runner,
-    load_sam3,
-    make_queries,
-    mask_bytes,
-    results,
-)
 from apis.sam3.schemas import Sam3EmbedRequest, Sam3ModelSelector, Sam3PredictRequest, Sam3PredictResponse
+
+model = lazy_module("apis.sam3.model")  # the library loads in the worker (apis/core/lazy.py)
 
 
 @dataclass
@@ -38,7 +30,7 @@ class PromptInput:
     prompts: list[str] | None
     boxes: list[list[float]]
     labels: list[bool]
-    filters: Filters
+    filters: model.Filters
 
 
 @dataclass
@@ -77,11 +69,11 @@ class Predict(Route):
     def check_image(self, request: Sam3PredictRequest, size: tuple[int, int]) -> None:
         _check_boxes(request.boxes or [], *size)
 
-    def decode_request(self, runner: Sam3Runner, job: Job) -> PromptInput:
+    def decode_request(self, runner: model.Sam3Runner, job: Job) -> PromptInput:
         p = job.params
         fam = self.api.fam
         given = lambda name: p[name] if p[name] is not None else getattr(fam, name)  # noqa: E731
-        filters = Filters(
+        filters = model.Filters(
             score_threshold=given("score_threshold"),
             epsilon_factor=given("epsilon_factor"),
             min_area=given("min_area"),
@@ -93,21 +85,21 @@ class Predict(Route):
         return PromptInput(job.image_id, _pixels(job), p["prompts"], boxes, labels, filters)
 
     def predict(
-        self, runner: Sam3Runner, items: list[PromptInput]
-    ) -> list[tuple[list[Query] | APIError, list[Detections] | None]]:
+        self, runner: model.Sam3Runner, items: list[PromptInput]
+    ) -> list[tuple[list[model.Query] | APIError, list[model.Detections] | None]]:
         """The batch's new images through the vision backbone together (cached ones are skipped),
         then every query of every request, on whichever image, through the detector together,
         ``prompt_chunk`` at a time. Per request its queries and detections, or the APIError that
         answers it (image not cached, or boxes outside an image named by image_id, whose size only
         the cache knows)."""
         encoded = runner.encode([i.image_id for i in items], [i.image for i in items])
-        per_item: list[list[Query] | APIError] = []
+        per_item: list[list[model.Query] | APIError] = []
         for item, enc in zip(items, encoded, strict=True):
             try:
                 if enc is None:
                     raise not_cached(item.image_id, self.api.family)
                 _check_boxes(item.boxes, enc.width, enc.height)
-                per_item.append(make_queries(enc, item.prompts, item.boxes, item.labels, item.filters))
+                per_item.append(model.make_queries(enc, item.prompts, item.boxes, item.labels, item.filters))
             except APIError as e:
                 per_item.append(e)
         queries = [q for qs in per_item if not isinstance(qs, APIError) for q in qs]
@@ -116,23 +108,23 @@ class Predict(Route):
 
     def encode_response(
         self,
-        runner: Sam3Runner,
+        runner: model.Sam3Runner,
         job: Job,
         item: PromptInput,
-        output: tuple[list[Query] | APIError, list[Detections] | None],
+        output: tuple[list[model.Query] | APIError, list[model.Detections] | None],
     ) -> dict:
         queries, dets = output
         if isinstance(queries, APIError):
             raise queries
-        found = results(queries, dets, item.filters)
-        size = mask_bytes(found)
+        found = model.results(queries, dets, item.filters)
+        size = model.mask_bytes(found)
         check_answer_bytes(
             size,
             f"{len(found)} masks would need {human_bytes(size)}",
             self.api.cfg.limits.max_response_bytes,
             "raise score_threshold or min_area, or use return_masks=false (polygons only)",
         )
-        enc: Encoded = queries[0].enc
+        enc: model.Encoded = queries[0].enc
         return {
             "image_size": {"width": enc.width, "height": enc.height},
             "results": found,
@@ -147,13 +139,15 @@ class Embed(Route):
     summary = "Encode an image into the worker's cache; answers its image_id for predict."
     caches_image = True
 
-    def decode_request(self, runner: Sam3Runner, job: Job) -> EmbedInput:
+    def decode_request(self, runner: model.Sam3Runner, job: Job) -> EmbedInput:
         return EmbedInput(job.image_id, _pixels(job), job.image_id in runner.cache)
 
-    def predict(self, runner: Sam3Runner, items: list[EmbedInput]) -> list[Encoded | None]:
+    def predict(self, runner: model.Sam3Runner, items: list[EmbedInput]) -> list[model.Encoded | None]:
         return runner.encode([i.image_id for i in items], [i.image for i in items])
 
-    def encode_response(self, runner: Sam3Runner, job: Job, item: EmbedInput, enc: Encoded) -> dict:
+    def encode_response(
+        self, runner: model.Sam3Runner, job: Job, item: EmbedInput, enc: model.Encoded
+    ) -> dict:
         return embed_answer(job.image_id, (enc.width, enc.height), item.cached, job.model_id)
 
 
@@ -162,8 +156,8 @@ class Sam3API(FamilyAPI):
     selector = Sam3ModelSelector
     routes = (Predict, Embed)
 
-    def load_model(self, entry: ModelEntry) -> Sam3Runner:
-        return load_sam3(entry, self.torch_device, self.compute_dtype, self.fam.cache_size)
+    def load_model(self, entry: ModelEntry) -> model.Sam3Runner:
+        return model.load_sam3(entry, self.torch_device, self.compute_dtype, self.fam.cache_size)
 
     def extra_stats(self) -> dict[str, Any]:
         models = self._models

@@ -1,0 +1,48 @@
+"""The HTTP process runs no model, so it loads no model library: torchvision (pulled in by
+open_clip, timm, sam2 and sam3) and onnxruntime stay in the workers (apis/core/lazy.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from clients import encode_image
+from tests.conftest import KEYS
+
+IMAGE = encode_image(np.random.default_rng(0).integers(0, 255, (40, 52, 3), dtype=np.uint8))
+BODIES = {  # one request per family, through each HTTP-side hook (check, check_image, read_inputs)
+    "/clip/encode_text": {"text": "a cat"},
+    "/clip/classify": {"image": IMAGE, "labels": ["cat", "dog"]},
+    "/dino/embed": {"images": [IMAGE]},
+    "/sam2/prompt_mask": {"image": IMAGE, "point_coords": [[10, 10]], "point_labels": [1]},
+    "/sam3/predict": {"image": IMAGE, "prompts": ["cat"]},
+    "/rmbg/remove": {"image": IMAGE},
+}
+
+
+def shared_objects(pid: int) -> set[str]:
+    """Paths of the shared libraries mapped into process ``pid``."""
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    return {line.split()[-1] for line in maps.splitlines() if ".so" in line}
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/<pid>/maps (Linux)")
+def test_the_http_process_loads_no_model_library_while_the_workers_do(demo_server):
+    auth = {"Authorization": f"Bearer {KEYS[0]}"}
+    for route, body in BODIES.items():
+        r = requests.post(demo_server.url + route, json=body, headers=auth, timeout=120)
+        assert r.status_code == 200, (route, r.text[:300])
+    info = requests.get(demo_server.url + "/info", headers=auth).json()
+    workers = {name: fam["workers"][0]["pid"] for name, fam in info["families"].items()}
+
+    def loads(pid: int, package: str) -> bool:
+        return any(f"/site-packages/{package}/" in path for path in shared_objects(pid))
+
+    http = demo_server.proc.pid
+    assert not loads(http, "torchvision") and not loads(http, "onnxruntime")
+    # the check can see them: each model-running worker has its library's extension mapped
+    assert all(loads(workers[f], "torchvision") for f in ("clip", "dino", "sam2", "sam3"))
+    assert loads(workers["rmbg"], "onnxruntime")
