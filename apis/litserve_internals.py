@@ -7,7 +7,8 @@ module overrides or reads, and why:
 
 * ``LitServer.__init__``'s gzip middleware (``_register_middleware``): removed.
 * ``LitServer._init_manager``: only the manager dict of worker states, the shutdown event and a
-  shared dict for worker counters; no request queues, no message transport.
+  shared dict for worker counters; no request queues, no message transport; the manager process
+  dies with the server.
 * ``LitServer._get_request_queue`` / ``lifespan``: no queue to hand to a worker, no poller
   task; the lifespan starts each family's dispatcher on the HTTP server's event loop instead.
 * ``LitServer.run``: one HTTP server thread, on a socket bound here (LitServe accepts only
@@ -33,6 +34,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from multiprocessing.managers import SyncManager
 from typing import Any
 
 import litserve as ls
@@ -43,6 +45,7 @@ from litserve.utils import WorkerSetupStatus
 from starlette.middleware.gzip import GZipMiddleware
 
 from apis.core.logs import LOG_FORMAT_ENV, adopt_litserve_logger, log
+from apis.core.process import die_with_parent
 from apis.http.errors import ERROR_RESPONSES
 from apis.http.routing import JsonBodyRoute
 from apis.transport.worker_loop import serve
@@ -59,7 +62,10 @@ class VisionServer(ls.LitServer):
     worker_env: dict[str, str] = {}
 
     def _init_manager(self, num_api_servers: int) -> mp.managers.SyncManager:
-        manager = mp.Manager()
+        # mp.Manager(), except that the manager process dies with the server as the workers do
+        # (a SIGKILLed server left it running, holding its memory)
+        manager = SyncManager(ctx=mp.get_context())
+        manager.start(die_with_parent)
         self.transport_config.manager = manager
         self.workers_setup_status = manager.dict()
         self._shutdown_event = manager.Event()

@@ -63,13 +63,30 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``python app.py`` in a subprocess, its log in a file, stopped with SIGTERM."""
+    """``python app.py`` in a subprocess, its log in a file, stopped with SIGTERM; ``prefix`` runs
+    it under another command (``unshare ...``)."""
 
-    def __init__(self, config: dict | None, tmp: Path, args: list[str] = (), env: dict | None = None):
+    def __init__(
+        self,
+        config: dict | None,
+        tmp: Path,
+        args: list[str] = (),
+        env: dict | None = None,
+        prefix: list[str] = (),
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp / f"server-{self.port}.log"
-        cmd = [sys.executable, str(ROOT / "app.py"), "--port", str(self.port), "--log-level", "info", *args]
+        cmd = [
+            *prefix,
+            sys.executable,
+            str(ROOT / "app.py"),
+            "--port",
+            str(self.port),
+            "--log-level",
+            "info",
+            *args,
+        ]
         if config is not None:
             cfg_path = tmp / f"config-{self.port}.yaml"
             cfg_path.write_text(yaml.safe_dump(config))

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import ctypes
+import multiprocessing
 import os
 import signal
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -32,10 +34,17 @@ def reuse_freed_memory() -> bool:
 
 
 def die_with_parent() -> None:
-    """Linux: have the kernel kill this worker if the server process dies, even by SIGKILL."""
+    """Linux: have the kernel kill this worker if the server process dies, even by SIGKILL.
+
+    The kernel sends the signal when the thread that started this process ends: LitServe starts
+    workers from its main thread, and restarts them from its monitor thread, which lives as long
+    as the server. A server that died before this call is caught by comparing the parent with the
+    pid that started us, never with 1: in a container the server itself is PID 1.
+    """
+    parent = multiprocessing.parent_process()
     libc = _libc()
-    if libc is None:
+    if parent is None or libc is None:  # not a spawned worker, or not glibc
         return
-    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() == 1:
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent.pid:  # re-parented: the server is already gone
         os._exit(0)
