@@ -149,6 +149,11 @@ class FamilySpec(FamilySpecBase):
         self.add_endpoint(f"{self.api_path}/health", self.health, ["GET", "HEAD"])
         self._reading = ThreadPoolExecutor(READ_THREADS, thread_name_prefix=f"{lit_api.family}-read")
 
+    @property
+    def reading(self) -> ThreadPoolExecutor:
+        """The threads that read image inputs (also /v1/embeddings' images and URLs)."""
+        return self._reading
+
     def _endpoint(self, route: Route) -> Callable:
         async def endpoint(request):
             try:
