@@ -30,6 +30,7 @@ SESSION_SERVER_FILES = {
     "clip_server": ("test_auth_and_errors", "test_clip_http"),
     "demo_server": (
         "test_family_health",
+        "test_folder_commands",
         "test_http_process",
         "test_null_fields",
         "test_openapi_answers",
