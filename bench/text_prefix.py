@@ -11,35 +11,20 @@ at concurrency 1 and 32 with prompts of 9-11 tokens, so both see the same machin
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.harness import drive, ms, p, ran, server, spread, table  # noqa: E402
+from bench.harness import drive, env, ms, p, ran, server, spread, table  # noqa: E402
 
 FULL_CONTEXT_ENV = "VISIONSERVE_CLIP_TEXT_FULL_CONTEXT"  # read by apis/clip/model.py in the workers
 SIDES = {"all 77 positions (before)": "1", "deciding prefix (after)": None}
-
-
-@contextmanager
-def env(name: str, value: str | None):
-    """``name`` set to ``value`` (or unset) while a server process starts: its workers inherit it."""
-    old = os.environ.pop(name, None)
-    if value is not None:
-        os.environ[name] = value
-    try:
-        yield
-    finally:
-        os.environ.pop(name, None)
-        if old is not None:
-            os.environ[name] = old
 
 
 def main() -> None:

@@ -288,6 +288,20 @@ def test_one_bad_image_fails_only_its_request(server, images, clip_ref, ckw):
         np.testing.assert_allclose(out, clip_image_ref(clip_ref, images[:1]), rtol=1e-4, atol=1e-5)
 
 
+def test_images_of_one_request_decoded_in_parallel_keep_their_order_and_first_error(
+    server, images, clip_ref, ckw
+):
+    """The worker decodes a request's images on several threads: rows stay in request order, and
+    of several broken images the first in the request is the one named."""
+    many = [images[i % 3] for i in range(MAX_INPUTS)]
+    got, _ = cc.embed_clip(many, **ckw)
+    np.testing.assert_allclose(got, clip_image_ref(clip_ref, many), rtol=1e-4, atol=1e-5)
+    corrupt = base64.b64decode(png_b64(images[1]))[:60]  # a valid header, no pixels
+    with pytest.raises(cc.VisionServeError) as e:
+        cc.embed_clip([images[0], images[1], corrupt, corrupt, images[2]], **ckw)
+    assert e.value.status == 400 and e.value.param == "images[2]"
+
+
 # ----------------------------------------------------------------------------- /v1 (OpenAI)
 
 
