@@ -34,6 +34,7 @@ SESSION_SERVER_FILES = {
         "test_http_process",
         "test_null_fields",
         "test_openapi_answers",
+        "test_openapi_security",
         "test_playground",
     ),
 }
