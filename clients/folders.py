@@ -64,11 +64,11 @@ class Journal:
         if restart:
             self.path.unlink(missing_ok=True)
         elif self.path.exists():
-            for line in self.path.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:  # the line a kill cut short
-                    continue
+            complete, _, cut = self.path.read_text().rpartition("\n")
+            if cut:  # the line a kill cut short: dropped, so the next line starts afresh
+                self.path.write_text(complete + "\n" if complete else "")
+            for line in complete.splitlines():
+                record = json.loads(line)
                 self.records[record["file"]] = record
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._out = open(self.path, "a")  # noqa: SIM115 (closed in close())

@@ -203,3 +203,19 @@ def test_failures_are_listed_and_the_exit_is_non_zero(demo_server, tmp_path):
         [*unreachable, "--retries", "1"], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert down.returncode == 1 and "2 image(s) failed" in down.stderr and "ConnectionError" in down.stderr
+
+
+def test_a_journal_line_cut_by_a_kill_is_dropped_and_the_next_starts_afresh(tmp_path):
+    from clients.folders import Journal
+
+    journal = Journal(tmp_path / "out.json")
+    journal.add({"file": "a.png", "n": 1})
+    journal.close()
+    with open(tmp_path / "out.json.progress.jsonl", "a") as f:
+        f.write('{"file": "b.png", "n"')  # killed mid-line
+    journal = Journal(tmp_path / "out.json")
+    assert set(journal.records) == {"a.png"}
+    journal.add({"file": "c.png", "n": 3})
+    journal.close()
+    assert set(Journal(tmp_path / "out.json").records) == {"a.png", "c.png"}
+    assert Journal(tmp_path / "out.json", restart=True).records == {}
