@@ -10,7 +10,10 @@ OpenAI's (rendered here, in the worker, like every other answer).
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -51,6 +54,19 @@ def read_image(text: str, cfg: ServerConfig, param: str) -> bytes:
     except APIError as e:
         raise APIError(e.status, f"{param}: {e.message}", param=param, code=e.code) from None
     return data
+
+
+#: Threads that decode and preprocess the images of one request in a worker (default: the worker's
+#: torch threads). Pillow and torch release the GIL there; the model is idle meanwhile. 1 = one
+#: after another (the "before" side of docs/benchmarks.md's table).
+DECODE_THREADS_ENV = "VISIONSERVE_DECODE_THREADS"
+
+
+@functools.cache
+def _decoding_pool() -> ThreadPoolExecutor | None:
+    """This worker's pool for decoding images (made on first use, in the worker), or None."""
+    n = int(os.environ.get(DECODE_THREADS_ENV) or torch.get_num_threads())
+    return ThreadPoolExecutor(n, thread_name_prefix="embed-decode") if n > 1 else None
 
 
 def _decode(data: bytes, limits: Limits, param: str):
@@ -109,10 +125,16 @@ class EmbedRoute(Route):
                 param="dimensions",
                 code="unsupported_dimensions",
             )
-        pixels = [
-            self.preprocess(model, _decode(b, self.api.cfg.limits, name))
-            for b, name in zip(p["images"], p["image_params"], strict=True)
-        ]
+        limits = self.api.cfg.limits
+
+        def pixels_of(data: bytes, name: str) -> torch.Tensor:
+            return self.preprocess(model, _decode(data, limits, name))
+
+        pool = _decoding_pool() if len(p["images"]) > 1 else None
+        if pool is None:
+            pixels = [pixels_of(b, n) for b, n in zip(p["images"], p["image_params"], strict=True)]
+        else:  # the first bad image (in request order) answers the request, as one by one would
+            pixels = list(pool.map(pixels_of, p["images"], p["image_params"]))
         return _EmbedInput(pixels, p["texts"])
 
     def predict(self, model: Any, items: list[_EmbedInput]) -> list[tuple[torch.Tensor, torch.Tensor]]:

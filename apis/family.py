@@ -149,6 +149,11 @@ class FamilySpec(FamilySpecBase):
         self.add_endpoint(f"{self.api_path}/health", self.health, ["GET", "HEAD"])
         self._reading = ThreadPoolExecutor(READ_THREADS, thread_name_prefix=f"{lit_api.family}-read")
 
+    @property
+    def reading(self) -> ThreadPoolExecutor:
+        """The threads that read image inputs (also /v1/embeddings' images and URLs)."""
+        return self._reading
+
     def _endpoint(self, route: Route) -> Callable:
         async def endpoint(request):
             try:
@@ -186,17 +191,43 @@ class FamilySpec(FamilySpecBase):
         return reply
 
     async def health(self) -> JSONResponse:
-        """Open readiness of this family's workers (what the seed clients poll)."""
+        """Open readiness of this family's workers (what the seed clients poll): 200 only when
+        every worker is ready, with seed 004's HealthResponse fields (README "Health")."""
         states = self.worker_states(self._api.family)
         ready = sum(states)
         ok = bool(states) and ready == len(states)
         body = {
             "status": "ok" if ok else "starting",
+            **health_fields(self._api.worker_stats(), self._server.devices),
             "family": self._api.family,
             "workers_ready": ready,
             "workers": len(states),
         }
         return JSONResponse(body, status_code=200 if ok else 503)
+
+
+def health_fields(workers: dict[str, dict], devices: Sequence[str | Sequence[str]]) -> dict[str, Any]:
+    """Seed 004's HealthResponse fields for one family, from its workers' counters (``workers``,
+    :meth:`FamilyAPI.worker_stats`) and the server's devices: ``device`` and ``gpu_id`` of the
+    family's workers (comma-joined / the first GPU's index when they span several), ``gpu_count``
+    the GPUs this server runs on, ``worker_id`` the pid of the process that answers,
+    ``models_loaded`` the model ids loaded by any worker, ``total_model_instances`` the copies
+    across workers, ``request_counter`` the requests the workers have answered."""
+    snaps = sorted(workers.values(), key=lambda w: w["worker"])
+    used = list(dict.fromkeys(w["device"] for w in snaps))
+    gpus = {d for ds in devices for d in ([ds] if isinstance(ds, str) else ds) if d.startswith("cuda")}
+    first_gpu = next((d for d in used if d.startswith("cuda")), None)
+    return {
+        "device": ",".join(used) or "unknown",
+        "worker_id": os.getpid(),
+        "gpu_id": int(first_gpu.partition(":")[2] or 0) if first_gpu else None,
+        "gpu_count": len(gpus),
+        "models_loaded": sorted({m for w in snaps for m in w["models_loaded"]}),
+        "total_model_instances": sum(len(w["models_loaded"]) for w in snaps),
+        "request_counter": sum(
+            n for w in snaps for counts in w["requests"].values() for n in counts.values()
+        ),
+    }
 
 
 class FamilyAPI(ls.LitAPI):

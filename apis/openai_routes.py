@@ -9,6 +9,8 @@ model a 404 with code ``model_not_found``.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import re
 import time
 from collections.abc import Sequence
@@ -22,15 +24,18 @@ from pydantic import BaseModel, Field, field_validator
 
 from apis.config import ServerConfig
 from apis.core.errors import APIError, error_body
+from apis.core.images import probe_image
 from apis.embed import EmbedRoute, check_count, read_image
 from apis.family import FamilyAPI, Job
 from apis.http.errors import ERROR_RESPONSES, _validation_message
+from apis.http.inputs import fetch_url
 from apis.http.responses import reply_response
 from apis.http.routing import JsonBodyRoute
 from apis.http.schemas import StrictRequest, is_blank
 
 _DATA_URI = re.compile(r"data:image/[\w.+-]+;base64,")
 _BASE64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
+_URL = re.compile(r"https?://\S+", re.IGNORECASE)
 # File signatures that make a bare base64 input an image (others must come as data URIs).
 _SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a")
 
@@ -50,6 +55,12 @@ class EmbeddingsRequest(StrictRequest):
         None, gt=0, description="Accepted only when equal to the model's own dimension (no truncation)."
     )
     user: str | None = Field(None, description="Accepted and ignored, as an end-user id.")
+    modality: Literal["text", "image"] | None = Field(
+        None,
+        description="What every input is (infinity's clients send it): 'text', or 'image' (data "
+        "URIs, base64, or http(s) URLs when the server allows image URLs). Left out, each input "
+        "is told apart by itself (URLs then count as text, except for image-only models).",
+    )
 
     @field_validator("input", mode="before")
     @classmethod
@@ -157,24 +168,39 @@ class OpenAIEmbeddings:
             )
         return found
 
-    def job(self, req: EmbeddingsRequest) -> tuple[FamilyAPI, Job]:
-        """The ``embed`` job of a request, checked; raises APIError."""
-        api, model_id = self.lookup(req.model)
+    def job(
+        self, req: EmbeddingsRequest, found: tuple[FamilyAPI, str] | None = None
+    ) -> tuple[FamilyAPI, Job]:
+        """The ``embed`` job of a request, checked, images read (URLs fetched: blocking I/O);
+        raises APIError."""
+        api, model_id = found or self.lookup(req.model)
         check_count(len(req.input), self.cfg.limits, "input")
+        texts_too = api.handlers["embed"].embeds_texts
+        if req.modality == "text" and not texts_too:
+            raise APIError(400, f"modality is 'text', but {model_id} embeds images only", param="modality")
         kinds, images, names, texts = [], [], [], []
         for i, item in enumerate(req.input):
             param = f"input[{i}]"
-            data = image_input(item, self.cfg, param)
+            url = req.modality == "image" or not texts_too
+            data = self.image_of(item, param, urls=url)
             if data is not None:
+                if req.modality == "text":
+                    raise APIError(
+                        400,
+                        f"{param} is an image, but modality is 'text': send it with modality 'image', "
+                        "or leave modality out to mix texts and images",
+                        param=param,
+                    )
                 kinds.append("image")
                 images.append(data)
                 names.append(param)
                 continue
-            if not api.handlers["embed"].embeds_texts:
+            if req.modality == "image" or not texts_too:
+                why = "modality is 'image'" if req.modality == "image" else f"{model_id} embeds images only"
                 raise APIError(
                     400,
-                    f"{param} is not an image, and {model_id} embeds images only: send images as data URIs "
-                    "('data:image/png;base64,...') or base64 of PNG, JPEG, GIF or WebP files",
+                    f"{param} is not an image, and {why}: send images as data URIs "
+                    "('data:image/png;base64,...'), base64 of PNG, JPEG, GIF or WebP files, or http(s) URLs",
                     param=param,
                 )
             api.check_text_length([(param, item)], param)
@@ -196,10 +222,26 @@ class OpenAIEmbeddings:
         }
         return api, Job("embed", model_id, params)
 
+    def image_of(self, item: str, param: str, urls: bool) -> bytes | None:
+        """:func:`image_input`, and with ``urls`` an http(s) URL fetched under the server's URL
+        rules (``inputs.url``: off unless enabled, allow-list, public addresses only)."""
+        if urls and _URL.fullmatch(item):
+            try:
+                data = fetch_url(item, self.cfg.inputs.url, self.cfg.limits.max_body_bytes)
+                probe_image(data, self.cfg.limits)
+                return data
+            except APIError as e:
+                raise APIError(e.status, f"{param}: {e.message}", param=param, code=e.code) from None
+        return image_input(item, self.cfg, param)
+
     async def embeddings(self, body: EmbeddingsRequest) -> Response:
         """Embeddings of texts (CLIP) and images (CLIP, DINOv2), OpenAI's request and answer."""
         try:
-            api, job = self.job(body)
+            found = self.lookup(body.model)
+            # base64 decoding, URL fetches and header probes, off the event loop
+            ctx = contextvars.copy_context()
+            loop = asyncio.get_running_loop()
+            api, job = await loop.run_in_executor(found[0].spec.reading, ctx.run, self.job, body, found)
         except APIError as e:
             return _openai_error(e)
         return reply_response(await api.spec.submit(job))

@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from fastapi import Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -100,12 +101,37 @@ def build_server(cfg: ServerConfig, opts: Options) -> VisionServer:
         if getattr(route, "path", None) == "/health":  # load balancers and uptime checks send HEAD
             route.methods.add("HEAD")
     install_error_handlers(server.app)
+    if opts.api_keys is not None:
+        _declare_bearer_auth(server.app, is_open)
     install_playground(server.app)
     _replace_info_route(server, cfg, opts, apis)
     install_openai_routes(server.app, cfg, apis)
     _add_observability_routes(server, metrics, opts.unavailable)
     server.drain = drain
     return server
+
+
+def _declare_bearer_auth(app: FastAPI, is_open: Callable[[str], bool]) -> None:
+    """The OpenAPI document names the bearer key (a ``bearerAuth`` scheme) on every operation
+    that needs it, and none on the open ones, so Swagger UI's "Authorize" sends it."""
+    make = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = make()  # FastAPI's, cached on the app: the additions below stay
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "bearerAuth": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "One of the server's API keys (--api-key, VISIONSERVE_API_KEYS).",
+                }
+            }
+            for path, operations in schema.get("paths", {}).items():
+                for operation in operations.values():
+                    operation["security"] = [] if is_open(path) else [{"bearerAuth": []}]
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def _add_observability_routes(server: VisionServer, metrics: Metrics, unavailable: dict[str, str]) -> None:

@@ -48,6 +48,21 @@ def free_port() -> int:
 
 
 @contextmanager
+def env(name: str, value: str | None) -> Iterator[None]:
+    """``name`` set to ``value`` (or unset) meanwhile: a server started inside, and its workers,
+    inherit it (the before/after sides of a switch the server reads from its environment)."""
+    old = os.environ.pop(name, None)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
+        if old is not None:
+            os.environ[name] = old
+
+
+@contextmanager
 def server(config: str | Path, *args: str, timeout: float = 900.0) -> Iterator[str]:
     """``python app.py --config ... --no-auth`` on a free port; yields its base URL."""
     with _serving(

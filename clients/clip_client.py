@@ -9,6 +9,9 @@ bytes, PIL image, uint8 array); ``image_url`` / ``image_path`` work when the ser
 
 from __future__ import annotations
 
+import argparse
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -178,3 +181,42 @@ def compute_clip_similarity_decoded(
     if "array" in r:
         return r["array"]
     return decode_similarity_map(r["similarity_map"], r["shape"], r["dtype"])
+
+
+# ----------------------------------------------------------------------------- folder command
+
+
+def embed_folder(argv: list[str] | None = None) -> int:
+    """``embed DIR --out emb.npy [--text "..."]``: every image's CLIP embedding (L2-normalised),
+    one row each, the file list in row order beside it; ``--text`` ranks the folder by a text."""
+    from .folders import add_embed_arguments, embed_command
+
+    parser = argparse.ArgumentParser(
+        prog="python -m clients.clip_client embed", description=embed_folder.__doc__.split(":", 1)[1]
+    )
+    add_embed_arguments(parser, text=True)
+    parser.add_argument("--model-name", default=None, help="default: the server's default CLIP model")
+    parser.add_argument("--model-pretrained", default=None)
+    args = parser.parse_args(argv)
+    kw = {"model_name": args.model_name, "model_pretrained": args.model_pretrained}
+    kw.update(base_url=args.base_url, api_key=args.api_key)
+
+    def embed_one(file: Path) -> np.ndarray:
+        return embed_clip([file], **kw)[0][0]
+
+    def embed_text(text: str) -> np.ndarray:
+        return embed_clip(texts=[text], **kw)[1][0]
+
+    return embed_command(args, embed_one, embed_text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] != "embed":
+        print("usage: python -m clients.clip_client embed DIR --out emb.npy", file=sys.stderr)
+        return 2
+    return embed_folder(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

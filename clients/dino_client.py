@@ -8,6 +8,9 @@ bytes, PIL image, uint8 array); ``image_url`` / ``image_path`` work when the ser
 
 from __future__ import annotations
 
+import argparse
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -86,3 +89,40 @@ def embed_dino(
     images = [encode_image(image) for image in images]
     r = post_arguments(FAMILY, "embed", locals())
     return decode_array(r["embeddings"], r["shape"], r["dtype"])
+
+
+# ----------------------------------------------------------------------------- folder command
+
+
+def embed_folder(argv: list[str] | None = None) -> int:
+    """``embed DIR --out emb.npy``: every image's DINOv2 embedding, one row each, the file list
+    in row order beside it."""
+    from .folders import add_embed_arguments, embed_command
+
+    parser = argparse.ArgumentParser(
+        prog="python -m clients.dino_client embed", description=embed_folder.__doc__.split(":", 1)[1]
+    )
+    add_embed_arguments(parser, text=False)
+    parser.add_argument("--model-type", default=None, help="default: the server's default DINOv2 model")
+    parser.add_argument("--pooling", choices=["cls", "mean"], default="cls")
+    parser.add_argument("--normalize", action="store_true", help="L2-normalise each row")
+    args = parser.parse_args(argv)
+    kw = {"model_type": args.model_type, "pooling": args.pooling, "normalize": args.normalize}
+    kw.update(base_url=args.base_url, api_key=args.api_key)
+
+    def embed_one(file: Path) -> np.ndarray:
+        return embed_dino([file], **kw)[0]
+
+    return embed_command(args, embed_one)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] != "embed":
+        print("usage: python -m clients.dino_client embed DIR --out emb.npy", file=sys.stderr)
+        return 2
+    return embed_folder(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

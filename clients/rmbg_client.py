@@ -23,7 +23,6 @@ from .common import VisionServeError, get, post_arguments
 __all__ = ["VisionServeError", "health", "remove_background", "remove_background_response"]
 
 FAMILY = "rmbg"
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
 
 def health(base_url: str | None = None, api_key: str | None = None) -> dict:
@@ -65,8 +64,10 @@ def remove_background(image: Any, output: str = "rgba", **kwargs) -> Image.Image
 def _process_folder(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from .folders import list_images
+
     src, dst = Path(args.input), Path(args.output)
-    files = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = list_images(src)
     suffix = "." + args.format
     todo = [(f, dst / f.relative_to(src).with_suffix(suffix)) for f in files]
     if not args.overwrite:

@@ -260,3 +260,68 @@ def save_mask_overlay(image: Any, masks: Any, path: str | Path, alpha: float = 0
     or auto-mask dicts (decoded or not). Colours depend only on ``seed`` and the mask's index."""
     arrays = [decode_segmentation(m) if isinstance(m, dict) else m for m in masks]
     return save_overlay(image, arrays, path, alpha=alpha, seed=seed)
+
+
+# ----------------------------------------------------------------------------- folder command
+
+
+def automask_folder(argv: list[str] | None = None) -> int:
+    """``automask DIR --coco out.json``: every image's automatic masks as a COCO instances file
+    (one category, ``object``; RLE masks; the score is the predicted IoU)."""
+    import argparse  # here, with the folder command, apart from the seed functions above
+
+    from .folders import add_common_arguments, label_command
+
+    parser = argparse.ArgumentParser(
+        prog="python -m clients.sam2_client automask", description=automask_folder.__doc__.split(":", 1)[1]
+    )
+    parser.add_argument("folder", help="folder of images (searched recursively)")
+    parser.add_argument("--coco", required=True, help="the COCO instances file to write")
+    parser.add_argument("--preset", default="fine_grained", help="the generator preset (README: SAM 2)")
+    parser.add_argument("--points-per-side", type=int, default=None, help="default: the preset's")
+    parser.add_argument("--pred-iou-thresh", type=float, default=None, help="default: the preset's")
+    parser.add_argument("--stability-score-thresh", type=float, default=None, help="default: the preset's")
+    parser.add_argument("--model-cfg", default=None, help="default: the server's default SAM 2 model")
+    add_common_arguments(parser)
+    args = parser.parse_args(argv)
+
+    def label_one(file: Path) -> dict:
+        r = generate_sam2_auto_masks(
+            image=file,
+            preset=args.preset,
+            points_per_side=args.points_per_side,
+            pred_iou_thresh=args.pred_iou_thresh,
+            stability_score_thresh=args.stability_score_thresh,
+            output_mode="coco_rle",
+            model_cfg=args.model_cfg,
+            base_url=args.base_url,
+            api_key=args.api_key,
+        )
+        h, w = r["image_size"]
+        instances = [
+            {
+                "category": "object",
+                "segmentation": m["segmentation"],
+                "bbox": m["bbox"],
+                "area": m["area"],
+                "score": m["predicted_iou"],
+            }
+            for m in r["masks"]
+        ]
+        return {"width": w, "height": h, "instances": instances}
+
+    return label_command(args, ["object"], label_one)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] != "automask":
+        print("usage: python -m clients.sam2_client automask DIR --coco out.json", file=sys.stderr)
+        return 2
+    return automask_folder(argv[1:])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

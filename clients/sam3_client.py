@@ -12,6 +12,8 @@ too) when the server evicted it.
 
 from __future__ import annotations
 
+import argparse
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -243,3 +245,70 @@ def save_instances_overlay(
     results = response["results"]
     masks = [decode_instance_mask(r) for r in results if r.get("mask") is not None]
     return save_overlay(image, masks, path, polygons=[r["polygon"] for r in results], alpha=alpha, seed=seed)
+
+
+# ----------------------------------------------------------------------------- folder command
+
+
+def _instance_record(instance: dict) -> dict:
+    """One ``predict`` instance (asked with RLE masks) as a COCO annotation's fields."""
+    mask = instance["mask"]
+    rle = mask["data"] if isinstance(mask["data"], dict) else {"size": mask["shape"], "counts": mask["data"]}
+    x1, y1, x2, y2 = instance["bbox"]
+    return {
+        "category": instance["prompt"],
+        "segmentation": rle,
+        "bbox": [x1, y1, x2 - x1, y2 - y1],
+        "area": instance["area"],
+        "score": instance["score"],
+    }
+
+
+def label_folder(argv: list[str] | None = None) -> int:
+    """``label DIR --prompts "mug,robot arm" --coco out.json``: every image's instances of each
+    prompt, as a COCO instances file (one category per prompt, RLE masks, scores)."""
+    from .folders import add_common_arguments, label_command
+
+    parser = argparse.ArgumentParser(
+        prog="python -m clients.sam3_client label", description=label_folder.__doc__.split(":", 1)[1]
+    )
+    parser.add_argument("folder", help="folder of images (searched recursively)")
+    parser.add_argument("--prompts", required=True, help="comma-separated text prompts, one category each")
+    parser.add_argument("--coco", required=True, help="the COCO instances file to write")
+    parser.add_argument("--score-threshold", type=float, default=None, help="default: the server's")
+    parser.add_argument("--min-area", type=float, default=None, help="default: the server's")
+    parser.add_argument("--model", default=None, help="default: the server's default SAM 3 model")
+    add_common_arguments(parser)
+    args = parser.parse_args(argv)
+    prompts = list(dict.fromkeys(p.strip() for p in args.prompts.split(",") if p.strip()))
+    if not prompts:
+        parser.error("--prompts needs at least one prompt")
+    client = Sam3ServiceClient(args.base_url, args.api_key)
+
+    def label_one(file: Path) -> dict:
+        r = client.predict(
+            prompts=prompts,
+            return_masks=True,
+            mask_format="rle",
+            score_threshold=args.score_threshold,
+            min_area=args.min_area,
+            image=file,
+            model=args.model,
+        )
+        size = r["image_size"]
+        instances = [_instance_record(i) for i in r["results"]]
+        return {"width": size["width"], "height": size["height"], "instances": instances}
+
+    return label_command(args, prompts, label_one)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] != "label":
+        print("usage: python -m clients.sam3_client label DIR --prompts ... --coco out.json", file=sys.stderr)
+        return 2
+    return label_folder(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

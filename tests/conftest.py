@@ -28,7 +28,15 @@ KEYS = ("test-key-one", "test-key-two")
 # so its module-scoped servers start once; the files that share a session server go together.
 SESSION_SERVER_FILES = {
     "clip_server": ("test_auth_and_errors", "test_clip_http"),
-    "demo_server": ("test_http_process", "test_null_fields", "test_openapi_answers", "test_playground"),
+    "demo_server": (
+        "test_family_health",
+        "test_folder_commands",
+        "test_http_process",
+        "test_null_fields",
+        "test_openapi_answers",
+        "test_openapi_security",
+        "test_playground",
+    ),
 }
 _FILE_GROUP = {file: server for server, files in SESSION_SERVER_FILES.items() for file in files}
 

@@ -63,6 +63,7 @@ def server(tmp_path_factory, clip_checkpoint, dino_ref):
     _, _, arch, weights = dino_ref
     config = {
         "limits": {"max_embed_inputs": MAX_INPUTS, "max_body_bytes": 4 * 1024 * 1024},
+        "inputs": {"url": {"enabled": True, "allowed_hosts": ["127.0.0.1"]}},
         "clip": {
             "max_batch_size": 16,
             "batch_timeout": 0.1,
@@ -287,6 +288,20 @@ def test_one_bad_image_fails_only_its_request(server, images, clip_ref, ckw):
         np.testing.assert_allclose(out, clip_image_ref(clip_ref, images[:1]), rtol=1e-4, atol=1e-5)
 
 
+def test_images_of_one_request_decoded_in_parallel_keep_their_order_and_first_error(
+    server, images, clip_ref, ckw
+):
+    """The worker decodes a request's images on several threads: rows stay in request order, and
+    of several broken images the first in the request is the one named."""
+    many = [images[i % 3] for i in range(MAX_INPUTS)]
+    got, _ = cc.embed_clip(many, **ckw)
+    np.testing.assert_allclose(got, clip_image_ref(clip_ref, many), rtol=1e-4, atol=1e-5)
+    corrupt = base64.b64decode(png_b64(images[1]))[:60]  # a valid header, no pixels
+    with pytest.raises(cc.VisionServeError) as e:
+        cc.embed_clip([images[0], images[1], corrupt, corrupt, images[2]], **ckw)
+    assert e.value.status == 400 and e.value.param == "images[2]"
+
+
 # ----------------------------------------------------------------------------- /v1 (OpenAI)
 
 
@@ -385,6 +400,58 @@ def test_openai_route_errors_have_openai_shape(server, body, status, param):
     assert set(err) == {"message", "type", "param", "code"}
     assert err["type"] == "invalid_request_error" and err["param"] == param, err
     assert post(server, "/v1/embeddings", {"model": CLIP_ID, "input": "x"}, key="bad").status_code == 401
+
+
+def test_openai_modality_and_image_urls(oai, image_root, image_host, clip_ref, dino_ref):
+    """infinity's clients send ``modality``; with ``image`` an input may be an http(s) URL,
+    fetched under the server's URL rules."""
+    photo = Image.open(image_root / "photo.png").convert("RGB")
+    url = image_host + "/photo.png"
+    res = oai.embeddings.create(model=CLIP_ID, input=[url, data_uri(photo)], extra_body={"modality": "image"})
+    got = np.array([d.embedding for d in res.data], dtype=np.float32)
+    np.testing.assert_allclose(got, clip_image_ref(clip_ref, [photo, photo]), rtol=1e-4, atol=1e-5)
+    texts = ["a mug", url]  # with modality text (or none), a URL is a text
+    for extra in ({"modality": "text"}, {}):
+        res = oai.embeddings.create(model=CLIP_ID, input=texts, extra_body=extra)
+        got = np.array([d.embedding for d in res.data], dtype=np.float32)
+        np.testing.assert_allclose(got, clip_text_ref(clip_ref, texts), rtol=1e-4, atol=1e-5)
+    # an image-only model takes URLs without being told
+    res = oai.embeddings.create(model="dinov2_embed_tiny", input=url)
+    model, transform, _, _ = dino_ref
+    with torch.no_grad():
+        want = F.normalize(model.forward_features(transform(photo)[None])[:, 0], dim=-1).numpy()
+    np.testing.assert_allclose([res.data[0].embedding], want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("model", "inputs", "modality", "param", "words"),
+    [
+        (CLIP_ID, ["a text", "IMAGE"], "text", "input[1]", "is an image, but modality is 'text'"),
+        (CLIP_ID, ["IMAGE", "a text"], "image", "input[1]", "is not an image, and modality is 'image'"),
+        ("dinov2_embed_tiny", ["IMAGE"], "text", "modality", "embeds images only"),
+        (CLIP_ID, ["http://10.1.2.3/cat.png"], "image", "input[0]", "allow-list"),
+        (CLIP_ID, ["ftp://127.0.0.1/cat.png"], "image", "input[0]", "is not an image"),
+        (CLIP_ID, ["IMAGE"], "audio", "modality", "'text' or 'image'"),
+    ],
+)
+def test_openai_modality_contradictions_are_400s_naming_the_input(
+    oai, images, model, inputs, modality, param, words
+):
+    inputs = [data_uri(images[0]) if x == "IMAGE" else x for x in inputs]
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.embeddings.create(model=model, input=inputs, extra_body={"modality": modality})
+    assert e.value.param == param and words in e.value.message, e.value.message
+
+
+def test_openai_image_urls_follow_the_servers_url_setting(images):
+    from apis.config import ServerConfig
+    from apis.openai_routes import EmbeddingsRequest, OpenAIEmbeddings
+
+    routes = OpenAIEmbeddings(ServerConfig(), [])  # image URLs are off by default
+    with pytest.raises(APIError) as e:
+        routes.image_of("http://example.com/cat.png", "input[3]", urls=True)
+    assert e.value.param == "input[3]" and e.value.code == "input_disabled"
+    assert EmbeddingsRequest(model="m", input="x", modality="image").modality == "image"
 
 
 def test_which_openai_inputs_are_images(images):

@@ -216,3 +216,37 @@ def shot(driver, element_id: str, folder: Path) -> Path:
     path = folder / f"{element_id}.png"
     assert element.screenshot(str(path))
     return path
+
+
+# /rmbg/health as for a family the config leaves out (404), /sam3/health as for one left out for
+# missing weights ("unavailable"); the rest goes to the server.
+_NOT_SERVED = """
+const realFetch = window.fetch;
+window.fetch = (url, init) => {
+  if (String(url).endsWith("/rmbg/health")) return Promise.resolve(new Response("{}", {status: 404}));
+  if (String(url).endsWith("/sam3/health"))
+    return Promise.resolve(new Response('{"status": "unavailable"}', {status: 503}));
+  return realFetch(url, init);
+};
+"""
+
+
+def test_panels_of_families_not_served_are_hidden(demo_server, browser):
+    panels = ("sam2", "sam3", "clip", "rmbg")
+
+    def shown(driver) -> dict[str, bool]:
+        return {f: driver.find_element(By.ID, f"{f}-panel").is_displayed() for f in panels}
+
+    browser.get(demo_server.url + "/playground")
+    WebDriverWait(browser, 30).until(lambda d: all(shown(d).values()))
+    assert browser.find_element(By.ID, "not-served").text == ""
+    script = browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": _NOT_SERVED})
+    try:
+        browser.get(demo_server.url + "/playground")
+        WebDriverWait(browser, 30).until(lambda d: not shown(d)["rmbg"] and not shown(d)["sam3"])
+        assert shown(browser) == {"sam2": True, "sam3": False, "clip": True, "rmbg": False}
+        assert browser.find_element(By.ID, "not-served").text == "Not served by this server: sam3, rmbg."
+    finally:
+        browser.execute_cdp_cmd(
+            "Page.removeScriptToEvaluateOnNewDocument", {"identifier": script["identifier"]}
+        )

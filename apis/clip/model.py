@@ -8,6 +8,7 @@ a server.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,11 @@ def attention_block(blk: Any, x: torch.Tensor, attn_mask: torch.Tensor | None = 
     return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
 
 
+#: Set (to anything) in a worker's environment, every text runs over all context positions: the
+#: "before" side of bench/text_prefix.py, which measures what the deciding prefix saves.
+FULL_CONTEXT_ENV = "VISIONSERVE_CLIP_TEXT_FULL_CONTEXT"
+
+
 def _deciding_length(model: Any, tokens: torch.Tensor) -> int | None:
     """How many leading tokens decide the pooled text embedding, or None if all may.
 
@@ -210,7 +216,7 @@ def encode_texts(cm: ClipModel, texts: list[str]) -> torch.Tensor:
     """L2-normalised text embeddings (N, D), float32, in one forward pass over the context
     positions that matter (the batch's longest prompt, not all 77)."""
     tokens = cm.tokenizer(texts).to(cm.device)
-    n = _deciding_length(cm.model, tokens)
+    n = None if os.environ.get(FULL_CONTEXT_ENV) else _deciding_length(cm.model, tokens)
     with cm.autocast():
         emb = cm.model.encode_text(tokens) if n is None else _encode_text_prefix(cm.model, tokens[:, :n])
     return F.normalize(emb.float(), dim=-1)

@@ -316,9 +316,36 @@ async function cutOut() {
   });
 }
 
+// ------------------------------------------------------------------ families served
+
+// A panel shows only if this server serves its family: /<family>/health (open, no key) is 404
+// for a family the config leaves out and says "unavailable" for one whose weights are missing.
+const PANELS = ["sam2", "sam3", "clip", "rmbg"];
+
+async function served(family) {
+  try {
+    const resp = await fetch(`/${family}/health`);
+    if (resp.status === 404) return false;
+    const data = await resp.json().catch(() => ({}));
+    return data.status !== "unavailable";
+  } catch (err) {
+    return false;
+  }
+}
+
+async function showServedPanels() {
+  const shown = await Promise.all(PANELS.map(served));
+  PANELS.forEach((family, i) => {
+    $(`${family}-panel`).hidden = !shown[i];
+  });
+  const missing = PANELS.filter((_, i) => !shown[i]);
+  $("not-served").textContent = missing.length ? `Not served by this server: ${missing.join(", ")}.` : "";
+}
+
 // ------------------------------------------------------------------ wiring
 
 window.addEventListener("DOMContentLoaded", () => {
+  showServedPanels();
   const saved = localStorage.getItem(KEY_STORE);
   if (saved) {
     $("api-key").value = saved;
