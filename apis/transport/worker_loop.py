@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 from apis.core.errors import APIError
@@ -40,21 +41,26 @@ def serve(lit_api: Any, worker_id: int) -> None:
 def run_batch(lit_api: Any, items: list) -> list[tuple[int, Reply]]:
     """``(uid, reply)`` for each collected ``(uid, sent, job)``; never raises. A request that
     waited longer than the server's timeout is answered 504 without running. ``encode_response``
-    returns a :class:`~apis.core.replies.Reply`."""
+    returns a :class:`~apis.core.replies.Reply`. Each reply carries how long its request waited
+    (``sent`` is the HTTP process's ``time.monotonic()``, one clock for the whole machine) and
+    how long its batch computed."""
     limit = timeout_seconds(lit_api.request_timeout)
     now = time.monotonic()
     answers: list[tuple[int, Reply]] = []
     live: list[tuple[int, Any]] = []
+    waited: dict[int, float] = {}
     for uid, sent, job in items:
+        waited[uid] = now - sent
         if limit is not None and now - sent > limit:
             log.error(
                 "%s: a request waited %.1fs (timeout %ss); answered 504", lit_api.api_path, now - sent, limit
             )
-            answers.append((uid, timed_out_reply()))
+            answers.append((uid, replace(timed_out_reply(), queue_s=now - sent)))
         else:
             live.append((uid, job))
     if not live:
         return answers
+    timed = len(answers)
     # this batch's log lines name its requests
     token = REQUEST_ID.set(",".join(getattr(job, "request_id", "-") for _, job in live))
     try:
@@ -73,4 +79,9 @@ def run_batch(lit_api: Any, items: list) -> list[tuple[int, Reply]]:
         answers += [(uid, failed) for uid, _ in live]
     finally:
         REQUEST_ID.reset(token)
+    compute = time.monotonic() - now
+    # a copy per request: a family may hand back one Reply object for several requests
+    answers[timed:] = [
+        (uid, replace(r, queue_s=waited[uid], compute_s=compute)) for uid, r in answers[timed:]
+    ]
     return answers
