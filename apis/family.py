@@ -431,6 +431,7 @@ class FamilyAPI(ls.LitAPI):
             "pid": os.getpid(),
             "device": str(self.torch_device),
             "dtype": str(self.compute_dtype).removeprefix("torch."),
+            "threads": torch.get_num_threads(),  # from OMP_NUM_THREADS when set (deploy/k8s)
             "models_loaded": sorted(self._models),
             "load_seconds": dict(self._load_seconds),
             "requests": {op: dict(c) for op, c in self._requests.items()},

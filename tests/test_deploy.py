@@ -172,10 +172,12 @@ def test_applying_the_manifests_never_touches_a_secret():
     assert "Secret" not in kinds and "Kustomization" not in kinds, kinds
     assert not (ROOT / "deploy" / "k8s" / "kustomization.yaml").exists()
     steps = (ROOT / "docs" / "deploy.md").read_text()
-    assert "kubectl apply -f deploy/k8s/" in steps
-    # the Secrets are created before the manifests are applied
-    assert steps.index("create secret generic visionserve-api-keys") < steps.index(
-        "kubectl apply -f deploy/k8s/"
+    (apply_all,) = re.finditer(r"^kubectl apply -f deploy/k8s/$", steps, re.M)
+    # the namespace first, then the Secrets, then the rest
+    assert (
+        steps.index("kubectl apply -f deploy/k8s/namespace.yaml")
+        < steps.index("create secret generic visionserve-api-keys")
+        < apply_all.start()
     )
 
 

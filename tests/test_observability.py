@@ -53,7 +53,10 @@ def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("observability")
     metrics_port = free_port()
     proc = ServerProcess(
-        config(), tmp, ["--api-key", KEY, "--log-format", "json", "--metrics-port", str(metrics_port)]
+        config(),
+        tmp,
+        ["--api-key", KEY, "--log-format", "json", "--metrics-port", str(metrics_port)],
+        env={"OMP_NUM_THREADS": "1"},  # as deploy/k8s sets it from the CPU limit
     )
     proc.metrics_url = f"http://127.0.0.1:{metrics_port}"
     try:
@@ -99,6 +102,11 @@ def test_metrics_port_serves_metrics_alone_without_a_key(server):
     for path in ("/clip/encode_text", "/info", "/health", "/metrics/x"):
         assert requests.get(server.metrics_url + path).status_code == 404
     assert requests.post(server.metrics_url + "/metrics").status_code == 405
+
+
+def test_workers_size_their_thread_pool_from_omp_num_threads(server):
+    families = requests.get(server.url + "/info", headers=AUTH).json()["families"]
+    assert [w["threads"] for fam in families.values() for w in fam["workers"]] == [1, 1]
 
 
 def test_counters_move(server, image_root):
