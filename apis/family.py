@@ -33,6 +33,7 @@ from PIL import Image
 from pydantic import BaseModel
 
 from apis.config import ServerConfig
+from apis.core import withdrawal
 from apis.core.errors import APIError
 from apis.core.image_ids import content_id
 from apis.core.images import decode_image, probe_image
@@ -397,7 +398,14 @@ class FamilyAPI(ls.LitAPI):
             groups[route.batch_key(item)].append((i, item))
         for members in groups.values():
             self._forwards[route.name][len(members)] += 1
-            outputs = route.predict(model, [item for _, item in members])
+            try:
+                with withdrawal.serving([jobs[i] for i, _ in members]):
+                    outputs = route.predict(model, [item for _, item in members])
+            except withdrawal.Withdrawn as e:  # nobody waits for these answers any more
+                log.info("%s/%s stopped: %s", self.family, route.name, e)
+                for i, _ in members:
+                    out[i] = APIError(499, "the client closed the request", code="client_closed")
+                continue
             for (i, item), output in zip(members, outputs, strict=True):
                 try:
                     out[i] = route.encode_response(model, jobs[i], item, output)

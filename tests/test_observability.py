@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import signal
 import threading
 import time
 
+import numpy as np
 import pytest
 import requests
+from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from apis.core.logs import REQUEST_ID
@@ -303,3 +307,30 @@ def test_request_id_validation():
     assert request_id_from(b"abc-DEF_1.2:3") == "abc-DEF_1.2:3"
     for bad in (b"", b"a b", b"x" * 129, b"\xff", b'a"b', b"a\nb"):
         assert len(request_id_from(bad)) == 32
+
+
+def test_a_client_that_leaves_stops_auto_mask_at_the_next_point_batch(server):
+    """An auto_mask of 1024 points in 128 batches; the client leaves after 1 s. The worker stops
+    at the next point batch (apis/core/withdrawal.py) instead of computing the rest for nobody,
+    and takes the next request."""
+    buf = io.BytesIO()  # large enough that a point batch (masks at full size) takes a while
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8)).save(buf, "PNG")
+    body = {
+        "image": base64.b64encode(buf.getvalue()).decode(),
+        "points_per_side": 32,
+        "points_per_batch": 8,
+        "crop_n_layers": 0,
+        "mask_encoding": "packbits",
+    }
+    stops = "sam2/auto_mask stopped: 1 request(s) withdrawn"
+    before = server.log().count(stops)
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        requests.post(server.url + "/sam2/auto_mask", json=body, headers=AUTH, timeout=1.0)
+    left = time.monotonic()
+    while server.log().count(stops) == before and time.monotonic() - left < 60:
+        time.sleep(0.05)
+    stopped_after = time.monotonic() - left
+    assert server.log().count(stops) == before + 1, server.log()[-3000:]
+    small = requests.post(server.url + "/sam2/auto_mask", json={**body, "points_per_side": 2}, headers=AUTH)
+    assert small.status_code == 200, small.text
+    print(f"client left after 1 s; the worker stopped {stopped_after:.2f} s later")

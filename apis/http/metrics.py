@@ -270,7 +270,10 @@ def _header(scope, name: bytes) -> bytes | None:
 
 def failure_reason(status: int, body: bytes) -> str:
     """Why a request failed: a server error's code (``worker_died``, ``queue_timeout``, ...),
-    ``client_error`` for any 4xx (the status is in ``visionserve_requests_total``)."""
+    ``client_disconnected`` for 499 (the handler saw its client leave: apis/http/routing.py),
+    ``client_error`` for any other 4xx (the status is in ``visionserve_requests_total``)."""
+    if status == 499:
+        return "client_disconnected"
     if status < 500:
         return "client_error"
     try:
