@@ -255,7 +255,11 @@ def main(argv: list[str] | None = None) -> int:
         host=args.host,
         unavailable=unavailable,
     )
-    server = build_server(cfg, opts)
+    try:
+        server = build_server(cfg, opts)
+    except RuntimeError as e:  # the metrics port cannot be had
+        log.error("startup failed: %s", e)
+        return 1
 
     for name, fam in cfg.families().items():
         for m in fam.models:

@@ -22,7 +22,7 @@ from apis.http.middleware import BearerAuth, BodyLimit
 from apis.http.playground import install_playground, is_playground
 from apis.http.protocol import http_protocol
 from apis.http.responses import error_response
-from apis.litserve_internals import VisionServer
+from apis.litserve_internals import VisionServer, listen_socket
 from apis.openai_routes import install_openai_routes
 
 log = logging.getLogger("visionserve")
@@ -88,7 +88,9 @@ def build_server(cfg: ServerConfig, opts: Options) -> VisionServer:
     )
     server.worker_env = WORKER_ENV
 
-    listener = None if cfg.metrics_port is None else MetricsListener(metrics, opts.host, cfg.metrics_port)
+    listener = None
+    if cfg.metrics_port is not None:
+        listener = MetricsListener(metrics, listen_socket(opts.host, cfg.metrics_port))
 
     async def start_dispatchers() -> None:
         for api in apis:

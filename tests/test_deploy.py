@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +75,22 @@ def test_an_address_of_no_interface_fails_before_any_model_loads(tmp_path):
         in log
     )
     assert "models loaded" not in log and "RANDOM WEIGHTS" in log  # config read, no worker started
+
+
+def test_a_taken_metrics_port_fails_before_any_model_loads(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = ServerProcess(
+            None, tmp_path, ["--config", str(DEMO), "--models", "clip", "--metrics-port", str(port)]
+        )
+        code = server.proc.wait(120)
+    log = server.log()
+    server.stop()
+    assert code == 1, log
+    assert f"startup failed: cannot listen on 127.0.0.1 port {port}: Address already in use" in log
+    assert "models loaded" not in log
 
 
 @pytest.mark.parametrize(

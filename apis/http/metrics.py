@@ -22,6 +22,7 @@ import asyncio
 import logging
 import platform
 import re
+import socket
 import time
 import uuid
 from collections.abc import Iterable
@@ -365,19 +366,15 @@ class MetricsListener:
     just enough HTTP/1.1 for a scraper: one request per connection, then close.
     """
 
-    def __init__(self, metrics: Metrics, host: str, port: int):
+    def __init__(self, metrics: Metrics, sock: socket.socket):
         self.metrics = metrics
-        self.host = host
-        self.port = port
+        self.sock = sock  # bound before any worker starts: a taken port fails start-up at once
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self.host, self.port)
-        log.info("metrics (no key) on http://%s:%d/metrics", self.host, self.port)
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        self._server = await asyncio.start_server(self._serve, sock=self.sock)
+        host, port = self.sock.getsockname()[:2]
+        log.info("metrics (no key) on http://%s:%d/metrics", host, port)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
