@@ -9,6 +9,7 @@ import os
 import signal
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,7 +18,8 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from apis.core.logs import REQUEST_ID
-from apis.http.metrics import failure_reason, request_id_from
+from apis.family import gpu_memory
+from apis.http.metrics import Exchange, Metrics, failure_reason, request_id_from
 from apis.transport.dispatch import timed_out_reply, worker_died_reply
 from apis.transport.worker_loop import run_batch
 from clients.clip_client import encode_clip_text_decoded
@@ -334,3 +336,37 @@ def test_a_client_that_leaves_stops_auto_mask_at_the_next_point_batch(server):
     small = requests.post(server.url + "/sam2/auto_mask", json={**body, "points_per_side": 2}, headers=AUTH)
     assert small.status_code == 200, small.text
     print(f"client left after 1 s; the worker stopped {stopped_after:.2f} s later")
+
+
+def test_a_v1_request_joins_its_familys_gauge_when_its_handler_submits():
+    clip = SimpleNamespace(family="clip", spec=SimpleNamespace(dispatcher=None), worker_stats=dict)
+    metrics = Metrics([clip])
+    exchange = Exchange(metrics, metrics.family_of("/v1/embeddings"))
+    gauge = ("visionserve_requests_in_flight", {"family": "clip"})
+    assert exchange.family is None and metrics.registry.get_sample_value(*gauge) == 0
+    exchange.serves("clip")
+    exchange.serves("clip")  # a second job of the same request counts once
+    assert exchange.family == "clip" and metrics.registry.get_sample_value(*gauge) == 1
+
+
+def test_gpu_memory_of_a_cuda_worker_becomes_a_metric(monkeypatch):
+    """The CUDA code path without a GPU: torch's allocator counters, faked, through the
+    collector (tests/test_cuda.py reads the real ones on a GPU)."""
+    import torch
+
+    assert gpu_memory(torch.device("cpu")) == {}
+    for name, value in (("memory_allocated", 100), ("memory_reserved", 300), ("max_memory_allocated", 200)):
+        monkeypatch.setattr(torch.cuda, name, lambda device, value=value: value)
+    snap = {"family": "sam2", "worker": 1, "device": "cuda:0", **gpu_memory(torch.device("cuda:0"))}
+    api = SimpleNamespace(
+        family="sam2", spec=SimpleNamespace(dispatcher=None), worker_stats=lambda: {"w": snap}
+    )
+    text = Metrics([api]).render().decode()
+    got = {
+        s.labels["kind"]: s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name == "visionserve_gpu_memory_bytes"
+    }
+    assert got == {"allocated": 100, "reserved": 300, "peak_allocated": 200}
+    assert 'device="cuda:0"' in text and 'worker="1"' in text
