@@ -64,6 +64,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "interface), one interface's address, or a name (default: 127.0.0.1, this machine only)",
     )
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        help="also serve /metrics WITHOUT a key on this port, and nothing else (overrides the "
+        "config's metrics_port; for Prometheus inside a cluster)",
+    )
     p.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--devices", default="auto", help="GPU count, a list like 0,2, or auto (ignored on CPU)")
     p.add_argument("--workers-per-device", type=int, default=1, help="model workers per device and family")
@@ -186,6 +192,11 @@ def main(argv: list[str] | None = None) -> int:
         for name in cfg.families():
             if name not in wanted:
                 getattr(cfg, name).enabled = False
+    if args.metrics_port is not None:
+        cfg.metrics_port = args.metrics_port
+    if cfg.metrics_port == args.port:
+        log.error("the metrics port must differ from --port (%d)", args.port)
+        return 2
     if args.cache_size is not None:
         if args.cache_size < 0:
             log.error("--cache-size must be 0 (off) or more, got %d", args.cache_size)
@@ -241,9 +252,14 @@ def main(argv: list[str] | None = None) -> int:
         api_keys=keys,
         queue_timeout=args.timeout,
         log_level=args.log_level,
+        host=args.host,
         unavailable=unavailable,
     )
-    server = build_server(cfg, opts)
+    try:
+        server = build_server(cfg, opts)
+    except RuntimeError as e:  # the metrics port cannot be had
+        log.error("startup failed: %s", e)
+        return 1
 
     for name, fam in cfg.families().items():
         for m in fam.models:

@@ -26,6 +26,13 @@ class _ServerSettings(StrictSettings):
     inputs: Inputs = Field(default_factory=Inputs)
     public_docs: bool = Field(False, description="Serve /docs and /openapi.json without a key.")
     public_metrics: bool = Field(False, description="Serve /metrics (Prometheus) without a key.")
+    metrics_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Also serve /metrics without a key on this port, and nothing else there "
+        "(for Prometheus in a cluster: docs/observability.md).",
+    )
 
     def families(self) -> dict[str, Family]:
         """The enabled families' settings, in the registry's order."""

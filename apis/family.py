@@ -33,6 +33,7 @@ from PIL import Image
 from pydantic import BaseModel
 
 from apis.config import ServerConfig
+from apis.core import withdrawal
 from apis.core.errors import APIError
 from apis.core.image_ids import content_id
 from apis.core.images import decode_image, probe_image
@@ -43,6 +44,7 @@ from apis.core.registry import Key, ModelRegistry, canonical
 from apis.core.replies import Reply
 from apis.core.settings import ModelEntry
 from apis.core.weights import hub_file, is_hf_uri
+from apis.http import metrics
 from apis.http.inputs import IMAGE_FIELDS, ImageInput, read_image_bytes
 from apis.http.responses import error_response, reply_response
 from apis.litserve_internals import FamilySpecBase, WorkerLoop
@@ -181,10 +183,15 @@ class FamilySpec(FamilySpecBase):
     async def submit(self, job: Job) -> Reply:
         """A worker's answer to a job (also what apis/openai_routes.py sends)."""
         job.request_id = REQUEST_ID.get()
+        exchange = metrics.CURRENT.get()
+        if exchange is not None:  # /v1/* learns its family here
+            exchange.serves(self._api.family)
         affinity = self._api.affinity(job)
         # a request with only an image_id can be answered only where that image is cached
         stay = job.image_id is not None and job.image_bytes is None
         reply = await self.dispatcher.submit(job, affinity, stay=stay)
+        if exchange is not None:
+            exchange.answered(reply)
         if reply.stats is not None:
             key, snapshot = reply.stats
             self._api.live_stats[key] = snapshot
@@ -422,7 +429,14 @@ class FamilyAPI(ls.LitAPI):
             groups[route.batch_key(item)].append((i, item))
         for members in groups.values():
             self._forwards[route.name][len(members)] += 1
-            outputs = route.predict(model, [item for _, item in members])
+            try:
+                with withdrawal.serving([jobs[i] for i, _ in members]):
+                    outputs = route.predict(model, [item for _, item in members])
+            except withdrawal.Withdrawn as e:  # nobody waits for these answers any more
+                log.info("%s/%s stopped: %s", self.family, route.name, e)
+                for i, _ in members:
+                    out[i] = APIError(499, "the client closed the request", code="client_closed")
+                continue
             for (i, item), output in zip(members, outputs, strict=True):
                 try:
                     out[i] = route.encode_response(model, jobs[i], item, output)
@@ -456,11 +470,13 @@ class FamilyAPI(ls.LitAPI):
             "pid": os.getpid(),
             "device": str(self.torch_device),
             "dtype": str(self.compute_dtype).removeprefix("torch."),
+            "threads": torch.get_num_threads(),  # from OMP_NUM_THREADS when set (deploy/k8s)
             "models_loaded": sorted(self._models),
             "load_seconds": dict(self._load_seconds),
             "requests": {op: dict(c) for op, c in self._requests.items()},
             "batch_sizes": _histograms(self._batches),
             "forward_batch_sizes": _histograms(self._forwards),
+            **gpu_memory(self.torch_device),
             **self.extra_stats(),
         }
 
@@ -475,6 +491,21 @@ class FamilyAPI(ls.LitAPI):
     def extra_stats(self) -> dict[str, Any]:
         """Family-specific counters for ``/info`` (caches, encoder calls)."""
         return {}
+
+
+def gpu_memory(device: torch.device) -> dict[str, dict[str, int]]:
+    """Bytes of the GPU that this worker's torch allocator holds (``allocated``: in tensors,
+    ``reserved``: cached by the allocator, ``peak_allocated``: the most since start); nothing on
+    CPU. onnxruntime's own arena (RMBG) is not seen by torch's allocator."""
+    if device.type != "cuda":
+        return {}
+    return {
+        "gpu_memory": {
+            "allocated": torch.cuda.memory_allocated(device),
+            "reserved": torch.cuda.memory_reserved(device),
+            "peak_allocated": torch.cuda.max_memory_allocated(device),
+        }
+    }
 
 
 def _histograms(counters: dict[str, Counter]) -> dict[str, dict[str, int]]:

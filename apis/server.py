@@ -18,12 +18,12 @@ from apis.families import FAMILIES
 from apis.family import FamilyAPI
 from apis.http.drain import DrainGate, DrainState
 from apis.http.errors import install_error_handlers
-from apis.http.metrics import Metrics, RequestContext
+from apis.http.metrics import Metrics, MetricsListener, RequestContext
 from apis.http.middleware import BearerAuth, BodyLimit
 from apis.http.playground import install_playground, is_playground
 from apis.http.protocol import http_protocol
 from apis.http.responses import error_response
-from apis.litserve_internals import VisionServer
+from apis.litserve_internals import VisionServer, listen_socket
 from apis.openai_routes import install_openai_routes
 
 log = logging.getLogger("visionserve")
@@ -42,6 +42,7 @@ class Options:
     api_keys: list[str] | None = field(default_factory=list)  # None = auth disabled
     queue_timeout: float = 300.0
     log_level: str = "info"
+    host: str = "127.0.0.1"  # where the metrics port listens too
     unavailable: dict[str, str] = field(default_factory=dict)  # optional families left out, and why
 
 
@@ -88,9 +89,15 @@ def build_server(cfg: ServerConfig, opts: Options) -> VisionServer:
     )
     server.worker_env = WORKER_ENV
 
+    listener = None
+    if cfg.metrics_port is not None:
+        listener = MetricsListener(metrics, listen_socket(opts.host, cfg.metrics_port))
+
     async def start_dispatchers() -> None:
         for api in apis:
             await api.spec.dispatcher.start(api.request_timeout)
+        if listener is not None:
+            await listener.start()
 
     server.on_start = start_dispatchers
     server.app.title, server.app.version = "visionserve", __version__

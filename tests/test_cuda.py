@@ -18,6 +18,7 @@ import requests
 import torch
 import yaml
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import ROOT, ServerProcess
 
@@ -130,9 +131,23 @@ def test_two_workers_share_one_gpu(tmp_path):
         for t in threads:
             t.join()
         info = requests.get(server.url + "/info", headers=AUTH).json()["families"]["clip"]
+        metrics = requests.get(server.url + "/metrics", headers=AUTH).text
     finally:
         server.stop()
     assert len(answers) == 32 and len(set(answers)) == 1  # all 200, the same embedding
+    # each worker's torch allocator, from its answers' counters (apis/family.py gpu_memory)
+    gpu = {
+        (s.labels["worker"], s.labels["kind"]): s.value
+        for fam in text_string_to_metric_families(metrics)
+        for s in fam.samples
+        if s.name == "visionserve_gpu_memory_bytes"
+    }
+    for w in info["workers"]:
+        assert (
+            w["gpu_memory"]["allocated"] > 0 and w["gpu_memory"]["reserved"] >= w["gpu_memory"]["allocated"]
+        )
+        for kind in ("allocated", "reserved", "peak_allocated"):
+            assert gpu[(str(w["worker"]), kind)] > 0, (w["worker"], kind)
     workers = info["workers"]
     assert len(workers) == 2 and {w["device"] for w in workers} == {"cuda:0"}
     assert len({w["pid"] for w in workers}) == 2

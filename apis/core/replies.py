@@ -28,6 +28,10 @@ class Reply:
     media_type: str = JSON_MEDIA_TYPE
     headers: dict[str, str] = field(default_factory=dict)
     stats: tuple[str, dict] | None = None  # the answering worker's counters, for /info
+    # Seconds the request waited before a worker took it, and its batch's compute time (None:
+    # not run), measured by the worker for the queue-wait and compute histograms of /metrics.
+    queue_s: float | None = None
+    compute_s: float | None = None
 
     @classmethod
     def of(cls, result: dict | APIError | Reply) -> Reply:

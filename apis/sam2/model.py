@@ -26,6 +26,7 @@ from sam2.build_sam import _hf_download as sam2_hf_download
 from sam2.build_sam import build_sam2, build_sam2_hf
 from sam2.sam2_image_predictor import SAM2ImagePredictor
 
+from apis.core import withdrawal
 from apis.core.cache import LRUCache
 from apis.core.precision import Autocast
 from apis.core.settings import ModelEntry
@@ -299,3 +300,7 @@ class _Generator(SAM2AutomaticMaskGenerator):
         data = super()._process_crop(*args, **kwargs)
         self.kept += len(data["rles"])
         return data
+
+    def _process_batch(self, *args, **kwargs):
+        withdrawal.check()  # a point batch is the chunk: stop here if the client left
+        return super()._process_batch(*args, **kwargs)

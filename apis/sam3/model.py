@@ -44,6 +44,7 @@ from sam3.model.tokenizer_ve import SimpleTokenizer
 from sam3.model.vitdet import ViT
 from sam3.model.vl_combiner import SAM3VLBackbone
 
+from apis.core import withdrawal
 from apis.core.cache import LRUCache
 from apis.core.masks import coco_rle, largest_polygon, png_base64
 from apis.core.precision import Autocast
@@ -434,6 +435,7 @@ class Sam3Runner(Autocast):
         texts = self.texts([q.text or VISUAL_TEXT for q in queries])
         out: list[Detections] = []
         for start in range(0, len(queries), chunk):
+            withdrawal.check()  # stop between chunks once every request served here was withdrawn
             out += self._forward(queries[start : start + chunk], texts[start : start + chunk])
         return out
 

@@ -314,6 +314,7 @@ class WorkerLink:
         self.sock = sock
         self._frames = _Frames()
         self._ready: deque = deque()
+        self._gone: set[int] = set()  # withdrawn while this worker computed them (this batch)
         self._arena: Arena | None = None  # the HTTP process offers one before any request
 
     @classmethod
@@ -330,6 +331,7 @@ class WorkerLink:
         first ([] if none comes), then takes more until ``window`` seconds after it arrived;
         window 0 takes what is already there. Everything already sent is read first, so a
         request withdrawn while it queued is dropped. Raises EOFError once the server has gone."""
+        self._gone.clear()  # the previous batch is answered
         while self._receive(0.0):
             pass
         if not self._ready:
@@ -342,6 +344,13 @@ class WorkerLink:
         while len(self._ready) < limit and self._receive(max(deadline - time.monotonic(), 0.0)):
             pass
         return [self._ready.popleft() for _ in range(min(limit, len(self._ready)))]
+
+    def withdrawn(self, uid: int) -> bool:
+        """Whether request ``uid``, taken into the running batch, was withdrawn since: reads
+        what the socket holds now, without waiting (a chunk boundary of a long computation)."""
+        while self._receive(0.0):
+            pass
+        return uid in self._gone
 
     def started(self, n: int) -> None:
         """Tell the HTTP process this worker took ``n`` requests into a batch (its queue depth)."""
@@ -378,6 +387,8 @@ class WorkerLink:
             if len(kept) < len(self._ready):
                 log.info("a request was withdrawn by its client before it ran; dropped")
                 self._ready = deque(kept)
+            else:  # running now, or answered already: withdrawn() tells the running batch
+                self._gone.add(whole[0].uid)
         else:
             self._ready.append(whole[0])
         return True

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
+from apis.core import withdrawal
 from apis.core.errors import APIError
 from apis.core.logs import REQUEST_ID
 from apis.core.replies import Reply
@@ -29,7 +32,7 @@ def serve(lit_api: Any, worker_id: int) -> None:
             items = link.collect(lit_api.max_batch_size, lit_api.batch_timeout, IDLE_WAIT_S)
             if items:
                 link.started(len(items))
-            for uid, answer in run_batch(lit_api, items):
+            for uid, answer in run_batch(lit_api, items, link.withdrawn):
                 link.answer(uid, answer)
     except (EOFError, ConnectionError):
         log.info("%s worker %d: the server has gone, stopping", lit_api.api_path, worker_id)
@@ -37,32 +40,46 @@ def serve(lit_api: Any, worker_id: int) -> None:
         link.close()
 
 
-def run_batch(lit_api: Any, items: list) -> list[tuple[int, Reply]]:
+def run_batch(
+    lit_api: Any, items: list, withdrawn: Callable[[int], bool] | None = None
+) -> list[tuple[int, Reply]]:
     """``(uid, reply)`` for each collected ``(uid, sent, job)``; never raises. A request that
     waited longer than the server's timeout is answered 504 without running. ``encode_response``
-    returns a :class:`~apis.core.replies.Reply`."""
+    returns a :class:`~apis.core.replies.Reply`. Each reply carries how long its request waited
+    (``sent`` is the HTTP process's ``time.monotonic()``, one clock for the whole machine) and
+    how long its batch computed. ``withdrawn(uid)``: whether a request's client left since; the
+    model code asks at its chunk boundaries (apis/core/withdrawal.py)."""
     limit = timeout_seconds(lit_api.request_timeout)
     now = time.monotonic()
     answers: list[tuple[int, Reply]] = []
     live: list[tuple[int, Any]] = []
+    waited: dict[int, float] = {}
     for uid, sent, job in items:
+        waited[uid] = now - sent
         if limit is not None and now - sent > limit:
             log.error(
                 "%s: a request waited %.1fs (timeout %ss); answered 504", lit_api.api_path, now - sent, limit
             )
-            answers.append((uid, timed_out_reply()))
+            answers.append((uid, replace(timed_out_reply(), queue_s=now - sent)))
         else:
             live.append((uid, job))
     if not live:
         return answers
+    timed = len(answers)
     # this batch's log lines name its requests
     token = REQUEST_ID.set(",".join(getattr(job, "request_id", "-") for _, job in live))
+    uid_of = {id(job): uid for uid, job in live}
+
+    def gone(job: Any) -> bool:
+        return withdrawn is not None and id(job) in uid_of and withdrawn(uid_of[id(job)])
+
     try:
-        inputs = [lit_api.decode_request(job) for _, job in live]
-        if lit_api.max_batch_size > 1:
-            outputs = list(lit_api.unbatch(lit_api.predict(lit_api.batch(inputs))))
-        else:
-            outputs = [lit_api.predict(x) for x in inputs]
+        with withdrawal.watching(gone):
+            inputs = [lit_api.decode_request(job) for _, job in live]
+            if lit_api.max_batch_size > 1:
+                outputs = list(lit_api.unbatch(lit_api.predict(lit_api.batch(inputs))))
+            else:
+                outputs = [lit_api.predict(x) for x in inputs]
         answers += [(uid, lit_api.encode_response(y)) for (uid, _), y in zip(live, outputs, strict=True)]
     except Exception:
         log.exception("%s: a batch of %d request(s) failed", lit_api.api_path, len(live))
@@ -73,4 +90,9 @@ def run_batch(lit_api: Any, items: list) -> list[tuple[int, Reply]]:
         answers += [(uid, failed) for uid, _ in live]
     finally:
         REQUEST_ID.reset(token)
+    compute = time.monotonic() - now
+    # a copy per request: a family may hand back one Reply object for several requests
+    answers[timed:] = [
+        (uid, replace(r, queue_s=waited[uid], compute_s=compute)) for uid, r in answers[timed:]
+    ]
     return answers
