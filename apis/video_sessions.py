@@ -156,6 +156,7 @@ class FrameObjects(BaseModel):
 class SessionInfo(BaseModel):
     session_id: str
     model: str
+    worker: int = Field(description="The model worker that holds the session (every call goes there).")
     num_frames: int
     frames_held: int = Field(description="Frames kept in memory (a live session drops old ones).")
     objects: list[int] = Field(description="Object ids prompted so far.")
@@ -254,7 +255,7 @@ class DescribeSession(_SessionRoute):
 
     def run(self, model: Any, job: Job) -> dict:
         sid = job.params["session_id"]
-        return self.store.describe(sid, self.store.get(sid, touch=False))
+        return {**self.store.describe(sid, self.store.get(sid, touch=False)), "worker": self.api.worker_id}
 
 
 class DeleteSession(_SessionRoute):
@@ -289,6 +290,7 @@ class AddPrompt(_SessionRoute):
             mask=mask,
             clear_old_points=p["clear_old_points"],
         )
+        entry.refresh()
         return video.frame_answer(result, p["mask_encoding"])
 
 
@@ -307,7 +309,9 @@ class AddFrame(_SessionRoute):
                 ".../video/sessions without video, frames or video_path)",
                 param="session_id",
             )
-        return video.frame_answer(entry.session.add_frame(_rgb(job.image)), job.params["mask_encoding"])
+        result = entry.session.add_frame(_rgb(job.image))
+        entry.refresh()
+        return video.frame_answer(result, job.params["mask_encoding"])
 
 
 class Propagate(_SessionRoute):
@@ -319,14 +323,16 @@ class Propagate(_SessionRoute):
     def run(self, model: Any, job: Job) -> Stream:
         p = job.params
         sid = p["session_id"]
-        entry = self.store.usable(sid)
+        store = self.store
+        entry = store.usable(sid)
         entry.busy = True
         entry.last_propagation = {"frames": 0, "ended": None, "direction": p["direction"]}
 
         def ended(how: str) -> None:
             entry.busy = False
-            entry.used = time.monotonic()
+            store.touch(entry)
             entry.last_propagation["ended"] = how
+            entry.refresh()
 
         return Stream(self._lines(sid, entry, p), on_close=ended)
 

@@ -66,6 +66,13 @@ class Entry:
     busy: bool = False  # a propagation is streaming: other calls wait for it to end or be withdrawn
     closed: bool = False
     last_propagation: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)  # session.describe() after its last change
+
+    def refresh(self) -> None:
+        """Describe the session again (after a call that changed it): /info's counters read this
+        copy, so an answer's counters never walk every session's tensors."""
+        if not self.closed:
+            self.summary = self.session.describe()
 
 
 class SessionStore:
@@ -113,6 +120,7 @@ class SessionStore:
     def add(self, session_id: str, session: Any, model: str) -> Entry:
         now = self._clock()
         entry = self._entries[session_id] = Entry(session, model, now, now)
+        entry.refresh()
         return entry
 
     def get(self, session_id: str, *, touch: bool = True) -> Entry:
@@ -126,6 +134,9 @@ class SessionStore:
             entry.used = self._clock()
             self._entries.move_to_end(session_id)
         return entry
+
+    def touch(self, entry: Entry) -> None:
+        entry.used = self._clock()
 
     def usable(self, session_id: str) -> Entry:
         """The session for a call that changes it: 409 while a propagation of it streams."""
@@ -171,10 +182,12 @@ class SessionStore:
 
     def describe(self, session_id: str, entry: Entry) -> dict[str, Any]:
         now = self._clock()
+        if not entry.busy:
+            entry.refresh()
         return {
             "session_id": session_id,
             "model": entry.model,
-            **entry.session.describe(),
+            **entry.summary,
             "width": entry.session.width,
             "height": entry.session.height,
             "live": entry.session.live,
@@ -187,15 +200,20 @@ class SessionStore:
 
     def stats(self) -> dict[str, Any]:
         """For /info and /metrics: the count, limits, evictions and each session's memory."""
-        sessions = {sid: self.describe(sid, e) for sid, e in self._entries.items()}
+        now = self._clock()
+        sessions = [
+            {
+                "session_id": sid,
+                **{k: e.summary.get(k) for k in ("num_frames", "frames_held", "memory_bytes")},
+                "idle_s": round(now - e.used, 3),
+            }
+            for sid, e in self._entries.items()
+        ]
         return {
             "count": len(sessions),
             "max_sessions": self.max_sessions,
             "idle_ttl_s": self.idle_ttl_s,
-            "memory_bytes": sum(s.get("memory_bytes", 0) for s in sessions.values()),
+            "memory_bytes": sum(s["memory_bytes"] or 0 for s in sessions),
             "evictions": dict(self.evictions),
-            "sessions": [
-                {k: s.get(k) for k in ("session_id", "num_frames", "frames_held", "memory_bytes", "idle_s")}
-                for s in sessions.values()
-            ],
+            "sessions": sessions,
         }
