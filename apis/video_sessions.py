@@ -14,6 +14,7 @@ decoded in the worker (apis/core/video.py); the HTTP process only reads its byte
 from __future__ import annotations
 
 import binascii
+import inspect
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
@@ -417,7 +418,7 @@ class VideoSessions:
     def endpoints(self) -> list[tuple[str, Callable, list[str]]]:
         base = f"/{self.api.family}/video/sessions"
         return [
-            (base, self.create, ["POST"]),
+            (base, self._create_endpoint(), ["POST"]),
             (base + "/{session_id}", self.describe, ["GET"]),
             (base + "/{session_id}", self.delete, ["DELETE"]),
             (base + "/{session_id}/prompts", self.prompt, ["POST"]),
@@ -464,10 +465,23 @@ class VideoSessions:
         params.update(video=data, frames=frames, max_frames=request.max_frames or s.max_frames)
         return Job(CreateSession.name, self.api.registry.id_of(entry), params)
 
-    async def create(self, request: CreateSessionRequest) -> SessionCreated:
-        """Open a tracking session on a clip, or a live one; answers 201."""
-        job = await self.api.spec.off_loop(self._create_job, request)
-        return reply_response(await self.api.spec.submit(job), status=201)
+    def _create_endpoint(self) -> Callable:
+        """POST .../sessions, whose request has the family's model selector fields too (SAM 2:
+        model_cfg, checkpoint_path)."""
+        name = f"{self.api.family.capitalize()}CreateSessionRequest"
+        request_type = type(name, (CreateSessionRequest, self.api.selector), {"__module__": __name__})
+
+        async def create(request: BaseModel) -> Response:
+            job = await self.api.spec.off_loop(self._create_job, request)
+            return reply_response(await self.api.spec.submit(job), status=201)
+
+        create.__signature__ = inspect.Signature(
+            [inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=request_type)],
+            return_annotation=SessionCreated,
+        )
+        create.__name__ = f"{self.api.family}_video_create"
+        create.__doc__ = "Open a tracking session on a clip, or a live one (no clip); answers 201."
+        return create
 
     def _pin(self, session_id: str) -> str:
         """The token of the worker holding the session; 404 or 410 answered here when there is none."""

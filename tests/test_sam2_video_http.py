@@ -165,7 +165,7 @@ def test_live_frames_equal_offline_propagation(server, reference):
     """Frames sent one by one to a live session are tracked as the library tracks the same
     frames in a clip (of at least 16 frames: the library's object-pointer window)."""
     frames = clip(16, seed=1)
-    r = call(server, "POST", "", {})
+    r = call(server, "POST", "", {"checkpoint_path": "sam2.1_hiera_tiny.pt"})
     assert r.status_code == 201 and r.json()["live"] and r.json()["num_frames"] == 0
     sid = r.json()["session_id"]
     first = call(server, "POST", f"/{sid}/frames", {"image": b64(frames[0])}).json()
@@ -209,6 +209,7 @@ def test_an_mp4_clip_is_decoded_in_the_worker(server, tmp_path):
         ({"frames": [b64(b"not an image")]}, 400, None),
         ({"video_path": "clip.mp4"}, 400, "input_disabled"),
         ({"video": "AAAA", "frames": []}, 422, None),
+        ({"model_cfg": "configs/sam2.1/sam2.1_hiera_l.yaml"}, 400, "model_not_found"),
     ],
 )
 def test_bad_clips_get_their_4xx(server, body, status, code):
