@@ -47,6 +47,8 @@ class PartsResponse(StreamingResponse):
         finally:
             for task in (pump, gone):
                 task.cancel()
+            # the pump may be inside the parts iterator: let it unwind before closing that
+            await asyncio.gather(pump, gone, return_exceptions=True)
             await self.parts.aclose()
 
     async def _pump(self, send: Send) -> None:
