@@ -178,7 +178,13 @@ CASES = [
     Case("v1-models-one", "/v1/models/{model}", path_params={"model": "dinov2_tiny14_reg"}),
     Case("sam2-video-create", "/sam2/video/sessions", {"frames": [IMG, IMG]}, status=201),
     Case("sam2-video-get", SESSION, path_params={"session_id": "@clip"}, nonempty=("objects",)),
-    Case("sam2-video-prompts", SESSION + "/prompts", VIDEO_POINT, {"session_id": "@clip"}, ("objects",)),
+    Case(
+        "sam2-video-prompts",
+        SESSION + "/prompts",
+        VIDEO_POINT,
+        path_params={"session_id": "@clip"},
+        nonempty=("objects",),
+    ),
     Case(
         "sam2-video-prompts-polygons",
         SESSION + "/prompts",
