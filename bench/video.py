@@ -1,6 +1,7 @@
 """SAM 2 video sessions: offline propagation speed, live per-frame latency, memory per session.
 
     python bench/video.py [--full] [--frames N] [--live-frames N] [--size WxH]
+    python bench/video.py --http [--full] [--frames N] [--live-frames N]
     python bench/video.py --url http://host:port [--api-key KEY] [--full] [--frames N] [--live-frames N]
 
 In process (``apis/sam2/video.py`` on the model the sam2 family loads): one clip of
@@ -13,10 +14,11 @@ In process (``apis/sam2/video.py`` on the model the sam2 family loads): one clip
    the session's ``memory_bytes`` and the process RSS; flat numbers mean the session forgets
    what the model's memory window no longer reads.
 
-``--url``: the same over HTTP against a running server with the sam2 family (the routes of
-``/sam2/video/sessions``, through ``clients.sam2_client.Sam2VideoSession``), next to the
-in-process numbers measured in the same run: propagation frames/s against in-process (ratio),
-time to the first streamed frame, live per-frame latency.
+``--http`` (a server started here with only the sam2 family on the same model, one worker) or
+``--url`` (a running server): the same over HTTP, through the routes of
+``/sam2/video/sessions`` and ``clients.sam2_client.Sam2VideoSession``, next to the in-process
+numbers measured in the same run: propagation frames/s against in-process (ratio), time to the
+first streamed frame, live per-frame latency.
 
 The tiny model is the test one (``configs/models/sam2-tiny.json``), ``--full`` SAM 2.1-L; both
 with seeded random weights (the masks are meaningless, the compute is the real one).
@@ -25,18 +27,21 @@ with seeded random weights (the masks are meaningless, the compute is the real o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.harness import ROOT, ms, p, ran, table  # noqa: E402
+from bench.harness import ROOT, ms, p, ran, server, table  # noqa: E402
 
 # isort: split
 import torch  # noqa: E402
@@ -153,6 +158,23 @@ def over_http(
     return out
 
 
+@contextlib.contextmanager
+def served(entry: ModelEntry, max_frames: int) -> Iterator[str]:
+    """``app.py`` with the sam2 family only, on ``entry``, one worker; yields its URL."""
+    config = {
+        "sam2": {
+            "workers_per_device": 1,
+            "video": {"max_frames": max_frames},
+            "models": [entry.model_dump(mode="json", exclude_none=True)],
+        }
+    }
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        yaml.safe_dump(config, f)
+        f.flush()
+        with server(f.name, "--models", "sam2") as url:
+            yield url
+
+
 def _png(frame: np.ndarray) -> bytes:
     from PIL import Image
 
@@ -172,6 +194,7 @@ def main() -> None:
     ap.add_argument(
         "--url", help="also run over HTTP against this server (sam2 family loaded with the same model)"
     )
+    ap.add_argument("--http", action="store_true", help="also run over HTTP against a server started here")
     ap.add_argument("--api-key")
     args = ap.parse_args()
     n_frames = args.frames or (4 if args.full else 24)
@@ -199,9 +222,11 @@ def main() -> None:
     median, p90 = ms(statistics.median(times)), ms(p(times, 90))
     print(f"\nLive, {n_live} frames: per frame median {median} ms, p90 {p90} ms\n")
     print(table(["frames", "session memory (MB)", "process RSS (MB)", "frames held"], rows))
-    if args.url:
-        http = over_http(args.url, args.api_key, frames, point, n_live)
-        print(ran(f"{name}; the same clip and clicks over HTTP at {args.url}"))
+    if args.url or args.http:
+        with contextlib.ExitStack() as stack:
+            url = args.url or stack.enter_context(served(entry, max(n_frames, n_live)))
+            http = over_http(url, args.api_key, frames, point, n_live)
+        print(ran(f"{name}; the same clip and clicks over HTTP ({'this server' if args.http else url})"))
         print(
             table(
                 ["side", "propagation (frames/s)", "first frame (ms)", "live median (ms)", "live p90 (ms)"],
