@@ -1,6 +1,7 @@
 """SAM 2 video sessions: offline propagation speed, live per-frame latency, memory per session.
 
-    python bench/video.py [--full] [--frames N] [--live-frames N] [--size WxH]
+    python bench/video.py [--full] [--frames N] [--live-frames N] [--size WxH] [--device cuda]
+    python bench/video.py --http [--full] [--frames N] [--live-frames N]
     python bench/video.py --url http://host:port [--api-key KEY] [--full] [--frames N] [--live-frames N]
 
 In process (``apis/sam2/video.py`` on the model the sam2 family loads): one clip of
@@ -13,34 +14,41 @@ In process (``apis/sam2/video.py`` on the model the sam2 family loads): one clip
    the session's ``memory_bytes`` and the process RSS; flat numbers mean the session forgets
    what the model's memory window no longer reads.
 
-``--url``: the same over HTTP against a running server with the sam2 family (the routes of
-``/sam2/video/sessions``, through ``clients.sam2_client.Sam2VideoSession``), next to the
-in-process numbers measured in the same run: propagation frames/s against in-process (ratio),
-time to the first streamed frame, live per-frame latency.
+``--http`` (a server started here with only the sam2 family on the same model, one worker) or
+``--url`` (a running server): the same over HTTP, through the routes of
+``/sam2/video/sessions`` and ``clients.sam2_client.Sam2VideoSession``, next to the in-process
+numbers measured in the same run: propagation frames/s against in-process (ratio), time to the
+first streamed frame, live per-frame latency.
 
 The tiny model is the test one (``configs/models/sam2-tiny.json``), ``--full`` SAM 2.1-L; both
 with seeded random weights (the masks are meaningless, the compute is the real one).
+``--device cuda``: GPU 0 in the server's precision there (bfloat16 where supported), in process
+and for the server (scripts/gpu_check.sh).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.harness import ROOT, ms, p, ran, table  # noqa: E402
+from bench.harness import ROOT, ms, p, ran, server, table  # noqa: E402
 
 # isort: split
 import torch  # noqa: E402
 
+from apis.core.precision import resolve_dtype  # noqa: E402
 from apis.core.process import reuse_freed_memory  # noqa: E402
 from apis.core.settings import ModelEntry  # noqa: E402
 from apis.sam2.model import load_sam2  # noqa: E402
@@ -76,9 +84,9 @@ def mb(n: float) -> str:
     return f"{n / 2**20:.1f}"
 
 
-def offline(model, frames: list[np.ndarray], point: list[float]) -> dict:
+def offline(model, frames: list[np.ndarray], point: list[float], dtype: torch.dtype) -> dict:
     t0 = time.perf_counter()
-    session = VideoSession.open(model, frames)
+    session = VideoSession.open(model, frames, dtype=dtype)
     t_open = time.perf_counter() - t0
     t0 = time.perf_counter()
     session.add_prompt(0, 1, points=[point], labels=[1])
@@ -96,10 +104,10 @@ def offline(model, frames: list[np.ndarray], point: list[float]) -> dict:
 
 
 def live(
-    model, frames: list[np.ndarray], point: list[float], n: int
+    model, frames: list[np.ndarray], point: list[float], n: int, dtype: torch.dtype
 ) -> tuple[list[float], list[list[object]]]:
     """Per-frame seconds and the memory rows (frame, session MB, RSS MB) every n/10 frames."""
-    session = VideoSession.open(model, None)
+    session = VideoSession.open(model, None, dtype=dtype)
     session.add_frame(frames[0])
     session.add_prompt(0, 1, points=[point], labels=[1])
     times, rows = [], []
@@ -153,6 +161,24 @@ def over_http(
     return out
 
 
+@contextlib.contextmanager
+def served(entry: ModelEntry, max_frames: int, cuda: bool) -> Iterator[str]:
+    """``app.py`` with the sam2 family only, on ``entry``, one worker; yields its URL."""
+    config = {
+        "sam2": {
+            "workers_per_device": 1,
+            "video": {"max_frames": max_frames},
+            "models": [entry.model_dump(mode="json", exclude_none=True)],
+        }
+    }
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        yaml.safe_dump(config, f)
+        f.flush()
+        placement = ["--accelerator", "cuda", "--devices", "1"] if cuda else []
+        with server(f.name, "--models", "sam2", *placement) as url:
+            yield url
+
+
 def _png(frame: np.ndarray) -> bytes:
     from PIL import Image
 
@@ -172,7 +198,9 @@ def main() -> None:
     ap.add_argument(
         "--url", help="also run over HTTP against this server (sam2 family loaded with the same model)"
     )
+    ap.add_argument("--http", action="store_true", help="also run over HTTP against a server started here")
     ap.add_argument("--api-key")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = ap.parse_args()
     n_frames = args.frames or (4 if args.full else 24)
     n_live = args.live_frames or (4 if args.full else 200)
@@ -184,11 +212,12 @@ def main() -> None:
     entry = FULL if args.full else TINY
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = load_sam2(entry, "cpu").model
-    name = f"{entry.name} (random weights, float32, {model.image_size} px)"
+        model = load_sam2(entry, "cuda:0" if args.device == "cuda" else "cpu").model
+    dtype = resolve_dtype("auto", args.device)
+    name = f"{entry.name} (random weights, {str(dtype).removeprefix('torch.')}, {model.image_size} px)"
 
-    off = offline(model, frames, point)
-    times, rows = live(model, frames, point, n_live)
+    off = offline(model, frames, point, dtype)
+    times, rows = live(model, frames, point, n_live, dtype)
     print(ran(f"{name}; a {width}x{height} clip of {n_frames} frames, one click on frame 0; in process"))
     print(
         table(
@@ -199,9 +228,11 @@ def main() -> None:
     median, p90 = ms(statistics.median(times)), ms(p(times, 90))
     print(f"\nLive, {n_live} frames: per frame median {median} ms, p90 {p90} ms\n")
     print(table(["frames", "session memory (MB)", "process RSS (MB)", "frames held"], rows))
-    if args.url:
-        http = over_http(args.url, args.api_key, frames, point, n_live)
-        print(ran(f"{name}; the same clip and clicks over HTTP at {args.url}"))
+    if args.url or args.http:
+        with contextlib.ExitStack() as stack:
+            url = args.url or stack.enter_context(served(entry, max(n_frames, n_live), args.device == "cuda"))
+            http = over_http(url, args.api_key, frames, point, n_live)
+        print(ran(f"{name}; the same clip and clicks over HTTP ({'this server' if args.http else url})"))
         print(
             table(
                 ["side", "propagation (frames/s)", "first frame (ms)", "live median (ms)", "live p90 (ms)"],

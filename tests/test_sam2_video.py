@@ -77,11 +77,15 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(checkpoint):
-    """The model the sam2 family loads: the image predictor's ``model``."""
+    """The model the sam2 family loads: the image predictor's ``model``, one module for both."""
+    from sam2.sam2_video_predictor import SAM2VideoPredictor
+
     from apis.sam2.model import load_sam2
 
     entry = ModelEntry(name="sam2.1_hiera_t", weights=str(checkpoint), arch_config=ARCH)
-    return load_sam2(entry, "cpu").model
+    model = load_sam2(entry, "cpu").model
+    assert isinstance(model, SAM2VideoPredictor)
+    return model
 
 
 @pytest.fixture(scope="module")
