@@ -8,10 +8,11 @@ server; every click then sends its ``image_id`` and one point.
 In-process, stage by stage on the worker's own predictor (medians of ``--clicks`` clicks): the
 prompt encoder + mask decoder (the model), upsampling three masks or one to the image, the
 threshold, the answer's encodings, and the whole route (validation, ``decode_request``,
-``predict``, ``encode_response``, JSON rendering) for the seed's answer and the compact one
-(``best_only``, ``coco_rle``, no low-res logits). Over HTTP: p50 of both answers at c = 1
-(alternated, ``harness.alternate``) and c = 4, and "uvicorn alone" (``bench/floor.py``) taking the
-same request bytes and answering as many bytes: model + floor is the target for a click.
+``predict``, ``encode_response``, JSON rendering) per answer form: the seed's (three float32
+masks and float32 logits), packbits masks, and the compact one (``best_only``, ``coco_rle``, no
+low-res logits). Over HTTP, per form: p50 at c = 1, alternated with the model in this process
+(``harness.alternate``), and "uvicorn alone" (``bench/floor.py``) taking the same request bytes
+and answering as many bytes: model + uvicorn alone is the target for a click; then c = 4.
 """
 
 from __future__ import annotations
@@ -24,12 +25,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.harness import (  # noqa: E402
+from bench.harness import (  # noqa: E402  (first: it sets the workers' OpenMP settings before torch loads)
     ROOT,
     Client,
     alternate,
@@ -47,6 +45,9 @@ from bench.harness import (  # noqa: E402
 from bench.image_id import photo  # noqa: E402
 
 # isort: split
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
 from apis.config import load_config  # noqa: E402
 from apis.core.masks import coco_rle  # noqa: E402
 from apis.core.tensors import encode_array  # noqa: E402
@@ -56,7 +57,11 @@ from apis.sam2.api import encode_binary  # noqa: E402
 from bench.serving import in_process  # noqa: E402
 
 COMPACT = {"best_only": True, "mask_encoding": "coco_rle", "return_low_res_masks": False}
-FORMS = {"seed (3 float32 masks + float32 logits)": {}, "compact (best_only, coco_rle, no logits)": COMPACT}
+FORMS = {
+    "seed (3 float32 masks + float32 logits)": {},
+    "packbits (3 masks + float32 logits)": {"mask_encoding": "packbits"},
+    "compact (best_only, coco_rle, no logits)": COMPACT,
+}
 FLOOR_CALLS = 30
 
 
