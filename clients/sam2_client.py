@@ -45,6 +45,7 @@ from .masks import decode_png, decode_rle, save_overlay
 __all__ = [
     "Sam2VideoSession",
     "VisionServeError",
+    "decode_prompt_answer",
     "decode_rle",
     "decode_segmentation",
     "embed_sam2_image",
@@ -64,7 +65,7 @@ __all__ = [
 ]
 
 FAMILY = "sam2"
-PromptAnswer = tuple[np.ndarray, np.ndarray, np.ndarray]
+PromptAnswer = tuple[np.ndarray, np.ndarray, np.ndarray | None]  # low_res_masks None when not asked for
 
 
 def health(base_url: str | None = None, api_key: str | None = None) -> dict:
@@ -169,26 +170,46 @@ def generate_sam2_prompt_masks(
     timeout: float = 600.0,
     mask_encoding: str = "float32",
     image_id: str | None = None,
+    best_only: bool = False,
+    return_low_res_masks: bool = True,
+    low_res_dtype: str = "float32",
 ) -> PromptAnswer:
     """POST /sam2/prompt_mask; (masks [C, H, W], iou_predictions [C], low_res_masks [C, L, L]).
 
     ``mask_input`` is a numpy array (e.g. ``low_res[i]`` of an earlier answer) or base64 text
-    with ``mask_input_shape``. ``mask_encoding="packbits"`` makes the answer's masks 32x
-    smaller on the wire; they decode to the same float32 0/1 array. ``image_id`` instead of
+    with ``mask_input_shape``. ``mask_encoding="packbits"`` (32x smaller) or ``"coco_rle"``
+    (smaller still for one object) shrink the answer's masks on the wire; they decode to the
+    same float32 0/1 array. For clicks: ``best_only=True`` answers the one mask of highest
+    predicted IoU, ``return_low_res_masks=False`` leaves the logits out (low_res_masks is then
+    None), ``low_res_dtype="float16"`` halves them (decoded to float32). ``image_id`` instead of
     the image: see the module's docstring.
     """
     if mask_input is not None and not isinstance(mask_input, str):
         mask_input, mask_input_shape = encode_mask_input(mask_input)
     point_coords, point_labels, box = _as_list(point_coords), _as_list(point_labels), _as_list(box)
     r = post_arguments(FAMILY, "prompt_mask", locals(), image_key=True)
-    if r.get("mask_encoding") == "packbits":
+    return decode_prompt_answer(r)
+
+
+def decode_prompt_answer(r: dict) -> PromptAnswer:
+    """(masks [C, H, W] float32, iou_predictions [C], low_res_masks [C, L, L] float32 or None)
+    of a prompt_mask answer, in whichever mask_encoding and low_res_dtype it came."""
+    encoding = r.get("mask_encoding")
+    if encoding == "packbits":
         masks = unpack_bits(r["masks"], r["masks_shape"]).astype(np.float32)
+    elif encoding == "coco_rle":
+        masks = np.zeros(r["masks_shape"], dtype=np.float32)
+        for out, rle in zip(masks, r["masks"], strict=True):
+            out[decode_rle(rle)] = 1.0
     else:
         masks = decode_array(r["masks"], r["masks_shape"])
+    low = None
+    if r.get("low_res_masks") is not None:
+        low = decode_array(r["low_res_masks"], r["low_res_shape"], r.get("low_res_dtype", "float32"))
     return (
         masks,
         decode_array(r["iou_predictions"], r["iou_shape"]),
-        decode_array(r["low_res_masks"], r["low_res_shape"]),
+        None if low is None else low.astype(np.float32),
     )
 
 

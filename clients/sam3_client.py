@@ -69,6 +69,7 @@ class Sam3ServiceClient:
         image_id: str | None = None,
         boxes: Sequence[Sequence[float]] | None = None,
         box_labels: Sequence[int] | None = None,
+        max_instances: int | None = None,
     ) -> dict:
         """Instances of each text prompt: ``{"image_size": {...}, "results": [...]}``.
 
@@ -78,6 +79,7 @@ class Sam3ServiceClient:
         fall back on. Thresholds left None take the server's defaults. ``boxes`` are exemplar
         boxes ``[x1, y1, x2, y2]`` in pixels, combined with every prompt or, with no prompts, the
         query on their own; ``box_labels`` gives 1 (positive) or 0 (negative) per box, default all 1.
+        ``max_instances`` keeps the best few per prompt (1: the best object only).
         """
         payload = {
             "prompts": list(prompts) if prompts or boxes is None else None,
@@ -88,6 +90,7 @@ class Sam3ServiceClient:
             "score_threshold": score_threshold,
             "epsilon_factor": epsilon_factor,
             "min_area": min_area,
+            "max_instances": max_instances,
             "model": model,
         }
         payload = {k: v for k, v in payload.items() if v is not None}

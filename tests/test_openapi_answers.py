@@ -128,6 +128,24 @@ CASES = [
         "/sam2/prompt_mask",
         {"image": IMG, "box": [5, 5, 40, 30], "return_logits": True},
     ),
+    Case(
+        "sam2-prompt_mask-click-coco_rle-best_only-no-low_res",
+        "/sam2/prompt_mask",
+        {
+            "image": IMG,
+            "point_coords": [[20, 20]],
+            "point_labels": [1],
+            "mask_encoding": "coco_rle",
+            "best_only": True,
+            "return_low_res_masks": False,
+        },
+        nonempty=("masks",),
+    ),
+    Case(
+        "sam2-prompt_mask-low_res-float16",
+        "/sam2/prompt_mask",
+        {"image": IMG, "point_coords": [[20, 20]], "point_labels": [1], "low_res_dtype": "float16"},
+    ),
     Case("sam2-embed", "/sam2/embed", {"image": IMG}),
     Case(
         "sam3-predict-prompts", "/sam3/predict", {**SAM3, "prompts": ["mug", "robot"]}, nonempty=("results",)

@@ -153,6 +153,70 @@ def test_packbits_prompt_masks_decode_to_the_float32_ones_in_a_smaller_answer(kw
     assert err.value.status == 422 and "cannot carry return_logits" in err.value.message
 
 
+CLICK = {"best_only": True, "mask_encoding": "coco_rle", "return_low_res_masks": False}  # the compact form
+
+
+@pytest.mark.parametrize("case", ["one point", "box and points", "single mask"])
+def test_best_only_is_the_library_predictors_highest_iou_mask(reference, kw, case):
+    image = scene(seed=41)
+    body = {"image": encode_image(image), **PROMPTS[case]}
+    masks, iou, low = sc.generate_sam2_prompt_masks(**body, best_only=True, **kw)
+    want_m, want_i, want_l = direct(reference, image, **PROMPTS[case])
+    best = int(np.argmax(want_i))
+    assert masks.shape == (1, 72, 96) and iou.shape == (1,) and low.shape == (1, 64, 64)
+    assert_same_answer(
+        (masks, iou, low), (want_m[best : best + 1], want_i[best : best + 1], want_l[best : best + 1])
+    )
+
+
+def test_coco_rle_masks_decode_to_the_library_predictors_pixels(reference, kw):
+    image = scene(seed=42)
+    body = {"image": encode_image(image), **PROMPTS["two points, one negative"]}
+    r = post("sam2", "prompt_mask", {**body, "mask_encoding": "coco_rle"}, **kw)
+    want, _, _ = direct(reference, image, **PROMPTS["two points, one negative"])
+    assert r["masks_shape"] == [3, 72, 96] and len(r["masks"]) == 3
+    by_coco = np.stack([coco_mask.decode({**m, "counts": m["counts"].encode()}) for m in r["masks"]])
+    masks, _, _ = sc.decode_prompt_answer(r)
+    np.testing.assert_array_equal(by_coco, masks)  # pycocotools and the client read the same pixels
+    packed, _, _ = sc.generate_sam2_prompt_masks(**body, mask_encoding="packbits", **kw)
+    np.testing.assert_array_equal(masks, packed)
+    assert np.mean(masks != want) < 1e-3
+    with pytest.raises(VisionServeError) as err:
+        post("sam2", "prompt_mask", {**body, "mask_encoding": "coco_rle", "return_logits": True}, **kw)
+    assert err.value.status == 422 and "coco_rle carries 0/1 masks" in err.value.message
+
+
+def test_low_res_masks_in_float16_or_left_out(reference, kw):
+    image = scene(seed=43)
+    body = {"image": encode_image(image), **PROMPTS["one point"]}
+    _, _, want = direct(reference, image, **PROMPTS["one point"])
+    r = post("sam2", "prompt_mask", {**body, "low_res_dtype": "float16"}, **kw)
+    assert r["low_res_dtype"] == "float16" and r["low_res_shape"] == [3, 64, 64]
+    _, _, half = sc.decode_prompt_answer(r)
+    assert half.dtype == np.float32
+    np.testing.assert_allclose(half, want.astype(np.float16).astype(np.float32), rtol=1e-3, atol=2e-3)
+    full = post("sam2", "prompt_mask", body, **kw)
+    assert len(r["low_res_masks"]) * 2 <= len(full["low_res_masks"]) + 4
+    masks, iou, low = sc.generate_sam2_prompt_masks(**body, return_low_res_masks=False, **kw)
+    assert low is None and masks.shape == (3, 72, 96)
+    bare = post("sam2", "prompt_mask", {**body, "return_low_res_masks": False}, **kw)
+    assert bare["low_res_masks"] is None and bare["low_res_shape"] is None
+
+
+def test_the_compact_click_answer_is_the_best_mask_in_a_fraction_of_the_bytes(reference, kw):
+    image = scene(seed=44)
+    body = {"image": encode_image(image), **PROMPTS["one point"]}
+    compact = post("sam2", "prompt_mask", {**body, **CLICK}, **kw)
+    seed = post("sam2", "prompt_mask", body, **kw)
+    assert set(seed) == set(compact) and seed["low_res_dtype"] == "float32"  # defaults: the seed's answer
+    masks, iou, low = sc.decode_prompt_answer(compact)
+    want_m, want_i, _ = direct(reference, image, **PROMPTS["one point"])
+    best = int(np.argmax(want_i))
+    assert low is None and np.mean(masks[0] != want_m[best]) < 1e-3
+    np.testing.assert_allclose(iou, want_i[best : best + 1], rtol=1e-4, atol=1e-5)
+    assert len(json.dumps(compact)) * 20 < len(json.dumps(seed))
+
+
 def test_follow_up_with_the_previous_low_res_mask(reference, kw):
     image = scene(seed=3)
     first = sc.generate_sam2_prompt_masks(image=encode_image(image), **PROMPTS["one point"], **kw)

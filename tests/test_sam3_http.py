@@ -194,6 +194,19 @@ def test_rle_and_png_masks_decode_to_the_same_mask_and_area_is_its_pixel_count(c
     assert [r["polygon"] for r in plain] == [r["polygon"] for r in rle]
 
 
+def test_max_instances_keeps_each_prompts_best_instances(client):
+    image = scene(seed=0)
+    everything = client.predict(image=image, prompts=PROMPTS)["results"]
+    best = client.predict(image=image, prompts=PROMPTS, max_instances=1)["results"]
+    firsts = [
+        next(r for r in everything if r["prompt"] == p)
+        for p in PROMPTS
+        if any(r["prompt"] == p for r in everything)
+    ]
+    assert len(everything) > len(best) == len(firsts) > 0
+    assert best == firsts
+
+
 def test_score_threshold_min_area_and_epsilon_including_explicit_zero(client, processor):
     image = scene(seed=3)
     prompt = "a red car"

@@ -185,6 +185,10 @@ def test_instance_rules_order_clipping_area_and_filters():
     with_masks = instances(det, 20, 30, "x", Filters(score_threshold=0, min_area=0, return_masks=True))
     for r, m in zip(with_masks, [masks[1], masks[0], masks[3]], strict=True):
         np.testing.assert_array_equal(decode_instance_mask(r), m)
+    # max_instances counts what passed the other filters, best score first
+    assert instances(det, 20, 30, "x", Filters(score_threshold=0, min_area=0, max_instances=2)) == got[:2]
+    one = instances(det, 20, 30, "x", Filters(score_threshold=0, min_area=82, max_instances=1))
+    assert [r["area"] for r in one] == [300]
 
 
 def test_polygon_simplification():

@@ -19,7 +19,7 @@ from apis.core.errors import APIError
 from apis.core.image_ids import not_cached
 from apis.core.images import decode_image
 from apis.core.lazy import lazy_module
-from apis.core.masks import png_base64
+from apis.core.masks import coco_rle, png_base64
 from apis.core.settings import ModelEntry
 from apis.core.tensors import base64_len, check_answer_bytes, check_response_size, encode_array, human_bytes
 from apis.family import FamilyAPI, Job, Route
@@ -60,7 +60,7 @@ def encode_binary(mask: np.ndarray, encoding: MaskEncoding) -> str:
     if encoding == "float32":  # the values as they are: 0/1, or logits (return_logits)
         return encode_array(mask)[0]
     if encoding == "packbits":
-        return pybase64.b64encode_as_string(np.packbits(mask.astype(bool).ravel()))
+        return pybase64.b64encode_as_string(np.packbits(mask.astype(bool, copy=False).ravel()))
     return png_base64(mask)
 
 
@@ -86,11 +86,13 @@ def check_prompt_fits(p: dict[str, Any], size: tuple[int, int], max_response_byt
         x1, y1, x2, y2 = p["box"]
         if not (x1 >= 0 and y1 >= 0 and x2 <= lim_x and y2 <= lim_y):
             raise APIError(400, f"box {p['box']} is outside {where}", param="box")
+    if p["mask_encoding"] == "coco_rle":  # its size depends on the masks: checked once they are encoded
+        return
     check_response_size(
-        (3 if p["multimask_output"] else 1, h, w),
+        (1 if p["best_only"] or not p["multimask_output"] else 3, h, w),
         p["mask_encoding"],
         max_response_bytes,
-        "use mask_encoding=packbits, multimask_output=false or a smaller image",
+        "use mask_encoding=coco_rle or packbits, best_only=true or a smaller image",
     )
 
 
@@ -191,6 +193,7 @@ class PromptMask(_EncodesImages):
             mask_threshold=p["mask_threshold"],
             max_hole_area=p["max_hole_area"],
             max_sprinkle_area=p["max_sprinkle_area"],
+            best_only=p["best_only"],
         )
         return PromptInput(WholeImage.of(job), prompt)
 
@@ -202,11 +205,26 @@ class PromptMask(_EncodesImages):
         if item.whole.image is None:  # only the id came: check the prompt against the cached size
             check_prompt_fits(job.params, emb.orig_hw[::-1], self.api.cfg.limits.max_response_bytes)
         masks, iou, low = model.predict_prompt(pred, emb, item.prompt)
-        encoding = job.params["mask_encoding"]
+        p = job.params
+        encoding = p["mask_encoding"]
         out: dict[str, Any] = {}
-        out["masks"], out["masks_shape"] = encode_binary(masks, encoding), list(masks.shape)
+        if encoding == "coco_rle":
+            out["masks"] = [coco_rle(m) for m in masks]
+            size = sum(len(r["counts"]) for r in out["masks"])
+            check_answer_bytes(
+                size,
+                f"{len(masks)} masks as coco_rle would need {human_bytes(size)}",
+                self.api.cfg.limits.max_response_bytes,
+                "use mask_encoding=packbits (a fixed H x W / 8 bytes per mask) or best_only=true",
+            )
+        else:
+            out["masks"] = encode_binary(masks, encoding)
+        out["masks_shape"] = list(masks.shape)
         out["iou_predictions"], out["iou_shape"] = encode_array(iou)
-        out["low_res_masks"], out["low_res_shape"] = encode_array(low)
+        out["low_res_masks"], out["low_res_shape"] = (
+            encode_array(low, p["low_res_dtype"]) if p["return_low_res_masks"] else (None, None)
+        )
+        out["low_res_dtype"] = p["low_res_dtype"]
         out["mask_encoding"] = encoding
         out["model"] = job.model_id
         return out

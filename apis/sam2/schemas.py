@@ -17,6 +17,7 @@ from apis.sam2.options import PRESETS, auto_settings
 
 OutputMode = Literal["binary_mask", "uncompressed_rle", "coco_rle"]
 MaskEncoding = Literal["float32", "packbits", "png"]
+PromptMaskEncoding = Literal["float32", "packbits", "coco_rle"]
 _MAX_POINTS = 256
 MASK_INPUT_LIMIT = 1e4  # |logit|; SAM's are tens at most, and fp16 autocast overflows at 65504
 
@@ -189,10 +190,26 @@ class Sam2PromptRequest(Sam2ModelSelector, CachedImageInput):
     max_sprinkle_area: float = Field(
         0.0, ge=0.0, description="Drop foreground specks up to this many low-res px."
     )
-    mask_encoding: Literal["float32", "packbits"] = Field(
+    mask_encoding: PromptMaskEncoding = Field(
         "float32",
-        description="masks as base64 float32 (seed format) or packbits (numpy.packbits of the C-order "
-        "[C, H, W] 0/1 masks, 32x smaller); packbits needs return_logits=false.",
+        description="masks as base64 float32 (seed format), packbits (numpy.packbits of the C-order "
+        "[C, H, W] 0/1 masks, 32x smaller) or coco_rle (a list of C COCO compressed RLEs "
+        "{size: [H, W], counts}, as pycocotools.mask.encode writes them: the smallest for one "
+        "object); packbits and coco_rle need return_logits=false.",
+    )
+    best_only: bool = Field(
+        False,
+        description="Answer only the mask with the highest predicted IoU (of the three that "
+        "multimask_output=true makes), its IoU and its low-res logits: what a click tool shows.",
+    )
+    return_low_res_masks: bool = Field(
+        True,
+        description="false: low_res_masks and low_res_shape are null (for clients that send no mask_input).",
+    )
+    low_res_dtype: Literal["float32", "float16"] = Field(
+        "float32",
+        description="low_res_masks as float32 (exact) or float16 (half the bytes; logits are clamped "
+        "to +-32, so float16 keeps them to about 0.02). mask_input takes float32: widen them first.",
     )
 
     # mask_input's float32 values as validation decoded them; bytes, so requests still compare with ==
@@ -208,8 +225,10 @@ class Sam2PromptRequest(Sam2ModelSelector, CachedImageInput):
 
     @model_validator(mode="after")
     def _prompts(self):
-        if self.mask_encoding == "packbits" and self.return_logits:
-            raise ValueError("mask_encoding=packbits carries 0/1 masks; it cannot carry return_logits=true")
+        if self.mask_encoding != "float32" and self.return_logits:
+            raise ValueError(
+                f"mask_encoding={self.mask_encoding} carries 0/1 masks; it cannot carry return_logits=true"
+            )
         if (self.point_coords is None) != (self.point_labels is None):
             raise ValueError("point_coords and point_labels go together: send both or neither")
         if self.point_coords is not None:
@@ -235,16 +254,28 @@ class Sam2PromptRequest(Sam2ModelSelector, CachedImageInput):
         return self
 
 
-class Sam2PromptResponse(BaseModel):
-    masks: str = Field(
-        ..., description="base64 per mask_encoding, masks_shape [C, H, W]; 0/1 unless return_logits."
+class CocoRle(BaseModel):
+    size: list[int] = Field(..., description="[H, W]")
+    counts: str = Field(
+        ..., description="COCO compressed run lengths, column-major (pycocotools.mask.decode)."
     )
-    mask_encoding: Literal["float32", "packbits"]
+
+
+class Sam2PromptResponse(BaseModel):
+    masks: str | list[CocoRle] = Field(
+        ...,
+        description="float32 / packbits: base64, masks_shape [C, H, W], 0/1 unless return_logits; "
+        "coco_rle: one RLE per mask.",
+    )
+    mask_encoding: PromptMaskEncoding
     masks_shape: list[int]
     iou_predictions: str = Field(..., description="base64 float32, iou_shape [C].")
     iou_shape: list[int]
-    low_res_masks: str = Field(..., description="base64 float32 logits, low_res_shape [C, L, L].")
-    low_res_shape: list[int]
+    low_res_masks: str | None = Field(
+        ..., description="base64 logits in low_res_dtype, low_res_shape [C, L, L]; null if not asked for."
+    )
+    low_res_shape: list[int] | None
+    low_res_dtype: Literal["float32", "float16"]
     model: str
 
 

@@ -79,6 +79,7 @@ class Predict(Route):
             min_area=given("min_area"),
             return_masks=p["return_masks"],
             mask_format=p["mask_format"],
+            max_instances=p["max_instances"],
         )
         boxes = p["boxes"] or []
         labels = [bool(v) for v in p["box_labels"]] if p["box_labels"] is not None else [True] * len(boxes)
@@ -122,7 +123,7 @@ class Predict(Route):
             size,
             f"{len(found)} masks would need {human_bytes(size)}",
             self.api.cfg.limits.max_response_bytes,
-            "raise score_threshold or min_area, or use return_masks=false (polygons only)",
+            "raise score_threshold or min_area, set max_instances, or use return_masks=false (polygons only)",
         )
         enc: model.Encoded = queries[0].enc
         return {

@@ -523,6 +523,7 @@ class Filters:
     min_area: float = 100  # kept when the polygon's area >= min_area
     return_masks: bool = False
     mask_format: Literal["rle", "png"] = "rle"
+    max_instances: int | None = None  # per query, best score first; None keeps all
 
 
 def instance_mask(logits: torch.Tensor, height: int, width: int) -> np.ndarray:
@@ -533,9 +534,10 @@ def instance_mask(logits: torch.Tensor, height: int, width: int) -> np.ndarray:
 
 
 def instances(det: Detections, height: int, width: int, prompt: str | None, filters: Filters) -> list[dict]:
-    """The query's instances, best score first. Per instance: score, bbox [x1, y1, x2, y2] in
-    pixels (clipped to the image), polygon of the largest external contour, area = mask pixel
-    count, and the mask when asked for. An empty mask has no outline and is never returned.
+    """The query's instances, best score first, at most ``filters.max_instances``. Per
+    instance: score, bbox [x1, y1, x2, y2] in pixels (clipped to the image), polygon of the
+    largest external contour, area = mask pixel count, and the mask when asked for. An empty
+    mask has no outline and is never returned.
 
     Masks are upsampled one at a time, so memory stays one image-sized mask whatever the count.
     """
@@ -547,6 +549,8 @@ def instances(det: Detections, height: int, width: int, prompt: str | None, filt
     boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
     out = []
     for q, box in zip(keep.tolist(), boxes.tolist(), strict=True):
+        if len(out) == filters.max_instances:  # the rest would be upsampled and outlined for nothing
+            break
         mask = instance_mask(det.mask_logits[q], height, width)
         outline = largest_polygon(mask, filters.epsilon_factor)
         if outline is None or outline[1] < filters.min_area:

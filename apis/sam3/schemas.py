@@ -55,6 +55,12 @@ class Sam3PredictRequest(Sam3ModelSelector, CachedImageInput):
         description="Drop instances whose polygon covers fewer pixels; 0 keeps all. "
         "null = server default (100).",
     )
+    max_instances: int | None = Field(
+        None,
+        ge=1,
+        description="Keep at most this many instances per prompt (or per boxes-only query), best "
+        "score first, after the other filters: 1 is the one best object. null keeps all.",
+    )
 
     @field_validator("prompts")
     @classmethod

@@ -156,14 +156,39 @@ function clearPoints() {
   status("sam2-status", "");
 }
 
-function unpackMask(text, shape, index) {
-  const [, h, w] = shape;
-  const bits = fromBase64(text);
+// Run lengths of a COCO compressed RLE string (pycocotools): 5 bits a character from '0', the
+// 6th bit continues a number, the last bit read its sign; from the third run on each value is a
+// difference to the run two places back.
+function rleCounts(text) {
+  const counts = [];
+  let pos = 0;
+  while (pos < text.length) {
+    let value = 0;
+    let shift = 0;
+    let more = true;
+    while (more) {
+      const c = text.charCodeAt(pos++) - 48;
+      value |= (c & 0x1f) << shift;
+      more = (c & 0x20) !== 0;
+      shift += 5;
+      if (!more && c & 0x10) value |= -1 << shift;
+    }
+    if (counts.length > 2) value += counts[counts.length - 2];
+    counts.push(value);
+  }
+  return counts;
+}
+
+// A row-major 0/1 mask from {size: [H, W], counts}: runs are column-major, background first.
+function decodeRle(rle) {
+  const [h, w] = rle.size;
   const mask = new Uint8Array(h * w);
-  const start = index * h * w;
-  for (let i = 0; i < h * w; i++) {
-    const at = start + i;
-    mask[i] = (bits[at >> 3] >> (7 - (at & 7))) & 1;
+  let at = 0;
+  let inside = false;
+  for (const run of rleCounts(rle.counts)) {
+    if (inside) for (let i = at; i < at + run; i++) mask[(i % h) * w + Math.floor(i / h)] = 1;
+    at += run;
+    inside = !inside;
   }
   return mask;
 }
@@ -198,20 +223,20 @@ async function click(event, label) {
   state.points.push([Math.round(x * 10) / 10, Math.round(y * 10) / 10]);
   state.labels.push(event.shiftKey || label === 0 ? 0 : 1);
   await guarded("sam2-status", async () => {
-    const single = state.points.length === 1; // one point is ambiguous: ask for three and keep the best
+    const single = state.points.length === 1; // one point is ambiguous: three masks, the best one back
     const r = await withImageId("sam2", "/sam2/prompt_mask", {
       point_coords: state.points,
       point_labels: state.labels,
       multimask_output: single,
-      mask_encoding: "packbits",
+      best_only: true,
+      mask_encoding: "coco_rle",
+      return_low_res_masks: false,
     });
-    const iou = float32s(r.iou_predictions);
-    let best = 0;
-    for (let i = 1; i < iou.length; i++) if (iou[i] > iou[best]) best = i;
-    const count = drawMask(unpackMask(r.masks, r.masks_shape, best));
+    const iou = float32s(r.iou_predictions)[0];
+    const count = drawMask(decodeRle(r.masks[0]));
     status(
       "sam2-status",
-      `${state.points.length} point(s); mask of ${count} px, predicted IoU ${iou[best].toFixed(3)} (${r.model})`
+      `${state.points.length} point(s); mask of ${count} px, predicted IoU ${iou.toFixed(3)} (${r.model})`
     );
   });
 }
