@@ -45,6 +45,7 @@ from .masks import decode_png, decode_rle, save_overlay
 __all__ = [
     "Sam2VideoSession",
     "VisionServeError",
+    "decode_frame_masks",
     "decode_rle",
     "decode_segmentation",
     "embed_sam2_image",
@@ -338,6 +339,7 @@ class Sam2VideoSession:
 
     @property
     def num_frames(self) -> int:
+        """Frames of the clip when the session was opened (0 for a live session)."""
         return self.created["num_frames"]
 
     def _call(self, method: str, path: str, payload: dict | None = None, **kwargs: Any) -> Any:
