@@ -45,6 +45,7 @@ from .masks import decode_png, decode_rle, save_overlay
 __all__ = [
     "Sam2VideoSession",
     "VisionServeError",
+    "decode_frame_masks",
     "decode_prompt_answer",
     "decode_rle",
     "decode_segmentation",
@@ -359,6 +360,7 @@ class Sam2VideoSession:
 
     @property
     def num_frames(self) -> int:
+        """Frames of the clip when the session was opened (0 for a live session)."""
         return self.created["num_frames"]
 
     def _call(self, method: str, path: str, payload: dict | None = None, **kwargs: Any) -> Any:
