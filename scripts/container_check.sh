@@ -162,7 +162,7 @@ metrics_url=""
 set +e
 "$PY" - "$url" "$KEY" "$NAME" "$metrics_url" "$t0" <<'EOF'
 """The checks, one line each; exit 1 if one fails."""
-import base64, io, json, subprocess, sys, threading, time
+import base64, io, subprocess, sys, threading, time
 import numpy as np, requests
 from PIL import Image
 
