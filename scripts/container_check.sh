@@ -133,11 +133,13 @@ cpus=$(( $(nproc) < ${CPU_LIMIT%.*} ? $(nproc) : ${CPU_LIMIT%.*} ))
 mkdir -m 755 "$WORK/keys" "$WORK/config"
 KEY="vs-check-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 printf '%s\n' "$KEY" >"$WORK/keys/$KEYS_FILE" && chmod 644 "$WORK/keys/$KEYS_FILE" # a Secret volume's mode
-cp "$CHECK_CONFIG" "$WORK/config/config.yaml" && chmod 644 "$WORK/config/config.yaml"
+# the config's folder, as a ConfigMap of several keys would be mounted (its model files sit beside it)
+cp -r "$(dirname "$CHECK_CONFIG")/." "$WORK/config/" && chmod -R a+rX "$WORK/config"
+config_in_pod=/etc/visionserve/config/$(basename "$CHECK_CONFIG")
 docker volume create "$NAME-models" >/dev/null
 # the volume belongs to the pod's fsGroup in Kubernetes; here: chown it once, as root
 docker run --rm --user 0 -v "$NAME-models:/m" --entrypoint /bin/chown "$TAG" "$RUN_UID:$RUN_GID" /m
-env_args=(-e "VISIONSERVE_CONFIG=/etc/visionserve/config/config.yaml")
+env_args=(-e "VISIONSERVE_CONFIG=$config_in_pod")
 for kv in $PLAIN_ENV; do env_args+=(-e "$kv"); done
 for name in $CPU_ENV; do env_args+=(-e "$name=$cpus"); done
 publish=(-p "127.0.0.1::$HTTP_PORT")
@@ -151,7 +153,7 @@ run=(docker run -d --name "$NAME"
 # shellcheck disable=SC2086
 eval "set -- $ARGS"
 echo "docker run (no --init) ${run[*]:2} $*" | sed "s|$WORK|\$WORK|g"
-echo "config: $CHECK_CONFIG mounted at /etc/visionserve/config/config.yaml (VISIONSERVE_CONFIG)"
+echo "config: $CHECK_CONFIG, its folder mounted read-only at /etc/visionserve/config (VISIONSERVE_CONFIG=$config_in_pod)"
 [ -z "$INIT_CONTAINERS" ] || echo "init containers not run: $INIT_CONTAINERS (the demo models need no download)"
 t0=$(now)
 "${run[@]}" "$@" >/dev/null
