@@ -17,6 +17,7 @@
 #   LOCAL_INDEXES="DIR..."  PEP 503 folders (DIR/simple/...) served on 127.0.0.1 to the build as
 #                           extra indexes, where the torch index or PyPI's CUDA wheels cannot be
 #                           reached; the lock's hashes still decide which files are accepted
+#   LOCAL_INDEX_PORT        they listen on the ports after this one (default 38100)
 #   CHECK_CONFIG            the server config mounted into the container (default
 #                           configs/demo.yaml: tiny random models, as no weights can be fetched)
 #   BASE_ROOTFS             a debootstrap'ed Debian bookworm to import as the base image when
@@ -67,8 +68,9 @@ fi
 build_args=(--build-arg "VARIANT=$VARIANT")
 [ -n "${TORCH_INDEX_URL:-}" ] && build_args+=(--build-arg "TORCH_INDEX_URL=$TORCH_INDEX_URL")
 extra=()
+port=${LOCAL_INDEX_PORT:-38100} # fixed ports: the build arg is part of the layer cache key
 for dir in ${LOCAL_INDEXES:-}; do
-    port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    port=$((port + 1))
     python3 -m http.server --bind 127.0.0.1 --directory "$dir" "$port" >/dev/null 2>&1 &
     servers+=($!)
     extra+=("http://127.0.0.1:$port/simple")
