@@ -113,7 +113,9 @@ def test_sam3_label_resumes_into_a_coco_file(demo_server, folder, tmp_path):
             min_area=0,
         )
         mine = coco.loadAnns(coco.getAnnIds(imgIds=[image_id]))
-        assert [a["score"] for a in mine] == [r["score"] for r in direct["results"]]
+        # the same instances; a score may differ in the last float32 bits, as images batched
+        # together in the worker run other kernels than one image alone
+        assert [a["score"] for a in mine] == pytest.approx([r["score"] for r in direct["results"]], abs=1e-6)
         for a, r in zip(mine, direct["results"], strict=True):
             np.testing.assert_array_equal(
                 mask_utils.decode(a["segmentation"]).astype(bool), decode_instance_mask(r)

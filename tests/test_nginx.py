@@ -11,10 +11,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections import Counter
@@ -25,8 +27,10 @@ import numpy as np
 import psutil
 import pytest
 import requests
+import uvicorn
 from PIL import Image
 
+from apis.core.settings import Limits
 from clients import encode_image
 from clients.sam3_client import Sam3ServicePool
 from tests.conftest import ROOT, ServerProcess, free_port
@@ -316,3 +320,51 @@ def test_round_robin_image_affinity_crash_and_graceful_stop(cluster):
     )
     last = requests.post(nginx.url + "/clip/encode_text", json={"text": texts[0]}, headers=AUTH, timeout=60)
     assert last.status_code == 200 and last.json() == direct.json()  # replica 0 answers alone
+
+    # 5. Bodies over the limits get the JSON 413: the replica's past its limit, nginx's past its own.
+    check_body_limits(nginx.url)
+
+
+def check_body_limits(url: str) -> None:
+    """A body just over the replicas' limit reaches them and gets their JSON 413 (naming their
+    limit), not nginx's HTML page; a body over nginx's limit gets nginx's 413 in the same shape."""
+    over_server = Limits().max_body_bytes + 2**20
+    r = requests.post(
+        url + "/clip/encode_text",
+        data=b" " * over_server,
+        headers={**AUTH, "Content-Type": "application/json"},
+        timeout=60,
+    )
+    assert r.status_code == 413 and r.headers["content-type"] == "application/json", r.text
+    assert r.json()["error"]["code"] == "body_too_large"
+    assert f"limit of {Limits().max_body_bytes} bytes" in r.json()["error"]["message"]
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=10) as s:
+        s.sendall(  # declared, never sent: nginx answers from the header
+            f"POST /clip/encode_text HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {nginx_body_limit() + 1}\r\n\r\n".encode()
+        )
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413") and b"application/json" in head, answer
+    error = json.loads(body)["error"]
+    assert error["code"] == "body_too_large" and error["type"] == "request_too_large", error
+    assert f"limit of {nginx_body_limit() // 2**20} MiB" in error["message"]
+
+
+def nginx_body_limit() -> int:
+    (size,) = re.findall(r"^\s*client_max_body_size (\d+)m;", NGINX_CONF.read_text(), re.M)
+    return int(size) * 2**20
+
+
+def test_nginx_limits_sit_above_the_servers_and_keep_alive_below_uvicorns():
+    """The server's JSON 413 (which names its limit) is what a client sees; nginx closes idle
+    upstream connections before uvicorn does, so it never reuses one uvicorn has closed."""
+    assert nginx_body_limit() > Limits().max_body_bytes
+    uvicorn_keep_alive = uvicorn.Config(app=None).timeout_keep_alive  # the server does not change it
+    keep_alive = [int(v) for v in re.findall(r"keepalive_timeout (\d+)s;", NGINX_CONF.read_text())]
+    assert keep_alive and all(v < uvicorn_keep_alive for v in keep_alive)

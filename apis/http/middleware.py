@@ -114,7 +114,12 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         length = _header(scope, b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await _send_json(send, 413, self._message(), [(b"connection", b"close")])
+            # Up to twice the limit the connection stays open and uvicorn discards the unread
+            # body: closing with unread bytes resets the connection, and a client or proxy still
+            # sending (nginx, requests) sees a reset or a 502 instead of this answer. Past that,
+            # close rather than read it.
+            close = [(b"connection", b"close")] if int(length) > 2 * self.max_bytes else []
+            return await _send_json(send, 413, self._message(), close)
 
         seen = 0
         started = False

@@ -19,6 +19,12 @@ log = logging.getLogger("visionserve")
 CLIENT_GONE = 499  # nginx's status for "client closed the request"; nobody reads it
 
 
+#: The FastAPI release whose APIRoute internals JsonBodyRoute was checked against:
+#: ``get_route_handler`` (overridden), ``body_field.field_info.annotation`` (the request model)
+#: and ``endpoint``. tests/test_fastapi_uvicorn_contract.py fails on any other.
+FASTAPI_VERSION = "0.165.0"
+
+
 def _is_json(content_type: str | None) -> bool:
     media = (content_type or "").partition(";")[0].strip().lower()
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
