@@ -576,6 +576,49 @@ def test_auto_mask_equals_the_library_generator_field_by_field(kw, sam2_checkpoi
             assert m["segmentation"] == w["segmentation"]
 
 
+#: one crop layer whose crops keep masks: no box or area filter, and a mask threshold that
+#: leaves crop masks off the crop edges (random weights fill a crop otherwise)
+CROPS = {"crop_n_layers": 1, "points_per_side": 2, "crop_n_points_downscale_factor": 1}
+CROPS |= {"box_nms_thresh": 1.0, "min_mask_region_area": 0, **LOOSE}
+CROP_VALUES = {
+    # 1.0 keeps the 12 masks of the full-image layer that the default 0.7 merges into one
+    "crop_nms_thresh": ({}, [1.0, 0.3]),
+    # the crops' boxes follow the overlap
+    "crop_overlap_ratio": ({"crop_nms_thresh": 1.0, "mask_threshold": 1.0}, [0.1, 0.6]),
+}
+
+
+@pytest.mark.parametrize("field", CROP_VALUES)
+def test_crop_nms_and_overlap_equal_the_library_generator_at_two_values(
+    kw, sam2_checkpoint, monkeypatch, field
+):
+    """Each value against SAM2AutomaticMaskGenerator given it; the two values' answers differ, so
+    a field the server ignores (or always sets to its default) fails one of them."""
+    import sam2.utils.misc
+    from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+
+    monkeypatch.setattr(sam2.utils.misc, "get_connected_components", kernel_on_cpu)
+    image = scene(seed=2)
+    model = build_tiny(str(sam2_checkpoint))
+    extra, values = CROP_VALUES[field]
+    answers = []
+    for value in values:
+        over = {**CROPS, **extra, field: value}
+        r = sc.generate_sam2_auto_masks(
+            image=encode_image(image), preset="coarse", output_mode="coco_rle", **over, **kw
+        )
+        amg = SAM2AutomaticMaskGenerator(
+            model, output_mode="coco_rle", **{**PRESET_VALUES["coarse"], **COMMON_VALUES, **over}
+        )
+        s = model.image_size
+        amg.predictor._bb_feat_sizes = [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]
+        want = amg.generate(image)
+        got = [(m["area"], m["crop_box"], m["segmentation"]) for m in r["masks"]]
+        assert got == [(w["area"], w["crop_box"], w["segmentation"]) for w in want], (field, value)
+        answers.append(got)
+    assert answers[0] != answers[1], f"{field}: the two values must give different answers here"
+
+
 def test_request_defaults_reach_the_generator_as_documented(sam2_checkpoint, monkeypatch):
     """What the server hands ``SAM2AutomaticMaskGenerator`` for a request that names nothing
     (preset ``fine_grained``) or only the preset: the README's values, and where the README
