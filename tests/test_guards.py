@@ -223,3 +223,27 @@ def test_an_unexpected_exception_is_answered_in_the_json_shape():
     r = TestClient(app, raise_server_exceptions=False).get("/boom")
     assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
     assert "a bug" not in r.text
+
+
+@pytest.mark.parametrize("which", [0, 2, None])
+def test_keys_are_compared_in_constant_time_with_every_key(monkeypatch, which):
+    """SECURITY.md: the token goes through hmac.compare_digest against every configured key,
+    whichever matches (no early exit, no ``==``)."""
+    import hmac
+
+    from apis.http import middleware
+
+    keys = ["vs-first", "vs-second", "vs-third"]
+    seen = []
+    real = hmac.compare_digest
+
+    def spy(a, b):
+        seen.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(middleware.hmac, "compare_digest", spy)
+    auth = middleware.BearerAuth(None, keys, lambda path: False)
+    token = keys[which] if which is not None else "vs-nope"
+    problem = auth._problem(b"Bearer " + token.encode())
+    assert (problem is None) is (which is not None)
+    assert seen == [(token.encode(), k.encode()) for k in keys]
