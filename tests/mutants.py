@@ -383,6 +383,130 @@ MUTANTS = [
         ("tests/test_server_options.py::test_keys_from_the_key_file_only",),
         "item 4 (server options): a comment line becomes an accepted key",
     ),
+    # issue 32: options and promises checked by their effect
+    Mutant(
+        "pca: niter ignored",
+        "apis/core/dense.py",
+        'feats = pca_rgb(feats, p["pca_niter"],',
+        "feats = pca_rgb(feats, 100,",
+        (
+            "tests/test_clip_http.py::test_ret_pca_equals_an_svd_of_the_reference_features",
+            "tests/test_dino_http.py::test_pca_is_deterministic_and_equals_an_svd_of_timm_features",
+        ),
+        "issue 32: every PCA test ran where 100 iterations had converged",
+    ),
+    Mutant(
+        "dino: padding_mode ignored",
+        "apis/dino/api.py",
+        'patch, p["padding_mode"], IMAGENET_MEAN',
+        'patch, "constant", IMAGENET_MEAN',
+        ("tests/test_dino_http.py::test_padding_mode_equals_numpy_padding_of_the_normalised_image",),
+        "issue 32: DINO pads with zeros whatever the request says",
+    ),
+    Mutant(
+        "decoder: EXIF orientation 6 turned the other way",
+        "apis/core/images.py",
+        "        img = ImageOps.exif_transpose(img)\n",
+        "        img = ImageOps.exif_transpose(img).transpose(Image.Transpose.ROTATE_180)"
+        " if img.getexif().get(0x0112) == 6 else ImageOps.exif_transpose(img)\n",
+        ("tests/test_image_decoding.py::-k orientation",),
+        "issue 32: 270 degrees where the tag says 90; the size is right",
+    ),
+    Mutant(
+        "decoder: animations from their last frame",
+        "apis/core/images.py",
+        "        img.load()\n        img = ImageOps",
+        '        img.seek(getattr(img, "n_frames", 1) - 1)\n        img.load()\n        img = ImageOps',
+        ("tests/test_image_decoding.py::test_animations_decode_to_their_first_frame",),
+        "issue 32: the last frame has the first one's size",
+    ),
+    Mutant(
+        "decoder: 16-bit grey divided by 257",
+        "apis/core/images.py",
+        "0, 65535) >> 8",
+        "0, 65535) // 257",
+        ("tests/test_image_decoding.py::test_16_bit_grey_keeps_the_top_8_bits",),
+        "issue 32: off by one at the top of each bucket",
+    ),
+    Mutant(
+        "decoder: TIFF header size turned twice",
+        "apis/core/images.py",
+        'if getattr(img, "_tile_size", (w, h)) != (w, h):',
+        "if False:",
+        ("tests/test_image_decoding.py::-k orientation",),
+        "issue 32: the bug the pixel test found (Pillow reports a TIFF's size already oriented)",
+    ),
+    Mutant(
+        "auto_mask: crop_nms_thresh ignored",
+        "apis/sam2/model.py",
+        "amg = _Generator(pred.model, output_mode=output_mode, **s)",
+        'amg = _Generator(pred.model, output_mode=output_mode, **{**s, "crop_nms_thresh": 0.7})',
+        ("tests/test_sam2_http.py::test_crop_nms_and_overlap_equal_the_library_generator_at_two_values",),
+        "issue 32: the default crop NMS whatever the request says",
+    ),
+    Mutant(
+        "auto_mask: crop_overlap_ratio ignored",
+        "apis/sam2/model.py",
+        "amg = _Generator(pred.model, output_mode=output_mode, **s)",
+        'amg = _Generator(pred.model, output_mode=output_mode, **{**s, "crop_overlap_ratio": 512 / 1500})',
+        ("tests/test_sam2_http.py::test_crop_nms_and_overlap_equal_the_library_generator_at_two_values",),
+        "issue 32: the default crop overlap whatever the request says",
+    ),
+    Mutant(
+        "auth: keys compared with ==",
+        "apis/http/middleware.py",
+        "match |= hmac.compare_digest(token, key)",
+        "match |= token == key",
+        ("tests/test_guards.py::-k constant_time",),
+        "issue 32: SECURITY.md's constant-time comparison",
+    ),
+    Mutant(
+        "auth: early exit on the first matching key",
+        "apis/http/middleware.py",
+        "match |= hmac.compare_digest(token, key)",
+        "match = match or hmac.compare_digest(token, key)",
+        ("tests/test_guards.py::-k constant_time",),
+        "issue 32: time depends on which key matched",
+    ),
+    Mutant(
+        "logs: an accepted key logged",
+        "apis/http/middleware.py",
+        'return None if match else "invalid API key"',
+        "return (__import__('logging').getLogger('visionserve').warning('key %s', token.decode())"
+        ' if match else "invalid API key")',
+        (
+            "tests/test_auth_and_errors.py::"
+            "test_keys_never_reach_the_log_and_info_level_prints_no_debug_lines",
+        ),
+        "issue 32: SECURITY.md's keys never in logs",
+    ),
+    Mutant(
+        "options: --log-level always debug",
+        "app.py",
+        "configure_logging(args.log_level, args.log_format)",
+        'configure_logging("debug", args.log_format)',
+        (
+            "tests/test_auth_and_errors.py::"
+            "test_keys_never_reach_the_log_and_info_level_prints_no_debug_lines",
+        ),
+        "issue 32: --log-level info prints debug lines",
+    ),
+    Mutant(
+        "options: --log-level always info",
+        "app.py",
+        "configure_logging(args.log_level, args.log_format)",
+        'configure_logging("info", args.log_format)',
+        ("tests/test_server_options.py::test_debug_log_level_prints_debug_lines",),
+        "issue 32: --log-level debug ignored",
+    ),
+    Mutant(
+        "dense: tensor_format ignored",
+        "apis/core/dense.py",
+        'return x.permute(2, 0, 1) if fmt == "CHW" else x',
+        "return x",
+        ("tests/test_dino_http.py::test_layouts_and_upsampling_agree",),
+        "issue 32: CHW answered in HWC",
+    ),
 ]
 
 
@@ -411,7 +535,10 @@ def run(m: Mutant, timeout: float) -> tuple[str, float, str]:
         env = {**os.environ, "PYTHONPATH": str(work), "PYTHONDONTWRITEBYTECODE": "1"}
         t0 = time.monotonic()
         # -n 0: in one process, where -x stops with exit 1 (under xdist it is 2, "interrupted")
-        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-n", "0", "-p", "no:cacheprovider", *m.tests]
+        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-n", "0", "-p", "no:cacheprovider"]
+        for test in m.tests:  # "file::-k words" selects by keyword
+            path, _, words = test.partition("::-k ")
+            cmd += [path, "-k", words] if words else [test]
         try:
             p = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
