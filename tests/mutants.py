@@ -507,6 +507,49 @@ MUTANTS = [
         ("tests/test_dino_http.py::test_layouts_and_upsampling_agree",),
         "issue 32: CHW answered in HWC",
     ),
+    Mutant(
+        "cache: cache_size 0 keeps entries",
+        "apis/core/cache.py",
+        "if self.capacity <= 0:",
+        "if self.capacity < 0:",
+        (
+            "tests/test_sam3_batching.py::-k cache_size",
+            "tests/test_sam2_http.py::-k cache_size_0",
+        ),
+        "issue 32: the off state of cache_size",
+    ),
+    Mutant(
+        "sam2: new images encoded one at a time",
+        "apis/sam2/model.py",
+        "return self.cache.fetch_or_find(keys, images, encode)",
+        "return self.cache.fetch_or_find(keys, images, lambda todo: [e for i in todo for e in encode([i])])",
+        ("tests/test_sam2_http.py::test_concurrent_prompts_on_new_images_share_one_encoder_pass",),
+        "issue 32: grouped requests, but one image-encoder forward per image",
+    ),
+    Mutant(
+        "sam3: new images encoded one at a time",
+        "apis/sam3/model.py",
+        "return self.cache.fetch_or_find(keys, images, encode)",
+        "return self.cache.fetch_or_find(keys, images, lambda todo: [e for i in todo for e in encode([i])])",
+        ("tests/test_sam3_batching.py::-k cache_size",),
+        "issue 32: grouped requests, but one backbone forward per image",
+    ),
+    Mutant(
+        "clients: a default off the server's",
+        "clients/dino_client.py",
+        "    pca_q_max: float = 0.99,\n",
+        "    pca_q_max: float = 0.9,\n",
+        ("tests/test_openapi_answers.py::-k client_parameters",),
+        "issue 32: client defaults equal the server's",
+    ),
+    Mutant(
+        "clients: a request field missing",
+        "clients/clip_client.py",
+        "    pca_niter: int = 5,\n    pca_q_min: float = 0.01,\n    pca_q_max: float = 0.99,\n    tensor",
+        "    pca_q_min: float = 0.01,\n    pca_q_max: float = 0.99,\n    tensor",
+        ("tests/test_openapi_answers.py::-k client_parameters",),
+        "issue 32: compute_clip_similarity lacked pca_niter, pca_q_min/max and tensor_format",
+    ),
 ]
 
 

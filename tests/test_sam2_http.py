@@ -310,7 +310,10 @@ def test_an_image_and_its_id_go_to_the_same_of_two_workers(two_workers, referenc
 
 
 def test_concurrent_prompts_on_new_images_share_one_encoder_pass(sam2_server, reference, kw):
+    """Six new images at once: the image encoder runs on each exactly once, and on several of
+    them in one forward (its calls counted by batch size, before and after)."""
     images = [scene(seed=100 + i) for i in range(6)]
+    before = info(sam2_server)["encoder_batch_sizes"]["sam2.1_hiera_t"]
     with ThreadPoolExecutor(6) as pool:
         outs = list(
             pool.map(
@@ -322,8 +325,9 @@ def test_concurrent_prompts_on_new_images_share_one_encoder_pass(sam2_server, re
         )
     for im, out in list(zip(images, outs, strict=True))[:2]:
         assert_same_answer(out, direct(reference, im, **PROMPTS["one point"]))
-    sizes = info(sam2_server)["forward_batch_sizes"]["prompt_mask"]
-    assert max(int(s) for s in sizes) > 1, sizes
+    after = info(sam2_server)["encoder_batch_sizes"]["sam2.1_hiera_t"]
+    new = {int(k): v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+    assert sum(k * v for k, v in new.items()) == len(images) and max(new) > 1, new
 
 
 def test_model_spellings_select_configured_models_only(sam2_server, kw):
@@ -774,3 +778,19 @@ def test_overlay_of_a_phone_jpeg_is_turned_like_the_servers_masks(kw, tmp_path):
     assert 0 < m.sum() < m.size
     np.testing.assert_array_equal(got[~m], turned[~m])
     np.testing.assert_array_equal(got[m], np.broadcast_to(colour, got[m].shape))
+
+
+@pytest.mark.parametrize("cache_size, encodings", [(0, 4), (2, 2)])
+def test_embeddings_batch_new_images_and_cache_size_0_keeps_none(sam2_checkpoint, cache_size, encodings):
+    """Two new images: one image-encoder forward of 2; the same two again are cache hits, unless
+    cache_size is 0, which encodes them again."""
+    from apis.sam2 import model as sam2_model
+
+    pred = sam2_model.Sam2Predictor(build_tiny(str(sam2_checkpoint)), cache_size=cache_size)
+    images = [scene(seed=400), scene(seed=401)]
+    first = pred.embeddings(["a", "b"], images)
+    assert dict(pred.encoder_batches) == {2: 1}
+    again = pred.embeddings(["a", "b"], images)
+    assert pred.encoded_images == encodings
+    assert dict(pred.encoder_batches) == ({2: 2} if cache_size == 0 else {2: 1})
+    assert (again[0] is first[0]) is (cache_size > 0)
