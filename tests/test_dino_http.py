@@ -17,6 +17,7 @@ import requests
 import timm
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.functional as TF
 from PIL import Image
 
 from clients import dino_client as dc
@@ -391,3 +392,31 @@ def test_bad_inputs_get_a_clear_4xx(rgb_image, kw, params, status, needle):
     assert err.value.status == status
     assert needle in err.value.message
     assert dc.extract_dino_features(rgb_image, **kw)["shape"] == [4, 5, DIM]  # still serving
+
+
+@pytest.mark.parametrize("load_size, grid", [(30, (3, 3)), (-2, (7, 9)), (None, (4, 5))])
+def test_load_size_equals_torchvision_resize_then_timm(rgb_image, dino_models, kw, load_size, grid):
+    """As CLIP: the shorter side to load_size (negative: times itself), bicubic, then timm."""
+    got = dc.extract_dino_features_decoded(rgb_image, model_type="dinov2_tiny14", load_size=load_size, **kw)
+    img = rgb_image
+    if load_size is not None:
+        img = TF.resize(img, load_size if load_size > 0 else -load_size * 45, TF.InterpolationMode.BICUBIC)
+    want = reference(dino_models["dinov2_tiny14"][0], img, 14, "token", -1)
+    assert got.shape == (*grid, DIM)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_float16_and_npy_carry_the_float32_values(dino_server, rgb_image, kw):
+    """output_dtype and response_format on DINO, as on CLIP: float16 halves the bytes and rounds
+    the same values; npy carries exactly the JSON's values."""
+    args = {"model_type": "dinov2_tiny14", "ret_patches": False}
+    f32 = dc.extract_dino_features(rgb_image, **args, **kw)
+    f16 = dc.extract_dino_features(rgb_image, output_dtype="float16", **args, **kw)
+    assert f16["dtype"] == "float16" and len(f16["features"]) < 0.55 * len(f32["features"])
+    want = dc.decode_features(f32["features"], f32["shape"])
+    half = dc.decode_features(f16["features"], f16["shape"], "float16")
+    np.testing.assert_array_equal(half, want.astype(np.float16))
+    for dtype, values in (("float32", want), ("float16", half)):
+        npy = dc.extract_dino_features(rgb_image, output_dtype=dtype, response_format="npy", **args, **kw)
+        assert npy["array"].dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(npy["array"], values)
