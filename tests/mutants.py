@@ -638,6 +638,14 @@ MUTANTS = [
         ("tests/test_guards.py::test_default_limits_are_the_numbers_security_md_states",),
         "issue 32: SECURITY.md's limits by their exact numbers",
     ),
+    Mutant(
+        "routing: route_by_image false ignored",
+        "apis/family.py",
+        "job.image_id is None or not self.fam.route_by_image:",
+        "job.image_id is None:",
+        ("tests/test_units.py::-k affinity",),
+        "issue 32: the off state of route_by_image",
+    ),
 ]
 
 

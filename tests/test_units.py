@@ -280,3 +280,9 @@ def test_affinity_keys_name_the_image_id_and_model_of_the_routes_that_cache_imag
     assert extract.image_id is None  # CLIP caches no image
     assert clip.affinity(Job("extract", "m", {}, png, image_id=job.image_id)) is None
     assert sam3.affinity(Job("predict", "m", {}, None)) is None
+    # route_by_image: false: no key, so the dispatcher sends each request to the least busy worker
+    for family, route in (("sam2", "prompt_mask"), ("sam3", "predict")):
+        off = load_config(ROOT / "configs" / "demo.yaml")
+        getattr(off, family).route_by_image = False
+        api = FAMILIES[family].api_class()(off)
+        assert api.affinity(Job(route, job.model_id, {}, image_id=job.image_id)) is None
