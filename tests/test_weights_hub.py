@@ -279,20 +279,25 @@ def test_download_then_serve_offline(tmp_path, hub_files):
                 api_key=KEY,
             )
             np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
-        check_dino_sam2_rmbg(server, hub_files, tmp_path)
+        check_dino_sam2_sam3_rmbg(server, hub_files, tmp_path)
     finally:
         assert server.stop() == 0
 
 
-def check_dino_sam2_rmbg(server, hub_files: dict[str, bytes], tmp: Path) -> None:
-    """Answers of DINO, SAM 2 and RMBG from the weights the fake hub served, against references
-    built from those files directly (timm, SAM2ImagePredictor, onnxruntime)."""
+def check_dino_sam2_sam3_rmbg(server, hub_files: dict[str, bytes], tmp: Path) -> None:
+    """Answers of DINO, SAM 2, SAM 3 and RMBG from the weights the fake hub served, against
+    references built from those files directly (timm, SAM2ImagePredictor, Sam3Processor,
+    onnxruntime)."""
     import safetensors.torch
     import timm
     from PIL import Image
     from sam2.sam2_image_predictor import SAM2ImagePredictor
+    from sam3.model.sam3_image_processor import Sam3Processor
 
+    from apis.sam3.model import Sam3Arch, build_sam3_image
     from clients import dino_client, rmbg_client, sam2_client
+    from clients.sam3_client import Sam3ServiceClient
+    from tests import test_sam3_http
     from tests.test_rmbg_http import V14, photo, reference_matte
     from tests.test_sam2_http import assert_same_answer, build_tiny, direct, scene
 
@@ -326,6 +331,18 @@ def check_dino_sam2_rmbg(server, hub_files: dict[str, bytes], tmp: Path) -> None
         image=sam2_client.encode_image(picture), base_url=server.url + "/sam2", **click, **auth
     )
     assert_same_answer(got, direct(pred, picture, **click))
+    # SAM 3: a text prompt, against Sam3Processor on the served checkpoint
+    model = build_sam3_image(Sam3Arch.from_json(SAM3_ARCH))
+    state = torch.load(io.BytesIO(hub_files["facebook/sam3/sam3.pt"]), weights_only=True)["model"]
+    model.load_state_dict({k.removeprefix("detector."): v for k, v in state.items()})
+    processor = Sam3Processor(model.eval(), resolution=224, device="cpu")
+    picture = test_sam3_http.scene(seed=5)
+    got = Sam3ServiceClient(server.url + "/sam3", KEY).predict(
+        image=picture, prompts=["tree"], score_threshold=0.0, min_area=0.0
+    )
+    want = test_sam3_http.reference(processor, picture, "tree", 0.0, 0.02, 0)
+    assert want, "threshold 0 keeps instances"
+    test_sam3_http.assert_matches(got["results"], want, "tree")
     # RMBG-1.4: the matte, against onnxruntime on the served graph
     onnx_file = tmp / "rmbg-ref.onnx"
     onnx_file.write_bytes(hub_files["briaai/RMBG-1.4/onnx/model.onnx"])
