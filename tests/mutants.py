@@ -8,8 +8,10 @@ snippet of the code in a scratch copy of the working tree, then runs the named t
     .venv/bin/python tests/mutants.py pca relevancy  # those whose name contains a word
     .venv/bin/python tests/mutants.py --list
 
-Prints a table ``mutant | tests | killed/survived``; exits 1 if a mutant survived. A run takes
-tens of minutes on two cores (every mutant starts its own servers).
+A test given as ``file::-k words`` runs that file's tests matching the words. Prints a table
+``mutant | tests | killed/survived``; exits 1 if a mutant survived. A full run takes about an
+hour on two cores (most mutants start their own servers); one mutant takes seconds (decoder,
+keys, limits) to a few minutes (SAM 2 auto_mask, the demo server's client checks).
 """
 
 from __future__ import annotations
@@ -383,6 +385,275 @@ MUTANTS = [
         ("tests/test_server_options.py::test_keys_from_the_key_file_only",),
         "item 4 (server options): a comment line becomes an accepted key",
     ),
+    # issue 32: options and promises checked by their effect
+    Mutant(
+        "pca: niter ignored",
+        "apis/core/dense.py",
+        'feats = pca_rgb(feats, p["pca_niter"],',
+        "feats = pca_rgb(feats, 100,",
+        (
+            "tests/test_clip_http.py::test_ret_pca_equals_an_svd_of_the_reference_features",
+            "tests/test_dino_http.py::test_pca_is_deterministic_and_equals_an_svd_of_timm_features",
+        ),
+        "issue 32: every PCA test ran where 100 iterations had converged",
+    ),
+    Mutant(
+        "dino: padding_mode ignored",
+        "apis/dino/api.py",
+        'patch, p["padding_mode"], IMAGENET_MEAN',
+        'patch, "constant", IMAGENET_MEAN',
+        ("tests/test_dino_http.py::test_padding_mode_equals_numpy_padding_of_the_normalised_image",),
+        "issue 32: DINO pads with zeros whatever the request says",
+    ),
+    Mutant(
+        "decoder: EXIF orientation 6 turned the other way",
+        "apis/core/images.py",
+        "        img = ImageOps.exif_transpose(img)\n",
+        "        img = ImageOps.exif_transpose(img).transpose(Image.Transpose.ROTATE_180)"
+        " if img.getexif().get(0x0112) == 6 else ImageOps.exif_transpose(img)\n",
+        ("tests/test_image_decoding.py::-k orientation",),
+        "issue 32: 270 degrees where the tag says 90; the size is right",
+    ),
+    Mutant(
+        "decoder: animations from their last frame",
+        "apis/core/images.py",
+        "        img.load()\n        img = ImageOps",
+        '        img.seek(getattr(img, "n_frames", 1) - 1)\n        img.load()\n        img = ImageOps',
+        ("tests/test_image_decoding.py::test_animations_decode_to_their_first_frame",),
+        "issue 32: the last frame has the first one's size",
+    ),
+    Mutant(
+        "decoder: 16-bit grey divided by 257",
+        "apis/core/images.py",
+        "0, 65535) >> 8",
+        "0, 65535) // 257",
+        ("tests/test_image_decoding.py::test_16_bit_grey_keeps_the_top_8_bits",),
+        "issue 32: off by one at the top of each bucket",
+    ),
+    Mutant(
+        "decoder: TIFF header size turned twice",
+        "apis/core/images.py",
+        'if getattr(img, "_tile_size", (w, h)) != (w, h):',
+        "if False:",
+        ("tests/test_image_decoding.py::-k orientation",),
+        "issue 32: the bug the pixel test found (Pillow reports a TIFF's size already oriented)",
+    ),
+    Mutant(
+        "auto_mask: crop_nms_thresh ignored",
+        "apis/sam2/model.py",
+        "amg = _Generator(pred.model, output_mode=output_mode, **s)",
+        'amg = _Generator(pred.model, output_mode=output_mode, **{**s, "crop_nms_thresh": 0.7})',
+        ("tests/test_sam2_http.py::test_crop_nms_and_overlap_equal_the_library_generator_at_two_values",),
+        "issue 32: the default crop NMS whatever the request says",
+    ),
+    Mutant(
+        "auto_mask: crop_overlap_ratio ignored",
+        "apis/sam2/model.py",
+        "amg = _Generator(pred.model, output_mode=output_mode, **s)",
+        'amg = _Generator(pred.model, output_mode=output_mode, **{**s, "crop_overlap_ratio": 512 / 1500})',
+        ("tests/test_sam2_http.py::test_crop_nms_and_overlap_equal_the_library_generator_at_two_values",),
+        "issue 32: the default crop overlap whatever the request says",
+    ),
+    Mutant(
+        "auth: keys compared with ==",
+        "apis/http/middleware.py",
+        "match |= hmac.compare_digest(token, key)",
+        "match |= token == key",
+        ("tests/test_guards.py::-k constant_time",),
+        "issue 32: SECURITY.md's constant-time comparison",
+    ),
+    Mutant(
+        "auth: early exit on the first matching key",
+        "apis/http/middleware.py",
+        "match |= hmac.compare_digest(token, key)",
+        "match = match or hmac.compare_digest(token, key)",
+        ("tests/test_guards.py::-k constant_time",),
+        "issue 32: time depends on which key matched",
+    ),
+    Mutant(
+        "logs: an accepted key logged",
+        "apis/http/middleware.py",
+        'return None if match else "invalid API key"',
+        "return (__import__('logging').getLogger('visionserve').warning('key %s', token.decode())"
+        ' if match else "invalid API key")',
+        (
+            "tests/test_auth_and_errors.py::"
+            "test_keys_never_reach_the_log_and_info_level_prints_no_debug_lines",
+        ),
+        "issue 32: SECURITY.md's keys never in logs",
+    ),
+    Mutant(
+        "options: --log-level always debug",
+        "app.py",
+        "configure_logging(args.log_level, args.log_format)",
+        'configure_logging("debug", args.log_format)',
+        (
+            "tests/test_auth_and_errors.py::"
+            "test_keys_never_reach_the_log_and_info_level_prints_no_debug_lines",
+        ),
+        "issue 32: --log-level info prints debug lines",
+    ),
+    Mutant(
+        "options: --log-level always info",
+        "app.py",
+        "configure_logging(args.log_level, args.log_format)",
+        'configure_logging("info", args.log_format)',
+        ("tests/test_server_options.py::test_debug_log_level_prints_debug_lines",),
+        "issue 32: --log-level debug ignored",
+    ),
+    Mutant(
+        "dense: tensor_format ignored",
+        "apis/core/dense.py",
+        'return x.permute(2, 0, 1) if fmt == "CHW" else x',
+        "return x",
+        ("tests/test_dino_http.py::test_layouts_and_upsampling_agree",),
+        "issue 32: CHW answered in HWC",
+    ),
+    Mutant(
+        "cache: sam2 cache_size 0 read as 1",
+        "apis/sam2/model.py",
+        "self.cache: LRUCache[Embedding] = LRUCache(cache_size)",
+        "self.cache: LRUCache[Embedding] = LRUCache(max(cache_size, 1))",
+        ("tests/test_sam2_http.py::-k cache_size_0",),
+        "issue 32: the off state of cache_size (LRUCache's own capacity check alone is no mutant:"
+        " with it gone, the eviction loop still empties a 0-entry cache)",
+    ),
+    Mutant(
+        "cache: sam3 cache_size 0 read as 1",
+        "apis/sam3/model.py",
+        "self.cache: LRUCache[Encoded] = LRUCache(cache_size)",
+        "self.cache: LRUCache[Encoded] = LRUCache(max(cache_size, 1))",
+        ("tests/test_sam3_batching.py::-k cache_size",),
+        "issue 32: the off state of cache_size",
+    ),
+    Mutant(
+        "sam2: new images encoded one at a time",
+        "apis/sam2/model.py",
+        "return self.cache.fetch_or_find(keys, images, encode)",
+        "return self.cache.fetch_or_find(keys, images, lambda todo: [e for i in todo for e in encode([i])])",
+        ("tests/test_sam2_http.py::test_concurrent_prompts_on_new_images_share_one_encoder_pass",),
+        "issue 32: grouped requests, but one image-encoder forward per image",
+    ),
+    Mutant(
+        "sam3: new images encoded one at a time",
+        "apis/sam3/model.py",
+        "return self.cache.fetch_or_find(keys, images, encode)",
+        "return self.cache.fetch_or_find(keys, images, lambda todo: [e for i in todo for e in encode([i])])",
+        ("tests/test_sam3_batching.py::-k cache_size",),
+        "issue 32: grouped requests, but one backbone forward per image",
+    ),
+    Mutant(
+        "clients: a default off the server's",
+        "clients/dino_client.py",
+        "    pca_q_max: float = 0.99,\n",
+        "    pca_q_max: float = 0.9,\n",
+        ("tests/test_openapi_answers.py::-k client_parameters",),
+        "issue 32: client defaults equal the server's",
+    ),
+    Mutant(
+        "clients: a request field missing",
+        "clients/clip_client.py",
+        "    pca_niter: int = 5,\n    pca_q_min: float = 0.01,\n    pca_q_max: float = 0.99,\n    tensor",
+        "    pca_q_min: float = 0.01,\n    pca_q_max: float = 0.99,\n    tensor",
+        ("tests/test_openapi_answers.py::-k client_parameters",),
+        "issue 32: compute_clip_similarity lacked pca_niter, pca_q_min/max and tensor_format",
+    ),
+    Mutant(
+        "dino: load_size ignored",
+        "apis/dino/api.py",
+        'job.image, p["load_size"], False, patch',
+        "job.image, None, False, patch",
+        ("tests/test_dino_http.py::test_load_size_equals_torchvision_resize_then_timm",),
+        "issue 32: DINO keeps the image's size",
+    ),
+    Mutant(
+        "dense: output_dtype ignored",
+        "apis/core/dense.py",
+        'arr, "features", p["output_dtype"], p["response_format"]',
+        'arr, "features", "float32", p["response_format"]',
+        ("tests/test_dino_http.py::test_float16_and_npy_carry_the_float32_values",),
+        "issue 32: float16 asked, float32 answered (DINO's test; CLIP's catches it too)",
+    ),
+    Mutant(
+        "dense: npy answered as JSON",
+        "apis/core/dense.py",
+        'arr, "features", p["output_dtype"], p["response_format"]',
+        'arr, "features", p["output_dtype"], "json"',
+        ("tests/test_dino_http.py::test_float16_and_npy_carry_the_float32_values",),
+        "issue 32: response_format ignored",
+    ),
+    Mutant(
+        "decoder: EXIF ignored",
+        "apis/core/images.py",
+        "        img = ImageOps.exif_transpose(img)\n",
+        "",
+        ("tests/test_image_decoding.py::-k orientation",),
+        "issue 32: stored pixels as they are",
+    ),
+    Mutant(
+        "decoder: 16-bit grey clipped to white",
+        "apis/core/images.py",
+        'if img.mode.startswith("I;16") or img.mode == "I":',
+        "if False:",
+        ("tests/test_image_decoding.py::test_16_bit_grey_keeps_the_top_8_bits",),
+        "issue 32: Pillow's own convert() of I;16",
+    ),
+    Mutant(
+        "probe: EXIF rotation left out of the size",
+        "apis/core/images.py",
+        "rotated = img.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8)",
+        "rotated = False",
+        ("tests/test_image_decoding.py::-k orientation",),
+        "issue 32: the header size of a turned JPEG, PNG or WebP",
+    ),
+    Mutant(
+        "clients: dino tensor_format dropped",
+        "clients/dino_client.py",
+        '    tensor_format: str = "HWC",\n',
+        "",
+        ("tests/test_openapi_answers.py::-k client_parameters",),
+        "issue 32: a request field the client cannot send",
+    ),
+    Mutant(
+        "clients: sam2 default preset",
+        "clients/sam2_client.py",
+        'preset: str = "fine_grained",',
+        'preset: str = "coarse",',
+        ("tests/test_openapi_answers.py::-k client_parameters",),
+        "issue 32: client defaults equal the server's",
+    ),
+    Mutant(
+        "clients: rmbg default output",
+        "clients/rmbg_client.py",
+        '    output: str = "rgba",\n    output_format: str = "png",',
+        '    output: str = "mask",\n    output_format: str = "png",',
+        ("tests/test_openapi_answers.py::-k client_parameters",),
+        "issue 32: client defaults equal the server's",
+    ),
+    Mutant(
+        "limits: text limit one over",
+        "apis/core/settings.py",
+        "max_text_chars: int = Field(2000,",
+        "max_text_chars: int = Field(2001,",
+        ("tests/test_guards.py::test_default_limits_are_the_numbers_security_md_states",),
+        "issue 32: SECURITY.md's limits by their exact numbers",
+    ),
+    Mutant(
+        "limits: body limit in decimal MB",
+        "apis/core/settings.py",
+        "max_body_bytes: int = Field(64 * MiB,",
+        "max_body_bytes: int = Field(64_000_000,",
+        ("tests/test_guards.py::test_default_limits_are_the_numbers_security_md_states",),
+        "issue 32: SECURITY.md's limits by their exact numbers",
+    ),
+    Mutant(
+        "routing: route_by_image false ignored",
+        "apis/family.py",
+        "job.image_id is None or not self.fam.route_by_image:",
+        "job.image_id is None:",
+        ("tests/test_units.py::-k affinity",),
+        "issue 32: the off state of route_by_image",
+    ),
 ]
 
 
@@ -411,7 +682,13 @@ def run(m: Mutant, timeout: float) -> tuple[str, float, str]:
         env = {**os.environ, "PYTHONPATH": str(work), "PYTHONDONTWRITEBYTECODE": "1"}
         t0 = time.monotonic()
         # -n 0: in one process, where -x stops with exit 1 (under xdist it is 2, "interrupted")
-        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-n", "0", "-p", "no:cacheprovider", *m.tests]
+        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-n", "0", "-p", "no:cacheprovider"]
+        keywords = []
+        for test in m.tests:  # "file::-k words" selects by keyword (pytest takes one -k: or-ed)
+            path, _, words = test.partition("::-k ")
+            cmd.append(path if words else test)
+            keywords += [f"({words})"] if words else []
+        cmd += ["-k", " or ".join(keywords)] if keywords else []
         try:
             p = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:

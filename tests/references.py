@@ -73,6 +73,31 @@ def svd_pca_rgb(feats: np.ndarray, q_min: float, q_max: float) -> np.ndarray:
     return np.clip((proj - lo) / (hi - lo), 0, 1).reshape(h, w, 3)
 
 
+def randomized_pca_rgb(feats: np.ndarray, niter: int, q_min: float, q_max: float) -> np.ndarray:
+    """The documented PCA colouring when the power iteration has not converged: Halko et al.'s
+    randomized range finder (Algorithm 4.4) written in numpy, ``niter`` subspace iterations from
+    the documented start (``torch.manual_seed(0)``, one Gaussian draw of (columns, 3), on the
+    tall orientation of the centred features), then the sign rule and quantile stretch."""
+    import torch
+
+    h, w, c = feats.shape
+    x = feats.reshape(-1, c).astype(np.float64)
+    x = x - x.mean(axis=0)
+    a = x if x.shape[0] >= x.shape[1] else x.T
+    gen = torch.Generator().manual_seed(0)
+    r = torch.randn(a.shape[1], 3, generator=gen).numpy().astype(np.float64)
+    q = np.linalg.qr(a @ r)[0]
+    for _ in range(niter):
+        q = np.linalg.qr(a.T @ q)[0]
+        q = np.linalg.qr(a @ q)[0]
+    u, _, vh = np.linalg.svd(q.T @ a, full_matrices=False)
+    v = vh.T if a is x else q @ u  # (C, 3) right singular vectors of x
+    v = v * np.sign(v[np.abs(v).argmax(axis=0), np.arange(3)])
+    proj = x @ v
+    lo, hi = np.quantile(proj, q_min, axis=0), np.quantile(proj, q_max, axis=0)
+    return np.clip((proj - lo) / (hi - lo), 0, 1).reshape(h, w, 3)
+
+
 def _flood(grid: np.ndarray, seeds: list[tuple[int, int]], steps: list[tuple[int, int]]) -> np.ndarray:
     """Cells of ``grid`` (bool) reachable from ``seeds`` through ``grid`` cells by ``steps``."""
     h, w = grid.shape

@@ -214,3 +214,28 @@ def test_bad_request_in_a_batch_does_not_fail_the_others(clip_server, rgb_image,
 def test_server_still_serving_after_bad_inputs(clip_url, rgb_image):
     out = cc.extract_clip_features_decoded(rgb_image, load_size=None, base_url=clip_url, api_key=KEYS[0])
     assert out.shape == (4, 5, 32) and np.isfinite(out).all()
+
+
+def test_keys_never_reach_the_log_and_info_level_prints_no_debug_lines(clip_server):
+    """SECURITY.md: configured keys never appear in logs, not even of refused or malformed
+    requests; --log-level info (conftest's) leaves out the debug lines that debug prints
+    (test_server_options checks the other way)."""
+    for key in KEYS:
+        r = requests.post(
+            clip_server.url + "/clip/encode_text",
+            json={"text": key},
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        assert r.status_code == 200
+    wrong = "vs-wrong-key-in-the-log"
+    for headers in ({"Authorization": f"Bearer {wrong}"}, {"Authorization": f"Basic {KEYS[0]}"}):
+        assert requests.get(clip_server.url + "/info", headers=headers).status_code == 401
+    r = requests.post(
+        clip_server.url + "/clip/encode_text", data=b"{", headers={"Authorization": f"Bearer {KEYS[1]}"}
+    )
+    assert r.status_code == 422
+    log = clip_server.log()
+    assert "POST /clip/encode_text" in log or "encode_text" in log, "the requests must be logged at all"
+    for key in KEYS:
+        assert key not in log
+    assert "worker 0 (pid" not in log and " DEBUG " not in log

@@ -17,11 +17,12 @@ import requests
 import timm
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.functional as TF
 from PIL import Image
 
 from clients import dino_client as dc
 from tests.conftest import KEYS, ServerProcess
-from tests.references import resample, svd_pca_rgb
+from tests.references import randomized_pca_rgb, resample, svd_pca_rgb
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -95,10 +96,15 @@ def kw(dino_server):
     return {"base_url": dino_server.url + "/dino", "api_key": KEYS[0]}
 
 
-def model_input(img: Image.Image) -> torch.Tensor:
+#: the request's padding_mode -> numpy's name for the same rule
+NUMPY_PAD = {"constant": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
+
+
+def model_input(img: Image.Image, padding: str = "constant") -> torch.Tensor:
+    """The normalised image padded bottom/right to a multiple of 14 by numpy's ``padding``."""
     x = (np.asarray(img, dtype=np.float32) / 255.0 - MEAN) / STD
     h, w = x.shape[:2]
-    x = np.pad(x, ((0, (-h) % 14), (0, (-w) % 14), (0, 0)))
+    x = np.pad(x, ((0, (-h) % 14), (0, (-w) % 14), (0, 0)), mode=NUMPY_PAD[padding])
     return torch.from_numpy(x).permute(2, 0, 1)[None]
 
 
@@ -115,7 +121,13 @@ def hub_pos_embed(pos: torch.Tensor, native: tuple[int, int], grid: tuple[int, i
 
 
 def reference(
-    model, img: Image.Image, stride: int, facet: str, layer: int, hub_pos: bool = True
+    model,
+    img: Image.Image,
+    stride: int,
+    facet: str,
+    layer: int,
+    hub_pos: bool = True,
+    padding: str = "constant",
 ) -> np.ndarray:
     """timm's dynamic-size forward at ``stride``; the facet read by hooks on the block's modules,
     key/query/value in the seed's channel order (see ``seed_order``)."""
@@ -123,7 +135,7 @@ def reference(
     m = timm.create_model(arch, num_classes=0, dynamic_img_size=True, **TINY).eval()
     m.load_state_dict(model.state_dict())
     m.patch_embed.proj.stride = (stride, stride)
-    x = model_input(img)
+    x = model_input(img, padding)
     grid = (1 + (x.shape[2] - 14) // stride, 1 + (x.shape[3] - 14) // stride)
     if hub_pos and m.num_reg_tokens == 0:
         native = tuple(m.patch_embed.grid_size)
@@ -191,6 +203,17 @@ def test_values_equal_timm_on_the_same_weights(rgb_image, dino_models, kw, name,
     want = reference(dino_models[name][0], rgb_image, stride, facet, -1)
     assert got.shape == want.shape == ((4, 5, DIM) if stride == 14 else (7, 9, DIM))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", list(NUMPY_PAD))
+def test_padding_mode_equals_numpy_padding_of_the_normalised_image(rgb_image, dino_models, kw, mode):
+    """45x61 pixels padded to 56x70: the padding reaches the last row and column of patches."""
+    got = dc.extract_dino_features_decoded(rgb_image, model_type="dinov2_tiny14", padding_mode=mode, **kw)
+    want = reference(dino_models["dinov2_tiny14"][0], rgb_image, 14, "token", -1, padding=mode)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    if mode != "constant":
+        other = reference(dino_models["dinov2_tiny14"][0], rgb_image, 14, "token", -1)
+        assert np.abs(want - other).max() > 1e-2, "the modes must give different answers here"
 
 
 def test_query_value_and_middle_layer_equal_timm(rgb_image, dino_models, kw):
@@ -305,6 +328,13 @@ def test_pca_is_deterministic_and_equals_an_svd_of_timm_features(rgb_image, dino
         rgb_image, ret_pca=True, stride=7, pca_niter=100, pca_q_min=0.05, pca_q_max=0.9, **kw
     )
     np.testing.assert_allclose(exact, svd_pca_rgb(feats, 0.05, 0.9), atol=5e-3)
+    few = {}
+    for niter in (1, 3):  # not converged: each niter has its own answer
+        few[niter] = dc.extract_dino_features_decoded(
+            rgb_image, ret_pca=True, stride=7, pca_niter=niter, **kw
+        )
+        np.testing.assert_allclose(few[niter], randomized_pca_rgb(feats, niter, 0.01, 0.99), atol=5e-3)
+    assert np.abs(few[1] - few[3]).max() > 0.05
 
 
 def test_defaults_spelling_and_image_path(rgb_image, image_root, kw):
@@ -362,3 +392,31 @@ def test_bad_inputs_get_a_clear_4xx(rgb_image, kw, params, status, needle):
     assert err.value.status == status
     assert needle in err.value.message
     assert dc.extract_dino_features(rgb_image, **kw)["shape"] == [4, 5, DIM]  # still serving
+
+
+@pytest.mark.parametrize("load_size, grid", [(30, (3, 3)), (-2, (7, 9)), (None, (4, 5))])
+def test_load_size_equals_torchvision_resize_then_timm(rgb_image, dino_models, kw, load_size, grid):
+    """As CLIP: the shorter side to load_size (negative: times itself), bicubic, then timm."""
+    got = dc.extract_dino_features_decoded(rgb_image, model_type="dinov2_tiny14", load_size=load_size, **kw)
+    img = rgb_image
+    if load_size is not None:
+        img = TF.resize(img, load_size if load_size > 0 else -load_size * 45, TF.InterpolationMode.BICUBIC)
+    want = reference(dino_models["dinov2_tiny14"][0], img, 14, "token", -1)
+    assert got.shape == (*grid, DIM)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_float16_and_npy_carry_the_float32_values(dino_server, rgb_image, kw):
+    """output_dtype and response_format on DINO, as on CLIP: float16 halves the bytes and rounds
+    the same values; npy carries exactly the JSON's values."""
+    args = {"model_type": "dinov2_tiny14", "ret_patches": False}
+    f32 = dc.extract_dino_features(rgb_image, **args, **kw)
+    f16 = dc.extract_dino_features(rgb_image, output_dtype="float16", **args, **kw)
+    assert f16["dtype"] == "float16" and len(f16["features"]) < 0.55 * len(f32["features"])
+    want = dc.decode_features(f32["features"], f32["shape"])
+    half = dc.decode_features(f16["features"], f16["shape"], "float16")
+    np.testing.assert_array_equal(half, want.astype(np.float16))
+    for dtype, values in (("float32", want), ("float16", half)):
+        npy = dc.extract_dino_features(rgb_image, output_dtype=dtype, response_format="npy", **args, **kw)
+        assert npy["array"].dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(npy["array"], values)

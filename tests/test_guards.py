@@ -223,3 +223,48 @@ def test_an_unexpected_exception_is_answered_in_the_json_shape():
     r = TestClient(app, raise_server_exceptions=False).get("/boom")
     assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
     assert "a bug" not in r.text
+
+
+@pytest.mark.parametrize("which", [0, 2, None])
+def test_keys_are_compared_in_constant_time_with_every_key(monkeypatch, which):
+    """SECURITY.md: the token goes through hmac.compare_digest against every configured key,
+    whichever matches (no early exit, no ``==``)."""
+    import hmac
+
+    from apis.http import middleware
+
+    keys = ["vs-first", "vs-second", "vs-third"]
+    seen = []
+    real = hmac.compare_digest
+
+    def spy(a, b):
+        seen.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(middleware.hmac, "compare_digest", spy)
+    auth = middleware.BearerAuth(None, keys, lambda path: False)
+    token = keys[which] if which is not None else "vs-nope"
+    problem = auth._problem(b"Bearer " + token.encode())
+    assert (problem is None) is (which is not None)
+    assert seen == [(token.encode(), k.encode()) for k in keys]
+
+
+def test_default_limits_are_the_numbers_security_md_states():
+    """SECURITY.md's "On and off by default" table, number by number."""
+    mib = 1024 * 1024
+    want = {
+        "max_body_bytes": 64 * mib,
+        "max_image_pixels": 40_000_000,
+        "max_image_side": 16384,
+        "max_response_bytes": 256 * mib,
+        "max_text_chars": 2000,
+        "max_tokens": 32768,
+        "max_embed_inputs": 64,
+        "max_auto_mask_points": 65536,
+        "body_timeout_s": 60,
+        "max_header_bytes": 32 * 1024,
+        "max_headers": 100,
+        "max_url_bytes": 8 * 1024,
+    }
+    got = Limits().model_dump()
+    assert {k: got[k] for k in want} == want

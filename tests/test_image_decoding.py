@@ -224,3 +224,69 @@ def test_data_uris_with_a_non_image_type_are_refused(mime):
         decode_base64(f"data:{mime};base64,{data}")
     assert decode_base64(f"data:image/png;base64,{data}") == VALID["PNG"]
     assert decode_base64(f"data:IMAGE/PNG;base64,{data}") == VALID["PNG"]
+
+
+# ----------------------------------------------------------------------------- pixels
+
+RAW = np.random.default_rng(5).integers(0, 256, (23, 37, 3), dtype=np.uint8)
+#: EXIF orientation -> the displayed image from the stored pixels, written from the tag's
+#: definition (where the stored 0th row and 0th column land), not from Pillow
+ORIENTED = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],  # mirrored left-right
+    3: lambda a: np.rot90(a, 2),
+    4: lambda a: a[::-1],  # mirrored top-bottom
+    5: lambda a: a.transpose(1, 0, 2),  # 0th row on the left, 0th column at the top
+    6: lambda a: np.rot90(a, -1),  # 0th row on the right, 0th column at the top: 90 degrees clockwise
+    7: lambda a: np.rot90(a, 2).transpose(1, 0, 2),  # 0th row on the right, 0th column at the bottom
+    8: lambda a: np.rot90(a, 1),  # 0th row on the left, 0th column at the bottom
+}
+
+
+def with_orientation(fmt: str, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    extra = {"lossless": True} if fmt == "WEBP" else {}
+    Image.fromarray(RAW).save(buf, format=fmt, exif=exif.tobytes(), **extra)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_turns_the_stored_pixels_as_the_tag_defines(fmt, orientation):
+    data = with_orientation(fmt, orientation)
+    # JPEG is lossy: its stored pixels as Pillow decodes them without looking at the tag
+    stored = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")) if fmt == "JPEG" else RAW
+    want = ORIENTED[orientation](stored)
+    assert probe_image(data, LIMITS) == (want.shape[1], want.shape[0])
+    np.testing.assert_array_equal(np.asarray(decode_image(data, LIMITS)), want)
+
+
+def frames(n: int = 3) -> list[np.ndarray]:
+    """Distinct frames of four palette colours each (exact in GIF's palette and lossless WebP)."""
+    colours = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255]], dtype=np.uint8)
+    rng = np.random.default_rng(7)
+    return [colours[rng.integers(0, 4, (23, 37))] for _ in range(n)]
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP", "PNG"])
+def test_animations_decode_to_their_first_frame(fmt):
+    pics = [Image.fromarray(f) for f in frames()]
+    if fmt == "GIF":
+        pics = [p.quantize(colors=4) for p in pics]
+    buf = io.BytesIO()
+    extra = {"lossless": True} if fmt == "WEBP" else {}
+    pics[0].save(buf, format=fmt, save_all=True, append_images=pics[1:], duration=100, loop=0, **extra)
+    data = buf.getvalue()
+    assert getattr(Image.open(io.BytesIO(data)), "n_frames", 1) == 3, "the file must be animated"
+    np.testing.assert_array_equal(np.asarray(decode_image(data, LIMITS)), frames()[0])
+
+
+def test_16_bit_grey_keeps_the_top_8_bits():
+    grey = np.random.default_rng(3).integers(0, 65536, (23, 37)).astype(np.uint16)
+    grey[0, :4] = [255, 256, 65279, 65535]  # the edges of a bucket
+    buf = io.BytesIO()
+    Image.fromarray(grey).save(buf, format="PNG")
+    got = np.asarray(decode_image(buf.getvalue(), LIMITS))
+    np.testing.assert_array_equal(got, np.repeat((grey >> 8).astype(np.uint8)[..., None], 3, axis=2))

@@ -379,3 +379,54 @@ def test_the_check_catches_a_missing_field_and_a_wrong_type(spec):
     ):
         with pytest.raises(AssertionError):
             check(spec, schema, copy.deepcopy(bad))
+
+
+def _client_routes() -> list[tuple[str, Any]]:
+    from clients import clip_client, dino_client, rmbg_client, sam2_client
+    from clients.sam3_client import Sam3ServiceClient
+
+    sam3 = Sam3ServiceClient("http://unused", "unused")
+    return [
+        ("/clip/extract", clip_client.extract_clip_features),
+        ("/clip/encode_text", clip_client.encode_clip_text),
+        ("/clip/similarity", clip_client.compute_clip_similarity),
+        ("/clip/embed", clip_client.embed_clip),
+        ("/clip/classify", clip_client.classify_clip),
+        ("/dino/extract", dino_client.extract_dino_features),
+        ("/dino/embed", dino_client.embed_dino),
+        ("/sam2/embed", sam2_client.embed_sam2_image),
+        ("/sam2/auto_mask", sam2_client.generate_sam2_auto_masks),
+        ("/sam2/prompt_mask", sam2_client.generate_sam2_prompt_masks),
+        ("/sam3/predict", sam3.predict),
+        ("/sam3/embed", sam3.embed),
+        ("/rmbg/remove", rmbg_client.remove_background_response),
+    ]
+
+
+CLIENT_ROUTES = _client_routes()
+
+
+def _request_fields(spec: dict, path: str) -> dict[str, dict]:
+    body = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    while "$ref" in body:
+        body = spec["components"]["schemas"][body["$ref"].rsplit("/", 1)[1]]
+    return body["properties"]
+
+
+@pytest.mark.parametrize("path, fn", CLIENT_ROUTES, ids=[p for p, _ in CLIENT_ROUTES])
+def test_client_parameters_cover_every_request_field_with_the_servers_defaults(spec, path, fn):
+    """Every field of the route's published request schema is a parameter of its client function,
+    and a client default is the server's (None: the field left to the server, which reads null as
+    its default: test_null_fields)."""
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    fields = _request_fields(spec, path)
+    assert set(fields) <= set(params), f"{fn.__name__} lacks {sorted(set(fields) - set(params))}"
+    for name, schema in fields.items():
+        default = params[name].default
+        if default is None or default is inspect.Parameter.empty or "default" not in schema:
+            continue
+        want = schema["default"]
+        got = list(default) if isinstance(default, tuple) else default
+        assert got == want or (want is None and got == []), (fn.__name__, name, got, want)

@@ -162,6 +162,12 @@ def test_non_rgb_inputs(onnx_files, kw, mode):
 def test_concurrent_requests_batch_and_answer_like_single_ones(rmbg_server, kw):
     images = [photo(seed=10 + i, h=30 + i, w=50 - i) for i in range(8)]
     singles = {m: [np.asarray(remove_background(im, model=m, **kw)) for im in images] for m in CASES}
+
+    def worker() -> dict:
+        info = requests.get(rmbg_server.url + "/info", headers={"Authorization": f"Bearer {KEYS[0]}"})
+        return info.json()["families"]["rmbg"]["workers"][0]
+
+    before = {int(k): v for k, v in worker()["forward_batch_sizes"].get("remove", {}).items()}
     for model in CASES:
         with ThreadPoolExecutor(8) as pool:
             together = list(
@@ -169,11 +175,12 @@ def test_concurrent_requests_batch_and_answer_like_single_ones(rmbg_server, kw):
             )
         for a, b in zip(singles[model], together, strict=True):
             np.testing.assert_array_equal(a, b)
-    info = requests.get(rmbg_server.url + "/info", headers={"Authorization": f"Bearer {KEYS[0]}"}).json()
-    worker = info["families"]["rmbg"]["workers"][0]
-    assert max(int(k) for k in worker["forward_batch_sizes"]["remove"]) > 1  # differently sized images too
-    assert worker["onnx"]["rmbg-tiny"]["dynamic_batch"] is True
-    assert worker["onnx"]["RMBG-1.4-tiny"] == {
+    now = worker()
+    after = {int(k): v for k, v in now["forward_batch_sizes"]["remove"].items()}
+    # these requests shared forwards, differently sized images too
+    assert any(n > 1 and v > before.get(n, 0) for n, v in after.items()), (before, after)
+    assert now["onnx"]["rmbg-tiny"]["dynamic_batch"] is True
+    assert now["onnx"]["RMBG-1.4-tiny"] == {
         "providers": ["CPUExecutionProvider"],
         "input_size": 48,
         "dynamic_batch": False,

@@ -374,7 +374,10 @@ def test_an_image_and_its_id_go_to_the_same_of_two_workers(two_workers, referenc
 
 
 def test_concurrent_prompts_on_new_images_share_one_encoder_pass(sam2_server, reference, kw):
+    """Six new images at once: the image encoder runs on each exactly once, and on several of
+    them in one forward (its calls counted by batch size, before and after)."""
     images = [scene(seed=100 + i) for i in range(6)]
+    before = info(sam2_server)["encoder_batch_sizes"]["sam2.1_hiera_t"]
     with ThreadPoolExecutor(6) as pool:
         outs = list(
             pool.map(
@@ -386,8 +389,9 @@ def test_concurrent_prompts_on_new_images_share_one_encoder_pass(sam2_server, re
         )
     for im, out in list(zip(images, outs, strict=True))[:2]:
         assert_same_answer(out, direct(reference, im, **PROMPTS["one point"]))
-    sizes = info(sam2_server)["forward_batch_sizes"]["prompt_mask"]
-    assert max(int(s) for s in sizes) > 1, sizes
+    after = info(sam2_server)["encoder_batch_sizes"]["sam2.1_hiera_t"]
+    new = {int(k): v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+    assert sum(k * v for k, v in new.items()) == len(images) and max(new) > 1, new
 
 
 def test_model_spellings_select_configured_models_only(sam2_server, kw):
@@ -640,6 +644,49 @@ def test_auto_mask_equals_the_library_generator_field_by_field(kw, sam2_checkpoi
             assert m["segmentation"] == w["segmentation"]
 
 
+#: one crop layer whose crops keep masks: no box or area filter, and a mask threshold that
+#: leaves crop masks off the crop edges (random weights fill a crop otherwise)
+CROPS = {"crop_n_layers": 1, "points_per_side": 2, "crop_n_points_downscale_factor": 1}
+CROPS |= {"box_nms_thresh": 1.0, "min_mask_region_area": 0, **LOOSE}
+CROP_VALUES = {
+    # 1.0 keeps the 12 masks of the full-image layer that the default 0.7 merges into one
+    "crop_nms_thresh": ({}, [1.0, 0.3]),
+    # the crops' boxes follow the overlap
+    "crop_overlap_ratio": ({"crop_nms_thresh": 1.0, "mask_threshold": 1.0}, [0.1, 0.6]),
+}
+
+
+@pytest.mark.parametrize("field", CROP_VALUES)
+def test_crop_nms_and_overlap_equal_the_library_generator_at_two_values(
+    kw, sam2_checkpoint, monkeypatch, field
+):
+    """Each value against SAM2AutomaticMaskGenerator given it; the two values' answers differ, so
+    a field the server ignores (or always sets to its default) fails one of them."""
+    import sam2.utils.misc
+    from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+
+    monkeypatch.setattr(sam2.utils.misc, "get_connected_components", kernel_on_cpu)
+    image = scene(seed=2)
+    model = build_tiny(str(sam2_checkpoint))
+    extra, values = CROP_VALUES[field]
+    answers = []
+    for value in values:
+        over = {**CROPS, **extra, field: value}
+        r = sc.generate_sam2_auto_masks(
+            image=encode_image(image), preset="coarse", output_mode="coco_rle", **over, **kw
+        )
+        amg = SAM2AutomaticMaskGenerator(
+            model, output_mode="coco_rle", **{**PRESET_VALUES["coarse"], **COMMON_VALUES, **over}
+        )
+        s = model.image_size
+        amg.predictor._bb_feat_sizes = [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]
+        want = amg.generate(image)
+        got = [(m["area"], m["crop_box"], m["segmentation"]) for m in r["masks"]]
+        assert got == [(w["area"], w["crop_box"], w["segmentation"]) for w in want], (field, value)
+        answers.append(got)
+    assert answers[0] != answers[1], f"{field}: the two values must give different answers here"
+
+
 def test_request_defaults_reach_the_generator_as_documented(sam2_checkpoint, monkeypatch):
     """What the server hands ``SAM2AutomaticMaskGenerator`` for a request that names nothing
     (preset ``fine_grained``) or only the preset: the README's values, and where the README
@@ -795,3 +842,19 @@ def test_overlay_of_a_phone_jpeg_is_turned_like_the_servers_masks(kw, tmp_path):
     assert 0 < m.sum() < m.size
     np.testing.assert_array_equal(got[~m], turned[~m])
     np.testing.assert_array_equal(got[m], np.broadcast_to(colour, got[m].shape))
+
+
+@pytest.mark.parametrize("cache_size, encodings", [(0, 4), (2, 2)])
+def test_embeddings_batch_new_images_and_cache_size_0_keeps_none(sam2_checkpoint, cache_size, encodings):
+    """Two new images: one image-encoder forward of 2; the same two again are cache hits, unless
+    cache_size is 0, which encodes them again."""
+    from apis.sam2 import model as sam2_model
+
+    pred = sam2_model.Sam2Predictor(build_tiny(str(sam2_checkpoint)), cache_size=cache_size)
+    images = [scene(seed=400), scene(seed=401)]
+    first = pred.embeddings(["a", "b"], images)
+    assert dict(pred.encoder_batches) == {2: 1}
+    again = pred.embeddings(["a", "b"], images)
+    assert pred.encoded_images == encodings
+    assert dict(pred.encoder_batches) == ({2: 2} if cache_size == 0 else {2: 1})
+    assert (again[0] is first[0]) is (cache_size > 0)

@@ -86,3 +86,19 @@ def test_a_score_threshold_drops_detections_as_they_are_made(model, references):
     assert 0 < len(det.scores) < len(want)
     assert det.scores.tolist() == pytest.approx(want[want > 0.5].tolist(), abs=1e-5)
     assert det.mask_logits.shape[0] == det.boxes.shape[0] == len(det.scores)
+
+
+@pytest.mark.parametrize("cache_size, encodings", [(0, 6), (4, 3)])
+def test_new_images_encode_in_one_trunk_forward_and_cache_size_0_keeps_none(model, cache_size, encodings):
+    """Three new images: one image-encoder forward of 3 (counted at the trunk itself); the same
+    three again are cache hits, unless cache_size is 0, which encodes them again."""
+    runner = Sam3Runner(
+        model, Sam3Arch.from_json(ARCH), torch.device("cpu"), torch.float32, cache_size=cache_size
+    )
+    keys, images = ["a", "b", "c"], [*IMAGES, scene(seed=9)]
+    first = runner.encode(keys, images)
+    assert dict(runner.encoder_batches) == {3: 1}
+    again = runner.encode(keys, images)
+    assert runner.encoded_images == encodings
+    assert dict(runner.encoder_batches) == ({3: 2} if cache_size == 0 else {3: 1})
+    assert (again[0] is first[0]) is (cache_size > 0)

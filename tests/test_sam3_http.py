@@ -317,11 +317,17 @@ def test_concurrent_requests_batch_the_backbone_and_answer_like_the_processor(sa
     def batches() -> dict[int, int]:
         return {int(k): v for k, v in info(sam3_server)["forward_batch_sizes"].get("predict", {}).items()}
 
-    before = batches()
+    def encoder() -> dict[str, int]:
+        return info(sam3_server)["encoder_batch_sizes"]["sam3-tiny"]
+
+    before, enc_before = batches(), encoder()
     with ThreadPoolExecutor(6) as pool:
         together = list(pool.map(lambda im: client.predict(image=im, **args), images))
-    after = batches()
+    after, enc_after = batches(), encoder()
     assert any(n > 1 and after[n] > before.get(n, 0) for n in after), (before, after)
+    # the image encoder itself: each new image once, several of them in one forward
+    new = {int(k): v - enc_before.get(k, 0) for k, v in enc_after.items() if v != enc_before.get(k, 0)}
+    assert sum(k * v for k, v in new.items()) == len(images) and max(new) > 1, new
     for image, got in zip(images, together, strict=True):
         assert_matches(got["results"], reference(processor, image, "tree", 0.0, 0.02, 0), "tree")
 

@@ -106,3 +106,13 @@ def test_a_request_queued_past_the_timeout_gets_504_queue_timeout(server):
 
 def test_debug_log_level_prints_debug_lines(server):
     assert "clip worker 0 (pid" in server.log() and "connected" in server.log()
+
+
+def test_keys_never_reach_the_log_at_debug_level(server):
+    for key in (*FILE_KEYS, "vs-wrong-key-in-the-log"):
+        requests.post(server.url + "/clip/encode_text", json={"text": "a"}, headers=auth(key))
+    requests.get(server.url + "/info", headers={"Authorization": f"Basic {FILE_KEYS[0]}"})
+    log = server.log()
+    assert "connected" in log  # debug lines are there
+    for key in FILE_KEYS:
+        assert key not in log

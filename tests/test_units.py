@@ -32,7 +32,7 @@ from apis.sam2.model import connected_components
 from apis.sam2.options import variant_name
 from apis.sam2.schemas import Sam2PromptRequest
 from tests.conftest import ROOT
-from tests.references import svd_pca_rgb
+from tests.references import randomized_pca_rgb, svd_pca_rgb
 
 
 @pytest.mark.parametrize(
@@ -60,6 +60,19 @@ def test_pca_equals_numpy_svd_up_to_the_documented_sign_and_scaling():
         for q_min, q_max in [(0.01, 0.99), (0.2, 0.7), (0.0, 1.0)]:
             got = pca_rgb(torch.from_numpy(feats).float(), 5, q_min, q_max).numpy()
             np.testing.assert_allclose(got, svd_pca_rgb(feats, q_min, q_max), atol=1e-3)
+
+
+@pytest.mark.parametrize("shape", [(9, 11, 16), (3, 5, 40)])  # more cells than channels, and fewer
+def test_pca_niter_runs_that_many_power_iterations(shape):
+    """Gaussian features (a flat spectrum): the iteration is far from converged at small niter,
+    so every niter gives its own answer and only the numpy randomized PCA of that niter fits."""
+    feats = np.random.default_rng(0).normal(size=shape)
+    answers = {}
+    for niter in (1, 2, 10, 100):
+        got = pca_rgb(torch.from_numpy(feats).float(), niter, 0.01, 0.99).numpy()
+        np.testing.assert_allclose(got, randomized_pca_rgb(feats, niter, 0.01, 0.99), atol=1e-4)
+        answers[niter] = got
+    assert np.abs(answers[1] - answers[2]).max() > 0.1 and np.abs(answers[2] - answers[100]).max() > 0.1
 
 
 def test_pca_is_deterministic_whatever_the_global_seed():
@@ -267,3 +280,9 @@ def test_affinity_keys_name_the_image_id_and_model_of_the_routes_that_cache_imag
     assert extract.image_id is None  # CLIP caches no image
     assert clip.affinity(Job("extract", "m", {}, png, image_id=job.image_id)) is None
     assert sam3.affinity(Job("predict", "m", {}, None)) is None
+    # route_by_image: false: no key, so the dispatcher sends each request to the least busy worker
+    for family, route in (("sam2", "prompt_mask"), ("sam3", "predict")):
+        off = load_config(ROOT / "configs" / "demo.yaml")
+        getattr(off, family).route_by_image = False
+        api = FAMILIES[family].api_class()(off)
+        assert api.affinity(Job(route, job.model_id, {}, image_id=job.image_id)) is None

@@ -279,8 +279,76 @@ def test_download_then_serve_offline(tmp_path, hub_files):
                 api_key=KEY,
             )
             np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
+        check_dino_sam2_sam3_rmbg(server, hub_files, tmp_path)
     finally:
         assert server.stop() == 0
+
+
+def check_dino_sam2_sam3_rmbg(server, hub_files: dict[str, bytes], tmp: Path) -> None:
+    """Answers of DINO, SAM 2, SAM 3 and RMBG from the weights the fake hub served, against
+    references built from those files directly (timm, SAM2ImagePredictor, Sam3Processor,
+    onnxruntime)."""
+    import safetensors.torch
+    import timm
+    from PIL import Image
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+    from sam3.model.sam3_image_processor import Sam3Processor
+
+    from apis.sam3.model import Sam3Arch, build_sam3_image
+    from clients import dino_client, rmbg_client, sam2_client
+    from clients.sam3_client import Sam3ServiceClient
+    from tests import test_sam3_http
+    from tests.test_rmbg_http import V14, photo, reference_matte
+    from tests.test_sam2_http import assert_same_answer, build_tiny, direct, scene
+
+    auth = {"api_key": KEY}
+    # DINO: the last block's tokens of a 56x56 image (the native grid: no positional resize)
+    image = Image.fromarray(scene(56, 56, seed=3))
+    arch = json.loads(DINO_ARCH.read_text())
+    model = timm.create_model(arch.pop("architecture"), pretrained=False, num_classes=0, **arch).eval()
+    model.load_state_dict(
+        safetensors.torch.load(hub_files["timm/vit_small_patch14_dinov2.lvd142m/model.safetensors"])
+    )
+    x = (np.asarray(image, np.float32) / 255 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
+    seen = {}
+    model.blocks[-1].register_forward_hook(lambda _m, _i, o: seen.__setitem__("t", o))
+    with torch.no_grad():
+        model.forward_features(torch.from_numpy(x.astype(np.float32)).permute(2, 0, 1)[None])
+    want = seen["t"][0, 1:].reshape(4, 4, -1).numpy()
+    got = dino_client.extract_dino_features_decoded(
+        image, load_size=None, base_url=server.url + "/dino", **auth
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    # SAM 2: a click, against SAM2ImagePredictor on the served checkpoint
+    ckpt = tmp / "sam2-ref.pt"
+    ckpt.write_bytes(hub_files["facebook/sam2.1-hiera-tiny/sam2.1_hiera_tiny.pt"])
+    pred = SAM2ImagePredictor(build_tiny(str(ckpt)))
+    s = pred.model.image_size
+    pred._bb_feat_sizes = [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]
+    picture = scene(seed=4)
+    click = {"point_coords": [[30, 20]], "point_labels": [1]}
+    got = sam2_client.generate_sam2_prompt_masks(
+        image=sam2_client.encode_image(picture), base_url=server.url + "/sam2", **click, **auth
+    )
+    assert_same_answer(got, direct(pred, picture, **click))
+    # SAM 3: a text prompt, against Sam3Processor on the served checkpoint
+    model = build_sam3_image(Sam3Arch.from_json(SAM3_ARCH))
+    state = torch.load(io.BytesIO(hub_files["facebook/sam3/sam3.pt"]), weights_only=True)["model"]
+    model.load_state_dict({k.removeprefix("detector."): v for k, v in state.items()})
+    processor = Sam3Processor(model.eval(), resolution=224, device="cpu")
+    picture = test_sam3_http.scene(seed=5)
+    got = Sam3ServiceClient(server.url + "/sam3", KEY).predict(
+        image=picture, prompts=["tree"], score_threshold=0.0, min_area=0.0
+    )
+    want = test_sam3_http.reference(processor, picture, "tree", 0.0, 0.02, 0)
+    assert want, "threshold 0 keeps instances"
+    test_sam3_http.assert_matches(got["results"], want, "tree")
+    # RMBG-1.4: the matte, against onnxruntime on the served graph
+    onnx_file = tmp / "rmbg-ref.onnx"
+    onnx_file.write_bytes(hub_files["briaai/RMBG-1.4/onnx/model.onnx"])
+    cut = rmbg_client.remove_background(photo(), base_url=server.url + "/rmbg", **auth)
+    want = np.rint(reference_matte(onnx_file, photo(), 64, V14) * 255)
+    assert np.abs(np.asarray(cut)[..., 3].astype(int) - want).max() <= 1
 
 
 def test_server_downloads_at_start_and_leaves_out_an_optional_gated_family(tmp_path, hub_files):

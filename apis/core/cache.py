@@ -74,8 +74,12 @@ class LRUCache(Generic[T]):
 
 def cache_stats(models: Mapping[str, Any]) -> dict[str, dict]:
     """``/info`` counters of a family that caches encoded images (SAM 2, SAM 3), per model id:
-    its cache's hits, misses and size, and how many images its encoder ran on."""
+    its cache's hits, misses and size, how many images its encoder ran on, and its encoder's
+    forwards by batch size."""
     return {
         "embedding_cache": {k: m.cache.stats() for k, m in models.items()},
         "encoded_images": {k: m.encoded_images for k, m in models.items()},
+        "encoder_batch_sizes": {
+            k: {str(size): n for size, n in sorted(m.encoder_batches.items())} for k, m in models.items()
+        },
     }

@@ -143,6 +143,9 @@ def probe_image(data: bytes, limits: Limits) -> tuple[int, int]:
     if img.format == "PNG" and "exif" not in img.info and not _png_has_chunk(data, b"eXIf"):
         # No EXIF chunk anywhere: Pillow's PNG getexif() would decode every pixel to look for one.
         return w, h
+    if getattr(img, "_tile_size", (w, h)) != (w, h):
+        # Pillow's TIFF plugin reports the size with the orientation already applied
+        return w, h
     try:
         rotated = img.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8)
     except Exception:  # noqa: BLE001 (a damaged file: decoding will say what is wrong with it)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,7 +122,8 @@ class Embedding:
 
 class Sam2Predictor(SAM2ImagePredictor, Autocast):
     """SAM2ImagePredictor whose image embeddings come from an LRU cache, missing ones computed
-    in one batch. ``encoded_images`` counts what the image encoder actually processed."""
+    in one batch. ``encoded_images`` counts what the image encoder actually processed and
+    ``encoder_batches`` its forwards by batch size."""
 
     def __init__(self, model, cache_size: int, dtype: torch.dtype = torch.float32):
         super().__init__(model)
@@ -130,6 +132,7 @@ class Sam2Predictor(SAM2ImagePredictor, Autocast):
         self.cache: LRUCache[Embedding] = LRUCache(cache_size)
         self.dtype = dtype
         self.encoded_images = 0
+        self.encoder_batches: Counter[int] = Counter()
         self._whole: tuple[str, np.ndarray, bytes | None] | None = (
             None  # auto_mask's image: key, pixels, file
         )
@@ -137,6 +140,7 @@ class Sam2Predictor(SAM2ImagePredictor, Autocast):
 
     def _count(self, _module, inputs, _output) -> None:
         self.encoded_images += inputs[0].shape[0]
+        self.encoder_batches[inputs[0].shape[0]] += 1
 
     @property
     def low_res_size(self) -> int:

@@ -362,8 +362,9 @@ class Sam3Runner(Autocast):
     """A SAM 3 image model with its processor, an LRU of encoded images and one of encoded prompts.
 
     ``encoded_images`` counts the images the vision backbone actually processed and
-    ``encoded_prompts`` the texts the text encoder did; ``text_batches`` and ``detector_batches``
-    count the text-encoder and detector forwards by their batch size.
+    ``encoded_prompts`` the texts the text encoder did; ``encoder_batches``, ``text_batches`` and
+    ``detector_batches`` count the image-encoder (trunk), text-encoder and detector forwards by
+    their batch size.
     """
 
     def __init__(
@@ -380,7 +381,12 @@ class Sam3Runner(Autocast):
         self.encoded_prompts = 0
         self.text_batches: Counter[int] = Counter()
         self.detector_batches: Counter[int] = Counter()
+        self.encoder_batches: Counter[int] = Counter()
+        model.backbone.vision_backbone.trunk.register_forward_hook(self._count)
         self._pos_enc: list[torch.Tensor] | None = None
+
+    def _count(self, _module, inputs, _output) -> None:
+        self.encoder_batches[len(inputs[0])] += 1
 
     @torch.inference_mode()
     def encode(self, keys: Sequence[str], images: Sequence[np.ndarray | None]) -> list[Encoded | None]:
