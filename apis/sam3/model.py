@@ -107,6 +107,23 @@ def build_sam3_image(arch: Sam3Arch, bpe_path: str | None = None) -> Sam3Image:
     """A ``Sam3Image`` with random weights, built module by module as sam3's ``model_builder``
     does (same classes and arguments) but with ``arch``'s sizes. No interactive (SAM 1 task)
     head: the text-prompt route does not use it."""
+    return Sam3Image(
+        **detector_modules(arch, bpe_path),
+        num_feature_levels=1,
+        o2m_mask_predict=True,
+        use_instance_query=False,
+        multimask_output=True,
+        inst_interactive_predictor=None,
+        matcher=None,
+    )
+
+
+def detector_modules(
+    arch: Sam3Arch, bpe_path: str | None = None, tracker_neck: bool = False
+) -> dict[str, Any]:
+    """The detector's parts as sam3's ``model_builder`` makes them, with ``arch``'s sizes: the
+    image model's and the video model's detectors share them. ``tracker_neck`` adds the neck's
+    second set of convolutions whose features feed the video tracker (sam3's ``add_sam2_neck``)."""
     compat.install()
     d = arch.d_model
     vit = ViT(
@@ -139,7 +156,7 @@ def build_sam3_image(arch: Sam3Arch, bpe_path: str | None = None) -> Sam3Image:
         d_model=d,
         scale_factors=[4.0, 2.0, 1.0, 0.5],
         trunk=vit,
-        add_sam2_neck=False,
+        add_sam2_neck=tracker_neck,
     )
     text = VETextEncoder(
         tokenizer=SimpleTokenizer(bpe_path=bpe_path or compat.bpe_path()),
@@ -247,19 +264,13 @@ def build_sam3_image(arch: Sam3Arch, bpe_path: str | None = None) -> Sam3Image:
         add_cls=True,
         add_post_encode_proj=True,
     )
-    return Sam3Image(
-        backbone=backbone,
-        transformer=TransformerWrapper(encoder=encoder, decoder=decoder, d_model=d),
-        input_geometry_encoder=geometry,
-        segmentation_head=segmentation,
-        num_feature_levels=1,
-        o2m_mask_predict=True,
-        dot_prod_scoring=scoring,
-        use_instance_query=False,
-        multimask_output=True,
-        inst_interactive_predictor=None,
-        matcher=None,
-    )
+    return {
+        "backbone": backbone,
+        "transformer": TransformerWrapper(encoder=encoder, decoder=decoder, d_model=d),
+        "input_geometry_encoder": geometry,
+        "segmentation_head": segmentation,
+        "dot_prod_scoring": scoring,
+    }
 
 
 def load_checkpoint(model: Sam3Image, path: str | Path) -> None:
@@ -283,7 +294,7 @@ def load_checkpoint(model: Sam3Image, path: str | Path) -> None:
         )
 
 
-def _download_released() -> str:
+def download_released() -> str:
     from sam3.model_builder import download_ckpt_from_hf
 
     return download_ckpt_from_hf()
@@ -304,7 +315,7 @@ def load_sam3(
             if not Path(path).is_file():
                 raise FileNotFoundError(f"SAM 3 checkpoint for {entry.name} not found: {path}")
         else:  # facebook/sam3's file, into the configured architecture (the released one by default)
-            path = _download_released()
+            path = download_released()
         load_checkpoint(model, path)
     device = torch.device(device)
     model = model.to(device).eval()
