@@ -18,10 +18,12 @@ from apis.sam3.video import (
     Sam3VideoArch,
     VideoSession,
     build_sam3_video,
+    build_tracker,
     load_sam3_video,
     load_video_checkpoint,
 )
 from tests.conftest import ROOT
+from tests.test_sam3_units import _settings
 
 ARCH = ROOT / "configs" / "models" / "sam3-video-tiny.json"
 N, H, W = 4, 48, 64
@@ -158,6 +160,19 @@ def test_bad_input_is_a_clear_400(model, frames):
         with pytest.raises(APIError, match=message) as e:
             call()
         assert e.value.status == 400
+
+
+def test_default_tracker_is_the_released_one():
+    """The tracker at the default sizes has sam3's ``build_tracker`` parameter names, shapes and
+    module settings, so the released checkpoint's ``tracker.`` keys load strictly (the detector
+    is the image model's, checked in test_sam3_units)."""
+    from sam3.model_builder import build_tracker as sam3_build_tracker
+
+    ours = build_tracker(Sam3VideoArch())
+    theirs = sam3_build_tracker(apply_temporal_disambiguation=True)
+    shapes = {k: v.shape for k, v in theirs.state_dict().items()}
+    assert {k: v.shape for k, v in ours.state_dict().items()} == shapes
+    assert _settings(ours) == _settings(theirs)
 
 
 def test_checkpoint_that_does_not_fit_is_refused(tmp_path, checkpoint, library):

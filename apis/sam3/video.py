@@ -59,7 +59,9 @@ class Sam3VideoArch(Sam3Arch):
     temporal_disambiguation: bool = True
 
 
-def _tracker(arch: Sam3VideoArch) -> Sam3TrackerPredictor:
+def build_tracker(arch: Sam3VideoArch) -> Sam3TrackerPredictor:
+    """sam3's SAM 2-style tracker as its ``build_tracker`` makes it, with ``arch``'s sizes."""
+    compat.install_video()
     d = arch.d_model
     feat = arch.resolution // arch.patch_size
     mask_size = feat * 16  # sam3's 1152 at 1008 px: the tracker's input mask size
@@ -153,7 +155,7 @@ def build_sam3_video(
     """sam3's video model with random weights, built as ``build_sam3_video_model`` does (same
     classes, arguments and heuristics) with ``arch``'s sizes."""
     compat.install_video()
-    tracker = _tracker(arch)
+    tracker = build_tracker(arch)
     parts = detector_modules(arch, bpe_path, tracker_neck=True)
     d = arch.d_model
     parts["dot_prod_scoring"] = DotProductScoring(  # the video builder's own scorer (same sizes)
