@@ -4,6 +4,7 @@ same tiny random weights: every frame's instances (ids, scores, masks) must be t
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 
 import numpy as np
@@ -136,9 +137,40 @@ def test_box_prompt_both_directions_matches_the_library(library, model, frames):
     assert [r.frame_index for r in got] == [2, 2, 3, 1, 0]
 
 
+def test_live_equals_offline_without_temporal_disambiguation(checkpoint, model, frames):
+    """Live frames 0..4 (a text prompt after the first) equal offline propagation over a clip
+    that starts with them, on the model variant without sam3's hot-start delay (with it, offline
+    answers for a frame wait for the next 15 frames, which a live frame cannot)."""
+    arch = dataclasses.replace(Sam3VideoArch.from_json(ARCH), temporal_disambiguation=False)
+    plain = build_sam3_video(arch)
+    load_video_checkpoint(plain, checkpoint)
+    plain.eval()
+    clip = [np.roll(frames[i % N], 5 * (i // N), axis=0) for i in range(16)]  # trackers read 16 pointers
+    state = plain.init_state(resource_path=[Image.fromarray(f) for f in clip], offload_video_to_cpu=True)
+    plain.add_prompt(state, 0, text_str="cat")
+    expected = list(plain.propagate_in_video(state, start_frame_idx=0, max_frame_num_to_track=4))
+
+    live = VideoSession.open(plain, None)
+    assert live.live and live.describe()["num_frames"] == 0
+    with pytest.raises(APIError, match="no frames yet"):
+        live.add_prompt(0, text="cat")
+    assert live.add_frame(clip[0]).objects == []  # no concept yet
+    got = [live.add_prompt(0, text="cat")]  # the prompted frame as propagation answers it
+    got += [live.add_frame(f) for f in clip[1:5]]
+    same(got, expected)
+    assert live.num_frames == 5 and live.describe()["num_frames"] == 5
+    with pytest.raises(APIError, match=r"newest frame \(4\), not 2"):
+        live.add_prompt(2, text="cat")
+
+    hotstart = VideoSession.open(model, None)  # the released heuristics run live too
+    hotstart.add_frame(clip[0])
+    hotstart.add_prompt(0, text="cat")
+    assert [hotstart.add_frame(f).frame_index for f in clip[1:3]] == [1, 2]
+    with pytest.raises(APIError, match="must be 64x48"):
+        hotstart.add_frame(clip[0][:, :10])
+
+
 def test_bad_input_is_a_clear_400(model, frames):
-    with pytest.raises(APIError, match="live sessions are not supported"):
-        VideoSession.open(model, None)
     with pytest.raises(APIError, match="must be 64x48"):
         VideoSession.open(model, [frames[0], frames[0][:, :10]])
     session = VideoSession.open(model, frames[:2])
@@ -154,7 +186,7 @@ def test_bad_input_is_a_clear_400(model, frames):
         (lambda: session.add_prompt(0, points=[[1, 1]], point_labels=[1], obj_id=1), "no outputs yet"),
         (lambda: session.propagate(), "add a prompt before propagating"),
         (lambda: session.propagate("sideways"), "direction must be one of"),
-        (lambda: session.add_frame(frames[0]), "live sessions are not supported"),
+        (lambda: session.add_frame(frames[0]), "live sessions only"),
     ]
     for call, message in cases:
         with pytest.raises(APIError, match=message) as e:

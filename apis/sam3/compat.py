@@ -17,6 +17,22 @@ a number the model computes. :func:`install` is idempotent and runs before any m
 * ``TextTransformer.positional_embedding`` and ``text_projection`` are ``torch.empty``: a
   checkpoint overwrites them, but a random-weights model would compute NaN scores from
   whatever memory they held. :func:`init_untrained` gives them open_clip's initialisation.
+
+The video model (:func:`install_video`, on top of the above) needs four more:
+
+* ``Sam3ImageOnVideoMultiGPU._build_multigpu_buffer_next_chunk`` casts the tracker's backbone
+  features to bfloat16 "for all-gather", counting on CUDA autocast (which sam3 enters for the
+  whole process) to feed them to float32 convolutions; on CPU ``run_backbone_and_detection``
+  then fails in ``conv_s0``. Without autocast we cast them back to the model's dtype after the
+  buffer is built: the values stay the bfloat16-rounded ones sam3 uses on a GPU.
+* ``Sam3TrackerPredictor.init_state`` keeps per-frame state on ``torch.device("cuda")`` unless
+  offloaded; sam3's video model never offloads it. We keep it on the tracker's own device.
+* ``Tensor.cuda`` is called unconditionally to bring memory features back "to the GPU"
+  (``Sam3TrackerBase._prepare_memory_conditioned_features``, the tracker's point prompts):
+  without CUDA it returns the tensor itself (the model's device is the CPU).
+* ``connected_components_cpu`` (hole filling of every new mask) needs scikit-image and fails
+  on an empty batch (a frame with no detections); :func:`connected_components_cpu` is the
+  same computation with OpenCV, any batch size.
 """
 
 from __future__ import annotations
@@ -88,7 +104,7 @@ def init_untrained(model: torch.nn.Module) -> None:
 
 
 def install_video() -> None:
-    """:func:`install`, and what sam3's video model needs besides (see :mod:`apis.sam3.video`)."""
+    """:func:`install`, and what sam3's video model needs besides (the module docstring)."""
     install()
     from sam3.model.sam3_image import Sam3ImageOnVideoMultiGPU
 
@@ -106,9 +122,10 @@ def install_video() -> None:
             multigpu_buffer=multigpu_buffer,
             **kwargs,
         )
-        if torch.is_autocast_enabled(self.device.type if hasattr(self, "device") else "cpu"):
+        weight = next(self.parameters())
+        if torch.is_autocast_enabled(weight.device.type):
             return
-        dtype = next(self.parameters()).dtype
+        dtype = weight.dtype
         for frame in range(frame_idx_begin, frame_idx_end):
             entry = multigpu_buffer.get(frame, {})
             for key in ("tracker_backbone_fpn_0", "tracker_backbone_fpn_1", "tracker_backbone_fpn_2"):

@@ -3,19 +3,41 @@ concept (a text, exemplar boxes) or a clicked object over a clip or a live strea
 
 The model is sam3's own ``Sam3VideoInferenceWithInstanceInteractivity`` (its detector finds the
 concept on every frame, its SAM 2-style tracker carries each instance, and its heuristics
-associate the two); we drive it through its public methods (``init_state``, ``add_prompt``,
+associate the two); we drive it through its methods (``init_state``, ``add_prompt``,
 ``propagate_in_video``) so every frame's instances are the library's. What is ours:
 
 * one builder for every size (:class:`Sam3VideoArch`; the defaults are sam3's
   ``build_sam3_video_model``, so the released checkpoint loads strictly; tests build a tiny one);
-* sessions opened from frames in memory, and live sessions that frames are appended to;
-* text encodings and image features kept across prompts of a session (sam3 starts over on every
-  concept prompt and recomputes both).
+* sessions opened from frames in memory (sam3's loader for PIL frames), and live sessions;
+* text encodings and image features kept across prompts (sam3 starts over on every concept
+  prompt and recomputes both): :class:`CachedFeatures`.
+
+A session holds one concept at a time: sam3's ``add_prompt`` with a text or boxes resets the
+state, and its find-stage has one text slot, so several texts cannot share a detector pass.
+An instance's ``score`` is sam3's ``out_probs``: the detection score it was first found with.
+
+Live sessions grow sam3's per-frame lists by one frame per ``add_frame`` and run its
+propagation over that frame alone (the same step offline propagation runs). They equal offline
+propagation of a clip starting with the same frames (checked in the tests) when:
+
+* the clip has at least 16 frames: the tracker scales object-pointer positions by
+  ``min(num_frames, 16)``, and a live session's trackers see an unbounded clip;
+* the model runs without sam3's temporal disambiguation (``temporal_disambiguation: false``):
+  with it (the released setting) offline answers for frame t are held back until frame t + 15
+  and hide instances that hot-start removed meanwhile; a live frame is answered at once with
+  what is known then;
+* the concept is not a text with exemplar boxes: offline, sam3 detects on the frame after the
+  prompted one ahead of time, with the prompted frame's boxes; a live session has no next frame
+  yet (boxes alone do not matter there: sam3 takes no new detections on unprompted frames).
+
+Live sessions keep every frame and per-frame output (sam3's state has no window): memory grows
+with the stream.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -27,12 +49,13 @@ import torch
 from PIL import Image
 from sam3.model import sam3_video_inference
 from sam3.model.decoder import TransformerDecoderLayerv2, TransformerEncoderCrossAttention
+from sam3.model.io_utils import load_resource_as_video_frames
 from sam3.model.memory import CXBlock, SimpleFuser, SimpleMaskDownSampler, SimpleMaskEncoder
 from sam3.model.model_misc import MLP, DotProductScoring, TransformerWrapper
 from sam3.model.position_encoding import PositionEmbeddingSine
 from sam3.model.sam3_image import Sam3ImageOnVideoMultiGPU
 from sam3.model.sam3_tracking_predictor import Sam3TrackerPredictor
-from sam3.model.sam3_video_inference import Sam3VideoInferenceWithInstanceInteractivity
+from sam3.model.sam3_video_inference import Sam3VideoInference, Sam3VideoInferenceWithInstanceInteractivity
 from sam3.sam.transformer import RoPEAttention
 
 from apis.core.cache import LRUCache
@@ -244,6 +267,15 @@ def load_sam3_video(
 # ----------------------------------------------------------------------------- sessions
 
 DIRECTIONS = ("forward", "backward", "both")
+LIVE_LENGTH = 2**31 - 1  # the num_frames a live session's trackers see: an unbounded clip
+# sam3's per-frame prompt lists (``Sam3VideoInference._construct_initial_input_batch``)
+PER_FRAME_INPUTS = (
+    "previous_stages_out",
+    "per_frame_raw_point_input",
+    "per_frame_raw_box_input",
+    "per_frame_visual_prompt",
+    "per_frame_geometric_prompt",
+)
 
 
 def _tqdm_off(iterable=None, *args, **kwargs):
@@ -362,13 +394,22 @@ class VideoSession:
     one frame, its image features reused when cached), each step of ``propagate`` (one frame).
     """
 
-    def __init__(self, model: Sam3VideoInferenceWithInstanceInteractivity, state: dict, feature_frames: int):
+    def __init__(
+        self,
+        model: Sam3VideoInferenceWithInstanceInteractivity,
+        state: dict | None,
+        *,
+        offload_video_to_cpu: bool,
+        feature_frames: int,
+    ):
         self.model = model
-        self.state: dict | None = state
-        self.live = False
-        self.num_frames = state["num_frames"]
-        self.height = state["orig_height"]
-        self.width = state["orig_width"]
+        self.state = state  # a live session's is made with its first frame
+        self.live = state is None
+        self.closed = False
+        self.offload_video_to_cpu = offload_video_to_cpu
+        self.num_frames = 0 if state is None else state["num_frames"]
+        self.height = 0 if state is None else state["orig_height"]
+        self.width = 0 if state is None else state["orig_width"]
         self.features = features(model)
         self.image_features: LRUCache[dict] = LRUCache(feature_frames)
         self.text: str | None = None
@@ -383,15 +424,12 @@ class VideoSession:
         feature_frames: int = 4,
     ) -> VideoSession:
         """A session over ``frames`` (RGB uint8, one size), through sam3's ``init_state`` (its
-        loader for in-memory frames, so the model sees the library's pixels). The clip is held
-        resized to the model's input in float16, as sam3 holds it; ``offload_video_to_cpu``
-        keeps it in CPU memory. ``feature_frames``: how many frames' image features the session
-        keeps for new prompts. Live sessions (``frames`` None) are not supported (see the
-        module's notes)."""
+        loader for in-memory frames, so the model sees the library's pixels), or a live one when
+        None. The clip is held resized to the model's input in float16, as sam3 holds it;
+        ``offload_video_to_cpu`` keeps it in CPU memory. ``feature_frames``: how many frames'
+        image features the session keeps for new prompts."""
         if frames is None:
-            raise APIError(
-                400, "SAM 3 video sessions need the clip's frames: live sessions are not supported"
-            )
+            return cls(model, None, offload_video_to_cpu=offload_video_to_cpu, feature_frames=feature_frames)
         if len(frames) == 0:
             raise APIError(400, "the video has no frames", param="frames")
         images: list[Image.Image] = []
@@ -400,14 +438,22 @@ class VideoSession:
             images.append(_frame(frame, size, f"frame {i}"))
             size = (images[-1].height, images[-1].width)
         state = model.init_state(resource_path=images, offload_video_to_cpu=offload_video_to_cpu)
-        return cls(model, state, feature_frames)
+        return cls(model, state, offload_video_to_cpu=offload_video_to_cpu, feature_frames=feature_frames)
 
     # ------------------------------------------------------------------------- helpers
 
     def _state(self) -> dict:
-        if self.state is None:
+        if self.closed:
             raise APIError(404, "this video session is closed", code="session_not_found")
+        if self.state is None:
+            raise APIError(400, "this live session has no frames yet: add one first", param="frame_index")
         return self.state
+
+    def _unbounded(self) -> None:
+        """A live session's trackers see an unbounded clip (see the module's notes)."""
+        if self.live:
+            for tracker_state in self._state()["tracker_inference_states"]:
+                tracker_state["num_frames"] = LIVE_LENGTH
 
     def _check_frame_index(self, frame_index: int, param: str = "frame_index") -> None:
         if not 0 <= frame_index < self.num_frames:
@@ -469,6 +515,12 @@ class VideoSession:
         the frame's instances."""
         state = self._state()
         self._check_frame_index(frame_index)
+        if self.live and frame_index != self.num_frames - 1:
+            raise APIError(
+                400,
+                f"a live session is prompted on its newest frame ({self.num_frames - 1}), not {frame_index}",
+                param="frame_index",
+            )
         if points is not None:
             if text is not None or boxes is not None:
                 raise APIError(
@@ -513,6 +565,9 @@ class VideoSession:
             self.text = text
         with self.features.serving(self.image_features):
             _, out = self.model.add_prompt(state, frame_index, **kwargs)
+        if self.live:  # propagation's first step, as offline propagation would run it on this frame
+            self._unbounded()
+            return self._step(frame_index)
         return self._result(frame_index, out)
 
     def propagate(
@@ -549,11 +604,72 @@ class VideoSession:
                     break
                 yield self._result(*step)
 
+    @torch.inference_mode()
     def add_frame(self, image: np.ndarray) -> FrameResult:
-        raise APIError(400, "SAM 3 video sessions need the clip's frames: live sessions are not supported")
+        """Append a frame to a live session and, once a concept is prompted, detect and track
+        on it at once (sam3's per-frame step, as its propagation runs it). Before any prompt
+        the frame is only held and answers no instances."""
+        if self.closed:
+            raise APIError(404, "this video session is closed", code="session_not_found")
+        if not self.live:
+            raise APIError(400, "frames are added to live sessions only; this one was opened on a clip")
+        pil = _frame(
+            image, None if self.state is None else (self.height, self.width), f"frame {self.num_frames}"
+        )
+        if self.state is None:
+            self.state = self.model.init_state(
+                resource_path=[pil], offload_video_to_cpu=self.offload_video_to_cpu
+            )
+            self.state["input_batch"].img_batch = list(self.state["input_batch"].img_batch)  # it grows
+            self.height, self.width = self.state["orig_height"], self.state["orig_width"]
+        else:
+            self._append(self.state, pil)
+        state = self.state
+        self.num_frames = state["num_frames"]
+        index = self.num_frames - 1
+        if all(out is None for out in state["previous_stages_out"]):
+            return FrameResult(frame_index=index, objects=[])
+        return self._step(index)
+
+    def _step(self, index: int) -> FrameResult:
+        """sam3's propagation over one frame of a live session. The base class's propagation: the
+        interactive subclass answers a second call from what the first cached (its action
+        history) instead of running the new frame."""
+        steps = Sam3VideoInference.propagate_in_video(
+            self.model, self._state(), start_frame_idx=index, max_frame_num_to_track=0
+        )
+        with self.features.serving(self.image_features):
+            (_, out), *_ = list(steps)
+        self._unbounded()
+        return self._result(index, out)
+
+    def _append(self, state: dict, image: Image.Image) -> None:
+        """One more frame in sam3's state: its pixels through sam3's own loader, its find-stage
+        (a copy of frame 0's, which holds the session's text id) and empty per-frame inputs."""
+        pixels, _, _ = load_resource_as_video_frames(
+            [image],
+            image_size=self.model.image_size,
+            offload_video_to_cpu=self.offload_video_to_cpu,
+            img_mean=self.model.image_mean,
+            img_std=self.model.image_std,
+        )
+        batch = state["input_batch"]
+        index = len(batch.img_batch)
+        batch.img_batch.append(pixels[0])
+        stage = copy.deepcopy(batch.find_inputs[0])
+        stage.img_ids.fill_(index)
+        batch.find_inputs.append(stage)
+        batch.find_targets.append(None)
+        batch.find_metadatas.append(None)
+        for key in PER_FRAME_INPUTS:
+            state[key].append(None)
+        state["per_frame_cur_step"].append(0)
+        state["num_frames"] = index + 1
 
     def describe(self) -> dict[str, Any]:
         """Frames, the instances of the latest outputs, and the bytes of tensors the session holds."""
+        if self.state is None and not self.closed:
+            return {"num_frames": 0, "objects": [], "text": None, "memory_bytes": 0, "frames_held": 0}
         state = self._state()
         objects = sorted({int(i) for out in state["cached_frame_outputs"].values() for i in out})
         return {
@@ -567,4 +683,5 @@ class VideoSession:
     def close(self) -> None:
         """Drop the session's state and cached features (sam3 keeps nothing outside the state)."""
         self.state = None
+        self.closed = True
         self.image_features = LRUCache(0)
