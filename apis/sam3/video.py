@@ -421,13 +421,14 @@ class VideoSession:
         frames: Sequence[np.ndarray] | None,
         *,
         offload_video_to_cpu: bool = True,
-        feature_frames: int = 4,
+        feature_frames: int = 2,
     ) -> VideoSession:
         """A session over ``frames`` (RGB uint8, one size), through sam3's ``init_state`` (its
         loader for in-memory frames, so the model sees the library's pixels), or a live one when
         None. The clip is held resized to the model's input in float16, as sam3 holds it;
         ``offload_video_to_cpu`` keeps it in CPU memory. ``feature_frames``: how many frames'
-        image features the session keeps for new prompts."""
+        image features the session keeps for new prompts (2: a prompted frame and the next one,
+        which sam3 detects on ahead of time; about 0.45 GB a frame at full size)."""
         if frames is None:
             return cls(model, None, offload_video_to_cpu=offload_video_to_cpu, feature_frames=feature_frames)
         if len(frames) == 0:
