@@ -259,3 +259,14 @@ def test_cpu_connected_components():
         assert np.array_equal(sizes[i, 0].numpy(), ref_sizes)
     labels, sizes = sam3_compat.connected_components_cpu(torch.zeros(0, 1, 8, 8, dtype=torch.uint8))
     assert labels.shape == sizes.shape == (0, 1, 8, 8)
+
+
+def test_cuda_assumptions_are_answered_on_cpu(library):
+    """Without CUDA, the tracker keeps its per-frame state on its own device and ``.cuda()``
+    leaves a tensor where it is (sam3 calls both unconditionally)."""
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA host keeps sam3's behaviour")
+    t = torch.ones(2)
+    assert t.cuda() is t
+    state = library.tracker.init_state(video_height=H, video_width=W, num_frames=N)
+    assert state["storage_device"] == library.tracker.device == torch.device("cpu")
