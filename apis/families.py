@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-from apis.core.settings import CachedFamily, Family, RmbgFamily, Sam3Family
+from apis.core.settings import Family, RmbgFamily, Sam2Family, Sam3Family
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class FamilyEntry:
 FAMILIES: dict[str, FamilyEntry] = {
     "clip": FamilyEntry(Family, "apis.clip.api:ClipAPI"),
     "dino": FamilyEntry(Family, "apis.dino.api:DinoAPI"),
-    "sam2": FamilyEntry(CachedFamily, "apis.sam2.api:Sam2API"),
+    "sam2": FamilyEntry(Sam2Family, "apis.sam2.api:Sam2API"),
     "sam3": FamilyEntry(Sam3Family, "apis.sam3.api:Sam3API"),
     "rmbg": FamilyEntry(RmbgFamily, "apis.rmbg.api:RmbgAPI"),
 }

@@ -21,7 +21,7 @@ import os
 import time
 import zlib
 from collections import Counter, defaultdict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -40,7 +40,7 @@ from apis.core.logs import REQUEST_ID, configure_logging
 from apis.core.precision import resolve_dtype
 from apis.core.process import die_with_parent, reuse_freed_memory
 from apis.core.registry import Key, ModelRegistry, canonical
-from apis.core.replies import Reply
+from apis.core.replies import Reply, Stream
 from apis.core.settings import ModelEntry
 from apis.core.weights import hub_file, is_hf_uri
 from apis.http.inputs import IMAGE_FIELDS, ImageInput, read_image_bytes
@@ -72,6 +72,7 @@ class Route:
     summary: ClassVar[str]
     caches_image: ClassVar[bool] = False  # the worker keeps the encoded image (image_id routes)
     reads_files: ClassVar[bool] = False  # read_inputs reads files: run it off the event loop
+    endpoint: ClassVar[bool] = True  # served as POST /<family>/<name>; False: FamilyAPI.endpoints serves it
 
     def __init__(self, api: FamilyAPI):
         self.api = api
@@ -101,8 +102,9 @@ class Route:
         """One output per input."""
         raise NotImplementedError
 
-    def encode_response(self, model: Any, job: Job, item: Any, output: Any) -> dict | Reply:
-        """The answer to one request: a JSON-able dict, or a :class:`~apis.core.replies.Reply`."""
+    def encode_response(self, model: Any, job: Job, item: Any, output: Any) -> dict | Reply | Stream:
+        """The answer to one request: a JSON-able dict, a :class:`~apis.core.replies.Reply`, or a
+        :class:`~apis.core.replies.Stream` of parts."""
         raise NotImplementedError
 
 
@@ -145,7 +147,10 @@ class FamilySpec(FamilySpecBase):
         self.dispatcher = Dispatcher(lit_api.family, slack=lit_api.max_batch_size)
         self.address = self.dispatcher.address
         for route in lit_api.handlers.values():
-            self.add_endpoint(f"{self.api_path}/{route.name}", self._endpoint(route), ["POST"])
+            if route.endpoint:
+                self.add_endpoint(f"{self.api_path}/{route.name}", self._endpoint(route), ["POST"])
+        for path, endpoint, methods in lit_api.endpoints():
+            self.add_endpoint(path, endpoint, methods)
         self.add_endpoint(f"{self.api_path}/health", self.health, ["GET", "HEAD"])
         self._reading = ThreadPoolExecutor(READ_THREADS, thread_name_prefix=f"{lit_api.family}-read")
 
@@ -153,12 +158,7 @@ class FamilySpec(FamilySpecBase):
         async def endpoint(request):
             try:
                 if isinstance(request, ImageInput) or route.reads_files:
-                    # base64 decoding, URL or disk I/O and the header probe, off the event loop
-                    loop = asyncio.get_running_loop()
-                    ctx = contextvars.copy_context()  # the request id, for log lines of the reading thread
-                    job = await loop.run_in_executor(
-                        self._reading, ctx.run, self._api.job_for, route, request
-                    )
+                    job = await self.off_loop(self._api.job_for, route, request)
                 else:
                     job = self._api.job_for(route, request)
             except APIError as e:
@@ -173,17 +173,39 @@ class FamilySpec(FamilySpecBase):
         endpoint.__doc__ = route.summary
         return endpoint
 
-    async def submit(self, job: Job) -> Reply:
-        """A worker's answer to a job (also what apis/openai_routes.py sends)."""
+    async def off_loop(self, fn: Callable, *args: Any) -> Any:
+        """``fn(*args)`` in the family's reading threads: base64 decoding, URL or disk I/O and
+        header probes stay off the event loop. The request id goes along, for log lines."""
+        loop = asyncio.get_running_loop()
+        ctx = contextvars.copy_context()
+        return await loop.run_in_executor(self._reading, ctx.run, fn, *args)
+
+    async def submit(self, job: Job, pin: str | None = None) -> Reply:
+        """A worker's answer to a job (also what apis/openai_routes.py sends); ``pin``: the
+        worker whose connection has that token (apis/transport/dispatch.py)."""
         job.request_id = REQUEST_ID.get()
         affinity = self._api.affinity(job)
         # a request with only an image_id can be answered only where that image is cached
         stay = job.image_id is not None and job.image_bytes is None
-        reply = await self.dispatcher.submit(job, affinity, stay=stay)
+        reply = await self.dispatcher.submit(job, affinity, stay=stay, pin=pin)
+        self._keep_stats(reply)
+        return reply
+
+    async def stream(self, job: Job, pin: str | None = None) -> AsyncIterator[Reply]:
+        """A worker's answer to a job in parts (a :class:`~apis.core.replies.Stream`)."""
+        job.request_id = REQUEST_ID.get()
+        parts = self.dispatcher.stream(job, pin)
+        try:
+            async for reply in parts:
+                self._keep_stats(reply)
+                yield reply
+        finally:
+            await parts.aclose()
+
+    def _keep_stats(self, reply: Reply) -> None:
         if reply.stats is not None:
             key, snapshot = reply.stats
             self._api.live_stats[key] = snapshot
-        return reply
 
     async def health(self) -> JSONResponse:
         """Open readiness of this family's workers (what the seed clients poll)."""
@@ -230,6 +252,7 @@ class FamilyAPI(ls.LitAPI):
             fill_defaults=self.model_fill_defaults,
         )
         self.stats: Any = None  # shared dict, set by the server before workers start
+        self.token: str | None = None  # worker: its connection's token (apis/transport/worker_loop.py)
         self.live_stats: dict[str, dict] = {}  # HTTP process: counters that came with answers
 
     @classmethod
@@ -252,6 +275,11 @@ class FamilyAPI(ls.LitAPI):
         params = request.model_dump(exclude={*IMAGE_FIELDS, "image_id", *fields})
         job = Job(route.name, self.registry.id_of(entry), params, image_bytes=image, image_id=image_id)
         return route.read_inputs(job, request)
+
+    def endpoints(self) -> list[tuple[str, Callable, list[str]]]:
+        """Endpoints besides ``POST /<family>/<route>``: (path, endpoint, methods); the video
+        session routes (apis/video_sessions.py)."""
+        return []
 
     def affinity(self, job: Job) -> Hashable | None:
         """For a route that caches encoded images, the key that sends every request on one image
@@ -322,6 +350,9 @@ class FamilyAPI(ls.LitAPI):
             if entry.is_random:
                 log.warning("%s model %s has RANDOM weights: its outputs are meaningless", self.family, key)
         return self._models[key]
+
+    def housekeeping(self) -> None:
+        """Called by the worker's loop when it is idle (about once a second): expire old state."""
 
     def decode_request(self, request: Job) -> Job | APIError:
         """The image's pixels, decoded here in the worker; the route decodes the rest."""
@@ -399,8 +430,11 @@ class FamilyAPI(ls.LitAPI):
                     out[i] = e
         return out
 
-    def encode_response(self, output: dict | APIError | Reply) -> Reply:
-        """The answer rendered here, in the worker (apis/core/replies.py)."""
+    def encode_response(self, output: dict | APIError | Reply | Stream) -> Reply | Stream:
+        """The answer rendered here, in the worker (apis/core/replies.py). A stream's parts are
+        rendered by the worker's loop, and its last part comes back here for the counters."""
+        if isinstance(output, Stream):
+            return output
         reply = Reply.of(output)
         if self.stats is not None:
             # The worker's counters ride back with each answer: fresh in /info as soon as the

@@ -95,6 +95,20 @@ def post(
     return resp.json()
 
 
+def send(
+    method: str, url: str, api_key: str | None, timeout: float = 600.0, **kwargs: Any
+) -> requests.Response:
+    """One request on this thread's connection pool with the bearer key; a refusal raises
+    :class:`VisionServeError`. ``stream=True`` leaves the body to be read as it arrives."""
+    resp = _session().request(method, url, headers=_headers(api_key), timeout=timeout, **kwargs)
+    try:
+        _raise_for(resp)
+    except VisionServeError:
+        resp.close()
+        raise
+    return resp
+
+
 def _npy_meta(headers) -> dict[str, Any]:
     meta: dict[str, Any] = {}
     for name, value in headers.items():

@@ -12,11 +12,11 @@ from types import SimpleNamespace
 import orjson
 import pytest
 
-from apis.core.replies import Reply
+from apis.core.replies import Reply, Stream
 from apis.http.responses import reply_response
 from apis.transport.arena import Arena, ArenaOffer
 from apis.transport.dispatch import Dispatcher, WorkerLink, frame
-from apis.transport.worker_loop import run_batch
+from apis.transport.worker_loop import run_batch, serve
 
 
 def link_pair() -> tuple[socket.socket, WorkerLink]:
@@ -299,6 +299,83 @@ def test_an_answer_body_travels_as_raw_bytes_with_its_status_headers_and_stats(m
             assert response.body == body and response.headers["content-length"] == str(len(body))
             assert response.headers["x-visionserve-model"] == "m"
             link.close()
+        finally:
+            d.close()
+
+    asyncio.run(scenario())
+
+
+class StreamingApi:
+    """A family stand-in for the real worker loop (apis/transport/worker_loop.serve): a job
+    ``("stream", name, n)`` answers ``n`` parts, each taking ``PART_S``; any other job answers at once."""
+
+    PART_S = 0.05
+    max_batch_size, batch_timeout, request_timeout, api_path, token = 8, 0.0, None, "/fake", None
+
+    def __init__(self, address: str):
+        self.spec = SimpleNamespace(address=address)
+        self.computed: dict[str, list[float]] = {}  # stream name -> when each part was computed
+
+    def decode_request(self, job):
+        return job
+
+    def batch(self, inputs):
+        return inputs
+
+    def unbatch(self, outputs):
+        return outputs
+
+    def predict(self, jobs):
+        return [self._parts(job[1], job[2]) if job[0] == "stream" else job for job in jobs]
+
+    def _parts(self, name: str, n: int):
+        times = self.computed[name] = []
+
+        def parts():
+            for i in range(n):
+                time.sleep(self.PART_S)
+                times.append(time.monotonic())
+                yield {"stream": name, "part": i}
+
+        return Stream(parts())
+
+    def encode_response(self, output):
+        return output if isinstance(output, (Stream, Reply)) else Reply.of({"answer": output})
+
+    def housekeeping(self):
+        pass
+
+
+def test_streams_interleave_take_new_requests_between_parts_and_stop_when_withdrawn():
+    async def scenario():
+        d = Dispatcher("test")
+        await d.start(timeout=5)
+        api = StreamingApi(d.address)
+        threading.Thread(target=serve, args=(api, 0), daemon=True).start()
+        while d.connected < 1:
+            await asyncio.sleep(0.01)
+        try:
+            # a short request is answered between two parts of a long stream
+            long = d.stream(("stream", "long", 40))
+            first = await anext(long)
+            assert first.more and orjson.loads(first.body) == {"stream": "long", "part": 0}
+            short = await d.submit("short")
+            assert orjson.loads(short.body) == {"answer": "short"}
+            assert len(api.computed["long"]) <= 3  # answered within a part or two, not after 40
+            # two streams take turns, one part each
+            other = [reply async for reply in d.stream(("stream", "other", 3))]
+            assert [r.more for r in other] == [True, True, True, False]
+            theirs, mine = api.computed["other"], api.computed["long"]
+            assert all(any(a < t < b for t in mine) for a, b in zip(theirs[:-1], theirs[1:], strict=True))
+            # a withdrawn stream stops before its next part
+            computed = len(api.computed["long"])
+            withdrawn_at = time.monotonic()
+            await long.aclose()
+            await asyncio.sleep(10 * api.PART_S)
+            after = [t for t in api.computed["long"] if t > withdrawn_at]
+            assert len(after) <= 1, after  # the part being computed when the withdrawal came
+            assert len(api.computed["long"]) < 40 and computed < 40
+            assert sum(len(link.waiting) for link in d._links) == 0
         finally:
             d.close()
 

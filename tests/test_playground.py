@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pytest
 import requests
 from PIL import Image, ImageDraw
@@ -208,6 +209,44 @@ def test_each_panel_against_the_demo_server(demo_server, browser, shots, tmp_pat
 
     with capsys.disabled():
         print("\nplayground screenshots:", *saved, sep="\n  ")
+
+
+def test_the_video_panel_tracks_as_the_api_does(demo_server, browser, shots, tmp_path, capsys):
+    """A clip made from the image, a click on its first frame, the streamed frames drawn as they
+    come: each frame's drawn mask has the pixels of the API's answer for the same frames and click."""
+    url = demo_server.url
+    photo = picture(tmp_path / "scene.png")
+    browser.get(url + "/playground")
+    browser.find_element(By.ID, "api-key").send_keys(KEY)
+    browser.find_element(By.ID, "image-file").send_keys(str(photo))
+    wait_text(browser, "image-info", "320x240")
+    browser.find_element(By.ID, "video-from-image").click()
+    wait_text(browser, "video-status", "session of 12 frames")
+    overlay = browser.find_element(By.ID, "video-overlay")
+    browser.execute_script("arguments[0].scrollIntoView()", overlay)
+    scale = overlay.size["width"] / 320
+    ActionChains(browser).move_to_element_with_offset(
+        overlay, int((85 - 160) * scale), int((95 - 120) * scale)
+    ).click().perform()
+    wait_text(browser, "video-status", "1 point(s)")
+    browser.find_element(By.ID, "video-track").click()
+    wait_text(browser, "video-status", "tracked 12 frames")
+    drawn = [int(v) for v in overlay.get_attribute("data-areas").split(",")]
+    frames = browser.execute_script("return video.frames.map((c) => c.toDataURL('image/png').split(',')[1])")
+    points = browser.execute_script("return video.points")
+
+    auth = {"Authorization": f"Bearer {KEY}"}
+    sessions = url + "/sam2/video/sessions"
+    sid = requests.post(sessions, json={"frames": frames}, headers=auth).json()["session_id"]
+    prompt = {"frame_index": 0, "obj_id": 1, "points": points, "labels": [1]}
+    assert requests.post(f"{sessions}/{sid}/prompts", json=prompt, headers=auth).status_code == 200
+    lines = requests.post(f"{sessions}/{sid}/propagate", json={}, headers=auth).text.splitlines()
+    want = [obj["area"] for line in lines[:-1] for obj in orjson.loads(line)["objects"]]
+    assert drawn == want and len(drawn) == 12
+    requests.delete(f"{sessions}/{sid}", headers=auth)
+    path = shot(browser, "video-panel", shots)
+    with capsys.disabled():
+        print("\nplayground screenshot:", path)
 
 
 def shot(driver, element_id: str, folder: Path) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,7 @@ from apis.core.errors import APIError
 log = logging.getLogger("visionserve")
 JSON_MEDIA_TYPE = "application/json"
 NPY_MEDIA_TYPE = "application/x-npy"
+NDJSON_MEDIA_TYPE = "application/x-ndjson"
 
 
 @dataclass
@@ -28,6 +30,7 @@ class Reply:
     media_type: str = JSON_MEDIA_TYPE
     headers: dict[str, str] = field(default_factory=dict)
     stats: tuple[str, dict] | None = None  # the answering worker's counters, for /info
+    more: bool = False  # a part of a streamed answer (:class:`Stream`) with more parts to come
 
     @classmethod
     def of(cls, result: dict | APIError | Reply) -> Reply:
@@ -75,3 +78,44 @@ def non_finite_at(value: Any, path: str = "answer") -> str | None:
             if where is not None:
                 return where
     return None
+
+
+class Stream:
+    """An answer in parts: each item of ``parts`` (a JSON-able dict) is one NDJSON line.
+
+    The worker's loop (apis/transport/worker_loop.py) renders one part per turn and sends it at
+    once, so the streams of several requests interleave and new requests are taken between
+    parts. An APIError raised by ``parts`` ends the stream with that error as its last part.
+    ``on_close`` runs once however the stream ends: done, failed or withdrawn by its client.
+    """
+
+    def __init__(self, parts: Iterator[dict], on_close: Callable[[str], None] | None = None):
+        self._parts = parts
+        self._on_close = on_close
+        self.sent = 0  # parts rendered
+
+    def next_reply(self) -> Reply:
+        """The next part (``more`` set), or the end: an empty body, or an error's."""
+        try:
+            part = next(self._parts)
+        except StopIteration:
+            self.close("done")
+            return Reply(200, b"", NDJSON_MEDIA_TYPE)
+        except APIError as e:
+            self.close("failed")
+            return Reply.of(e)
+        where = non_finite_at(part)
+        if where is not None:
+            self.close("failed")
+            return Reply.of(non_finite(where))
+        self.sent += 1
+        return Reply(200, orjson.dumps(part, option=orjson.OPT_APPEND_NEWLINE), NDJSON_MEDIA_TYPE, more=True)
+
+    def close(self, how: str = "withdrawn") -> None:
+        """Stop computing parts (the generator's ``finally`` runs) and say how it ended."""
+        close = getattr(self._parts, "close", None)
+        if close is not None:
+            close()
+        if self._on_close is not None:
+            on_close, self._on_close = self._on_close, None
+            on_close(how)

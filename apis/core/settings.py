@@ -143,6 +143,34 @@ class CachedFamily(Family):
     )
 
 
+class VideoSettings(StrictSettings):
+    """Tracking sessions (``/<family>/video/sessions``): each lives in the worker that made it."""
+
+    max_sessions: int = Field(
+        4,
+        ge=1,
+        description="Sessions kept per worker. A new one evicts the least recently used idle session "
+        "(its calls then answer 410); when every session is propagating, a new one gets 429.",
+    )
+    max_frames: int = Field(
+        2000, ge=1, description="Most frames of a clip (video, frames or video_path); more -> 413."
+    )
+    max_video_bytes: int = Field(
+        256 * MiB, gt=0, description="Largest encoded clip (video or video_path file); larger -> 413."
+    )
+    idle_ttl_s: float = Field(
+        600.0,
+        gt=0,
+        description="A session not used for this many seconds is closed; its id then answers 404.",
+    )
+
+
+class Sam2Family(CachedFamily):
+    """SAM 2: the image routes' cache, and its video tracking sessions."""
+
+    video: VideoSettings = Field(default_factory=VideoSettings)
+
+
 class Sam3Family(CachedFamily):
     """SAM 3's instance filters: what a request gets when it leaves them out."""
 

@@ -97,39 +97,36 @@ def _decode_base64_slowly(text: str) -> bytes:
 # --------------------------------------------------------------------------- image_path
 
 
-def read_path(path: str, cfg: PathInput, max_bytes: int) -> bytes:
+def read_path(path: str, cfg: PathInput, max_bytes: int, param: str = "image_path") -> bytes:
+    """A file under one of the roots; ``param``: the request field that named it."""
     if not cfg.roots:
         raise APIError(
             400,
-            "image_path input is disabled on this server; send the image as base64 in 'image' "
+            f"{param} input is disabled on this server; send the file as base64 instead "
             "(operators enable paths with inputs.path.roots)",
-            param="image_path",
+            param=param,
             code="input_disabled",
         )
     if "\x00" in path or not path.strip():
-        raise APIError(400, "image_path is empty or contains a NUL byte", param="image_path")
+        raise APIError(400, f"{param} is empty or contains a NUL byte", param=param)
     roots = [os.path.realpath(r) for r in cfg.roots]
     candidate = Path(path) if os.path.isabs(path) else Path(roots[0]) / path
     real = os.path.realpath(candidate)
     if not any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in roots):
         raise APIError(
             400,
-            "image_path must point inside one of the server's image roots",
-            param="image_path",
+            f"{param} must point inside one of the server's image roots",
+            param=param,
             code="path_not_allowed",
         )
     try:
         st = os.stat(real)
     except OSError:
-        raise APIError(
-            400, f"image_path {path!r} does not exist", param="image_path", code="image_not_found"
-        ) from None
+        raise APIError(400, f"{param} {path!r} does not exist", param=param, code="image_not_found") from None
     if not stat.S_ISREG(st.st_mode):
-        raise APIError(400, f"image_path {path!r} is not a regular file", param="image_path")
+        raise APIError(400, f"{param} {path!r} is not a regular file", param=param)
     if st.st_size > max_bytes:
-        raise APIError(
-            413, f"image_path file is {st.st_size} bytes; the limit is {max_bytes}", param="image_path"
-        )
+        raise APIError(413, f"{param} file is {st.st_size} bytes; the limit is {max_bytes}", param=param)
     with open(real, "rb") as f:
         return f.read()
 

@@ -130,6 +130,21 @@ class _WorkerCollector(Collector):
             "Seconds a worker took to build and load a model (weights already on disk).",
             labels=["family", "model", "worker"],
         )
+        sessions = GaugeMetricFamily(
+            "visionserve_video_sessions",
+            "Video tracking sessions a worker holds.",
+            labels=["family", "worker"],
+        )
+        session_bytes = GaugeMetricFamily(
+            "visionserve_video_session_memory_bytes",
+            "Memory the video sessions of a worker hold (frames and tracking state).",
+            labels=["family", "worker"],
+        )
+        evicted = _counter(
+            "visionserve_video_sessions_evicted",
+            "Video sessions closed by the worker: lru (to make room) or idle (past video.idle_ttl_s).",
+            ["family", "worker", "reason"],
+        )
         for name in sorted(self.unavailable):
             available.add_metric([name], 0)
         for api in self.apis:
@@ -151,7 +166,14 @@ class _WorkerCollector(Collector):
                     misses.add_metric([fam, model, w], stats["misses"])
                 for model, seconds in snap.get("load_seconds", {}).items():
                     load.add_metric([fam, model, w], seconds)
+                video = snap.get("video_sessions")
+                if video is not None:
+                    sessions.add_metric([fam, w], video["count"])
+                    session_bytes.add_metric([fam, w], video["memory_bytes"])
+                    for reason, n in video["evictions"].items():
+                        evicted.add_metric([fam, w, reason], n)
         yield from (available, queue, workers, restarts, batch, forward, hits, misses, load)
+        yield from (sessions, session_bytes, evicted)
 
 
 def _counter(name: str, doc: str, labels: list[str]):

@@ -64,7 +64,7 @@ class JsonBodyRoute(APIRoute):
                     for err in e.errors(include_url=False, include_input=False)
                 ]
                 raise RequestValidationError(errors) from None
-            return await unless_client_leaves(request, endpoint(value))
+            return await unless_client_leaves(request, endpoint(value, **request.path_params))
 
         return handler
 

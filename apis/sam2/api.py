@@ -1,5 +1,6 @@
 """SAM 2 routes: ``/sam2/auto_mask`` and ``/sam2/prompt_mask`` (seed 004 fields) and
-``/sam2/embed``. Every route encodes the whole image through the model's embedding cache.
+``/sam2/embed``, which encode the whole image through the model's embedding cache, and the
+video tracking sessions ``/sam2/video/sessions...`` (apis/video_sessions.py).
 
 Schemas live in :mod:`apis.sam2.schemas`, the maths in :mod:`apis.sam2.model`.
 """
@@ -36,8 +37,10 @@ from apis.sam2.schemas import (
     generator_settings,
     layer_sides,
 )
+from apis.video_sessions import VIDEO_ROUTES, VideoSessions
 
 model = lazy_module("apis.sam2.model")  # the library loads in the worker (apis/core/lazy.py)
+video = lazy_module("apis.sam2.video")
 
 
 def sam2_key(model_cfg: str | None, checkpoint_path: str | None = None) -> tuple[str]:
@@ -308,10 +311,24 @@ class Sam2API(FamilyAPI):
     selector = Sam2ModelSelector
     model_key = staticmethod(sam2_key)
     model_fill_defaults = False
-    routes = (AutoMask, PromptMask, Embed)
+    routes = (AutoMask, PromptMask, Embed, *VIDEO_ROUTES)
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.video = VideoSessions(self)
 
     def load_model(self, entry: ModelEntry) -> model.Sam2Predictor:
         return model.load_sam2(entry, self.torch_device, self.compute_dtype, self.fam.cache_size)
 
+    def open_video(self, pred: model.Sam2Predictor, frames: list[np.ndarray] | None, **offload: bool) -> Any:
+        """A tracking session on the worker's one SAM 2 model (apis/sam2/video.py)."""
+        return video.VideoSession.open(pred.model, frames, dtype=pred.dtype, **offload)
+
+    def endpoints(self) -> list:
+        return self.video.endpoints()
+
+    def housekeeping(self) -> None:
+        self.video.store().expire()
+
     def extra_stats(self) -> dict[str, Any]:
-        return cache_stats(self._models)
+        return {**cache_stats(self._models), **self.video.stats()}

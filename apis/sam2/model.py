@@ -23,7 +23,7 @@ import sam2.utils.misc
 import torch
 from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
 from sam2.build_sam import _hf_download as sam2_hf_download
-from sam2.build_sam import build_sam2, build_sam2_hf
+from sam2.build_sam import build_sam2_video_predictor, build_sam2_video_predictor_hf
 from sam2.sam2_image_predictor import SAM2ImagePredictor
 
 from apis.core.cache import LRUCache
@@ -207,20 +207,26 @@ def load_sam2(
     entry: ModelEntry, device: str | torch.device, dtype: torch.dtype = torch.float32, cache_size: int = 16
 ) -> Sam2Predictor:
     """Build the configured variant and load its checkpoint (sam2's strict loader: a file that
-    does not fit the architecture fails loudly). ``weights`` None downloads the released one."""
+    does not fit the architecture fails loudly). ``weights`` None downloads the released one.
+
+    The model is sam2's ``SAM2VideoPredictor`` (a ``SAM2Base`` with the video builder's
+    settings, which only its tracking methods read): the same parameters serve the image
+    routes, through the returned predictor, and video sessions, through its ``model``.
+    """
     install_cpu_connected_components()
     config, overrides = architecture(entry)
+    build = {"device": str(device), "hydra_overrides_extra": overrides}
     if entry.is_random:
-        model = build_sam2(config, None, device=str(device), hydra_overrides_extra=overrides)
+        model = build_sam2_video_predictor(config, None, **build)
     elif entry.weights:
         if not Path(entry.weights).is_file():
             raise FileNotFoundError(f"SAM 2 checkpoint for {entry.name} not found: {entry.weights}")
-        model = build_sam2(config, entry.weights, device=str(device), hydra_overrides_extra=overrides)
+        model = build_sam2_video_predictor(config, entry.weights, **build)
     elif entry.arch_config is None:
-        model = build_sam2_hf(hf_repo(entry), device=str(device))
+        model = build_sam2_video_predictor_hf(hf_repo(entry), device=str(device))
     else:  # sam2's download, loaded into the configured architecture
         _, checkpoint = sam2_hf_download(hf_repo(entry))
-        model = build_sam2(config, checkpoint, device=str(device), hydra_overrides_extra=overrides)
+        model = build_sam2_video_predictor(config, checkpoint, **build)
     return Sam2Predictor(model, cache_size, dtype)
 
 

@@ -12,7 +12,13 @@ own transports):
 * a worker that dies closes its socket, and the requests it held are answered at once (500
   ``worker_died``): no polling, and no request of another family is touched;
 * a request whose client went away (its handler is cancelled) is withdrawn with a
-  :class:`Withdraw` frame: a worker drops it if it has not started it yet.
+  :class:`Withdraw` frame: a worker drops it if it has not started it yet, and stops its stream
+  before the next part if it is streaming one;
+* an answer may come in parts (:meth:`Dispatcher.stream`): the worker sends each part of one
+  request as it is made, flagged ``more`` until the last;
+* each connection has a token, chosen by the worker, that a request may be pinned to
+  (``pin``): state that lives in one worker (a video session) is reached only there, and a
+  token whose worker has gone is told apart from one never seen (:meth:`Dispatcher.pin_state`).
 
 A frame is a pickle and an optional blob of raw bytes, each read straight into a buffer of its
 size. An answer's rendered body (:class:`~apis.core.replies.Reply`) goes through the worker's shared
@@ -35,18 +41,20 @@ import struct
 import tempfile
 import time
 from collections import OrderedDict, deque
-from collections.abc import Hashable
+from collections.abc import AsyncIterator, Hashable
 from dataclasses import dataclass, replace
 from typing import Any
 
 from apis.core.errors import APIError
 from apis.core.replies import Reply
+from apis.core.sessions import new_token
 from apis.transport.arena import ARENA_BYTES, Arena, ArenaOffer
 
 log = logging.getLogger("visionserve")
 _HEAD = struct.Struct("!QQ")  # the lengths of a frame's pickle and of its blob
 _SOCKET_BUFFER = 8 << 20
 HOMES_KEPT = 4096  # affinity keys remembered per family; a forgotten one costs one image encoding
+GONE_KEPT = 1024  # tokens of connections that closed, remembered per family (410 rather than 404)
 
 
 def frame(obj: Any, blob: bytes | bytearray = b"") -> tuple[bytes, bytes, bytes | bytearray]:
@@ -132,7 +140,8 @@ class _Link(asyncio.BufferedProtocol):
         self.dispatcher = dispatcher
         self.worker: int | None = None  # from the worker's first frame
         self.pid: int | None = None
-        self.waiting: dict[int, asyncio.Future] = {}
+        self.token: str | None = None  # chosen by the worker: what pinned requests name
+        self.waiting: dict[int, asyncio.Future | _Parts] = {}
         self.running = 0  # of those, in the batch the worker is computing (it says when it takes one)
         self._frames = _Frames()
         self._transport: asyncio.Transport | None = None
@@ -156,15 +165,20 @@ class _Link(asyncio.BufferedProtocol):
             return
         obj, body = whole
         if self.worker is None:
-            self.worker, self.pid = obj
+            self.worker, self.pid, self.token = obj
             self.dispatcher._joined(self)
             return
         if isinstance(obj, int):  # the worker took a batch of that many
             self.running += obj
             return
-        self.running = max(self.running - 1, 0)
         uid, reply, where = obj
         reply.body = body if where is None else self._arena.take(*where)
+        if reply.more:
+            parts = self.waiting.get(uid)
+            if parts is not None:
+                parts.put(reply)
+            return
+        self.running = max(self.running - 1, 0)
         waiting = self.waiting.pop(uid, None)
         if waiting is not None and not waiting.done():
             waiting.set_result(reply)
@@ -178,6 +192,25 @@ class _Link(asyncio.BufferedProtocol):
 
     def send(self, obj: Any) -> None:
         self._transport.writelines(frame(obj))
+
+
+class _Parts:
+    """The HTTP process's end of a streamed answer: its parts, queued as they arrive."""
+
+    def __init__(self):
+        self.queue: asyncio.Queue[Reply] = asyncio.Queue()
+        self.ended = False
+
+    def done(self) -> bool:
+        return self.ended
+
+    def put(self, reply: Reply) -> None:
+        self.queue.put_nowait(reply)
+
+    def set_result(self, reply: Reply) -> None:
+        """The last part (or the worker_died answer)."""
+        self.ended = True
+        self.queue.put_nowait(reply)
 
 
 def _load(link: _Link) -> int:
@@ -212,6 +245,7 @@ class Dispatcher:
         self._timeout: float | None = None  # seconds a request waits for a worker to connect
         self._unsent = 0  # requests waiting for any worker to connect
         self._seen: set[int] = set()  # worker ids that connected once
+        self._gone: OrderedDict[str, None] = OrderedDict()  # tokens of closed connections
         self.restarts = 0  # connections of a worker id seen before: a restarted worker
 
     async def start(self, timeout: float | bool | None) -> None:
@@ -236,22 +270,24 @@ class Dispatcher:
         """Requests no worker has taken into a batch yet (the queue a scaler should watch)."""
         return self._unsent + sum(max(len(link.waiting) - link.running, 0) for link in self._links)
 
-    async def submit(self, job: Any, affinity: Hashable | None = None, stay: bool = False) -> Reply:
+    def pin_state(self, token: str) -> str:
+        """ "connected", "gone" (its worker died or restarted) or "unknown" for a connection token."""
+        if any(link.token == token for link in self._links):
+            return "connected"
+        return "gone" if token in self._gone else "unknown"
+
+    async def submit(
+        self, job: Any, affinity: Hashable | None = None, stay: bool = False, pin: str | None = None
+    ) -> Reply:
         """A worker's answer to ``job``: the least busy one, or a home of ``affinity``. ``stay``:
         only a home can answer (the job names a cached image without carrying it), so it waits
-        there however busy. Waits for a worker to connect (a restart) up to the queue timeout;
+        there however busy. ``pin``: only the connection with that token can answer (worker_died
+        if it has gone). Waits for a worker to connect (a restart) up to the queue timeout;
         the worker itself drops a request that waited longer than that before it could start it."""
         sent = time.monotonic()
-        while not self._links:
-            limit = None if self._timeout is None else sent + self._timeout - time.monotonic()
-            self._unsent += 1
-            try:
-                await asyncio.wait_for(self._connected.wait(), limit)
-            except TimeoutError:
-                return timed_out_reply()
-            finally:
-                self._unsent -= 1
-        link = self._pick(affinity, stay)
+        link = await self._link_for(sent, affinity, stay, pin)
+        if link is None:
+            return timed_out_reply() if pin is None else worker_died_reply()
         uid = next(self._ids)
         answer = link.waiting[uid] = asyncio.get_running_loop().create_future()
         link.send((uid, sent, job))
@@ -263,6 +299,46 @@ class Dispatcher:
             raise
         finally:
             link.waiting.pop(uid, None)
+
+    async def stream(self, job: Any, pin: str | None = None) -> AsyncIterator[Reply]:
+        """A worker's answer to ``job`` in parts, each as it comes; the last has ``more`` unset.
+        Closing the iterator early (the client went away) withdraws the job: the worker stops it
+        before its next part."""
+        sent = time.monotonic()
+        link = await self._link_for(sent, None, False, pin)
+        if link is None:
+            yield timed_out_reply() if pin is None else worker_died_reply()
+            return
+        uid = next(self._ids)
+        parts = link.waiting[uid] = _Parts()
+        link.send((uid, sent, job))
+        try:
+            while True:
+                reply = await parts.queue.get()
+                yield reply
+                if not reply.more:
+                    return
+        finally:
+            link.waiting.pop(uid, None)
+            if not parts.ended and link in self._links:
+                link.send(Withdraw(uid))
+
+    async def _link_for(
+        self, sent: float, affinity: Hashable | None, stay: bool, pin: str | None
+    ) -> _Link | None:
+        """The link a job goes to; None when none connected in time, or the pinned one has gone."""
+        if pin is not None:
+            return next((link for link in self._links if link.token == pin), None)
+        while not self._links:
+            limit = None if self._timeout is None else sent + self._timeout - time.monotonic()
+            self._unsent += 1
+            try:
+                await asyncio.wait_for(self._connected.wait(), limit)
+            except TimeoutError:
+                return None
+            finally:
+                self._unsent -= 1
+        return self._pick(affinity, stay)
 
     def _pick(self, affinity: Hashable | None, stay: bool = False) -> _Link:
         least = min(self._links, key=_load)
@@ -292,6 +368,9 @@ class Dispatcher:
 
     def _left(self, link: _Link) -> None:
         self._links.remove(link)
+        self._gone[link.token] = None
+        if len(self._gone) > GONE_KEPT:
+            self._gone.popitem(last=False)
         if not self._links:
             self._connected.clear()
         if link.waiting:
@@ -315,6 +394,8 @@ class WorkerLink:
         self._frames = _Frames()
         self._ready: deque = deque()
         self._arena: Arena | None = None  # the HTTP process offers one before any request
+        self.token = new_token()  # this connection's: a restarted worker has another
+        self.withdrawn: set[int] = set()  # uids withdrawn after they left the queue (streams)
 
     @classmethod
     def connect(cls, address: str, worker: int) -> WorkerLink:
@@ -322,7 +403,7 @@ class WorkerLink:
         _widen(sock)
         sock.connect(address)
         link = cls(sock)
-        link._send((worker, os.getpid()))
+        link._send((worker, os.getpid(), link.token))
         return link
 
     def collect(self, limit: int, window: float, idle_wait: float) -> list:
@@ -378,6 +459,8 @@ class WorkerLink:
             if len(kept) < len(self._ready):
                 log.info("a request was withdrawn by its client before it ran; dropped")
                 self._ready = deque(kept)
+            else:
+                self.withdrawn.add(whole[0].uid)
         else:
             self._ready.append(whole[0])
         return True

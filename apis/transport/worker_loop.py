@@ -4,6 +4,12 @@ It runs the hooks as LitServe's batched loop does (decode_request, batch, predic
 encode_response), over :class:`~apis.transport.dispatch.WorkerLink` instead of LitServe's
 queues. Collection blocks until a request arrives and times the batch window from that arrival,
 so an idle worker sleeps (docs/benchmarks.md, Idle CPU).
+
+An answer may be a :class:`~apis.core.replies.Stream` (a video propagation). The loop then
+takes turns: each turn it reads what has arrived (new requests, withdrawals), runs a batch of
+the new requests, and advances every open stream by ONE part. So several streams interleave, a
+short request is answered between two parts of a long one, and a withdrawn stream stops before
+its next part.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from typing import Any
 
 from apis.core.errors import APIError
 from apis.core.logs import REQUEST_ID
-from apis.core.replies import Reply
+from apis.core.replies import Reply, Stream
 from apis.transport.dispatch import WorkerLink, timed_out_reply, timeout_seconds
 
 log = logging.getLogger("visionserve")
@@ -24,26 +30,64 @@ IDLE_WAIT_S = 1.0  # one blocking wait for the first request; the loop then asks
 def serve(lit_api: Any, worker_id: int) -> None:
     """Serve the family's socket (``lit_api.spec.address``) until the HTTP process closes it."""
     link = WorkerLink.connect(lit_api.spec.address, worker_id)
+    lit_api.token = link.token  # what pinned state (sessions) is named by
+    streams: dict[int, Stream] = {}
     try:
         while True:
-            items = link.collect(lit_api.max_batch_size, lit_api.batch_timeout, IDLE_WAIT_S)
+            # with streams open, only what has arrived: their next parts are waiting
+            wait = 0.0 if streams else IDLE_WAIT_S
+            items = link.collect(lit_api.max_batch_size, 0.0 if streams else lit_api.batch_timeout, wait)
+            for uid in link.withdrawn & streams.keys():
+                log.info("%s: a stream was withdrawn by its client; stopped", lit_api.api_path)
+                streams.pop(uid).close()
+            link.withdrawn.clear()
             if items:
                 link.started(len(items))
+            elif not streams:
+                lit_api.housekeeping()
             for uid, answer in run_batch(lit_api, items):
-                link.answer(uid, answer)
+                if isinstance(answer, Stream):
+                    streams[uid] = answer
+                else:
+                    link.answer(uid, answer)
+            for uid in list(streams):
+                part = next_part(lit_api, streams[uid])
+                if not part.more:
+                    del streams[uid]
+                link.answer(uid, part)
     except (EOFError, ConnectionError):
         log.info("%s worker %d: the server has gone, stopping", lit_api.api_path, worker_id)
     finally:
+        for stream in streams.values():
+            stream.close("server gone")
         link.close()
 
 
-def run_batch(lit_api: Any, items: list) -> list[tuple[int, Reply]]:
+def next_part(lit_api: Any, stream: Stream) -> Reply:
+    """The stream's next part; its last one carries the worker's counters. Never raises."""
+    try:
+        part = stream.next_reply()
+    except Exception:
+        log.exception("%s: a stream failed after %d part(s)", lit_api.api_path, stream.sent)
+        stream.close("failed")
+        part = Reply.of(internal_error())
+    return part if part.more else lit_api.encode_response(part)
+
+
+def internal_error() -> APIError:
+    return APIError(
+        500, "internal error in the model worker (details are in the server log)", code="internal_error"
+    )
+
+
+def run_batch(lit_api: Any, items: list) -> list[tuple[int, Reply | Stream]]:
     """``(uid, reply)`` for each collected ``(uid, sent, job)``; never raises. A request that
     waited longer than the server's timeout is answered 504 without running. ``encode_response``
-    returns a :class:`~apis.core.replies.Reply`."""
+    returns a :class:`~apis.core.replies.Reply`, or a :class:`~apis.core.replies.Stream` whose
+    parts the loop sends one per turn."""
     limit = timeout_seconds(lit_api.request_timeout)
     now = time.monotonic()
-    answers: list[tuple[int, Reply]] = []
+    answers: list[tuple[int, Reply | Stream]] = []
     live: list[tuple[int, Any]] = []
     for uid, sent, job in items:
         if limit is not None and now - sent > limit:
@@ -66,10 +110,7 @@ def run_batch(lit_api: Any, items: list) -> list[tuple[int, Reply]]:
         answers += [(uid, lit_api.encode_response(y)) for (uid, _), y in zip(live, outputs, strict=True)]
     except Exception:
         log.exception("%s: a batch of %d request(s) failed", lit_api.api_path, len(live))
-        error = APIError(
-            500, "internal error in the model worker (details are in the server log)", code="internal_error"
-        )
-        failed = Reply.of(error)
+        failed = Reply.of(internal_error())
         answers += [(uid, failed) for uid, _ in live]
     finally:
         REQUEST_ID.reset(token)

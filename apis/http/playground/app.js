@@ -27,19 +27,25 @@ function rememberKey() {
   else localStorage.removeItem(KEY_STORE);
 }
 
-async function call(route, body, imageKey) {
-  const headers = { "Content-Type": "application/json" };
-  if (apiKey()) headers.Authorization = "Bearer " + apiKey();
-  if (imageKey) headers["X-Image-Key"] = imageKey; // lets a load balancer keep the image on one replica
-  const resp = await fetch(route, { method: "POST", headers, body: JSON.stringify(body) });
+function headers(imageKey) {
+  const out = { "Content-Type": "application/json" };
+  if (apiKey()) out.Authorization = "Bearer " + apiKey();
+  if (imageKey) out["X-Image-Key"] = imageKey; // lets a load balancer keep the image on one replica
+  return out;
+}
+
+async function failure(resp) {
   const data = await resp.json().catch(() => ({}));
-  if (!resp.ok) {
-    const err = new Error((data.error && data.error.message) || `HTTP ${resp.status}`);
-    err.status = resp.status;
-    err.code = data.error && data.error.code;
-    throw err;
-  }
-  return data;
+  const err = new Error((data.error && data.error.message) || `HTTP ${resp.status}`);
+  err.status = resp.status;
+  err.code = data.error && data.error.code;
+  return err;
+}
+
+async function call(route, body, imageKey) {
+  const resp = await fetch(route, { method: "POST", headers: headers(imageKey), body: JSON.stringify(body) });
+  if (!resp.ok) throw await failure(resp);
+  return resp.json();
 }
 
 async function embed(family) {
@@ -210,6 +216,176 @@ async function click(event, label) {
   });
 }
 
+// ------------------------------------------------------------------ SAM 2 video
+
+const video = { frames: [], id: null, points: [], labels: [], areas: [] };
+const SESSIONS = "/sam2/video/sessions";
+
+function once(target, event) {
+  return new Promise((resolve, reject) => {
+    target.addEventListener(event, resolve, { once: true });
+    target.addEventListener("error", () => reject(new Error("the browser cannot play this video")), { once: true });
+  });
+}
+
+function frameCanvas(width, height, draw) {
+  const c = document.createElement("canvas");
+  c.width = width;
+  c.height = height;
+  draw(c.getContext("2d"));
+  return c;
+}
+
+// 12 frames of the uploaded image sliding right, 3 px a frame: a clip with known motion
+async function clipFromImage() {
+  await guarded("video-status", async () => {
+    const frames = [];
+    for (let t = 0; t < 12; t++) {
+      frames.push(frameCanvas(state.width, state.height, (ctx) => ctx.drawImage(state.bitmap, 3 * t, 0)));
+    }
+    await openClip(frames);
+  });
+}
+
+// up to 24 frames of a video file, 8 a second, grabbed by seeking a <video> element
+async function clipFromVideo(file) {
+  status("video-status", "reading the video...");
+  try {
+    const el = document.createElement("video");
+    el.muted = true;
+    el.src = URL.createObjectURL(file);
+    await once(el, "loadeddata");
+    const n = Math.max(1, Math.min(24, Math.floor(el.duration * 8)));
+    const frames = [];
+    for (let t = 0; t < n; t++) {
+      el.currentTime = (t * el.duration) / n;
+      await once(el, "seeked");
+      frames.push(frameCanvas(el.videoWidth, el.videoHeight, (ctx) => ctx.drawImage(el, 0, 0)));
+    }
+    URL.revokeObjectURL(el.src);
+    await openClip(frames);
+  } catch (err) {
+    status("video-status", err.message, true);
+  }
+}
+
+async function openClip(frames) {
+  if (video.id) await fetch(`${SESSIONS}/${video.id}`, { method: "DELETE", headers: headers() });
+  Object.assign(video, { frames, id: null, points: [], labels: [], areas: [] });
+  const b64s = frames.map((c) => c.toDataURL("image/png").split(",")[1]);
+  const r = await call(SESSIONS, { frames: b64s });
+  video.id = r.session_id;
+  showFrame(0);
+  clear($("video-overlay"));
+  status("video-status", `session of ${r.num_frames} frames, ${r.width}x${r.height}: click the object`);
+}
+
+function showFrame(index) {
+  const c = video.frames[index];
+  const base = $("video-base");
+  base.width = c.width;
+  base.height = c.height;
+  base.getContext("2d").drawImage(c, 0, 0);
+}
+
+// a frame's objects, each mask a base64 PNG (0/255), drawn in its object's colour; the pixels drawn
+async function drawObjects(objects, points) {
+  const base = $("video-base");
+  const canvas = $("video-overlay");
+  canvas.width = base.width;
+  canvas.height = base.height;
+  const ctx = canvas.getContext("2d");
+  const out = ctx.createImageData(canvas.width, canvas.height);
+  let count = 0;
+  for (const obj of objects) {
+    const bitmap = await createImageBitmap(new Blob([fromBase64(obj.mask)], { type: "image/png" }));
+    const pixels = frameCanvas(canvas.width, canvas.height, (c) => c.drawImage(bitmap, 0, 0))
+      .getContext("2d")
+      .getImageData(0, 0, canvas.width, canvas.height).data;
+    for (let i = 0; i < pixels.length; i += 4) {
+      if (pixels[i] < 128) continue;
+      count++;
+      out.data.set([255, 0, 200, 150], i);
+    }
+  }
+  ctx.putImageData(out, 0, 0);
+  (points || []).forEach(([x, y], k) => {
+    ctx.beginPath();
+    ctx.arc(x, y, Math.max(3, canvas.width / 120), 0, 2 * Math.PI);
+    ctx.fillStyle = video.labels[k] ? "#00c853" : "#d50000";
+    ctx.fill();
+  });
+  canvas.dataset.maskPixels = String(count);
+  return count;
+}
+
+async function videoClick(event, label) {
+  event.preventDefault();
+  if (!video.id) return status("video-status", "Make a clip first.", true);
+  const canvas = $("video-overlay");
+  const rect = canvas.getBoundingClientRect();
+  const x = ((event.clientX - rect.left) * canvas.width) / rect.width;
+  const y = ((event.clientY - rect.top) * canvas.height) / rect.height;
+  video.points.push([Math.round(x * 10) / 10, Math.round(y * 10) / 10]);
+  video.labels.push(event.shiftKey || label === 0 ? 0 : 1);
+  status("video-status", "working...");
+  try {
+    showFrame(0);
+    const r = await call(`${SESSIONS}/${video.id}/prompts`, {
+      frame_index: 0,
+      obj_id: 1,
+      points: video.points,
+      labels: video.labels,
+      mask_encoding: "png",
+    });
+    const count = await drawObjects(r.objects, video.points);
+    status("video-status", `${video.points.length} point(s) on frame 0; mask of ${count} px`);
+  } catch (err) {
+    status("video-status", err.message, true);
+  }
+}
+
+// the NDJSON stream: each line is drawn as soon as it arrives
+async function track() {
+  if (!video.id || !video.points.length) return status("video-status", "Make a clip and click the object first.", true);
+  status("video-status", "tracking...");
+  try {
+    const resp = await fetch(`${SESSIONS}/${video.id}/propagate`, {
+      method: "POST",
+      headers: headers(),
+      body: JSON.stringify({ mask_encoding: "png" }),
+    });
+    if (!resp.ok) throw await failure(resp);
+    const reader = resp.body.getReader();
+    const decoder = new TextDecoder();
+    let text = "";
+    video.areas = [];
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (done) break;
+      text += decoder.decode(value, { stream: true });
+      let end;
+      while ((end = text.indexOf("\n")) >= 0) {
+        const line = text.slice(0, end);
+        text = text.slice(end + 1);
+        if (!line) continue;
+        const part = JSON.parse(line);
+        if (part.error) throw new Error(part.error.message);
+        if (part.done) {
+          $("video-overlay").dataset.areas = video.areas.join(",");
+          status("video-status", `tracked ${part.frames} frames at ${part.frames_per_s} frames/s`);
+          continue;
+        }
+        showFrame(part.frame_index);
+        video.areas.push(await drawObjects(part.objects));
+        status("video-status", `frame ${part.frame_index + 1} of ${video.frames.length}`);
+      }
+    }
+  } catch (err) {
+    status("video-status", err.message, true);
+  }
+}
+
 // ------------------------------------------------------------------ SAM 3
 
 async function findInstances(event) {
@@ -338,6 +514,11 @@ window.addEventListener("DOMContentLoaded", () => {
   $("sam2-overlay").addEventListener("click", (e) => click(e, 1));
   $("sam2-overlay").addEventListener("contextmenu", (e) => click(e, 0));
   $("sam2-reset").addEventListener("click", clearPoints);
+  $("video-from-image").addEventListener("click", clipFromImage);
+  $("video-file").addEventListener("change", (e) => e.target.files.length && clipFromVideo(e.target.files[0]));
+  $("video-overlay").addEventListener("click", (e) => videoClick(e, 1));
+  $("video-overlay").addEventListener("contextmenu", (e) => videoClick(e, 0));
+  $("video-track").addEventListener("click", track);
   $("sam3-form").addEventListener("submit", findInstances);
   $("clip-form").addEventListener("submit", showHeatmap);
   $("rmbg-run").addEventListener("click", cutOut);
