@@ -100,8 +100,15 @@ class VisionServer(ls.LitServer):
     def _register_spec_endpoints(self, lit_api: ls.LitAPI) -> None:
         lit_api.spec._server = self
         for path, endpoint, methods in lit_api.spec.endpoints:
+            options = dict(getattr(endpoint, "route_options", {}))  # status code, summary (/docs)
+            responses = {**ERROR_RESPONSES, **options.pop("responses", {})}
             self.app.router.add_api_route(
-                path, endpoint, methods=methods, responses=ERROR_RESPONSES, route_class_override=JsonBodyRoute
+                path,
+                endpoint,
+                methods=methods,
+                responses=responses,
+                route_class_override=JsonBodyRoute,
+                **options,
             )
 
     @asynccontextmanager

@@ -394,6 +394,25 @@ def _decode_base64(text: str, param: str) -> bytes:
     return data
 
 
+def documented(summary: str, status_code: int = 200, responses: dict | None = None) -> Callable:
+    """What /docs says of an endpoint (apis/litserve_internals.py passes it to FastAPI)."""
+
+    def mark(fn: Callable) -> Callable:
+        fn.route_options = {"summary": summary, "status_code": status_code, "responses": responses or {}}
+        return fn
+
+    return mark
+
+
+NDJSON_DOC = {
+    200: {
+        "description": "application/x-ndjson: one FrameObjects line per frame as it is computed, then "
+        '{"done": true, "frames", "first_frame_index", "last_frame_index", "seconds", "frames_per_s"}',
+        "content": {"application/x-ndjson": {"schema": {"$ref": "#/components/schemas/FrameObjects"}}},
+    }
+}
+
+
 class VideoSessions:
     """A family's session routes: the HTTP endpoints, and in each worker the session store."""
 
@@ -480,8 +499,8 @@ class VideoSessions:
             return_annotation=SessionCreated,
         )
         create.__name__ = f"{self.api.family}_video_create"
-        create.__doc__ = "Open a tracking session on a clip, or a live one (no clip); answers 201."
-        return create
+        create.__doc__ = "A clip as video, frames or video_path; none of them for a live session."
+        return documented("Open a video tracking session (201)", 201)(create)
 
     def _pin(self, session_id: str) -> str:
         """The token of the worker holding the session; 404 or 410 answered here when there is none."""
@@ -497,6 +516,7 @@ class VideoSessions:
         model_id = self.api.registry.id_of(self.api.registry.default)  # the session knows its own model
         return Job(route.name, model_id, {**params, "session_id": session_id}, image_bytes=image)
 
+    @documented("A video session's frames, objects, memory and idle time")
     async def describe(self, session_id: str) -> SessionInfo:
         """A session's frames, objects, memory and idle time."""
         token = self._pin(session_id)
@@ -504,12 +524,14 @@ class VideoSessions:
             await self.api.spec.submit(self._job(DescribeSession, session_id, {}), pin=token)
         )
 
+    @documented("Close a video session (204)", 204, {204: {"description": "Closed; its memory is freed."}})
     async def delete(self, session_id: str) -> Response:
         """Close a session and free its memory (204); a propagation of it in progress stops."""
         token = self._pin(session_id)
         reply = await self.api.spec.submit(self._job(DeleteSession, session_id, {}), pin=token)
         return Response(status_code=204) if reply.status == 200 else reply_response(reply)
 
+    @documented("Prompt one object on one frame of a video session")
     async def prompt(self, request: PromptRequest, session_id: str) -> FrameObjects:
         """Add points, a box or a mask for one object on one frame; answers that frame's objects."""
         token = self._pin(session_id)
@@ -518,6 +540,7 @@ class VideoSessions:
             params["mask"] = await self.api.spec.off_loop(_decode_base64, request.mask, "mask")
         return reply_response(await self.api.spec.submit(self._job(AddPrompt, session_id, params), pin=token))
 
+    @documented("Append a frame to a live video session and track it")
     async def add_frame(self, request: FrameRequest, session_id: str) -> FrameObjects:
         """Append one frame to a live session; answers its tracked objects at once."""
         token = self._pin(session_id)
@@ -531,7 +554,8 @@ class VideoSessions:
         job = self._job(AddFrame, session_id, {"mask_encoding": request.mask_encoding}, image)
         return reply_response(await self.api.spec.submit(job, pin=token))
 
-    async def propagate(self, request: PropagateRequest, session_id: str) -> FrameObjects:
+    @documented("Track the prompted objects through the clip (NDJSON stream)", responses=NDJSON_DOC)
+    async def propagate(self, request: PropagateRequest, session_id: str) -> Response:
         """Track the prompted objects: ``application/x-ndjson``, one line per frame as soon as it is
         computed, then a totals line (``"done": true``). Closing the connection stops it."""
         token = self._pin(session_id)

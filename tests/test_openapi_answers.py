@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import copy
 import io
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +50,8 @@ AUTO = {
     "stability_score_thresh": 0.0,
 }
 SAM3 = {"image": IMG, "score_threshold": 0.0, "min_area": 0.0}
+SESSION = "/sam2/video/sessions/{session_id}"
+VIDEO_POINT = {"frame_index": 0, "obj_id": 1, "points": [[20, 20]], "labels": [1]}
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,9 @@ class Case:
     body: dict | None = None  # None: GET
     npy: bool = False  # the answer is a .npy file, not JSON
     nonempty: tuple[str, ...] = ()  # list fields that must not be empty (so their items are checked)
-    path_params: dict[str, str] = field(default_factory=dict)
+    path_params: dict[str, str] = field(default_factory=dict)  # "@clip" / "@live": a video session's id
+    status: int = 200
+    ndjson: bool = False  # the answer is NDJSON lines: each but the totals line is checked
 
 
 CASES = [
@@ -171,6 +176,29 @@ CASES = [
     ),
     Case("v1-models", "/v1/models", nonempty=("data",)),
     Case("v1-models-one", "/v1/models/{model}", path_params={"model": "dinov2_tiny14_reg"}),
+    Case("sam2-video-create", "/sam2/video/sessions", {"frames": [IMG, IMG]}, status=201),
+    Case("sam2-video-get", SESSION, path_params={"session_id": "@clip"}, nonempty=("objects",)),
+    Case(
+        "sam2-video-prompts",
+        SESSION + "/prompts",
+        VIDEO_POINT,
+        path_params={"session_id": "@clip"},
+        nonempty=("objects",),
+    ),
+    Case(
+        "sam2-video-prompts-polygons",
+        SESSION + "/prompts",
+        {**VIDEO_POINT, "mask_encoding": "polygons"},
+        path_params={"session_id": "@clip"},
+    ),
+    Case("sam2-video-frames", SESSION + "/frames", {"image": IMG}, path_params={"session_id": "@live"}),
+    Case(
+        "sam2-video-propagate",
+        SESSION + "/propagate",
+        {"mask_encoding": "png"},
+        path_params={"session_id": "@clip"},
+        ndjson=True,
+    ),
 ]
 
 # Error answers, each against the schema the route declares for its status (4XX).
@@ -231,11 +259,38 @@ def declared(spec: dict, path: str, method: str, status: int) -> dict:
     return schema
 
 
+_sessions: dict[str, str] = {}
+
+
+def session_id(server, kind: str) -> str:
+    """A video session of this module: "@clip" (two frames, one object prompted) or "@live"."""
+    if kind not in _sessions:
+        body = {"frames": [IMG, IMG]} if kind == "@clip" else {}
+        r = requests.post(server.url + "/sam2/video/sessions", json=body, headers=AUTH, timeout=300)
+        assert r.status_code == 201, r.text
+        _sessions[kind] = r.json()["session_id"]
+        if kind == "@clip":
+            url = server.url + SESSION.format(session_id=_sessions[kind]) + "/prompts"
+            assert requests.post(url, json=VIDEO_POINT, headers=AUTH, timeout=300).status_code == 200
+    return _sessions[kind]
+
+
 def call(server, case: Case) -> requests.Response:
-    url = server.url + case.path.format(**case.path_params)
+    params = {k: session_id(server, v) if v.startswith("@") else v for k, v in case.path_params.items()}
+    url = server.url + case.path.format(**params)
     if case.body is None:
         return requests.get(url, headers=AUTH, timeout=300)
     return requests.post(url, json=case.body, headers=AUTH, timeout=300)
+
+
+def success_schema(op: dict) -> dict | None:
+    """The JSON (or NDJSON lines') schema of a route's 200 or 201 answer."""
+    for status in ("200", "201"):
+        content = op.get("responses", {}).get(status, {}).get("content", {})
+        for media in ("application/json", "application/x-ndjson"):
+            if content.get(media, {}).get("schema"):
+                return content[media]["schema"]
+    return None
 
 
 def test_every_route_with_a_schema_has_a_case(spec):
@@ -243,7 +298,7 @@ def test_every_route_with_a_schema_has_a_case(spec):
         (path, method)
         for path, ops in spec["paths"].items()
         for method, op in ops.items()
-        if op.get("responses", {}).get("200", {}).get("content", {}).get("application/json", {}).get("schema")
+        if success_schema(op)
     }
     covered = {(c.path, "get" if c.body is None else "post") for c in CASES}
     assert with_schema - covered == set(), "give these routes a case here"
@@ -256,8 +311,18 @@ def test_every_route_with_a_schema_has_a_case(spec):
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_answer_matches_its_schema(server, spec, case):
     r = call(server, case)
-    assert r.status_code == 200, r.text
+    assert r.status_code == case.status, r.text
     method = "get" if case.body is None else "post"
+    if case.ndjson:
+        assert r.headers["content-type"] == "application/x-ndjson"
+        *frames, totals = [json.loads(line) for line in r.text.splitlines()]
+        assert frames and totals["done"]
+        schema = spec["paths"][case.path][method]["responses"]["200"]["content"]["application/x-ndjson"][
+            "schema"
+        ]
+        for frame in frames:
+            check(spec, schema, frame)
+        return
     if case.npy:  # the body IS the .npy file; its meta comes as headers
         assert r.headers["content-type"] == "application/x-npy"
         arr = np.load(io.BytesIO(r.content), allow_pickle=False)
@@ -268,7 +333,7 @@ def test_answer_matches_its_schema(server, spec, case):
     answer = r.json()
     for name in case.nonempty:
         assert answer[name], f"{name} is empty: its items' schema would go unchecked"
-    check(spec, declared(spec, case.path, method, 200), answer)
+    check(spec, declared(spec, case.path, method, case.status), answer)
 
 
 @pytest.mark.parametrize(("path", "body", "status"), [e[1:] for e in ERRORS], ids=[e[0] for e in ERRORS])

@@ -23,6 +23,8 @@ import torch
 from PIL import Image
 from pycocotools import mask as coco_mask
 
+from clients.common import VisionServeError
+from clients.sam2_client import Sam2VideoSession
 from tests.conftest import KEYS, ROOT, ServerProcess
 
 ARCH = ROOT / "configs" / "models" / "sam2-tiny.json"
@@ -165,21 +167,20 @@ def test_live_frames_equal_offline_propagation(server, reference):
     """Frames sent one by one to a live session are tracked as the library tracks the same
     frames in a clip (of at least 16 frames: the library's object-pointer window)."""
     frames = clip(16, seed=1)
-    r = call(server, "POST", "", {"checkpoint_path": "sam2.1_hiera_tiny.pt"})
-    assert r.status_code == 201 and r.json()["live"] and r.json()["num_frames"] == 0
-    sid = r.json()["session_id"]
-    first = call(server, "POST", f"/{sid}/frames", {"image": b64(frames[0])}).json()
-    assert first == {"frame_index": 0, "objects": []}
-    assert call(server, "POST", f"/{sid}/prompts", POINT).status_code == 200
-    got = [call(server, "POST", f"/{sid}/frames", {"image": b64(f)}).json() for f in frames[1:5]]
-    want = reference(frames, [POINT], max_frame_num_to_track=4)
-    assert [g["frame_index"] for g in got] == [1, 2, 3, 4]
-    for g in got:
-        assert np.array_equal(decode(g["objects"][0]["mask"]), want[g["frame_index"]][1])
-    # a clip session takes no frames; a live one cannot propagate
-    r = call(server, "POST", f"/{sid}/propagate", {})
-    assert r.status_code == 400, r.text
-    call(server, "DELETE", f"/{sid}")
+    with Sam2VideoSession(server.url + "/sam2", api_key=KEYS[0], model_cfg="sam2.1_hiera_tiny") as session:
+        assert session.created["live"] and session.num_frames == 0
+        sid = session.session_id
+        assert session.add_frame(frames[0]) == {"frame_index": 0, "objects": []}
+        session.prompt(0, 1, points=[[40, 30]], labels=[1])
+        got = [session.add_frame(f) for f in frames[1:5]]
+        want = reference(frames, [POINT], max_frame_num_to_track=4)
+        assert [g["frame_index"] for g in got] == [1, 2, 3, 4]
+        for g in got:
+            assert np.array_equal(g["objects"][0]["mask"], want[g["frame_index"]][1])
+        with pytest.raises(VisionServeError) as e:  # a live session cannot propagate
+            list(session.propagate())
+        assert e.value.status == 400
+    assert call(server, "GET", f"/{sid}").json()["error"]["code"] == "session_not_found"  # closed on exit
 
 
 def test_an_mp4_clip_is_decoded_in_the_worker(server, tmp_path):
