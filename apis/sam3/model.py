@@ -89,6 +89,21 @@ class Sam3Arch:
         return cls(**spec)
 
 
+@dataclass(frozen=True)
+class Sam3VideoArch(Sam3Arch):
+    """Sizes of a SAM 3 video model: the detector's (:class:`Sam3Arch`) and the tracker's. The
+    defaults are sam3's ``build_sam3_video_model``. One ``arch_config`` serves both models: the
+    image routes build the detector from it, video sessions add the tracker (apis/sam3/video.py)."""
+
+    mem_dim: int = 64
+    tracker_layers: int = 4
+    tracker_ffn_dim: int = 2048
+    num_maskmem: int = 7
+    # sam3's ``apply_temporal_disambiguation``: hold outputs back ``hotstart_delay`` frames to drop
+    # instances that were never matched or duplicated, and recondition every 16th frame
+    temporal_disambiguation: bool = True
+
+
 def _attention(arch: Sam3Arch, dropout: float = 0.1, **kwargs) -> MultiheadAttention:
     return MultiheadAttention(num_heads=arch.heads, dropout=dropout, embed_dim=arch.d_model, **kwargs)
 
@@ -273,6 +288,9 @@ def detector_modules(
     }
 
 
+TRACKER_NECK = "backbone.vision_backbone.sam2_convs."
+
+
 def load_checkpoint(model: Sam3Image, path: str | Path) -> None:
     """Load a SAM 3 checkpoint (the released ``sam3.pt`` with ``detector.``/``tracker.`` keys, or a
     plain ``Sam3Image`` state dict) and fail when it does not fit: sam3 itself loads with
@@ -282,6 +300,8 @@ def load_checkpoint(model: Sam3Image, path: str | Path) -> None:
         state = state["model"]
     if any(k.startswith("detector.") for k in state):
         state = {k.removeprefix("detector."): v for k, v in state.items() if k.startswith("detector.")}
+    # the neck's second set of convolutions feeds only the video tracker (apis/sam3/video.py)
+    state = {k: v for k, v in state.items() if not k.startswith(TRACKER_NECK)}
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:
@@ -305,7 +325,7 @@ def load_sam3(
 ) -> Sam3Runner:
     """Build the configured model and load its weights: ``random``, a local checkpoint file, or
     (``weights`` null) sam3's own download of ``facebook/sam3``."""
-    arch = Sam3Arch.from_json(entry.arch_config) if entry.arch_config is not None else Sam3Arch()
+    arch = Sam3VideoArch.from_json(entry.arch_config) if entry.arch_config is not None else Sam3VideoArch()
     model = build_sam3_image(arch)
     if entry.is_random:
         compat.init_untrained(model)
@@ -320,7 +340,7 @@ def load_sam3(
     device = torch.device(device)
     model = model.to(device).eval()
     compat.move_caches(model, device)
-    return Sam3Runner(model, arch, device, dtype, cache_size)
+    return Sam3Runner(model, arch, device, dtype, cache_size, entry)
 
 
 # ----------------------------------------------------------------------------- encoding and prompts
@@ -377,10 +397,18 @@ class Sam3Runner(Autocast):
     """
 
     def __init__(
-        self, model: Sam3Image, arch: Sam3Arch, device: torch.device, dtype: torch.dtype, cache_size: int
+        self,
+        model: Sam3Image,
+        arch: Sam3Arch,
+        device: torch.device,
+        dtype: torch.dtype,
+        cache_size: int,
+        entry: ModelEntry | None = None,
     ):
         self.model = model
         self.arch = arch
+        self.entry = entry  # where the weights came from: video sessions load the tracker's from it
+        self.video: Any = None  # the video model on this detector, made for the first session
         self.device = device
         self.dtype = dtype
         self.processor = Sam3Processor(model, resolution=arch.resolution, device=str(device))

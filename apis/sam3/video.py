@@ -39,8 +39,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,10 +52,12 @@ from sam3.model.decoder import TransformerDecoderLayerv2, TransformerEncoderCros
 from sam3.model.io_utils import load_resource_as_video_frames
 from sam3.model.memory import CXBlock, SimpleFuser, SimpleMaskDownSampler, SimpleMaskEncoder
 from sam3.model.model_misc import MLP, DotProductScoring, TransformerWrapper
+from sam3.model.necks import Sam3DualViTDetNeck
 from sam3.model.position_encoding import PositionEmbeddingSine
-from sam3.model.sam3_image import Sam3ImageOnVideoMultiGPU
+from sam3.model.sam3_image import Sam3Image, Sam3ImageOnVideoMultiGPU
 from sam3.model.sam3_tracking_predictor import Sam3TrackerPredictor
 from sam3.model.sam3_video_inference import Sam3VideoInference, Sam3VideoInferenceWithInstanceInteractivity
+from sam3.model.vl_combiner import SAM3VLBackbone
 from sam3.sam.transformer import RoPEAttention
 
 from apis.core.cache import LRUCache
@@ -63,23 +65,9 @@ from apis.core.errors import APIError
 from apis.core.settings import ModelEntry
 from apis.core.video import FrameResult, TrackedObject
 from apis.sam3 import compat
-from apis.sam3.model import Sam3Arch, detector_modules, download_released
+from apis.sam3.model import TRACKER_NECK, Sam3Runner, Sam3VideoArch, detector_modules, download_released
 
 # ----------------------------------------------------------------------------- architecture
-
-
-@dataclass(frozen=True)
-class Sam3VideoArch(Sam3Arch):
-    """Sizes of a SAM 3 video model: the detector's (:class:`Sam3Arch`) and the tracker's. The
-    defaults are sam3's ``build_sam3_video_model``."""
-
-    mem_dim: int = 64
-    tracker_layers: int = 4
-    tracker_ffn_dim: int = 2048
-    num_maskmem: int = 7
-    # sam3's ``apply_temporal_disambiguation``: hold outputs back ``hotstart_delay`` frames to drop
-    # instances that were never matched or duplicated, and recondition every 16th frame
-    temporal_disambiguation: bool = True
 
 
 def build_tracker(arch: Sam3VideoArch) -> Sam3TrackerPredictor:
@@ -194,7 +182,12 @@ def build_sam3_video(
             out_norm=torch.nn.LayerNorm(d),
         ),
     )
-    detector = Sam3ImageOnVideoMultiGPU(
+    return assemble(video_detector(parts), tracker, arch)
+
+
+def video_detector(parts: dict[str, Any]) -> Sam3ImageOnVideoMultiGPU:
+    """sam3's video detector on detector parts (:func:`~apis.sam3.model.detector_modules`)."""
+    return Sam3ImageOnVideoMultiGPU(
         num_feature_levels=1,
         semantic_segmentation_head=None,
         use_early_fusion=True,
@@ -202,6 +195,12 @@ def build_sam3_video(
         supervise_joint_box_scores=True,
         **parts,
     )
+
+
+def assemble(
+    detector: Sam3ImageOnVideoMultiGPU, tracker: Sam3TrackerPredictor, arch: Sam3VideoArch
+) -> Sam3VideoInferenceWithInstanceInteractivity:
+    """sam3's video model with ``build_sam3_video_model``'s heuristics on a detector and a tracker."""
     hotstart = arch.temporal_disambiguation
     return Sam3VideoInferenceWithInstanceInteractivity(
         detector=detector,
@@ -262,6 +261,74 @@ def load_sam3_video(
     model = model.to(device).eval()
     compat.move_caches(model, device)
     return model
+
+
+def on_detector(image: Sam3Image, arch: Sam3VideoArch) -> Sam3VideoInferenceWithInstanceInteractivity:
+    """sam3's video model around an image model's detector, sharing its modules (the vision
+    trunk, text encoder, neck, transformer, geometry encoder, segmentation head and scorer: every
+    detector weight) rather than holding a second copy of them (3.4 GB at full size). New: the
+    tracker and the neck's second set of convolutions that feed it (sam3's ``add_sam2_neck``),
+    which start as a clone of the detector's as sam3 builds them. Load their weights with
+    :func:`load_tracker_weights`."""
+    compat.install_video()
+    tracker = build_tracker(arch)
+    vl = image.backbone
+    neck = vl.vision_backbone
+    video_neck = Sam3DualViTDetNeck(
+        trunk=neck.trunk,
+        position_encoding=neck.position_encoding,
+        d_model=arch.d_model,
+        scale_factors=neck.scale_factors,
+    )
+    video_neck.convs = neck.convs
+    video_neck.sam2_convs = copy.deepcopy(neck.convs)
+    parts = {
+        "backbone": SAM3VLBackbone(visual=video_neck, text=vl.language_backbone, scalp=vl.scalp),
+        "transformer": image.transformer,
+        "input_geometry_encoder": image.geometry_encoder,
+        "segmentation_head": image.segmentation_head,
+        "dot_prod_scoring": image.dot_prod_scoring,
+    }
+    return assemble(video_detector(parts), tracker, arch)
+
+
+TRACKER_KEYS = ("tracker.", "detector." + TRACKER_NECK)
+
+
+def load_tracker_weights(model: Sam3VideoInferenceWithInstanceInteractivity, path: str | Path) -> None:
+    """The weights :func:`on_detector` adds, from a checkpoint in the released layout (the
+    detector's were loaded by the image model): strictly, every one of them and nothing else."""
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if isinstance(state.get("model"), dict):
+        state = state["model"]
+    own = {k: v for k, v in state.items() if k.startswith(TRACKER_KEYS)}
+    expected = {k for k in model.state_dict() if k.startswith(TRACKER_KEYS)}
+    missing, unexpected = sorted(expected - own.keys()), sorted(own.keys() - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"SAM 3 checkpoint {path} has no video tracker that fits the configured architecture: "
+            f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected keys "
+            f"(e.g. {unexpected[:3]}); video sessions need the released layout (detector. and tracker. keys)"
+        )
+    model.load_state_dict(own, strict=False)
+
+
+def video_model(runner: Sam3Runner) -> Sam3VideoInferenceWithInstanceInteractivity:
+    """The video model on ``runner``'s detector (:func:`on_detector`), made on first use: the
+    tracker's weights from the runner's checkpoint, or random ones seeded by the model's name
+    (the same in every worker)."""
+    if runner.video is None:
+        entry = runner.entry
+        arch = runner.arch if isinstance(runner.arch, Sam3VideoArch) else Sam3VideoArch(**vars(runner.arch))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(zlib.crc32(f"{entry.name if entry else ''}/tracker".encode()))
+            model = on_detector(runner.model, arch)
+        if entry is not None and not entry.is_random:
+            load_tracker_weights(model, entry.weights or download_released())
+        model = model.to(runner.device).eval()
+        compat.move_caches(model, runner.device)
+        runner.video = model
+    return runner.video
 
 
 # ----------------------------------------------------------------------------- sessions
