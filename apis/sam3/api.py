@@ -30,8 +30,7 @@ from apis.sam3.schemas import (
 from apis.video_sessions import VIDEO_ROUTES, SessionPrompts, VideoSessions
 
 model = lazy_module("apis.sam3.model")  # the library loads in the worker (apis/core/lazy.py)
-video = lazy_module("apis.sam3.video")
-frames = lazy_module("apis.core.video")
+core_video = lazy_module("apis.core.video")
 
 
 @dataclass
@@ -188,7 +187,7 @@ class Sam3Prompts(SessionPrompts):
         )
 
     def answer(self, api: FamilyAPI, result: Any, encoding: str) -> dict[str, Any]:
-        out = frames.frame_answer(result, encoding)
+        out = core_video.frame_answer(result, encoding)
         for obj, tracked in zip(out["objects"], result.objects, strict=True):
             outline = largest_polygon(tracked.mask, api.fam.epsilon_factor)
             obj["polygon"] = None if outline is None else outline[0]
@@ -219,6 +218,9 @@ class Sam3API(FamilyAPI):
                 param="offload_state_to_cpu",
             )
         to_cpu = offload["offload_video_to_cpu"] or self.torch_device.type == "cpu"
+        # made lazy only now: a lazy module in sys.modules while sam3 imports (inspect walks
+        # sys.modules from torchvision's registrations) would be loaded inside sam3's own import
+        video = lazy_module("apis.sam3.video")
         return video.VideoSession.open(video.video_model(runner), frames, offload_video_to_cpu=to_cpu)
 
     def endpoints(self) -> list:
