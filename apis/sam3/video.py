@@ -480,6 +480,7 @@ class VideoSession:
         self.features = features(model)
         self.image_features: LRUCache[dict] = LRUCache(feature_frames)
         self.text: str | None = None
+        self.refined = False  # points were added: sam3 then propagates from earlier outputs only
 
     @classmethod
     def open(
@@ -613,6 +614,7 @@ class VideoSession:
             if coords.ndim != 2 or coords.shape[1] != 2:
                 raise APIError(400, "points must be [[x, y], ...] in pixels", param="points")
             coords /= torch.tensor([self.width, self.height], dtype=torch.float32)
+            self.refined = True
             kwargs = {
                 "points": coords,
                 "point_labels": torch.tensor(point_labels, dtype=torch.int32),
@@ -631,6 +633,7 @@ class VideoSession:
             if boxes:
                 kwargs["boxes_xywh"], kwargs["box_labels"] = self._boxes(boxes, box_labels)
             self.text = text
+            self.refined = False
         with self.features.serving(self.image_features):
             _, out = self.model.add_prompt(state, frame_index, **kwargs)
         if self.live:  # propagation's first step, as offline propagation would run it on this frame
@@ -656,6 +659,17 @@ class VideoSession:
         if all(out is None for out in state["previous_stages_out"]):
             raise APIError(400, "add a prompt before propagating", param="frame_index")
         reverses = {"forward": [False], "backward": [True], "both": [False, True]}[direction]
+        if self.refined:  # sam3 asserts that every frame it goes over after points has outputs
+            for reverse in reverses:
+                order, _ = self.model._get_processing_order(state, start_frame_index, max_frames, reverse)
+                missing = [t for t in order if t not in state["cached_frame_outputs"]]
+                if missing:
+                    raise APIError(
+                        400,
+                        f"frame {missing[0]} has no tracked outputs for the points to refine: propagate "
+                        "the concept over these frames first, then add points",
+                        param="start_frame_index",
+                    )
         return self._propagate(state, reverses, start_frame_index, max_frames)
 
     def _propagate(
