@@ -631,3 +631,24 @@ class VideoSessions:
             await parts.aclose()
             return reply_response(first)
         return PartsResponse(first, parts)
+
+
+class ServesVideo:
+    """Mixin of a FamilyAPI with video sessions (before FamilyAPI in the bases): its session
+    endpoints, idle expiry and the sessions in its counters. The family lists
+    :data:`VIDEO_ROUTES` in its routes, has a ``video:`` block in its settings and implements
+    ``open_video(model, frames, **offload)``."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.video = VideoSessions(self)
+
+    def endpoints(self) -> list[tuple[str, Callable, list[str]]]:
+        return [*super().endpoints(), *self.video.endpoints()]
+
+    def housekeeping(self) -> None:
+        super().housekeeping()
+        self.video.store().expire()
+
+    def extra_stats(self) -> dict[str, Any]:
+        return {**super().extra_stats(), **self.video.stats()}

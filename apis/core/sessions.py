@@ -93,9 +93,6 @@ class SessionStore:
         self._evicted: OrderedDict[str, str] = OrderedDict()  # id -> why
         self.evictions = {"lru": 0, "idle": 0}
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
     def reserve(self) -> str:
         """Room for one more session (expired ones closed, then the least recently used idle one
         evicted) and its new id; 429 when every session is busy propagating."""

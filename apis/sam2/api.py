@@ -37,7 +37,7 @@ from apis.sam2.schemas import (
     generator_settings,
     layer_sides,
 )
-from apis.video_sessions import VIDEO_ROUTES, VideoSessions
+from apis.video_sessions import VIDEO_ROUTES, ServesVideo
 
 model = lazy_module("apis.sam2.model")  # the library loads in the worker (apis/core/lazy.py)
 video = lazy_module("apis.sam2.video")
@@ -306,16 +306,12 @@ class AutoMask(Route):
         }
 
 
-class Sam2API(FamilyAPI):
+class Sam2API(ServesVideo, FamilyAPI):
     family = "sam2"
     selector = Sam2ModelSelector
     model_key = staticmethod(sam2_key)
     model_fill_defaults = False
     routes = (AutoMask, PromptMask, Embed, *VIDEO_ROUTES)
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.video = VideoSessions(self)
 
     def load_model(self, entry: ModelEntry) -> model.Sam2Predictor:
         return model.load_sam2(entry, self.torch_device, self.compute_dtype, self.fam.cache_size)
@@ -324,11 +320,5 @@ class Sam2API(FamilyAPI):
         """A tracking session on the worker's one SAM 2 model (apis/sam2/video.py)."""
         return video.VideoSession.open(pred.model, frames, dtype=pred.dtype, **offload)
 
-    def endpoints(self) -> list:
-        return self.video.endpoints()
-
-    def housekeeping(self) -> None:
-        self.video.store().expire()
-
     def extra_stats(self) -> dict[str, Any]:
-        return {**cache_stats(self._models), **self.video.stats()}
+        return {**cache_stats(self._models), **super().extra_stats()}
