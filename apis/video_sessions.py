@@ -637,11 +637,13 @@ class ServesVideo:
     """Mixin of a FamilyAPI with video sessions (before FamilyAPI in the bases): its session
     endpoints, idle expiry and the sessions in its counters. The family lists
     :data:`VIDEO_ROUTES` in its routes, has a ``video:`` block in its settings and implements
-    ``open_video(model, frames, **offload)``."""
+    ``open_video(model, frames, **offload)``; ``video_prompts`` when its prompt is not SAM 2's."""
+
+    video_prompts: type[SessionPrompts] = SessionPrompts
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.video = VideoSessions(self)
+        self.video = VideoSessions(self, self.video_prompts())
 
     def endpoints(self) -> list[tuple[str, Callable, list[str]]]:
         return [*super().endpoints(), *self.video.endpoints()]

@@ -27,7 +27,7 @@ from apis.sam3.schemas import (
     Sam3PredictResponse,
     Sam3VideoPromptRequest,
 )
-from apis.video_sessions import VIDEO_ROUTES, SessionPrompts, VideoSessions
+from apis.video_sessions import VIDEO_ROUTES, ServesVideo, SessionPrompts
 
 model = lazy_module("apis.sam3.model")  # the library loads in the worker (apis/core/lazy.py)
 core_video = lazy_module("apis.core.video")
@@ -194,14 +194,11 @@ class Sam3Prompts(SessionPrompts):
         return out
 
 
-class Sam3API(FamilyAPI):
+class Sam3API(ServesVideo, FamilyAPI):
     family = "sam3"
     selector = Sam3ModelSelector
     routes = (Predict, Embed, *VIDEO_ROUTES)
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.video = VideoSessions(self, Sam3Prompts())
+    video_prompts = Sam3Prompts
 
     def load_model(self, entry: ModelEntry) -> model.Sam3Runner:
         return model.load_sam3(entry, self.torch_device, self.compute_dtype, self.fam.cache_size)
@@ -223,17 +220,11 @@ class Sam3API(FamilyAPI):
         video = lazy_module("apis.sam3.video")
         return video.VideoSession.open(video.video_model(runner), frames, offload_video_to_cpu=to_cpu)
 
-    def endpoints(self) -> list:
-        return self.video.endpoints()
-
-    def housekeeping(self) -> None:
-        self.video.store().expire()
-
     def extra_stats(self) -> dict[str, Any]:
         models = self._models
         return {
             **cache_stats(models),
-            **self.video.stats(),
+            **super().extra_stats(),
             "encoded_prompts": {k: m.encoded_prompts for k, m in models.items()},
             "text_batch_sizes": {k: _histogram(m.text_batches) for k, m in models.items()},
             "detector_batch_sizes": {k: _histogram(m.detector_batches) for k, m in models.items()},
