@@ -270,3 +270,28 @@ def test_cuda_assumptions_are_answered_on_cpu(library):
     assert t.cuda() is t
     state = library.tracker.init_state(video_height=H, video_width=W, num_frames=N)
     assert state["storage_device"] == library.tracker.device == torch.device("cpu")
+
+
+def test_video_model_shares_the_image_models_detector(checkpoint, tmp_path):
+    """The worker's video model (built on the first session) holds the image model's detector
+    modules themselves; only the tracker and the tracker's neck convolutions are its own, loaded
+    from the checkpoint. A checkpoint without a tracker is refused with what is missing."""
+    from apis.sam3.model import load_sam3
+    from apis.sam3.video import TRACKER_KEYS, video_model
+
+    entry = ModelEntry(name="sam3-video-tiny", weights=str(checkpoint), arch_config=ARCH)
+    runner = load_sam3(entry, "cpu")
+    video = video_model(runner)
+    assert video_model(runner) is video  # made once
+    image = {t.data_ptr() for t in runner.model.state_dict().values()}
+    state = torch.load(checkpoint, weights_only=True)["model"]
+    for name, value in video.state_dict().items():
+        own = name.startswith(TRACKER_KEYS)
+        assert (value.data_ptr() in image) != own or not value.numel(), name
+        assert torch.equal(value, state[name]), name  # every weight is the checkpoint's
+
+    detector_only = tmp_path / "detector.pt"
+    torch.save({"model": {k: v for k, v in state.items() if not k.startswith("tracker.")}}, detector_only)
+    runner = load_sam3(entry.model_copy(update={"weights": str(detector_only)}), "cpu")
+    with pytest.raises(ValueError, match=r"no video tracker.*tracker\."):
+        video_model(runner)
