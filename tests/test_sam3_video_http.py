@@ -38,6 +38,7 @@ ARCH = ROOT / "configs" / "models" / "sam3-video-tiny.json"
 AUTH = {"Authorization": f"Bearer {KEYS[0]}"}
 N, H, W = 4, 48, 64
 TEXT = "cat"
+BOX = [8.0, 6.0, 40.0, 30.0]  # x1, y1, x2, y2 in pixels
 
 
 def clip(n: int = N) -> list[np.ndarray]:
@@ -74,16 +75,24 @@ def library(checkpoint):
 
 @pytest.fixture(scope="module")
 def reference(library):
-    """Every frame's outputs of the library for a text prompt on frame 0, propagated forward."""
+    """Every frame's outputs of the library for a text (or one exemplar box, as sam3 takes it:
+    normalised x, y, w, h) on frame 0, propagated forward."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the server's worker computes at the same time on this machine
 
     @torch.inference_mode()
-    def run(frames: list[np.ndarray], text: str) -> list[tuple[int, dict]]:
+    def run(
+        frames: list[np.ndarray], text: str | None, box: list[float] | None = None
+    ) -> list[tuple[int, dict]]:
         state = library.init_state(
             resource_path=[Image.fromarray(f) for f in frames], offload_video_to_cpu=True
         )
-        out = [library.add_prompt(state, 0, text_str=text)]
+        if box is None:
+            out = [library.add_prompt(state, 0, text_str=text)]
+        else:
+            x1, y1, x2, y2 = box
+            xywh = [[x1 / W, y1 / H, (x2 - x1) / W, (y2 - y1) / H]]
+            out = [library.add_prompt(state, 0, text_str=text, boxes_xywh=xywh, box_labels=[1])]
         return out + list(library.propagate_in_video(state, None, None, reverse=False))
 
     yield run
@@ -137,11 +146,13 @@ def same_frame(got: dict, frame_index: int, out: dict) -> None:
         assert o["polygon"] == largest_polygon(mask, 0.01)[0]
 
 
-def test_text_prompt_propagated_equals_the_library(server, reference):
+@pytest.mark.parametrize("prompt", [{"text": TEXT}, {"boxes": [BOX], "box_labels": [1]}], ids=["text", "box"])
+def test_prompt_propagated_equals_the_library(server, reference, prompt):
     frames = clip()
-    expected = reference(frames, TEXT)
+    text = prompt.get("text")
+    expected = reference(frames, text, BOX if "boxes" in prompt else None)
     sid = open_session(server, frames)
-    r = call(server, "POST", f"/{sid}/prompts", {"frame_index": 0, "text": TEXT})
+    r = call(server, "POST", f"/{sid}/prompts", {"frame_index": 0, **prompt})
     assert r.status_code == 200, r.text
     same_frame(r.json(), *expected[0])
     r = call(server, "POST", f"/{sid}/propagate", {}, stream=True)
@@ -152,7 +163,7 @@ def test_text_prompt_propagated_equals_the_library(server, reference):
         same_frame(got, index, out)
     assert sum(len(line["objects"]) for line in lines[:-1]) > 0  # instances were tracked
     info = call(server, "GET", f"/{sid}").json()
-    assert info["text"] == TEXT and info["num_frames"] == N and info["memory_bytes"] > 0
+    assert info["text"] == text and info["num_frames"] == N and info["memory_bytes"] > 0
     assert info["objects"] == sorted({o["obj_id"] for line in lines[:-1] for o in line["objects"]})
     assert call(server, "DELETE", f"/{sid}").status_code == 204
     assert call(server, "GET", f"/{sid}").status_code == 404
