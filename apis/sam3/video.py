@@ -8,6 +8,9 @@ associate the two); we drive it through its methods (``init_state``, ``add_promp
 
 * one builder for every size (:class:`Sam3VideoArch`; the defaults are sam3's
   ``build_sam3_video_model``, so the released checkpoint loads strictly; tests build a tiny one);
+* in a server, the video model around the image model's detector (:func:`on_detector`,
+  :func:`video_model`): one copy of the detector's weights, only the tracker (~45 MB at full
+  size, float32) and its neck convolutions (~30 MB) added;
 * sessions opened from frames in memory (sam3's loader for PIL frames), and live sessions;
 * text encodings and image features kept across prompts (sam3 starts over on every concept
   prompt and recomputes both): :class:`CachedFeatures`.
