@@ -165,6 +165,13 @@ def test_prompt_propagated_equals_the_library(server, reference, prompt):
     info = call(server, "GET", f"/{sid}").json()
     assert info["text"] == text and info["num_frames"] == N and info["memory_bytes"] > 0
     assert info["objects"] == sorted({o["obj_id"] for line in lines[:-1] for o in line["objects"]})
+    workers = requests.get(server.url + "/info", headers=AUTH, timeout=30).json()["families"]["sam3"][
+        "workers"
+    ]
+    held = {s["session_id"]: s for w in workers for s in w["video_sessions"]["sessions"]}
+    assert held[sid]["memory_bytes"] == info["memory_bytes"]
+    metrics = requests.get(server.url + "/metrics", headers=AUTH, timeout=30).text
+    assert 'visionserve_video_sessions{family="sam3"' in metrics
     assert call(server, "DELETE", f"/{sid}").status_code == 204
     assert call(server, "GET", f"/{sid}").status_code == 404
 
