@@ -176,6 +176,32 @@ def test_prompt_propagated_equals_the_library(server, reference, prompt):
     assert call(server, "GET", f"/{sid}").status_code == 404
 
 
+def test_live_session_answers_each_frame_as_the_session_in_process(server, checkpoint):
+    """Frames appended to a live session through ``/frames``, a text prompt on the newest one:
+    every answer equals the same live session run in this process on the same weights (whose
+    equality with the library's offline propagation tests/test_sam3_video.py checks)."""
+    from apis.core.settings import ModelEntry
+    from apis.sam3.model import load_sam3
+    from apis.sam3.video import VideoSession, video_model
+
+    entry = ModelEntry(name="sam3-video-tiny", weights=str(checkpoint), arch_config=ARCH)
+    local = VideoSession.open(video_model(load_sam3(entry, "cpu")), None)
+    frames, found = clip(), 0
+    with sam3_client.Sam3VideoSession(server.url + "/sam3", api_key=KEYS[0]) as session:
+        for i, frame in enumerate(frames):
+            got = session.add_frame(frame)
+            want = local.add_frame(frame)
+            if i == 1:
+                got, want = session.prompt(1, text=TEXT), local.add_prompt(1, text=TEXT)
+            assert got["frame_index"] == want.frame_index == i
+            assert [o["obj_id"] for o in got["objects"]] == [o.obj_id for o in want.objects]
+            found += len(want.objects)
+            for o, w in zip(got["objects"], want.objects, strict=True):
+                assert abs(o["score"] - w.score) <= 1e-5 and np.array_equal(o["mask"], w.mask)
+        assert session.info()["live"] and session.info()["num_frames"] == N
+    assert found > 0
+
+
 def test_bad_prompts_and_limits_get_their_4xx(server):
     sid = open_session(server, clip(2))
     cases = [
