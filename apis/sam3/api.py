@@ -218,7 +218,13 @@ class Sam3API(ServesVideo, FamilyAPI):
         # made lazy only now: a lazy module in sys.modules while sam3 imports (inspect walks
         # sys.modules from torchvision's registrations) would be loaded inside sam3's own import
         video = lazy_module("apis.sam3.video")
-        return video.VideoSession.open(video.video_model(runner), frames, offload_video_to_cpu=to_cpu)
+        try:
+            tracking = video.video_model(runner)
+        except ValueError as e:  # the model's checkpoint has no tracker that fits
+            raise APIError(
+                503, f"video sessions are unavailable on this model: {e}", code="no_video_model"
+            ) from None
+        return video.VideoSession.open(tracking, frames, offload_video_to_cpu=to_cpu)
 
     def extra_stats(self) -> dict[str, Any]:
         models = self._models
