@@ -1,6 +1,6 @@
-"""SAM 3 video sessions over HTTP, through the session routes SAM 2 uses: a text prompt tracked
-through a clip equals sam3's own video model in this process on the same tiny weights; the client
-and its ``track`` command; bad input, a limit and a killed worker.
+"""SAM 3 video sessions over HTTP, through the session routes SAM 2 uses: a text or box prompt
+tracked through a clip equals sam3's own video model in this process on the same tiny weights; a
+live session; the client and its ``track`` command; bad input, limits and a killed worker.
 
 One server with one worker serves the module on a checkpoint in the released layout (``detector.``
 and ``tracker.`` keys): its image model loads the detector, and the first session builds the video
