@@ -7,8 +7,11 @@ HTTP process sends every later call of the session to that worker (a hard pin, n
 affinity's hint), and answers 410 ``session_lost`` by itself once that worker has gone.
 
 The family supplies the model: ``FamilyAPI.open_video(model, frames, **offload)`` returns a
-session object with the methods of ``apis/sam2/video.py``'s ``VideoSession``. The clip is
-decoded in the worker (apis/core/video.py); the HTTP process only reads its bytes.
+session object with the methods of ``apis/sam2/video.py``'s ``VideoSession``; and its prompt,
+when it is not SAM 2's (an object's points, box or mask): a :class:`SessionPrompts` gives the
+request schema, how the worker applies it and each frame's answer (SAM 3: a text, exemplar boxes
+or points; instances with polygons). The clip is decoded in the worker (apis/core/video.py); the
+HTTP process only reads its bytes.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from apis.http.schemas import StrictRequest
 video = lazy_module("apis.core.video")  # OpenCV, in the worker only
 
 MaskFormat = Literal["coco_rle", "png", "polygons"]
-_MASK_FORMAT = Field(
+MASK_FORMAT_FIELD = Field(
     "coco_rle",
     description="How each object's mask is sent: coco_rle ({'size': [H, W], 'counts': str}, pycocotools), "
     "png (base64 8-bit PNG, 0 or 255) or polygons (outlines as [[x, y], ...] lists).",
@@ -104,7 +107,7 @@ class PromptRequest(StrictRequest):
         description="A base64 PNG of the frame's size; non-zero pixels are the object (not with points/box).",
     )
     clear_old_points: bool = Field(True, description="Replace this object's earlier points on this frame.")
-    mask_encoding: MaskFormat = _MASK_FORMAT
+    mask_encoding: MaskFormat = MASK_FORMAT_FIELD
 
     @model_validator(mode="after")
     def _some_prompt(self):
@@ -128,13 +131,13 @@ class PropagateRequest(StrictRequest):
         None, ge=0, description="The first frame; null = the earliest prompted frame."
     )
     max_frames: int | None = Field(None, ge=1, description="Track at most this many frames (per direction).")
-    mask_encoding: MaskFormat = _MASK_FORMAT
+    mask_encoding: MaskFormat = MASK_FORMAT_FIELD
 
 
 class FrameRequest(ImageInput, StrictRequest):
     """One new frame of a live session, as image, image_url or image_path."""
 
-    mask_encoding: MaskFormat = _MASK_FORMAT
+    mask_encoding: MaskFormat = MASK_FORMAT_FIELD
 
 
 class TrackedObjectOut(BaseModel):
@@ -162,6 +165,7 @@ class SessionInfo(BaseModel):
     frames_held: int = Field(description="Frames kept in memory (a live session drops old ones).")
     objects: list[int] = Field(description="Object ids prompted so far.")
     memory_bytes: int = Field(description="Memory the session holds (frames and tracking state).")
+    text: str | None = Field(None, description="SAM 3: the concept text the session tracks (one at a time).")
     width: int | None
     height: int | None
     live: bool
@@ -172,6 +176,44 @@ class SessionInfo(BaseModel):
     last_propagation: dict[str, Any] | None = Field(
         description="The last propagation: frames computed, how it ended (done, withdrawn, failed)."
     )
+
+
+# --------------------------------------------------------------------------- the family's prompt
+
+
+class SessionPrompts:
+    """What a session's prompt is for one family, the only part of the session routes that
+    differs between them: the request and frame schemas, reading the request in the HTTP process,
+    applying it to the session in the worker, and rendering a frame. This default is SAM 2's."""
+
+    request: type[StrictRequest] = PromptRequest
+    frame: type[BaseModel] = FrameObjects
+
+    def read(self, api: FamilyAPI, request: PromptRequest) -> dict[str, Any]:
+        """The job's params (HTTP process, off the event loop): the mask's base64 decoded."""
+        params = request.model_dump()
+        if request.mask is not None:
+            params["mask"] = _decode_base64(request.mask, "mask")
+        return params
+
+    def apply(self, api: FamilyAPI, session: Any, p: dict[str, Any]) -> Any:
+        """The prompt on the session (worker); answers the prompted frame's FrameResult."""
+        mask = None
+        if p["mask"] is not None:
+            mask = np.asarray(decode_image(p["mask"], api.cfg.limits).convert("L")) > 0
+        return session.add_prompt(
+            p["frame_index"],
+            p["obj_id"],
+            points=None if p["points"] is None else np.asarray(p["points"], dtype=np.float32),
+            labels=None if p["labels"] is None else np.asarray(p["labels"], dtype=np.int32),
+            box=None if p["box"] is None else np.asarray(p["box"], dtype=np.float32),
+            mask=mask,
+            clear_old_points=p["clear_old_points"],
+        )
+
+    def answer(self, api: FamilyAPI, result: Any, encoding: str) -> dict[str, Any]:
+        """One frame's JSON (``frame`` is its schema)."""
+        return video.frame_answer(result, encoding)
 
 
 # --------------------------------------------------------------------------- worker side
@@ -279,20 +321,10 @@ class AddPrompt(_SessionRoute):
     def run(self, model: Any, job: Job) -> dict:
         p = job.params
         entry = self.store.usable(p["session_id"])
-        mask = None
-        if p["mask"] is not None:
-            mask = np.asarray(decode_image(p["mask"], self.api.cfg.limits).convert("L")) > 0
-        result = entry.session.add_prompt(
-            p["frame_index"],
-            p["obj_id"],
-            points=None if p["points"] is None else np.asarray(p["points"], dtype=np.float32),
-            labels=None if p["labels"] is None else np.asarray(p["labels"], dtype=np.int32),
-            box=None if p["box"] is None else np.asarray(p["box"], dtype=np.float32),
-            mask=mask,
-            clear_old_points=p["clear_old_points"],
-        )
+        prompts = self.api.video.prompts
+        result = prompts.apply(self.api, entry.session, p)
         entry.refresh()
-        return video.frame_answer(result, p["mask_encoding"])
+        return prompts.answer(self.api, result, p["mask_encoding"])
 
 
 class AddFrame(_SessionRoute):
@@ -312,7 +344,7 @@ class AddFrame(_SessionRoute):
             )
         result = entry.session.add_frame(_rgb(job.image))
         entry.refresh()
-        return video.frame_answer(result, job.params["mask_encoding"])
+        return self.api.video.prompts.answer(self.api, result, job.params["mask_encoding"])
 
 
 class Propagate(_SessionRoute):
@@ -350,7 +382,7 @@ class Propagate(_SessionRoute):
                     break
                 indices.append(result.frame_index)
                 entry.last_propagation["frames"] = len(indices)
-                yield video.frame_answer(result, p["mask_encoding"])
+                yield self.api.video.prompts.answer(self.api, result, p["mask_encoding"])
             seconds = time.perf_counter() - t0
             yield {
                 "done": True,
@@ -404,20 +436,24 @@ def documented(summary: str, status_code: int = 200, responses: dict | None = No
     return mark
 
 
-NDJSON_DOC = {
-    200: {
-        "description": "application/x-ndjson: one FrameObjects line per frame as it is computed, then "
-        '{"done": true, "frames", "first_frame_index", "last_frame_index", "seconds", "frames_per_s"}',
-        "content": {"application/x-ndjson": {"schema": {"$ref": "#/components/schemas/FrameObjects"}}},
+def ndjson_doc(frame: type[BaseModel]) -> dict:
+    """/docs' answer of /propagate: lines of the family's frame schema."""
+    name = frame.__name__
+    return {
+        200: {
+            "description": f"application/x-ndjson: one {name} line per frame as it is computed, then "
+            '{"done": true, "frames", "first_frame_index", "last_frame_index", "seconds", "frames_per_s"}',
+            "content": {"application/x-ndjson": {"schema": {"$ref": f"#/components/schemas/{name}"}}},
+        }
     }
-}
 
 
 class VideoSessions:
     """A family's session routes: the HTTP endpoints, and in each worker the session store."""
 
-    def __init__(self, api: FamilyAPI):
+    def __init__(self, api: FamilyAPI, prompts: SessionPrompts | None = None):
         self.api = api
+        self.prompts = prompts or SessionPrompts()
         self.settings = api.fam.video
         self._store: SessionStore | None = None
 
@@ -440,10 +476,37 @@ class VideoSessions:
             (base, self._create_endpoint(), ["POST"]),
             (base + "/{session_id}", self.describe, ["GET"]),
             (base + "/{session_id}", self.delete, ["DELETE"]),
-            (base + "/{session_id}/prompts", self.prompt, ["POST"]),
-            (base + "/{session_id}/propagate", self.propagate, ["POST"]),
-            (base + "/{session_id}/frames", self.add_frame, ["POST"]),
+            (base + "/{session_id}/prompts", self._typed(self.prompt, self.prompts.request), ["POST"]),
+            (
+                base + "/{session_id}/propagate",
+                self._typed(self.propagate, PropagateRequest, stream=True),
+                ["POST"],
+            ),
+            (base + "/{session_id}/frames", self._typed(self.add_frame, FrameRequest), ["POST"]),
         ]
+
+    def _typed(self, method: Callable, request: type[BaseModel], stream: bool = False) -> Callable:
+        """``method(request, session_id)`` as an endpoint whose request and answer are the
+        family's schemas (FastAPI reads them from the signature); a ``stream`` answers NDJSON lines
+        of the frame schema."""
+
+        async def endpoint(request: BaseModel, session_id: str) -> Response:
+            return await method(request, session_id)
+
+        param = inspect.Parameter.POSITIONAL_OR_KEYWORD
+        endpoint.__signature__ = inspect.Signature(
+            [
+                inspect.Parameter("request", param, annotation=request),
+                inspect.Parameter("session_id", param, annotation=str),
+            ],
+            return_annotation=Response if stream else self.prompts.frame,
+        )
+        endpoint.__name__ = f"{self.api.family}_video_{method.__name__}"
+        endpoint.__doc__ = method.__doc__
+        endpoint.route_options = dict(method.route_options)
+        if stream:
+            endpoint.route_options["responses"] = ndjson_doc(self.prompts.frame)
+        return endpoint
 
     def _create_job(self, request: CreateSessionRequest) -> Job:
         s = self.settings
@@ -531,17 +594,16 @@ class VideoSessions:
         reply = await self.api.spec.submit(self._job(DeleteSession, session_id, {}), pin=token)
         return Response(status_code=204) if reply.status == 200 else reply_response(reply)
 
-    @documented("Prompt one object on one frame of a video session")
-    async def prompt(self, request: PromptRequest, session_id: str) -> FrameObjects:
-        """Add points, a box or a mask for one object on one frame; answers that frame's objects."""
+    @documented("Prompt a video session on one frame")
+    async def prompt(self, request: StrictRequest, session_id: str) -> Response:
+        """A prompt on one frame (SAM 2: points, a box or a mask for one object; SAM 3: a text,
+        exemplar boxes or points); answers that frame's objects."""
         token = self._pin(session_id)
-        params = request.model_dump()
-        if request.mask is not None:
-            params["mask"] = await self.api.spec.off_loop(_decode_base64, request.mask, "mask")
+        params = await self.api.spec.off_loop(self.prompts.read, self.api, request)
         return reply_response(await self.api.spec.submit(self._job(AddPrompt, session_id, params), pin=token))
 
     @documented("Append a frame to a live video session and track it")
-    async def add_frame(self, request: FrameRequest, session_id: str) -> FrameObjects:
+    async def add_frame(self, request: FrameRequest, session_id: str) -> Response:
         """Append one frame to a live session; answers its tracked objects at once."""
         token = self._pin(session_id)
 
@@ -554,7 +616,7 @@ class VideoSessions:
         job = self._job(AddFrame, session_id, {"mask_encoding": request.mask_encoding}, image)
         return reply_response(await self.api.spec.submit(job, pin=token))
 
-    @documented("Track the prompted objects through the clip (NDJSON stream)", responses=NDJSON_DOC)
+    @documented("Track the prompted objects through the clip (NDJSON stream)")
     async def propagate(self, request: PropagateRequest, session_id: str) -> Response:
         """Track the prompted objects: ``application/x-ndjson``, one line per frame as soon as it is
         computed, then a totals line (``"done": true``). Closing the connection stops it."""
@@ -575,11 +637,13 @@ class ServesVideo:
     """Mixin of a FamilyAPI with video sessions (before FamilyAPI in the bases): its session
     endpoints, idle expiry and the sessions in its counters. The family lists
     :data:`VIDEO_ROUTES` in its routes, has a ``video:`` block in its settings and implements
-    ``open_video(model, frames, **offload)``."""
+    ``open_video(model, frames, **offload)``; ``video_prompts`` when its prompt is not SAM 2's."""
+
+    video_prompts: type[SessionPrompts] = SessionPrompts
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.video = VideoSessions(self)
+        self.video = VideoSessions(self, self.video_prompts())
 
     def endpoints(self) -> list[tuple[str, Callable, list[str]]]:
         return [*super().endpoints(), *self.video.endpoints()]

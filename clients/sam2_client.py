@@ -21,7 +21,7 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,15 +37,13 @@ from .common import (
     image_arg,
     image_file_bytes,
     post_arguments,
-    send,
-    server_settings,
 )
 from .masks import decode_png, decode_rle, save_overlay
+from .video import VideoSession, overlay_video, track_frames, tracked_line
 
 __all__ = [
     "Sam2VideoSession",
     "VisionServeError",
-    "decode_frame_masks",
     "decode_prompt_answer",
     "decode_rle",
     "decode_segmentation",
@@ -296,23 +294,8 @@ def save_mask_overlay(image: Any, masks: Any, path: str | Path, alpha: float = 0
 
 # ----------------------------------------------------------------------------- video sessions
 
-_STREAM_ERRORS = {"session_lost": 410, "session_not_found": 404}
 
-
-def _video_bytes(video: Any) -> bytes:
-    return Path(video).read_bytes() if isinstance(video, (str, Path)) else bytes(video)
-
-
-def decode_frame_masks(answer: dict, encoding: str) -> dict:
-    """A frame answer with each object's ``mask`` as an (H, W) bool array (``coco_rle`` and
-    ``png``); ``polygons`` stay outlines."""
-    if encoding == "polygons":
-        return answer
-    decode = decode_rle if encoding == "coco_rle" else decode_png
-    return {**answer, "objects": [{**o, "mask": decode(o["mask"])} for o in answer["objects"]]}
-
-
-class Sam2VideoSession:
+class Sam2VideoSession(VideoSession):
     """One SAM 2 tracking session on the server, opened on construction, deleted by
     :meth:`close` (or leaving a ``with`` block).
 
@@ -322,6 +305,8 @@ class Sam2VideoSession:
     [{"obj_id", "score", "area", "bbox", "mask"}]}`` with masks decoded to bool arrays unless
     ``decode=False`` or ``mask_encoding="polygons"``.
     """
+
+    family = FAMILY
 
     def __init__(
         self,
@@ -339,41 +324,22 @@ class Sam2VideoSession:
         decode: bool = True,
         timeout: float = 600.0,
     ):
-        self.base_url, self.api_key = server_settings(FAMILY, base_url, api_key)
-        self.mask_encoding = mask_encoding
-        self.decode = decode
-        self.timeout = timeout
-        self.last_totals: dict | None = None
-        body = {
-            "video": None if video is None else pybase64.b64encode_as_string(_video_bytes(video)),
-            "frames": None if frames is None else [encode_image(f) for f in frames],
-            "video_path": video_path,
-            "model_cfg": model_cfg,
-            "max_frames": max_frames,
-            "offload_video_to_cpu": offload_video_to_cpu,
-            "offload_state_to_cpu": offload_state_to_cpu,
-        }
-        created = self._call("POST", "video/sessions", {k: v for k, v in body.items() if v is not None})
-        self.session_id: str | None = created["session_id"]
-        self.created = created
-        self.url = f"{self.base_url}/video/sessions/{self.session_id}"
-
-    @property
-    def num_frames(self) -> int:
-        """Frames of the clip when the session was opened (0 for a live session)."""
-        return self.created["num_frames"]
-
-    def _call(self, method: str, path: str, payload: dict | None = None, **kwargs: Any) -> Any:
-        resp = send(method, f"{self.base_url}/{path}", self.api_key, self.timeout, json=payload, **kwargs)
-        return resp if kwargs.get("stream") else (resp.json() if resp.content else None)
-
-    def _path(self, route: str = "") -> str:
-        if self.session_id is None:
-            raise VisionServeError(404, "this session is closed", "session_not_found")
-        return f"video/sessions/{self.session_id}" + (f"/{route}" if route else "")
-
-    def _frame(self, answer: dict) -> dict:
-        return decode_frame_masks(answer, self.mask_encoding) if self.decode else answer
+        super().__init__(
+            base_url,
+            video,
+            frames,
+            video_path,
+            api_key=api_key,
+            selector={"model_cfg": model_cfg},
+            max_frames=max_frames,
+            offload={
+                "offload_video_to_cpu": offload_video_to_cpu,
+                "offload_state_to_cpu": offload_state_to_cpu,
+            },
+            mask_encoding=mask_encoding,
+            decode=decode,
+            timeout=timeout,
+        )
 
     def prompt(
         self,
@@ -388,72 +354,20 @@ class Sam2VideoSession:
         """Clicks (``labels`` 1 on the object, 0 background) and/or a box [x1, y1, x2, y2] in
         pixels, or a mask (bool array of the frame's size), for one object on one frame;
         answers that frame's objects."""
-        body = {
-            "frame_index": frame_index,
-            "obj_id": obj_id,
-            "points": _as_list(points),
-            "labels": _as_list(labels),
-            "box": _as_list(box),
-            "mask": None if mask is None else encode_image((np.asarray(mask) > 0).astype(np.uint8) * 255),
-            "clear_old_points": clear_old_points,
-            "mask_encoding": self.mask_encoding,
-        }
-        return self._frame(
-            self._call("POST", self._path("prompts"), {k: v for k, v in body.items() if v is not None})
+        return self._prompt(
+            {
+                "frame_index": frame_index,
+                "obj_id": obj_id,
+                "points": _as_list(points),
+                "labels": _as_list(labels),
+                "box": _as_list(box),
+                "mask": None if mask is None else encode_image((np.asarray(mask) > 0).astype(np.uint8) * 255),
+                "clear_old_points": clear_old_points,
+            }
         )
-
-    def propagate(
-        self, direction: str = "forward", start_frame_index: int | None = None, max_frames: int | None = None
-    ) -> Iterator[dict]:
-        """Frames as the server computes them (one NDJSON line each). Stopping early (``break``,
-        closing the iterator) disconnects, and the server stops within a frame. The totals line
-        is kept in :attr:`last_totals`."""
-        body = {"direction": direction, "start_frame_index": start_frame_index, "max_frames": max_frames}
-        body["mask_encoding"] = self.mask_encoding
-        resp = self._call("POST", self._path("propagate"), body, stream=True)
-        self.last_totals = None
-        with resp:
-            for line in resp.iter_lines():
-                if not line:
-                    continue
-                part = json.loads(line)
-                if "error" in part:
-                    err = part["error"]
-                    code = err.get("code")
-                    raise VisionServeError(
-                        _STREAM_ERRORS.get(code, 500), err.get("message", ""), code, body=part
-                    )
-                if part.get("done"):
-                    self.last_totals = part
-                    return
-                yield self._frame(part)
-
-    def add_frame(self, image: Any) -> dict:
-        """Live sessions: append one image (path, bytes, PIL image or array) and get its
-        objects, tracked at once."""
-        body = {"image": encode_image(image), "mask_encoding": self.mask_encoding}
-        return self._frame(self._call("POST", self._path("frames"), body))
-
-    def info(self) -> dict:
-        """Frames, objects, memory and idle time of the session."""
-        return self._call("GET", self._path())
-
-    def close(self) -> None:
-        """Delete the session on the server (once; a session already gone is not an error)."""
-        if self.session_id is None:
-            return
-        try:
-            self._call("DELETE", self._path())
-        except VisionServeError as e:
-            if e.status not in (404, 410):
-                raise
-        self.session_id = None
 
     def __enter__(self) -> Sam2VideoSession:
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 # ----------------------------------------------------------------------------- command line
@@ -466,40 +380,9 @@ def _pair(text: str, n: int) -> list[float]:
     return values
 
 
-def _overlay_video(clip: Path, masks: dict[int, list[np.ndarray]], out: Path, alpha: float = 0.5) -> None:
-    """The clip with each object's mask blended in its own colour, as an MP4 (needs OpenCV)."""
-    try:
-        import cv2
-    except ImportError:
-        raise SystemExit("--overlay needs OpenCV: pip install opencv-python-headless") from None
-    colours = np.random.default_rng(0).integers(60, 255, (64, 3))
-    capture = cv2.VideoCapture(str(clip))
-    fps = capture.get(cv2.CAP_PROP_FPS) or 10.0
-    writer = None
-    index = 0
-    try:
-        while True:
-            ok, bgr = capture.read()
-            if not ok:
-                break
-            if writer is None:
-                h, w = bgr.shape[:2]
-                writer = cv2.VideoWriter(str(out), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
-            frame = bgr.astype(np.float32)
-            for k, mask in enumerate(masks.get(index, [])):
-                frame[mask] = (1 - alpha) * frame[mask] + alpha * colours[k % len(colours)][::-1]
-            writer.write(frame.astype(np.uint8))
-            index += 1
-    finally:
-        capture.release()
-        if writer is not None:
-            writer.release()
-
-
 def track(args: argparse.Namespace) -> int:
     """The ``track`` command: one object through a clip, masks written as they arrive."""
     from PIL import Image
-    from tqdm import tqdm
 
     points = [*args.point, *args.negative]
     labels = [1] * len(args.point) + [0] * len(args.negative)
@@ -509,31 +392,25 @@ def track(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rles: dict[str, Any] = {}
     overlay: dict[int, list[np.ndarray]] = {}
+
+    def each(frame: dict, masks: list[np.ndarray]) -> None:
+        if args.overlay:
+            overlay[frame["frame_index"]] = masks
+        if args.format == "rle":
+            rles[str(frame["frame_index"])] = frame["objects"]
+        else:
+            for o, mask in zip(frame["objects"], masks, strict=True):
+                name = f"{frame['frame_index']:05d}_obj{o['obj_id']}.png"
+                Image.fromarray(mask.astype(np.uint8) * 255).save(out / name)
+
     with Sam2VideoSession(args.base_url, video=args.clip, api_key=args.api_key, decode=False) as session:
         session.prompt(args.frame, args.obj_id, points=points or None, labels=labels or None, box=args.box)
-        with tqdm(total=session.num_frames, unit="frame", desc="tracking") as bar:
-            for frame in session.propagate(args.direction):
-                masks = [decode_rle(o["mask"]) for o in frame["objects"]]
-                if args.overlay:
-                    overlay[frame["frame_index"]] = masks
-                if args.format == "rle":
-                    rles[str(frame["frame_index"])] = frame["objects"]
-                else:
-                    for o, mask in zip(frame["objects"], masks, strict=True):
-                        name = f"{frame['frame_index']:05d}_obj{o['obj_id']}.png"
-                        Image.fromarray(mask.astype(np.uint8) * 255).save(out / name)
-                bar.update()
-        totals = session.last_totals or {}
+        totals = track_frames(session, args.direction, each)
     if args.format == "rle":
         (out / "masks.json").write_text(json.dumps({"encoding": "coco_rle", "frames": rles}))
     if args.overlay:
-        _overlay_video(Path(args.clip), overlay, Path(args.overlay))
-    fps = totals.get("frames_per_s")
-    print(
-        f"{totals.get('frames', 0)} frames tracked"
-        + (f" at {fps} frames/s" if fps else "")
-        + f", written to {out}"
-    )
+        overlay_video(Path(args.clip), overlay, Path(args.overlay))
+    print(tracked_line(totals, out))
     return 0
 
 

@@ -8,11 +8,17 @@ server started with ``--no-auth`` need none.
 Embed once, prompt many: :meth:`Sam3ServiceClient.embed` answers the image's ``image_id``;
 ``predict(image_id=...)`` then sends only the id, and re-sends the ``image`` by itself (if given
 too) when the server evicted it.
+
+Video: :class:`Sam3VideoSession` segments and tracks every instance of a concept (a text,
+exemplar boxes) through a clip or a live stream on ``/sam3/video/sessions``; ``python -m
+clients.sam3_client track clip.mp4 --text "robot arm" --out out.json`` does it from the command
+line.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import threading
 import time
@@ -25,11 +31,13 @@ import requests
 
 from .common import VisionServeError, get, image_fields, post_image, server_settings
 from .masks import decode_png, decode_rle, save_overlay
+from .video import VideoSession, overlay_video, track_frames, tracked_line
 
 __all__ = [
     "NoLiveEndpointError",
     "Sam3ServiceClient",
     "Sam3ServicePool",
+    "Sam3VideoSession",
     "VisionServeError",
     "decode_instance_mask",
     "decode_instance_masks",
@@ -250,6 +258,102 @@ def save_instances_overlay(
     return save_overlay(image, masks, path, polygons=[r["polygon"] for r in results], alpha=alpha, seed=seed)
 
 
+# ----------------------------------------------------------------------------- video sessions
+
+
+class Sam3VideoSession(VideoSession):
+    """One SAM 3 tracking session on the server, opened on construction, deleted by
+    :meth:`close` (or leaving a ``with`` block); the clip arguments are
+    :class:`~clients.video.VideoSession`'s. A session tracks one concept: :meth:`prompt` with a
+    text or boxes starts it over. Frames answer ``{"frame_index", "objects": [{"obj_id",
+    "score", "area", "bbox", "polygon", "mask"}]}``, instances appearing and disappearing."""
+
+    family = FAMILY
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        video: Any = None,
+        frames: Sequence[Any] | None = None,
+        video_path: str | None = None,
+        *,
+        api_key: str | None = None,
+        model: str | None = None,
+        max_frames: int | None = None,
+        offload_video_to_cpu: bool = False,
+        mask_encoding: str = "coco_rle",
+        decode: bool = True,
+        timeout: float = 600.0,
+    ):
+        super().__init__(
+            base_url,
+            video,
+            frames,
+            video_path,
+            api_key=api_key,
+            selector={"model": model},
+            max_frames=max_frames,
+            offload={"offload_video_to_cpu": offload_video_to_cpu},
+            mask_encoding=mask_encoding,
+            decode=decode,
+            timeout=timeout,
+        )
+
+    def prompt(
+        self,
+        frame_index: int,
+        text: str | None = None,
+        boxes: Any = None,
+        box_labels: Any = None,
+        points: Any = None,
+        point_labels: Any = None,
+        obj_id: int | None = None,
+    ) -> dict:
+        """A concept on one frame: ``text``, exemplar ``boxes`` [[x1, y1, x2, y2], ...] in pixels
+        (``box_labels`` 1 like, 0 unlike), or both; or ``points`` (``point_labels`` 1 on, 0 off)
+        refining or adding instance ``obj_id`` on a frame that has outputs. Answers the frame."""
+        return self._prompt(
+            {
+                "frame_index": frame_index,
+                "text": text,
+                "boxes": None if boxes is None else np.asarray(boxes, dtype=float).tolist(),
+                "box_labels": None if box_labels is None else [int(v) for v in box_labels],
+                "points": None if points is None else np.asarray(points, dtype=float).tolist(),
+                "point_labels": None if point_labels is None else [int(v) for v in point_labels],
+                "obj_id": obj_id,
+            }
+        )
+
+    def __enter__(self) -> Sam3VideoSession:
+        return self
+
+
+def track(args: argparse.Namespace) -> int:
+    """The ``track`` command: every instance of a concept through a clip, into one JSON of
+    COCO-RLE masks per frame with instance ids."""
+    if args.text is None and not args.box:
+        raise SystemExit("give a --text, a --box, or both")
+    frames: dict[str, list[dict]] = {}
+    overlay: dict[int, list[np.ndarray]] = {}
+
+    def each(frame: dict, masks: list[np.ndarray]) -> None:
+        frames[str(frame["frame_index"])] = frame["objects"]
+        if args.overlay:
+            overlay[frame["frame_index"]] = masks
+
+    with Sam3VideoSession(args.base_url, video=args.clip, api_key=args.api_key, decode=False) as session:
+        session.prompt(args.frame, text=args.text, boxes=args.box or None)
+        totals = track_frames(session, args.direction, each)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    body = {"encoding": "coco_rle", "text": args.text, "boxes": args.box or None, "frames": frames}
+    out.write_text(json.dumps(body))
+    if args.overlay:
+        overlay_video(Path(args.clip), overlay, Path(args.overlay))
+    print(tracked_line(totals, out))
+    return 0
+
+
 # ----------------------------------------------------------------------------- folder command
 
 
@@ -305,12 +409,33 @@ def label_folder(argv: list[str] | None = None) -> int:
     return label_command(args, prompts, label_one)
 
 
+def _box(text: str) -> list[float]:
+    values = [float(v) for v in text.split(",")]
+    if len(values) != 4:
+        raise argparse.ArgumentTypeError(f"expected x1,y1,x2,y2, got {text!r}")
+    return values
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] != "label":
-        print("usage: python -m clients.sam3_client label DIR --prompts ... --coco out.json", file=sys.stderr)
-        return 2
-    return label_folder(argv[1:])
+    if argv[:1] == ["label"]:  # a folder command, with its own arguments
+        return label_folder(argv[1:])
+    parser = argparse.ArgumentParser(
+        prog="python -m clients.sam3_client", description="SAM 3 from the command line."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("label", help="instances of prompts in a folder of images as a COCO file (label -h)")
+    t = commands.add_parser("track", help="segment and track every instance of a concept through a clip")
+    t.add_argument("clip", help="video file (MP4, WebM, MOV)")
+    t.add_argument("--text", help='the concept, a noun phrase ("robot arm")')
+    t.add_argument("--box", action="append", default=[], type=_box, help="x1,y1,x2,y2: an exemplar")
+    t.add_argument("--frame", type=int, default=0, help="the frame the prompt is on")
+    t.add_argument("--direction", choices=["forward", "backward", "both"], default="forward")
+    t.add_argument("--out", required=True, help="the JSON file: COCO-RLE masks per frame with instance ids")
+    t.add_argument("--overlay", help="also write the clip with the masks drawn, as this MP4 (needs OpenCV)")
+    t.add_argument("--base-url", default=None, help="default: servers.yaml sam3.base_url")
+    t.add_argument("--api-key", default=None, help="default: servers.yaml or $VISIONSERVE_API_KEY")
+    return track(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -52,6 +52,9 @@ AUTO = {
 SAM3 = {"image": IMG, "score_threshold": 0.0, "min_area": 0.0}
 SESSION = "/sam2/video/sessions/{session_id}"
 VIDEO_POINT = {"frame_index": 0, "obj_id": 1, "points": [[20, 20]], "labels": [1]}
+SAM3_SESSION = "/sam3/video/sessions/{session_id}"
+# the untrained demo model finds no instance of a text; points on its propagated outputs add one
+SAM3_POINT = {"frame_index": 0, "points": [[20, 20]], "point_labels": [1], "obj_id": 1}
 
 
 @dataclass(frozen=True)
@@ -217,6 +220,22 @@ CASES = [
         path_params={"session_id": "@clip"},
         ndjson=True,
     ),
+    Case("sam3-video-create", "/sam3/video/sessions", {"frames": [IMG, IMG]}, status=201),
+    Case("sam3-video-get", SAM3_SESSION, path_params={"session_id": "@clip"}, nonempty=("objects",)),
+    Case(
+        "sam3-video-prompts",
+        SAM3_SESSION + "/prompts",
+        SAM3_POINT,
+        path_params={"session_id": "@clip"},
+    ),
+    Case("sam3-video-frames", SAM3_SESSION + "/frames", {"image": IMG}, path_params={"session_id": "@live"}),
+    Case(
+        "sam3-video-propagate",
+        SAM3_SESSION + "/propagate",
+        {"mask_encoding": "polygons"},
+        path_params={"session_id": "@clip"},
+        ndjson=True,
+    ),
 ]
 
 # Error answers, each against the schema the route declares for its status (4XX).
@@ -277,24 +296,38 @@ def declared(spec: dict, path: str, method: str, status: int) -> dict:
     return schema
 
 
-_sessions: dict[str, str] = {}
+_sessions: dict[tuple[str, str], str] = {}
+_SETUP = {  # a clip session's calls before the cases: (route, body)
+    "sam2": [("prompts", VIDEO_POINT)],
+    "sam3": [
+        ("prompts", {"frame_index": 0, "text": "mug"}),
+        ("propagate", {}),
+        ("prompts", SAM3_POINT),
+        ("propagate", {}),
+    ],
+}
 
 
-def session_id(server, kind: str) -> str:
+def session_id(server, family: str, kind: str) -> str:
     """A video session of this module: "@clip" (two frames, one object prompted) or "@live"."""
-    if kind not in _sessions:
+    if (family, kind) not in _sessions:
         body = {"frames": [IMG, IMG]} if kind == "@clip" else {}
-        r = requests.post(server.url + "/sam2/video/sessions", json=body, headers=AUTH, timeout=300)
+        url = f"{server.url}/{family}/video/sessions"
+        r = requests.post(url, json=body, headers=AUTH, timeout=300)
         assert r.status_code == 201, r.text
-        _sessions[kind] = r.json()["session_id"]
+        sid = _sessions[(family, kind)] = r.json()["session_id"]
         if kind == "@clip":
-            url = server.url + SESSION.format(session_id=_sessions[kind]) + "/prompts"
-            assert requests.post(url, json=VIDEO_POINT, headers=AUTH, timeout=300).status_code == 200
-    return _sessions[kind]
+            for route, body in _SETUP[family]:
+                r = requests.post(f"{url}/{sid}/{route}", json=body, headers=AUTH, timeout=300)
+                assert r.status_code == 200 and "error" not in r.text, r.text
+    return _sessions[(family, kind)]
 
 
 def call(server, case: Case) -> requests.Response:
-    params = {k: session_id(server, v) if v.startswith("@") else v for k, v in case.path_params.items()}
+    family = case.path.split("/")[1]
+    params = {
+        k: session_id(server, family, v) if v.startswith("@") else v for k, v in case.path_params.items()
+    }
     url = server.url + case.path.format(**params)
     if case.body is None:
         return requests.get(url, headers=AUTH, timeout=300)

@@ -44,6 +44,9 @@ class LRUCache(Generic[T]):
         while len(self._items) > self.capacity:
             self._items.popitem(last=False)
 
+    def values(self) -> list[T]:
+        return list(self._items.values())
+
     def fetch(self, keys: Sequence[str], compute: Callable[[list[int]], list[T]]) -> list[T]:
         """The values of ``keys``: cached ones reused, the missing ones made by ONE call of
         ``compute`` (given the position of each missing key's first occurrence, so a batch is

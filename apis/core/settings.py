@@ -172,7 +172,8 @@ class Sam2Family(CachedFamily):
 
 
 class Sam3Family(CachedFamily):
-    """SAM 3's instance filters: what a request gets when it leaves them out."""
+    """SAM 3's instance filters (what a request gets when it leaves them out), and its video
+    tracking sessions."""
 
     score_threshold: float = Field(0.5, ge=0.0, le=1.0, description="Keep instances scoring above this.")
     epsilon_factor: float = Field(
@@ -186,6 +187,7 @@ class Sam3Family(CachedFamily):
         "prompts, and those of the requests batched with it, run this many at a time. Peak memory grows "
         "with it; 1 runs them one at a time.",
     )
+    video: VideoSettings = Field(default_factory=VideoSettings)
 
 
 class RmbgModelEntry(ModelEntry):

@@ -1,5 +1,7 @@
-"""SAM 3 routes: ``/sam3/predict`` (seed 000's fields) and ``/sam3/embed``. The maths lives in
-:mod:`apis.sam3.model`, the schemas in :mod:`apis.sam3.schemas`."""
+"""SAM 3 routes: ``/sam3/predict`` (seed 000's fields), ``/sam3/embed``, and the video tracking
+sessions ``/sam3/video/sessions...`` (apis/video_sessions.py, with SAM 3's prompt: a text,
+exemplar boxes or points). The maths lives in :mod:`apis.sam3.model` and :mod:`apis.sam3.video`,
+the schemas in :mod:`apis.sam3.schemas`."""
 
 from __future__ import annotations
 
@@ -12,13 +14,23 @@ from apis.core.cache import cache_stats
 from apis.core.errors import APIError
 from apis.core.image_ids import not_cached
 from apis.core.lazy import lazy_module
+from apis.core.masks import largest_polygon
 from apis.core.settings import ModelEntry
 from apis.core.tensors import check_answer_bytes, human_bytes
 from apis.family import FamilyAPI, Job, Route
 from apis.http.inputs import EmbedResponse, embed_answer
-from apis.sam3.schemas import Sam3EmbedRequest, Sam3ModelSelector, Sam3PredictRequest, Sam3PredictResponse
+from apis.sam3.schemas import (
+    Sam3EmbedRequest,
+    Sam3FrameObjects,
+    Sam3ModelSelector,
+    Sam3PredictRequest,
+    Sam3PredictResponse,
+    Sam3VideoPromptRequest,
+)
+from apis.video_sessions import VIDEO_ROUTES, ServesVideo, SessionPrompts
 
 model = lazy_module("apis.sam3.model")  # the library loads in the worker (apis/core/lazy.py)
+core_video = lazy_module("apis.core.video")
 
 
 @dataclass
@@ -152,18 +164,74 @@ class Embed(Route):
         return embed_answer(job.image_id, (enc.width, enc.height), item.cached, job.model_id)
 
 
-class Sam3API(FamilyAPI):
+class Sam3Prompts(SessionPrompts):
+    """A session prompt: a concept (text and/or exemplar boxes) or points for one instance;
+    frames answer every instance with its polygon, as /sam3/predict draws it."""
+
+    request = Sam3VideoPromptRequest
+    frame = Sam3FrameObjects
+
+    def read(self, api: FamilyAPI, request: Sam3VideoPromptRequest) -> dict[str, Any]:
+        if request.text is not None:
+            api.check_text_length([("text", request.text)], "text")
+        return request.model_dump()
+
+    def apply(self, api: FamilyAPI, session: Any, p: dict[str, Any]) -> Any:
+        return session.add_prompt(
+            p["frame_index"],
+            text=p["text"],
+            boxes=p["boxes"],
+            box_labels=p["box_labels"],
+            points=p["points"],
+            point_labels=p["point_labels"],
+            obj_id=p["obj_id"],
+        )
+
+    def answer(self, api: FamilyAPI, result: Any, encoding: str) -> dict[str, Any]:
+        out = core_video.frame_answer(result, encoding)
+        for obj, tracked in zip(out["objects"], result.objects, strict=True):
+            outline = largest_polygon(tracked.mask, api.fam.epsilon_factor)
+            obj["polygon"] = None if outline is None else outline[0]
+        return out
+
+
+class Sam3API(ServesVideo, FamilyAPI):
     family = "sam3"
     selector = Sam3ModelSelector
-    routes = (Predict, Embed)
+    routes = (Predict, Embed, *VIDEO_ROUTES)
+    video_prompts = Sam3Prompts
 
     def load_model(self, entry: ModelEntry) -> model.Sam3Runner:
         return model.load_sam3(entry, self.torch_device, self.compute_dtype, self.fam.cache_size)
+
+    def open_video(self, runner: model.Sam3Runner, frames: list[np.ndarray] | None, **offload: bool) -> Any:
+        """A tracking session on the video model that shares the worker's SAM 3 detector, made
+        for the first session (apis/sam3/video.py). sam3 keeps a session's state on the model's
+        device; its clip goes to CPU memory on request, and always on a CPU worker."""
+        if offload["offload_state_to_cpu"]:
+            raise APIError(
+                400,
+                "SAM 3 sessions keep their tracking state on the model's device; leave "
+                "offload_state_to_cpu false (offload_video_to_cpu keeps the clip in CPU memory)",
+                param="offload_state_to_cpu",
+            )
+        to_cpu = offload["offload_video_to_cpu"] or self.torch_device.type == "cpu"
+        # made lazy only now: a lazy module in sys.modules while sam3 imports (inspect walks
+        # sys.modules from torchvision's registrations) would be loaded inside sam3's own import
+        video = lazy_module("apis.sam3.video")
+        try:
+            tracking = video.video_model(runner)
+        except ValueError as e:  # the model's checkpoint has no tracker that fits
+            raise APIError(
+                503, f"video sessions are unavailable on this model: {e}", code="no_video_model"
+            ) from None
+        return video.VideoSession.open(tracking, frames, offload_video_to_cpu=to_cpu)
 
     def extra_stats(self) -> dict[str, Any]:
         models = self._models
         return {
             **cache_stats(models),
+            **super().extra_stats(),
             "encoded_prompts": {k: m.encoded_prompts for k, m in models.items()},
             "text_batch_sizes": {k: _histogram(m.text_batches) for k, m in models.items()},
             "detector_batch_sizes": {k: _histogram(m.detector_batches) for k, m in models.items()},

@@ -17,6 +17,22 @@ a number the model computes. :func:`install` is idempotent and runs before any m
 * ``TextTransformer.positional_embedding`` and ``text_projection`` are ``torch.empty``: a
   checkpoint overwrites them, but a random-weights model would compute NaN scores from
   whatever memory they held. :func:`init_untrained` gives them open_clip's initialisation.
+
+The video model (:func:`install_video`, on top of the above) needs four more:
+
+* ``Sam3ImageOnVideoMultiGPU._build_multigpu_buffer_next_chunk`` casts the tracker's backbone
+  features to bfloat16 "for all-gather", counting on CUDA autocast (which sam3 enters for the
+  whole process) to feed them to float32 convolutions; on CPU ``run_backbone_and_detection``
+  then fails in ``conv_s0``. Without autocast we cast them back to the model's dtype after the
+  buffer is built: the values stay the bfloat16-rounded ones sam3 uses on a GPU.
+* ``Sam3TrackerPredictor.init_state`` keeps per-frame state on ``torch.device("cuda")`` unless
+  offloaded; sam3's video model never offloads it. We keep it on the tracker's own device.
+* ``Tensor.cuda`` is called unconditionally to bring memory features back "to the GPU"
+  (``Sam3TrackerBase._prepare_memory_conditioned_features``, the tracker's point prompts):
+  without CUDA it returns the tensor itself (the model's device is the CPU).
+* ``connected_components_cpu`` (hole filling of every new mask) needs scikit-image and fails
+  on an empty batch (a frame with no detections); :func:`connected_components_cpu` is the
+  same computation with OpenCV, any batch size.
 """
 
 from __future__ import annotations
@@ -85,3 +101,73 @@ def init_untrained(model: torch.nn.Module) -> None:
             torch.nn.init.normal_(module.positional_embedding, std=0.01)
             if isinstance(module.text_projection, torch.nn.Parameter):
                 torch.nn.init.normal_(module.text_projection, std=module.width**-0.5)
+
+
+def install_video() -> None:
+    """:func:`install`, and what sam3's video model needs besides (the module docstring)."""
+    install()
+    from sam3.model.sam3_image import Sam3ImageOnVideoMultiGPU
+
+    if getattr(Sam3ImageOnVideoMultiGPU._build_multigpu_buffer_next_chunk, _MARK, False):
+        return
+    original_chunk = Sam3ImageOnVideoMultiGPU._build_multigpu_buffer_next_chunk
+
+    @functools.wraps(original_chunk)
+    def build_chunk(self, *args, frame_idx_begin, frame_idx_end, multigpu_buffer, **kwargs):
+        original_chunk(
+            self,
+            *args,
+            frame_idx_begin=frame_idx_begin,
+            frame_idx_end=frame_idx_end,
+            multigpu_buffer=multigpu_buffer,
+            **kwargs,
+        )
+        weight = next(self.parameters())
+        if torch.is_autocast_enabled(weight.device.type):
+            return
+        dtype = weight.dtype
+        for frame in range(frame_idx_begin, frame_idx_end):
+            entry = multigpu_buffer.get(frame, {})
+            for key in ("tracker_backbone_fpn_0", "tracker_backbone_fpn_1", "tracker_backbone_fpn_2"):
+                if key in entry:
+                    value, handle = entry[key]
+                    entry[key] = (value.to(dtype), handle)
+
+    setattr(build_chunk, _MARK, True)
+    Sam3ImageOnVideoMultiGPU._build_multigpu_buffer_next_chunk = build_chunk
+    from sam3.model.sam3_tracking_predictor import Sam3TrackerPredictor
+    from sam3.perflib import connected_components as cc
+
+    original_state = Sam3TrackerPredictor.init_state
+
+    @functools.wraps(original_state)
+    def tracker_state(self, *args, **kwargs):
+        state = original_state(self, *args, **kwargs)
+        if not state["offload_state_to_cpu"]:
+            state["storage_device"] = self.device
+        return state
+
+    Sam3TrackerPredictor.init_state = tracker_state
+    cc.connected_components_cpu = connected_components_cpu
+    if not torch.cuda.is_available():
+        torch.Tensor.cuda = lambda self, *args, **kwargs: self
+
+
+def connected_components_cpu(masks: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """sam3's CPU connected components, with OpenCV: per pixel, its component's label (0 for
+    background) and the component's size (0 for background), 8-connected as scikit-image's
+    ``label``. Labels may be numbered differently; sam3 reads only ``label > 0`` and the sizes."""
+    import cv2
+    import numpy as np
+
+    shape = masks.shape
+    planes = masks.reshape(-1, *shape[-2:]).cpu().numpy().astype(np.uint8)
+    labels = np.zeros(planes.shape, dtype=np.int64)
+    counts = np.zeros(planes.shape, dtype=np.int64)
+    for i, plane in enumerate(planes):
+        _, labels[i], stats, _ = cv2.connectedComponentsWithStats(plane, connectivity=8, ltype=cv2.CV_32S)
+        sizes = stats[:, cv2.CC_STAT_AREA].astype(np.int64)
+        sizes[0] = 0
+        counts[i] = sizes[labels[i]]
+    device = masks.device
+    return torch.from_numpy(labels).to(device).view(shape), torch.from_numpy(counts).to(device).view(shape)

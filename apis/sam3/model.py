@@ -90,6 +90,21 @@ class Sam3Arch:
         return cls(**spec)
 
 
+@dataclass(frozen=True)
+class Sam3VideoArch(Sam3Arch):
+    """Sizes of a SAM 3 video model: the detector's (:class:`Sam3Arch`) and the tracker's. The
+    defaults are sam3's ``build_sam3_video_model``. One ``arch_config`` serves both models: the
+    image routes build the detector from it, video sessions add the tracker (apis/sam3/video.py)."""
+
+    mem_dim: int = 64
+    tracker_layers: int = 4
+    tracker_ffn_dim: int = 2048
+    num_maskmem: int = 7
+    # sam3's ``apply_temporal_disambiguation``: hold outputs back ``hotstart_delay`` frames to drop
+    # instances that were never matched or duplicated, and recondition every 16th frame
+    temporal_disambiguation: bool = True
+
+
 def _attention(arch: Sam3Arch, dropout: float = 0.1, **kwargs) -> MultiheadAttention:
     return MultiheadAttention(num_heads=arch.heads, dropout=dropout, embed_dim=arch.d_model, **kwargs)
 
@@ -108,6 +123,23 @@ def build_sam3_image(arch: Sam3Arch, bpe_path: str | None = None) -> Sam3Image:
     """A ``Sam3Image`` with random weights, built module by module as sam3's ``model_builder``
     does (same classes and arguments) but with ``arch``'s sizes. No interactive (SAM 1 task)
     head: the text-prompt route does not use it."""
+    return Sam3Image(
+        **detector_modules(arch, bpe_path),
+        num_feature_levels=1,
+        o2m_mask_predict=True,
+        use_instance_query=False,
+        multimask_output=True,
+        inst_interactive_predictor=None,
+        matcher=None,
+    )
+
+
+def detector_modules(
+    arch: Sam3Arch, bpe_path: str | None = None, tracker_neck: bool = False
+) -> dict[str, Any]:
+    """The detector's parts as sam3's ``model_builder`` makes them, with ``arch``'s sizes: the
+    image model's and the video model's detectors share them. ``tracker_neck`` adds the neck's
+    second set of convolutions whose features feed the video tracker (sam3's ``add_sam2_neck``)."""
     compat.install()
     d = arch.d_model
     vit = ViT(
@@ -140,7 +172,7 @@ def build_sam3_image(arch: Sam3Arch, bpe_path: str | None = None) -> Sam3Image:
         d_model=d,
         scale_factors=[4.0, 2.0, 1.0, 0.5],
         trunk=vit,
-        add_sam2_neck=False,
+        add_sam2_neck=tracker_neck,
     )
     text = VETextEncoder(
         tokenizer=SimpleTokenizer(bpe_path=bpe_path or compat.bpe_path()),
@@ -248,19 +280,16 @@ def build_sam3_image(arch: Sam3Arch, bpe_path: str | None = None) -> Sam3Image:
         add_cls=True,
         add_post_encode_proj=True,
     )
-    return Sam3Image(
-        backbone=backbone,
-        transformer=TransformerWrapper(encoder=encoder, decoder=decoder, d_model=d),
-        input_geometry_encoder=geometry,
-        segmentation_head=segmentation,
-        num_feature_levels=1,
-        o2m_mask_predict=True,
-        dot_prod_scoring=scoring,
-        use_instance_query=False,
-        multimask_output=True,
-        inst_interactive_predictor=None,
-        matcher=None,
-    )
+    return {
+        "backbone": backbone,
+        "transformer": TransformerWrapper(encoder=encoder, decoder=decoder, d_model=d),
+        "input_geometry_encoder": geometry,
+        "segmentation_head": segmentation,
+        "dot_prod_scoring": scoring,
+    }
+
+
+TRACKER_NECK = "backbone.vision_backbone.sam2_convs."
 
 
 def load_checkpoint(model: Sam3Image, path: str | Path) -> None:
@@ -272,6 +301,8 @@ def load_checkpoint(model: Sam3Image, path: str | Path) -> None:
         state = state["model"]
     if any(k.startswith("detector.") for k in state):
         state = {k.removeprefix("detector."): v for k, v in state.items() if k.startswith("detector.")}
+    # the neck's second set of convolutions feeds only the video tracker (apis/sam3/video.py)
+    state = {k: v for k, v in state.items() if not k.startswith(TRACKER_NECK)}
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:
@@ -284,7 +315,7 @@ def load_checkpoint(model: Sam3Image, path: str | Path) -> None:
         )
 
 
-def _download_released() -> str:
+def download_released() -> str:
     from sam3.model_builder import download_ckpt_from_hf
 
     return download_ckpt_from_hf()
@@ -295,7 +326,7 @@ def load_sam3(
 ) -> Sam3Runner:
     """Build the configured model and load its weights: ``random``, a local checkpoint file, or
     (``weights`` null) sam3's own download of ``facebook/sam3``."""
-    arch = Sam3Arch.from_json(entry.arch_config) if entry.arch_config is not None else Sam3Arch()
+    arch = Sam3VideoArch.from_json(entry.arch_config) if entry.arch_config is not None else Sam3VideoArch()
     model = build_sam3_image(arch)
     if entry.is_random:
         compat.init_untrained(model)
@@ -305,12 +336,12 @@ def load_sam3(
             if not Path(path).is_file():
                 raise FileNotFoundError(f"SAM 3 checkpoint for {entry.name} not found: {path}")
         else:  # facebook/sam3's file, into the configured architecture (the released one by default)
-            path = _download_released()
+            path = download_released()
         load_checkpoint(model, path)
     device = torch.device(device)
     model = model.to(device).eval()
     compat.move_caches(model, device)
-    return Sam3Runner(model, arch, device, dtype, cache_size)
+    return Sam3Runner(model, arch, device, dtype, cache_size, entry)
 
 
 # ----------------------------------------------------------------------------- encoding and prompts
@@ -368,10 +399,18 @@ class Sam3Runner(Autocast):
     """
 
     def __init__(
-        self, model: Sam3Image, arch: Sam3Arch, device: torch.device, dtype: torch.dtype, cache_size: int
+        self,
+        model: Sam3Image,
+        arch: Sam3Arch,
+        device: torch.device,
+        dtype: torch.dtype,
+        cache_size: int,
+        entry: ModelEntry | None = None,
     ):
         self.model = model
         self.arch = arch
+        self.entry = entry  # where the weights came from: video sessions load the tracker's from it
+        self.video: Any = None  # the video model on this detector, made for the first session
         self.device = device
         self.dtype = dtype
         self.processor = Sam3Processor(model, resolution=arch.resolution, device=str(device))
