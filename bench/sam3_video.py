@@ -1,6 +1,6 @@
 """SAM 3 video sessions: a text prompt tracked through a clip, in process and over HTTP.
 
-    python bench/sam3_video.py [--frames N] [--size WxH]
+    python bench/sam3_video.py [--frames N] [--size WxH] [--device cuda]
 
 The tiny model of the tests (``configs/models/sam3-video-tiny.json``, tests/test_sam3_video.py's
 random weights with the scores raised so that instances are found and tracked), saved as a
@@ -11,6 +11,8 @@ same checkpoint (the sam3 family only, one worker), the same clip as PNG frames 
 ``clients.sam3_client.Sam3VideoSession``. Reported: time to open the session and to answer the
 prompt, time to the first propagated frame, frames/s, instances per frame and the session's
 ``memory_bytes``. Full-size SAM 3 is not run on a CPU here (its 1008-px detector on every frame).
+``--device cuda``: GPU 0 in the server's precision there (bfloat16 where supported), in process
+and for the server (scripts/gpu_check.sh).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from bench.harness import ROOT, ms, ran, server, table  # noqa: E402
 # isort: split
 import torch  # noqa: E402
 
+from apis.core.precision import resolve_dtype  # noqa: E402
 from apis.core.settings import ModelEntry  # noqa: E402
 from apis.sam3.model import load_sam3  # noqa: E402
 from apis.sam3.video import VideoSession, video_model  # noqa: E402
@@ -46,8 +49,10 @@ def clip(n: int, width: int, height: int) -> list[np.ndarray]:
     return [np.roll(base, 2 * i, axis=1) for i in range(n)]
 
 
-def in_process(entry: ModelEntry, frames: list[np.ndarray]) -> dict:
-    model = video_model(load_sam3(entry, "cpu"))
+def in_process(entry: ModelEntry, frames: list[np.ndarray], device: str) -> dict:
+    model = video_model(
+        load_sam3(entry, "cuda:0" if device == "cuda" else "cpu", resolve_dtype("auto", device))
+    )
     out: dict = {}
     t0 = time.perf_counter()
     session = VideoSession.open(model, frames)
@@ -66,7 +71,7 @@ def in_process(entry: ModelEntry, frames: list[np.ndarray]) -> dict:
     return out
 
 
-def over_http(entry: ModelEntry, frames: list[np.ndarray]) -> dict:
+def over_http(entry: ModelEntry, frames: list[np.ndarray], device: str) -> dict:
     from clients.sam3_client import Sam3VideoSession
 
     config = {"sam3": {"workers_per_device": 1, "models": [entry.model_dump(mode="json", exclude_none=True)]}}
@@ -74,7 +79,8 @@ def over_http(entry: ModelEntry, frames: list[np.ndarray]) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
         yaml.safe_dump(config, f)
         f.flush()
-        with server(f.name, "--models", "sam3") as url:
+        placement = ["--accelerator", "cuda", "--devices", "1"] if device == "cuda" else []
+        with server(f.name, "--models", "sam3", *placement) as url:
             Sam3VideoSession(f"{url}/sam3", frames=frames[:1]).close()  # the video model is built once
             t0 = time.perf_counter()
             with Sam3VideoSession(f"{url}/sam3", frames=frames) as session:
@@ -96,6 +102,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--frames", type=int, default=16, help="clip length")
     ap.add_argument("--size", default="160x120", help="frame size WxH")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: GPU 0")
     args = ap.parse_args()
     width, height = (int(v) for v in args.size.split("x"))
     frames = clip(args.frames, width, height)
@@ -103,9 +110,14 @@ def main() -> None:
         path = Path(tmp) / "sam3-video-tiny.pt"
         torch.save({"model": tiny_model().state_dict()}, path)
         entry = ModelEntry(name="sam3-video-tiny", weights=str(path), arch_config=ARCH)
-        local = in_process(entry, frames)
-        http = over_http(entry, frames)
-    print(ran(f"sam3-video-tiny (224 px); a {width}x{height} clip of {args.frames} frames, text on frame 0"))
+        local = in_process(entry, frames, args.device)
+        http = over_http(entry, frames, args.device)
+    print(
+        ran(
+            f"sam3-video-tiny (224 px) on {args.device}; a {width}x{height} clip of {args.frames} frames, "
+            "text on frame 0"
+        )
+    )
     rows = [
         [
             side,

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# GPU check for a CUDA machine, in under 13 minutes: the CUDA-marked tests (bfloat16 and float16 per
+# GPU check for a CUDA machine, in under 15 minutes: the CUDA-marked tests (bfloat16 and float16 per
 # family, two workers on one GPU, --devices placement, onnxruntime's CUDA provider), then the
-# serving benchmark and the SAM 2 video benchmark with full-size models on GPU 0. Run from anywhere after `bash scripts/install.sh test`;
+# serving benchmark and the SAM 2 video benchmark with full-size models on GPU 0, then the SAM 3 video
+# benchmark (tiny model) there. Run from anywhere after `bash scripts/install.sh test`;
 # output goes to the terminal and to gpu-check-<date>.log (paste its tables into docs/benchmarks.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,4 +31,6 @@ echo "== bench/serving.py --full --device cuda"
 timeout 200 "$PY" bench/serving.py --full --device cuda --rounds 2
 echo "== bench/video.py --full --device cuda --http"
 timeout 240 "$PY" bench/video.py --full --device cuda --http --frames 24 --live-frames 100
+echo "== bench/sam3_video.py --device cuda"
+timeout 120 "$PY" bench/sam3_video.py --device cuda --frames 24
 echo "gpu check done: $LOG"

@@ -146,6 +146,17 @@ function colour(i, alpha) {
   return `hsla(${hue}, 85%, 50%, ${alpha})`;
 }
 
+// colour(i) as [r, g, b] for ImageData (CSS's hsl-to-rgb rule)
+function rgb(i) {
+  const hue = (i * 137.5) % 360;
+  const a = 0.85 * 0.5;
+  const f = (n) => {
+    const k = (n + hue / 30) % 12;
+    return Math.round(255 * (0.5 - a * Math.max(-1, Math.min(k - 3, 9 - k, 1))));
+  };
+  return [f(0), f(8), f(4)];
+}
+
 // ------------------------------------------------------------------ SAM 2
 
 function clearPoints() {
@@ -241,10 +252,11 @@ async function click(event, label) {
   });
 }
 
-// ------------------------------------------------------------------ SAM 2 video
+// ------------------------------------------------------------------ video (SAM 2 clicks, SAM 3 text)
 
-const video = { frames: [], id: null, points: [], labels: [], areas: [] };
-const SESSIONS = "/sam2/video/sessions";
+// family: whose session is open on the clip; drawn: per streamed frame, [obj_id, pixels] per object
+const video = { frames: [], id: null, family: "sam2", points: [], labels: [], areas: [], drawn: [] };
+const sessions = (family = video.family) => `/${family}/video/sessions`;
 
 function once(target, event) {
   return new Promise((resolve, reject) => {
@@ -294,15 +306,40 @@ async function clipFromVideo(file) {
   }
 }
 
+// a session on the clip for the family chosen (the one open before is deleted)
 async function openClip(frames) {
-  if (video.id) await fetch(`${SESSIONS}/${video.id}`, { method: "DELETE", headers: headers() });
-  Object.assign(video, { frames, id: null, points: [], labels: [], areas: [] });
+  if (video.id) await fetch(`${sessions()}/${video.id}`, { method: "DELETE", headers: headers() });
+  const family = $("video-family").value;
+  Object.assign(video, { frames, id: null, family, points: [], labels: [], areas: [], drawn: [] });
   const b64s = frames.map((c) => c.toDataURL("image/png").split(",")[1]);
-  const r = await call(SESSIONS, { frames: b64s });
+  const r = await call(sessions(), { frames: b64s });
   video.id = r.session_id;
   showFrame(0);
   clear($("video-overlay"));
-  status("video-status", `session of ${r.num_frames} frames, ${r.width}x${r.height}: click the object`);
+  const next = family === "sam3" ? "type a text and track" : "click the object";
+  status("video-status", `${family} session of ${r.num_frames} frames, ${r.width}x${r.height}: ${next}`);
+}
+
+async function switchVideoFamily() {
+  if (!video.frames.length) return;
+  status("video-status", "working...");
+  try {
+    await openClip(video.frames);
+  } catch (err) {
+    status("video-status", err.message, true);
+  }
+}
+
+// one object's mask as 0/1 per pixel, row-major: coco_rle (SAM 3) or a base64 PNG of 0/255 (SAM 2)
+async function objectMask(mask, width, height) {
+  if (typeof mask !== "string") return decodeRle(mask);
+  const bitmap = await createImageBitmap(new Blob([fromBase64(mask)], { type: "image/png" }));
+  const pixels = frameCanvas(width, height, (c) => c.drawImage(bitmap, 0, 0))
+    .getContext("2d")
+    .getImageData(0, 0, width, height).data;
+  const out = new Uint8Array(width * height);
+  for (let i = 0; i < out.length; i++) out[i] = pixels[i * 4] >= 128 ? 1 : 0;
+  return out;
 }
 
 function showFrame(index) {
@@ -313,7 +350,7 @@ function showFrame(index) {
   base.getContext("2d").drawImage(c, 0, 0);
 }
 
-// a frame's objects, each mask a base64 PNG (0/255), drawn in its object's colour; the pixels drawn
+// a frame's objects, each drawn in its object's colour; [obj_id, pixels drawn] per object
 async function drawObjects(objects, points) {
   const base = $("video-base");
   const canvas = $("video-overlay");
@@ -321,17 +358,17 @@ async function drawObjects(objects, points) {
   canvas.height = base.height;
   const ctx = canvas.getContext("2d");
   const out = ctx.createImageData(canvas.width, canvas.height);
-  let count = 0;
+  const drawn = [];
   for (const obj of objects) {
-    const bitmap = await createImageBitmap(new Blob([fromBase64(obj.mask)], { type: "image/png" }));
-    const pixels = frameCanvas(canvas.width, canvas.height, (c) => c.drawImage(bitmap, 0, 0))
-      .getContext("2d")
-      .getImageData(0, 0, canvas.width, canvas.height).data;
-    for (let i = 0; i < pixels.length; i += 4) {
-      if (pixels[i] < 128) continue;
+    const mask = await objectMask(obj.mask, canvas.width, canvas.height);
+    const paint = [...rgb(obj.obj_id), 150];
+    let count = 0;
+    for (let i = 0; i < mask.length; i++) {
+      if (!mask[i]) continue;
       count++;
-      out.data.set([255, 0, 200, 150], i);
+      out.data.set(paint, i * 4);
     }
+    drawn.push([obj.obj_id, count]);
   }
   ctx.putImageData(out, 0, 0);
   (points || []).forEach(([x, y], k) => {
@@ -340,13 +377,17 @@ async function drawObjects(objects, points) {
     ctx.fillStyle = video.labels[k] ? "#00c853" : "#d50000";
     ctx.fill();
   });
+  const count = drawn.reduce((sum, [, n]) => sum + n, 0);
   canvas.dataset.maskPixels = String(count);
-  return count;
+  return drawn;
 }
+
+const total = (drawn) => drawn.reduce((sum, [, n]) => sum + n, 0);
 
 async function videoClick(event, label) {
   event.preventDefault();
   if (!video.id) return status("video-status", "Make a clip first.", true);
+  if (video.family !== "sam2") return status("video-status", "Clicks are for SAM 2; SAM 3 takes a text.", true);
   const canvas = $("video-overlay");
   const rect = canvas.getBoundingClientRect();
   const x = ((event.clientX - rect.left) * canvas.width) / rect.width;
@@ -356,35 +397,49 @@ async function videoClick(event, label) {
   status("video-status", "working...");
   try {
     showFrame(0);
-    const r = await call(`${SESSIONS}/${video.id}/prompts`, {
+    const r = await call(`${sessions()}/${video.id}/prompts`, {
       frame_index: 0,
       obj_id: 1,
       points: video.points,
       labels: video.labels,
       mask_encoding: "png",
     });
-    const count = await drawObjects(r.objects, video.points);
+    const count = total(await drawObjects(r.objects, video.points));
     status("video-status", `${video.points.length} point(s) on frame 0; mask of ${count} px`);
   } catch (err) {
     status("video-status", err.message, true);
   }
 }
 
+// SAM 3: the text on its frame (a new text starts the session's tracking over); its instances drawn
+async function promptText() {
+  const text = $("video-text").value.trim();
+  if (!text) throw new Error("Type a text for SAM 3.");
+  const frameIndex = Number($("video-frame").value) || 0;
+  showFrame(Math.min(frameIndex, video.frames.length - 1));
+  const r = await call(`${sessions()}/${video.id}/prompts`, { frame_index: frameIndex, text, mask_encoding: "coco_rle" });
+  await drawObjects(r.objects);
+}
+
 // the NDJSON stream: each line is drawn as soon as it arrives
 async function track() {
-  if (!video.id || !video.points.length) return status("video-status", "Make a clip and click the object first.", true);
+  if (!video.id) return status("video-status", "Make a clip first.", true);
+  const sam3 = video.family === "sam3";
+  if (!sam3 && !video.points.length) return status("video-status", "Click the object first.", true);
   status("video-status", "tracking...");
   try {
-    const resp = await fetch(`${SESSIONS}/${video.id}/propagate`, {
+    if (sam3) await promptText();
+    const resp = await fetch(`${sessions()}/${video.id}/propagate`, {
       method: "POST",
       headers: headers(),
-      body: JSON.stringify({ mask_encoding: "png" }),
+      body: JSON.stringify({ mask_encoding: sam3 ? "coco_rle" : "png" }),
     });
     if (!resp.ok) throw await failure(resp);
     const reader = resp.body.getReader();
     const decoder = new TextDecoder();
     let text = "";
     video.areas = [];
+    video.drawn = [];
     for (;;) {
       const { done, value } = await reader.read();
       if (done) break;
@@ -402,8 +457,10 @@ async function track() {
           continue;
         }
         showFrame(part.frame_index);
-        video.areas.push(await drawObjects(part.objects));
-        status("video-status", `frame ${part.frame_index + 1} of ${video.frames.length}`);
+        const drawn = await drawObjects(part.objects);
+        video.drawn.push(drawn);
+        video.areas.push(total(drawn));
+        status("video-status", `frame ${part.frame_index + 1} of ${video.frames.length}: ${drawn.length} object(s)`);
       }
     }
   } catch (err) {
@@ -539,6 +596,9 @@ async function showServedPanels() {
   PANELS.forEach((family, i) => {
     $(`${family}-panel`).hidden = !shown[i];
   });
+  const sam3 = shown[PANELS.indexOf("sam3")];
+  $("video-sam3-choice").hidden = !sam3; // the video panel's SAM 3 text choice too
+  if (!sam3) $("video-family").value = "sam2";
   const missing = PANELS.filter((_, i) => !shown[i]);
   $("not-served").textContent = missing.length ? `Not served by this server: ${missing.join(", ")}.` : "";
 }
@@ -571,6 +631,7 @@ window.addEventListener("DOMContentLoaded", () => {
   $("video-overlay").addEventListener("click", (e) => videoClick(e, 1));
   $("video-overlay").addEventListener("contextmenu", (e) => videoClick(e, 0));
   $("video-track").addEventListener("click", track);
+  $("video-family").addEventListener("change", switchVideoFamily);
   $("sam3-form").addEventListener("submit", findInstances);
   $("clip-form").addEventListener("submit", showHeatmap);
   $("rmbg-run").addEventListener("click", cutOut);
