@@ -42,6 +42,22 @@ class FrameResult:
 # ----------------------------------------------------------------------------- decoding
 
 
+def check_frame(frame: Any, size: tuple[int, int] | None, what: str) -> np.ndarray:
+    """An RGB uint8 (H, W, 3) frame of the session's (height, width) ``size`` (any size for a
+    session's first frame); 400 naming ``what`` otherwise. Both families' sessions use it."""
+    frame = np.asarray(frame)
+    if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+        raise APIError(400, f"{what} must be an RGB uint8 (H, W, 3) image, got {frame.dtype} {frame.shape}")
+    if size is not None and frame.shape[:2] != size:
+        raise APIError(
+            400,
+            f"{what} is {frame.shape[1]}x{frame.shape[0]}; every frame of a session must be "
+            f"{size[1]}x{size[0]} (width x height)",
+            param="image",
+        )
+    return np.ascontiguousarray(frame)
+
+
 def _frames(capture: cv2.VideoCapture, max_frames: int, max_pixels: int, param: str) -> list[np.ndarray]:
     """Every frame of an opened capture as RGB uint8, refusing more than ``max_frames`` frames
     or frames of more than ``max_pixels`` pixels as soon as one is read."""

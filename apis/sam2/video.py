@@ -32,7 +32,7 @@ from PIL import Image
 from sam2.sam2_video_predictor import SAM2VideoPredictor
 
 from apis.core.errors import APIError
-from apis.core.video import FrameResult, TrackedObject
+from apis.core.video import FrameResult, TrackedObject, check_frame
 
 __all__ = ["FrameResult", "TrackedObject", "VideoSession"]
 
@@ -98,21 +98,6 @@ class Frames:
         return sum(t.nbytes for t in self.held.values())
 
 
-def _check_frame(frame: Any, size: tuple[int, int] | None, what: str) -> np.ndarray:
-    """An RGB uint8 (H, W, 3) frame of the session's size (any size for its first frame)."""
-    frame = np.asarray(frame)
-    if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
-        raise APIError(400, f"{what} must be an RGB uint8 (H, W, 3) image, got {frame.dtype} {frame.shape}")
-    if size is not None and frame.shape[:2] != size:
-        raise APIError(
-            400,
-            f"{what} is {frame.shape[1]}x{frame.shape[0]}; every frame of a session must be "
-            f"{size[1]}x{size[0]} (width x height)",
-            param="image",
-        )
-    return np.ascontiguousarray(frame)
-
-
 def _tensor_bytes(obj: Any, seen: set[int]) -> int:
     """Bytes of the tensors reachable from ``obj``, each storage counted once."""
     if isinstance(obj, torch.Tensor):
@@ -170,7 +155,7 @@ class VideoSession:
             if len(frames) == 0:
                 raise APIError(400, "the video has no frames", param="frames")
             for i, frame in enumerate(frames):
-                frame = _check_frame(frame, size, f"frame {i}")
+                frame = check_frame(frame, size, f"frame {i}")
                 size = frame.shape[:2]
                 store.add(i, frame)
         state: dict[str, Any] = {
@@ -372,7 +357,7 @@ class VideoSession:
         state = self._state()
         if not self.live:
             raise APIError(400, "frames are added to live sessions only; this session has a clip")
-        image = _check_frame(image, (self.height, self.width) if self.num_frames else None, "the frame")
+        image = check_frame(image, (self.height, self.width) if self.num_frames else None, "the frame")
         index = self.num_frames
         if index == 0:
             state["video_height"], state["video_width"] = self.height, self.width = image.shape[:2]

@@ -119,6 +119,24 @@ def _position_encoding(arch: Sam3Arch, precompute: int | None = None) -> Positio
     )
 
 
+def dot_product_scoring(arch: Sam3Arch) -> DotProductScoring:
+    """The detector's query scorer at ``arch``'s sizes (the image and the video builders' alike)."""
+    d = arch.d_model
+    return DotProductScoring(
+        d_model=d,
+        d_proj=d,
+        prompt_mlp=MLP(
+            input_dim=d,
+            hidden_dim=arch.ffn_dim,
+            output_dim=d,
+            num_layers=2,
+            dropout=0.1,
+            residual=True,
+            out_norm=torch.nn.LayerNorm(d),
+        ),
+    )
+
+
 def build_sam3_image(arch: Sam3Arch, bpe_path: str | None = None) -> Sam3Image:
     """A ``Sam3Image`` with random weights, built module by module as sam3's ``model_builder``
     does (same classes and arguments) but with ``arch``'s sizes. No interactive (SAM 1 task)
@@ -229,19 +247,7 @@ def detector_modules(
         use_act_checkpoint=True,
         presence_token=True,
     )
-    scoring = DotProductScoring(
-        d_model=d,
-        d_proj=d,
-        prompt_mlp=MLP(
-            input_dim=d,
-            hidden_dim=arch.ffn_dim,
-            output_dim=d,
-            num_layers=2,
-            dropout=0.1,
-            residual=True,
-            out_norm=torch.nn.LayerNorm(d),
-        ),
-    )
+    scoring = dot_product_scoring(arch)
     segmentation = UniversalSegmentationHead(
         hidden_dim=d,
         upsampling_stages=3,

@@ -54,7 +54,7 @@ from sam3.model import sam3_video_inference
 from sam3.model.decoder import TransformerDecoderLayerv2, TransformerEncoderCrossAttention
 from sam3.model.io_utils import load_resource_as_video_frames
 from sam3.model.memory import CXBlock, SimpleFuser, SimpleMaskDownSampler, SimpleMaskEncoder
-from sam3.model.model_misc import MLP, DotProductScoring, TransformerWrapper
+from sam3.model.model_misc import TransformerWrapper
 from sam3.model.necks import Sam3DualViTDetNeck
 from sam3.model.position_encoding import PositionEmbeddingSine
 from sam3.model.sam3_image import Sam3Image, Sam3ImageOnVideoMultiGPU
@@ -66,9 +66,16 @@ from sam3.sam.transformer import RoPEAttention
 from apis.core.cache import LRUCache
 from apis.core.errors import APIError
 from apis.core.settings import ModelEntry
-from apis.core.video import FrameResult, TrackedObject
+from apis.core.video import FrameResult, TrackedObject, check_frame
 from apis.sam3 import compat
-from apis.sam3.model import TRACKER_NECK, Sam3Runner, Sam3VideoArch, detector_modules, download_released
+from apis.sam3.model import (
+    TRACKER_NECK,
+    Sam3Runner,
+    Sam3VideoArch,
+    detector_modules,
+    dot_product_scoring,
+    download_released,
+)
 
 # ----------------------------------------------------------------------------- architecture
 
@@ -171,20 +178,7 @@ def build_sam3_video(
     compat.install_video()
     tracker = build_tracker(arch)
     parts = detector_modules(arch, bpe_path, tracker_neck=True)
-    d = arch.d_model
-    parts["dot_prod_scoring"] = DotProductScoring(  # the video builder's own scorer (same sizes)
-        d_model=d,
-        d_proj=d,
-        prompt_mlp=MLP(
-            input_dim=d,
-            hidden_dim=arch.ffn_dim,
-            output_dim=d,
-            num_layers=2,
-            dropout=0.1,
-            residual=True,
-            out_norm=torch.nn.LayerNorm(d),
-        ),
-    )
+    parts["dot_prod_scoring"] = dot_product_scoring(arch)  # the video builder's own scorer (same sizes)
     return assemble(video_detector(parts), tracker, arch)
 
 
@@ -437,21 +431,6 @@ def _tensor_bytes(obj: Any, seen: set[int]) -> int:
     return 0
 
 
-def _frame(frame: Any, size: tuple[int, int] | None, what: str) -> Image.Image:
-    """An RGB uint8 (H, W, 3) frame of the session's size as the PIL image sam3's loader takes."""
-    frame = np.asarray(frame)
-    if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
-        raise APIError(400, f"{what} must be an RGB uint8 (H, W, 3) image, got {frame.dtype} {frame.shape}")
-    if size is not None and frame.shape[:2] != size:
-        raise APIError(
-            400,
-            f"{what} is {frame.shape[1]}x{frame.shape[0]}; every frame of a session must be "
-            f"{size[1]}x{size[0]} (width x height)",
-            param="image",
-        )
-    return Image.fromarray(frame)
-
-
 class VideoSession:
     """One clip, owned by one worker (its state cannot move), holding one concept at a time.
 
@@ -507,7 +486,7 @@ class VideoSession:
         images: list[Image.Image] = []
         size: tuple[int, int] | None = None
         for i, frame in enumerate(frames):
-            images.append(_frame(frame, size, f"frame {i}"))
+            images.append(Image.fromarray(check_frame(frame, size, f"frame {i}")))
             size = (images[-1].height, images[-1].width)
         state = model.init_state(resource_path=images, offload_video_to_cpu=offload_video_to_cpu)
         return cls(model, state, offload_video_to_cpu=offload_video_to_cpu, feature_frames=feature_frames)
@@ -698,8 +677,10 @@ class VideoSession:
             raise APIError(404, "this video session is closed", code="session_not_found")
         if not self.live:
             raise APIError(400, "frames are added to live sessions only; this one was opened on a clip")
-        pil = _frame(
-            image, None if self.state is None else (self.height, self.width), f"frame {self.num_frames}"
+        pil = Image.fromarray(
+            check_frame(
+                image, None if self.state is None else (self.height, self.width), f"frame {self.num_frames}"
+            )
         )
         if self.state is None:
             self.state = self.model.init_state(
