@@ -15,21 +15,25 @@ import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pybase64
-import torch
-from PIL import Image
 from pydantic import BaseModel
 
 from apis.config import ServerConfig
 from apis.core.errors import APIError
 from apis.core.images import decode_image, probe_image
+from apis.core.lazy import lazy_module
 from apis.core.replies import non_finite
 from apis.core.settings import Limits
 from apis.family import Job, Route
 from apis.http.inputs import decode_base64
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+torch = lazy_module("torch")  # the HTTP process imports this module too: torch only in workers
 
 
 def check_count(n: int, limits: Limits, param: str, what: str = "inputs") -> None:

@@ -5,9 +5,13 @@ thread) and runs uvicorn. Requests travel over this project's transport (apis/tr
 LitServe's request queues, response queues and response poller are not created. What this
 module overrides or reads, and why:
 
+* ``LitServer.__init__``'s accelerator ``"auto"``: chosen here (``"cuda"`` where nvidia-smi
+  sees a GPU, else ``"cpu"``, as LitServe decides on Linux), because LitServe's own choice
+  imports torch into the HTTP process (to look for Apple's MPS).
 * ``LitServer.__init__``'s gzip middleware (``_register_middleware``): removed.
 * ``LitServer._init_manager``: only the manager dict of worker states, the shutdown event and a
   shared dict for worker counters; no request queues, no message transport; the manager process
+  is spawned (LitServe forks it from the HTTP process, whose memory it then keeps mapped) and
   dies with the server.
 * ``LitServer._get_request_queue`` / ``lifespan``: no queue to hand to a worker, no poller
   task; the lifespan starts each family's dispatcher on the HTTP server's event loop instead.
@@ -39,6 +43,7 @@ from typing import Any
 
 import litserve as ls
 from fastapi import FastAPI
+from litserve.connector import check_cuda_with_nvidia_smi
 from litserve.loops.base import _BaseLoop
 from litserve.specs.base import LitSpec
 from litserve.utils import WorkerSetupStatus
@@ -61,10 +66,16 @@ class VisionServer(ls.LitServer):
     on_start: Any = None  # async callable run on the HTTP server's event loop before serving
     worker_env: dict[str, str] = {}
 
+    def __init__(self, lit_api: Any, accelerator: str = "auto", **kwargs: Any):
+        if accelerator == "auto":  # LitServe's "auto" imports torch here, in the HTTP process
+            accelerator = "cuda" if check_cuda_with_nvidia_smi() > 0 else "cpu"
+        super().__init__(lit_api, accelerator=accelerator, **kwargs)
+
     def _init_manager(self, num_api_servers: int) -> mp.managers.SyncManager:
         # mp.Manager(), except that the manager process dies with the server as the workers do
-        # (a SIGKILLed server left it running, holding its memory)
-        manager = SyncManager(ctx=mp.get_context())
+        # (a SIGKILLed server left it running, holding its memory), and is spawned: a fresh
+        # interpreter holding three small shared objects, not a fork of the HTTP process
+        manager = SyncManager(ctx=mp.get_context("spawn"))
         manager.start(die_with_parent)
         self.transport_config.manager = manager
         self.workers_setup_status = manager.dict()

@@ -1,5 +1,6 @@
-"""The HTTP process runs no model, so it loads no model library: torchvision (pulled in by
-open_clip, timm, sam2 and sam3) and onnxruntime stay in the workers (apis/core/lazy.py)."""
+"""The HTTP process runs no model, so it loads no model library: torch, torchvision (pulled in by
+open_clip, timm, sam2 and sam3) and onnxruntime stay in the workers (apis/core/lazy.py), and the
+server's helper processes stay small."""
 
 from __future__ import annotations
 
@@ -42,7 +43,27 @@ def test_the_http_process_loads_no_model_library_while_the_workers_do(demo_serve
         return any(f"/site-packages/{package}/" in path for path in shared_objects(pid))
 
     http = demo_server.proc.pid
-    assert not loads(http, "torchvision") and not loads(http, "onnxruntime")
+    assert not any(loads(http, p) for p in ("torch", "torchvision", "onnxruntime", "cv2"))
     # the check can see them: each model-running worker has its library's extension mapped
+    assert all(loads(workers[f], "torch") for f in ("clip", "dino", "sam2", "sam3", "rmbg"))
     assert all(loads(workers[f], "torchvision") for f in ("clip", "dino", "sam2", "sam3"))
     assert loads(workers["rmbg"], "onnxruntime")
+    # every process but the workers is small: the HTTP process, LitServe's manager (spawned, not
+    # forked from the HTTP process: apis/litserve_internals.py) and Python's resource tracker
+    helpers = set(children(http)) - set(workers.values())
+    assert len(helpers) == 2, helpers
+    assert rss_mb(http) < 150, rss_mb(http)
+    assert all(rss_mb(pid) < 40 and not loads(pid, "torch") for pid in helpers), {
+        p: rss_mb(p) for p in helpers
+    }
+
+
+def children(pid: int) -> list[int]:
+    """Pids of the processes whose parent is ``pid``."""
+    return [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
+
+
+def rss_mb(pid: int) -> float:
+    """Resident set size of process ``pid`` in MB."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) / 1024

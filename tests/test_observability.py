@@ -18,7 +18,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from apis.core.logs import REQUEST_ID
-from apis.family import gpu_memory
+from apis.family_worker import gpu_memory
 from apis.http.metrics import Exchange, Metrics, failure_reason, request_id_from
 from apis.transport.dispatch import timed_out_reply, worker_died_reply
 from apis.transport.worker_loop import run_batch

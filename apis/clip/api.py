@@ -6,8 +6,6 @@ from __future__ import annotations
 from collections.abc import Hashable
 from dataclasses import dataclass
 
-import torch
-
 from apis.clip.schemas import (
     ClipClassifyRequest,
     ClipClassifyResponse,
@@ -21,7 +19,6 @@ from apis.clip.schemas import (
     ClipTextRequest,
     ClipTextResponse,
 )
-from apis.core.dense import CLIP_MEAN, CLIP_STD, Geometry, plan, preprocess, respond, upsample_grid
 from apis.core.lazy import lazy_module
 from apis.core.registry import Key, canonical
 from apis.core.settings import ModelEntry
@@ -30,6 +27,8 @@ from apis.embed import EmbedRoute, check_count, openai_answer
 from apis.family import FamilyAPI, Job, Route
 
 model = lazy_module("apis.clip.model")  # the library loads in the worker (apis/core/lazy.py)
+dense = lazy_module("apis.core.dense")  # torch too: worker only
+torch = lazy_module("torch")
 
 
 def clip_key(name: str | None, pretrained: str | None) -> Key:
@@ -43,7 +42,7 @@ class DenseInput:
     """A dense request's image, normalised and padded, and where its patches land."""
 
     x: torch.Tensor  # (1, 3, Hp, Wp)
-    geom: Geometry
+    geom: dense.Geometry
 
 
 class _DenseRoute(Route):
@@ -60,11 +59,17 @@ class _DenseRoute(Route):
 
     def decode_request(self, cm: model.ClipModel, job: Job) -> DenseInput:
         p = job.params
-        geom = plan(
+        geom = dense.plan(
             job.image.size, p, cm.patch_size, cm.patch_size, self.channels(cm, p), self.api.cfg.limits
         )
-        x = preprocess(
-            job.image, p["load_size"], p["center_crop"], cm.patch_size, p["padding_mode"], CLIP_MEAN, CLIP_STD
+        x = dense.preprocess(
+            job.image,
+            p["load_size"],
+            p["center_crop"],
+            cm.patch_size,
+            p["padding_mode"],
+            dense.CLIP_MEAN,
+            dense.CLIP_STD,
         )
         return DenseInput(x, geom)
 
@@ -85,7 +90,7 @@ class Extract(_DenseRoute):
         return 3 if params["ret_pca"] else cm.embed_dim
 
     def encode_response(self, cm: model.ClipModel, job: Job, item: DenseInput, feats: torch.Tensor) -> dict:
-        return respond(feats, item.geom, job.params, job.model_id)
+        return dense.respond(feats, item.geom, job.params, job.model_id)
 
 
 class Similarity(_DenseRoute):
@@ -103,7 +108,7 @@ class Similarity(_DenseRoute):
         else:
             sim = model.similarity(feats, text[0], p["similarity"])
         if not p["ret_patches"]:
-            sim = upsample_grid(sim[..., None], item.geom, p["interpolation_mode"])[..., 0]
+            sim = dense.upsample_grid(sim[..., None], item.geom, p["interpolation_mode"])[..., 0]
         if p["softmax"] > 0 and not negatives:
             sim = model.spatial_softmax(sim, p["softmax"])
         arr = sim.to(torch.float32).numpy()

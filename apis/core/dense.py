@@ -8,7 +8,7 @@ is computed) and :func:`respond` (PCA, upsampling, layout and encoding of the pa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -16,16 +16,12 @@ from PIL import Image
 
 from apis.core.errors import APIError
 from apis.core.settings import Limits
-from apis.core.tensors import check_response_size, tensor_answer
+from apis.core.tensors import InterpolationMode, PaddingMode, TensorFormat, check_response_size, tensor_answer
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-PaddingMode = Literal["constant", "reflect", "replicate", "circular"]
-InterpolationMode = Literal["nearest", "nearest-exact", "bilinear", "bicubic", "area"]
-TensorFormat = Literal["HWC", "CHW"]
 
 
 def resized_size(width: int, height: int, load_size: int | None) -> tuple[int, int]:

@@ -1,29 +1,36 @@
 """Modules imported on first use.
 
 The HTTP process builds every served family's routes and request models but never runs a model.
-The model modules import their libraries (open_clip, timm, sam2, sam3, onnxruntime and, through
-them, torchvision and ``torch._dynamo``): seconds of start-up and hundreds of MB that only the
-workers use. A family's API module therefore takes its model module through :func:`lazy_module`;
-the first attribute read (in the worker, from ``setup``) runs the real import.
+torch and the model modules (open_clip, timm, sam2, sam3, onnxruntime and, through them,
+torchvision and ``torch._dynamo``) cost seconds of start-up and hundreds of MB that only the
+workers use. A module that the HTTP process imports therefore takes them through
+:func:`lazy_module`; the first attribute read (in the worker, from ``setup`` on) runs the real
+import.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import sys
 from types import ModuleType
+from typing import Any
+
+
+class _Deferred(ModuleType):
+    """Stands for a module until an attribute is read. It is NOT entered in ``sys.modules``
+    (unlike the standard library's ``LazyLoader``): torch's own import walks ``sys.modules``
+    (``inspect.getmodule``), which would run a half-imported module's code from inside torch's."""
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(importlib.import_module(self.__name__), attr)
 
 
 def lazy_module(name: str) -> ModuleType:
-    """``name`` as a module whose code runs on its first attribute access (the standard
-    library's :class:`importlib.util.LazyLoader`); the module itself if it is already imported."""
+    """``name`` as a module whose code runs on its first attribute access; the module itself if
+    it is already imported. A name that cannot be found fails here, at once."""
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.find_spec(name)
-    if spec is None or spec.loader is None:
+    if importlib.util.find_spec(name) is None:
         raise ModuleNotFoundError(f"no module named {name!r}", name=name)
-    spec.loader = importlib.util.LazyLoader(spec.loader)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return _Deferred(name)

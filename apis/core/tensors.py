@@ -21,6 +21,9 @@ from apis.core.replies import Reply, non_finite
 
 OutputDType = Literal["float32", "float16"]
 ResponseFormat = Literal["json", "npy"]
+PaddingMode = Literal["constant", "reflect", "replicate", "circular"]
+InterpolationMode = Literal["nearest", "nearest-exact", "bilinear", "bicubic", "area"]
+TensorFormat = Literal["HWC", "CHW"]
 _BITS = {"float32": 32, "float16": 16, "packbits": 1}  # per value on the wire, before base64
 
 

@@ -6,10 +6,6 @@ from __future__ import annotations
 from collections.abc import Hashable
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
-
-from apis.core.dense import IMAGENET_MEAN, IMAGENET_STD, Geometry, plan, preprocess, respond
 from apis.core.errors import APIError
 from apis.core.lazy import lazy_module
 from apis.core.settings import ModelEntry
@@ -26,6 +22,8 @@ from apis.embed import EmbedRoute, check_count, openai_answer
 from apis.family import FamilyAPI, Job, Route
 
 model = lazy_module("apis.dino.model")  # the library loads in the worker (apis/core/lazy.py)
+dense = lazy_module("apis.core.dense")  # torch too: worker only
+torch = lazy_module("torch")
 
 
 @dataclass
@@ -34,7 +32,7 @@ class DenseInput:
     forward it asks for."""
 
     x: torch.Tensor  # (1, 3, Hp, Wp)
-    geom: Geometry
+    geom: dense.Geometry
     stride: int
     layer: int  # 0..depth-1
     facet: Facet
@@ -66,9 +64,15 @@ class Extract(Route):
                 param="layer",
             )
         channels = 3 if p["ret_pca"] else dm.embed_dim * (model.BIN_CELLS if p["bin"] else 1)
-        geom = plan(job.image.size, p, patch, stride, channels, self.api.cfg.limits)
-        x = preprocess(
-            job.image, p["load_size"], False, patch, p["padding_mode"], IMAGENET_MEAN, IMAGENET_STD
+        geom = dense.plan(job.image.size, p, patch, stride, channels, self.api.cfg.limits)
+        x = dense.preprocess(
+            job.image,
+            p["load_size"],
+            False,
+            patch,
+            p["padding_mode"],
+            dense.IMAGENET_MEAN,
+            dense.IMAGENET_STD,
         )
         return DenseInput(x, geom, stride, p["layer"] % dm.depth, p["facet"], p["bin"])
 
@@ -84,7 +88,7 @@ class Extract(Route):
         return (model.log_bin(feats) if first.bin else feats).cpu()
 
     def encode_response(self, dm: model.DinoModel, job: Job, item: DenseInput, feats: torch.Tensor) -> dict:
-        return respond(feats, item.geom, job.params, job.model_id)
+        return dense.respond(feats, item.geom, job.params, job.model_id)
 
 
 class Embed(EmbedRoute):
@@ -113,7 +117,7 @@ class Embed(EmbedRoute):
         p = job.params
         emb = pooled[:, POOLINGS.index(p["pooling"])]
         if p["normalize"]:
-            emb = F.normalize(emb, dim=-1)
+            emb = torch.nn.functional.normalize(emb, dim=-1)
         if p["openai"] is not None:
             return openai_answer(job, emb, emb[:0], dm.image_tokens, [])
         data, shape = encode_array(emb.numpy(), p["output_dtype"])

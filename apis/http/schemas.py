@@ -9,8 +9,7 @@ from typing import Any, ClassVar
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic.fields import FieldInfo
 
-from apis.core.dense import InterpolationMode, PaddingMode, TensorFormat
-from apis.core.tensors import OutputDType, ResponseFormat
+from apis.core.tensors import InterpolationMode, OutputDType, PaddingMode, ResponseFormat, TensorFormat
 from apis.http.inputs import ImageInput
 
 

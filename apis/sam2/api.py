@@ -19,7 +19,6 @@ from apis.core.errors import APIError
 from apis.core.image_ids import not_cached
 from apis.core.images import decode_image
 from apis.core.lazy import lazy_module
-from apis.core.masks import coco_rle, png_base64
 from apis.core.settings import ModelEntry
 from apis.core.tensors import base64_len, check_answer_bytes, check_response_size, encode_array, human_bytes
 from apis.family import FamilyAPI, Job, Route
@@ -40,6 +39,7 @@ from apis.sam2.schemas import (
 from apis.video_sessions import VIDEO_ROUTES, ServesVideo
 
 model = lazy_module("apis.sam2.model")  # the library loads in the worker (apis/core/lazy.py)
+mask_codec = lazy_module("apis.core.masks")  # cv2, pycocotools: worker only
 video = lazy_module("apis.sam2.video")
 
 
@@ -61,7 +61,7 @@ def encode_binary(mask: np.ndarray, encoding: MaskEncoding) -> str:
         return encode_array(mask)[0]
     if encoding == "packbits":
         return pybase64.b64encode_as_string(np.packbits(mask.astype(bool, copy=False).ravel()))
-    return png_base64(mask)
+    return mask_codec.png_base64(mask)
 
 
 def _binary_size(h: int, w: int, encoding: MaskEncoding) -> int:
@@ -209,7 +209,7 @@ class PromptMask(_EncodesImages):
         encoding = p["mask_encoding"]
         out: dict[str, Any] = {}
         if encoding == "coco_rle":
-            out["masks"] = [coco_rle(m) for m in masks]
+            out["masks"] = [mask_codec.coco_rle(m) for m in masks]
             size = sum(len(r["counts"]) for r in out["masks"])
             check_answer_bytes(
                 size,
