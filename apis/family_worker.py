@@ -46,9 +46,10 @@ class FamilyWorker:
     log_level: str
     stats: Any
     max_batch_size: int
-    #: glibc keeps freed memory for the next request (apis/core/process.py): for families whose
-    #: requests measurably gain from it (docs/benchmarks.md, Allocator), as it costs RSS
-    reuses_freed_memory: ClassVar[bool] = True
+    #: glibc keeps freed memory for the next request (apis/core/process.py): only for families
+    #: whose requests measurably gain from it, as the worker then keeps its largest request's
+    #: memory (docs/benchmarks.md, Allocator: SAM 3 1.35x; CLIP, DINO, SAM 2 within 2 %)
+    reuses_freed_memory: ClassVar[bool] = False
 
     def setup(self, device: str) -> None:
         die_with_parent()
