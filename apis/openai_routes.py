@@ -25,7 +25,8 @@ from pydantic import BaseModel, Field, field_validator
 from apis.config import ServerConfig
 from apis.core.errors import APIError, error_body
 from apis.core.images import probe_image
-from apis.embed import EmbedRoute, check_count, read_image
+from apis.embed import check_count, read_image
+from apis.families import FAMILIES
 from apis.family import FamilyAPI, Job
 from apis.http.errors import ERROR_RESPONSES, _validation_message
 from apis.http.inputs import fetch_url
@@ -144,14 +145,14 @@ def image_input(item: str, cfg: ServerConfig, param: str) -> bytes | None:
 
 
 class OpenAIEmbeddings:
-    """The /v1 routes over the families that serve embeddings."""
+    """The /v1 routes over the families registered with ``embeddings`` (apis/families.py)."""
 
     def __init__(self, cfg: ServerConfig, apis: Sequence[FamilyAPI]):
         self.cfg = cfg
         self.created = int(time.time())
         self.models: dict[str, tuple[FamilyAPI, str]] = {}
         for api in apis:
-            if isinstance(api.handlers.get("embed"), EmbedRoute):
+            if FAMILIES[api.family].embeddings:
                 for entry in api.registry.entries:
                     model_id = api.registry.id_of(entry)
                     self.models.setdefault(_spelling(model_id), (api, model_id))
