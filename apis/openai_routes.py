@@ -23,14 +23,14 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field, field_validator
 
 from apis.config import ServerConfig
-from apis.core.errors import APIError, error_body
+from apis.core.errors import APIError
 from apis.core.images import probe_image
 from apis.embed import check_count, read_image
 from apis.families import FAMILIES
 from apis.family import FamilyAPI, Job
-from apis.http.errors import ERROR_RESPONSES, _validation_message
+from apis.http.errors import ERROR_RESPONSES, validation_message
 from apis.http.inputs import fetch_url
-from apis.http.responses import reply_response
+from apis.http.responses import error_response, reply_response
 from apis.http.routing import JsonBodyRoute
 from apis.http.schemas import StrictRequest, is_blank
 
@@ -125,8 +125,8 @@ class OpenAIRoute(JsonBodyRoute):
             try:
                 return await handler(request)
             except RequestValidationError as e:
-                message, param = _validation_message(e)
-                return JSONResponse(error_body(400, message, param=param), status_code=400)
+                message, param = validation_message(e)
+                return _openai_error(APIError(400, message, param=param))
 
         return openai_handler
 
@@ -268,11 +268,10 @@ def _spelling(model_id: str) -> str:
     return model_id.strip().lower().replace("_", "-")
 
 
-def _openai_error(e: APIError) -> JSONResponse:
-    body = e.body()
-    if e.status < 500 and e.status != 401:
-        body["error"]["type"] = "invalid_request_error"  # OpenAI's type for every request fault
-    return JSONResponse(body, status_code=e.status)
+def _openai_error(e: APIError) -> Response:
+    if e.status < 500 and e.status != 401:  # OpenAI's type for every request fault
+        e = APIError(e.status, e.message, param=e.param, code=e.code, type="invalid_request_error")
+    return error_response(e)
 
 
 def install_openai_routes(app: FastAPI, cfg: ServerConfig, apis: Sequence[FamilyAPI]) -> None:

@@ -143,7 +143,7 @@ def _declare_bearer_auth(app: FastAPI, is_open: Callable[[str], bool]) -> None:
 
 def _add_observability_routes(server: VisionServer, metrics: Metrics, unavailable: dict[str, str]) -> None:
     """``/metrics``; ``/health`` naming the families left out; and, for each of those, its
-    routes answering 503 with the reason (not 404, which would hide why)."""
+    routes answering 501 with the reason (not 404, which would hide why)."""
 
     @server.app.get("/metrics", summary="Prometheus metrics (text exposition format).")
     async def metrics_route(_: Request) -> Response:
@@ -176,7 +176,7 @@ def _add_observability_routes(server: VisionServer, metrics: Metrics, unavailabl
 
 
 def _unavailable_endpoints(name: str, reason: str):
-    """``/<family>/health`` and the routes of a family left out: 503 with the reason."""
+    """``/<family>/health`` (503) and the routes (501) of a family left out, with the reason."""
     body = {"status": "unavailable", "family": name, "reason": reason}
     error = APIError(501, f"{name} is not served by this server: {reason}", code="family_unavailable")
 

@@ -12,11 +12,10 @@ broken chunks) with a JSON 400.
 from __future__ import annotations
 
 import http
-import json
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from apis.core.errors import error_body
+from apis.core.errors import APIError
 from apis.core.settings import Limits
 
 #: The uvicorn release whose HttpToolsProtocol this module was checked against: the callbacks it
@@ -93,7 +92,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             "malformed HTTP request (request line, headers, method or body framing); send valid HTTP/1.1",
         )
         self._refusal = None
-        payload = json.dumps(error_body(status, message, code="bad_http_request")).encode()
+        payload = APIError(status, message, code="bad_http_request").render()
         head = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n".encode()]
         head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
         head += [
