@@ -57,7 +57,7 @@ LITSERVE_VERSION = "0.2.19"
 class VisionServer(ls.LitServer):
     """LitServer that places and restarts the workers and leaves the requests to our transport."""
 
-    http_protocol: type | None = None  # uvicorn's protocol class (apis/http/protocol.py)
+    http_protocol: type | None = None  # uvicorn's protocol class (apis/uvicorn_internals.py)
     on_start: Any = None  # async callable run on the HTTP server's event loop before serving
     worker_env: dict[str, str] = {}
 

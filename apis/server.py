@@ -21,10 +21,10 @@ from apis.http.errors import install_error_handlers
 from apis.http.metrics import Metrics, MetricsListener, RequestContext
 from apis.http.middleware import BearerAuth, BodyLimit
 from apis.http.playground import install_playground, is_playground
-from apis.http.protocol import http_protocol
 from apis.http.responses import error_response
 from apis.litserve_internals import VisionServer, listen_socket
 from apis.openai_routes import install_openai_routes
+from apis.uvicorn_internals import http_protocol
 
 log = logging.getLogger("visionserve")
 

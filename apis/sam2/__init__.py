@@ -8,9 +8,9 @@ from apis.sam2.settings import Sam2Family
 
 
 def download(entry: ModelEntry) -> list[str]:
-    from sam2.build_sam import _hf_download
+    from apis.sam2.internals import hf_download
 
-    return [_hf_download(hub_repo(entry))[1]]
+    return [hf_download(hub_repo(entry))]
 
 
 def hub_repo(entry: ModelEntry) -> str:
