@@ -53,7 +53,7 @@ def register_family(
     embeddings: bool = False,
 ) -> FamilyEntry:
     """Add the family served under ``/<name>/...`` and configured by the ``<name>:`` section;
-    ``embeddings``: its API has an ``embed`` route (apis/embed.py's EmbedRoute) that
+    ``embeddings``: its API has an ``embed`` route (apis/vectors.py's VectorsRoute) that
     ``/v1/embeddings`` sends its models' requests to."""
     entry = FamilyEntry(settings, api, download, hub_repo, embeddings)
     if FAMILIES.get(name, entry) != entry:

@@ -1,7 +1,7 @@
 """What every model family shares: one LitAPI per family serving several routes through one queue.
 
 A family's routes (``/clip/extract``, ``/clip/encode_text``, ...) are endpoints of one
-:class:`FamilySpec`, so one worker process holds ONE copy of each model however many routes
+:class:`FamilyEndpoints`, so one worker process holds ONE copy of each model however many routes
 use it. Work is split where it is cheapest to refuse bad input:
 
 * HTTP process (:meth:`FamilyAPI.job_for`): pydantic validation, model lookup, reading the
@@ -47,7 +47,7 @@ from apis.core.weights import hub_file, is_hf_uri
 from apis.http import metrics
 from apis.http.inputs import IMAGE_FIELDS, ImageInput, read_image_bytes
 from apis.http.responses import error_response, reply_response
-from apis.litserve_internals import FamilySpecBase, WorkerLoop
+from apis.litserve_internals import FamilyEndpointsBase, WorkerLoop
 from apis.transport.dispatch import Dispatcher
 
 log = logging.getLogger("visionserve")
@@ -124,7 +124,7 @@ class Job:
     image_id: str | None = None
 
 
-class FamilySpec(FamilySpecBase):
+class FamilyEndpoints(FamilyEndpointsBase):
     """Registers a family's POST routes and its ``GET /<family>/health``; requests go to the
     family's workers through its :class:`~apis.transport.dispatch.Dispatcher`."""
 
@@ -279,7 +279,7 @@ class FamilyAPI(ls.LitAPI):
         super().__init__(
             max_batch_size=fam.max_batch_size,
             batch_timeout=fam.batch_timeout,
-            spec=FamilySpec(self),
+            spec=FamilyEndpoints(self),
             loop=WorkerLoop(),
         )
         self.cfg = cfg

@@ -168,8 +168,10 @@ class VisionServer(ls.LitServer):
         ]
 
 
-class FamilySpecBase(LitSpec):
-    """LitServe's spec hooks for a family: routes registered by the server, per-family readiness."""
+class FamilyEndpointsBase(LitSpec):
+    """The base of a family's endpoints. LitServe adds endpoints only through a "spec"
+    (``LitSpec``), so this is one in LitServe's terms: routes registered by the server,
+    per-family readiness."""
 
     def __init__(self, family: str):
         super().__init__()

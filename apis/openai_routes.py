@@ -1,7 +1,7 @@
 """OpenAI-compatible ``POST /v1/embeddings`` and ``GET /v1/models`` over the CLIP and DINO models.
 
 The HTTP side only validates, finds the model and reads images; the work is a ``/<family>/embed``
-job (apis/embed.py) sent to that family's workers, so it is batched with the family's other
+job (apis/vectors.py) sent to that family's workers, so it is batched with the family's other
 requests and the worker renders OpenAI's answer. Errors keep OpenAI's shape (the project's
 own), with two OpenAI habits: an invalid body is a 400 (not FastAPI's 422), and an unknown
 model a 404 with code ``model_not_found``.
@@ -25,7 +25,6 @@ from pydantic import BaseModel, Field, field_validator
 from apis.config import ServerConfig
 from apis.core.errors import APIError
 from apis.core.images import probe_image
-from apis.embed import check_count, read_image
 from apis.families import FAMILIES
 from apis.family import FamilyAPI, Job
 from apis.http.errors import ERROR_RESPONSES, validation_message
@@ -33,6 +32,7 @@ from apis.http.inputs import fetch_url
 from apis.http.responses import error_response, reply_response
 from apis.http.routing import JsonBodyRoute
 from apis.http.schemas import StrictRequest, is_blank
+from apis.vectors import check_count, read_image
 
 _DATA_URI = re.compile(r"data:image/[\w.+-]+;base64,")
 _BASE64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")

@@ -32,7 +32,7 @@ _DOC_PATHS = {"/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"}
 
 
 @dataclass
-class Options:
+class CommandLine:
     """Process-level choices from the command line (the YAML holds the model-level ones)."""
 
     accelerator: str = "auto"
@@ -53,7 +53,7 @@ def close_dispatchers(server: VisionServer) -> None:
             api.spec.dispatcher.close()
 
 
-def build_server(cfg: ServerConfig, opts: Options) -> VisionServer:
+def build_server(cfg: ServerConfig, opts: CommandLine) -> VisionServer:
     families = cfg.families()
     if not families:
         raise ValueError("no model family is enabled: configure at least one (see configs/demo.yaml)")
@@ -190,7 +190,7 @@ def _unavailable_endpoints(name: str, reason: str):
 
 
 def _replace_info_route(
-    server: VisionServer, cfg: ServerConfig, opts: Options, apis: list[FamilyAPI]
+    server: VisionServer, cfg: ServerConfig, opts: CommandLine, apis: list[FamilyAPI]
 ) -> None:
     server.app.router.routes = [r for r in server.app.router.routes if getattr(r, "path", None) != "/info"]
 
@@ -200,7 +200,7 @@ def _replace_info_route(
         return JSONResponse(describe(cfg, opts, apis, server.devices, stats))
 
 
-def describe(cfg: ServerConfig, opts: Options, apis: list[FamilyAPI], devices, stats: dict) -> dict:
+def describe(cfg: ServerConfig, opts: CommandLine, apis: list[FamilyAPI], devices, stats: dict) -> dict:
     families = {}
     for api in apis:
         workers = sorted((v for v in stats.values() if v["family"] == api.family), key=lambda v: v["worker"])
