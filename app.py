@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     from apis.core.process import reuse_freed_memory
     from apis.core.settings import CachedFamily
     from apis.http.drain import install_sigterm_drain
-    from apis.server import Options, build_server, close_dispatchers, random_weight_models
+    from apis.server import CommandLine, build_server, close_dispatchers, random_weight_models
 
     configure_logging(args.log_level, args.log_format)
     # the HTTP process moves multi-MB bodies and answers too
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-    opts = Options(
+    opts = CommandLine(
         accelerator=args.accelerator,
         devices=parse_devices(args.devices),
         workers_per_device=args.workers_per_device,

@@ -1,10 +1,9 @@
-"""Each family's weights on this machine, before any worker starts: the library's own download
-(open_clip, timm, sam2, sam3 through the Hugging Face hub) or an ``hf://`` file, and errors that
-say what to do (a gated repo, a missing token, offline without the files)."""
+"""Each family's weights on this machine, before any worker starts: the download its registration
+names (apis/families.py: open_clip, timm, sam2, sam3 through the Hugging Face hub) or an
+``hf://`` file, and errors that say what to do (a gated repo, a missing token, offline without the files)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from apis.core.settings import Family, ModelEntry
@@ -18,6 +17,7 @@ from apis.core.weights import (
     is_hf_uri,
     parse_hf_uri,
 )
+from apis.families import FAMILIES
 
 
 def fetch(family: str, entry: ModelEntry) -> list[str]:
@@ -35,7 +35,7 @@ def fetch(family: str, entry: ModelEntry) -> list[str]:
                     "machine; fix the path in the config, or name a hub file as hf://<org>/<repo>/<file>"
                 )
             return [entry.weights]
-        return _LIBRARY_DOWNLOADS[family](entry)
+        return FAMILIES[family].download(entry)
     except WeightsUnavailable:
         raise
     except Exception as e:
@@ -47,71 +47,6 @@ def fetch(family: str, entry: ModelEntry) -> list[str]:
 
 def fetch_family(family: str, fam: Family) -> list[str]:
     return [path for entry in fam.models for path in fetch(family, entry)]
-
-
-# ----------------------------------------------------------------------------- each library's download
-
-
-def _clip(entry: ModelEntry) -> list[str]:
-    import open_clip
-    from huggingface_hub import hf_hub_download
-    from open_clip.pretrained import download_pretrained, download_pretrained_from_hf
-
-    if entry.name.startswith("hf-hub:"):  # open_clip reads the architecture from the repo too
-        repo = entry.name.removeprefix("hf-hub:")
-        return [hf_hub_download(repo, "open_clip_config.json"), download_pretrained_from_hf(repo)]
-    cfg = open_clip.get_pretrained_cfg(entry.name, entry.pretrained)
-    if not cfg:
-        raise WeightsUnavailable(
-            f"clip model {entry.name}: open_clip has no pretrained weights '{entry.pretrained}' for it "
-            "(open_clip.list_pretrained() lists them); or give `weights`: a local file or hf://<org>/<repo>/<file>"
-        )
-    return [download_pretrained(cfg)]
-
-
-def _dino(entry: ModelEntry) -> list[str]:
-    """timm's order: ``model.safetensors``, else ``pytorch_model.bin`` (``load_state_dict_from_hf``)."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-    from timm.models import get_pretrained_cfg
-
-    from apis.dino.model import architecture
-
-    name, _ = architecture(entry)
-    cfg = get_pretrained_cfg(name)
-    if cfg is None or not cfg.hf_hub_id:
-        raise WeightsUnavailable(f"dino model {entry.name}: timm has no hub weights for {name}")
-    repo = cfg.hf_hub_id
-    if cfg.hf_hub_filename:
-        return [hf_hub_download(repo, cfg.hf_hub_filename)]
-    try:
-        return [hf_hub_download(repo, "model.safetensors")]
-    except EntryNotFoundError:  # not on the hub, or offline and not cached: timm then reads this
-        return [hf_hub_download(repo, "pytorch_model.bin")]
-
-
-def _sam2(entry: ModelEntry) -> list[str]:
-    from sam2.build_sam import _hf_download
-
-    from apis.sam2.model import hf_repo
-
-    return [_hf_download(hf_repo(entry))[1]]
-
-
-def _sam3(entry: ModelEntry) -> list[str]:
-    from sam3.model_builder import download_ckpt_from_hf
-
-    return [download_ckpt_from_hf()]
-
-
-def _rmbg(entry: ModelEntry) -> list[str]:
-    raise WeightsUnavailable(
-        f"rmbg model {entry.name}: give `weights`: hf://briaai/RMBG-2.0/onnx/model.onnx (or RMBG-1.4), "
-        "or the path of a local .onnx file"
-    )
-
-
-_LIBRARY_DOWNLOADS = {"clip": _clip, "dino": _dino, "sam2": _sam2, "sam3": _sam3, "rmbg": _rmbg}
 
 
 # ----------------------------------------------------------------------------- errors in words
@@ -130,29 +65,10 @@ def expected_repo(family: str, entry: ModelEntry) -> str | None:
     try:
         if is_hf_uri(entry.weights):
             return parse_hf_uri(entry.weights).repo
-        if family == "clip":
-            import open_clip
-
-            if entry.name.startswith("hf-hub:"):
-                return entry.name.removeprefix("hf-hub:")
-            # 'org/repo/' or 'org/repo/file', split as open_clip's download_pretrained splits it
-            hub = open_clip.get_pretrained_cfg(entry.name, entry.pretrained).get("hf_hub", "")
-            return os.path.split(hub)[0] or None
-        if family == "dino":
-            from timm.models import get_pretrained_cfg
-
-            from apis.dino.model import architecture
-
-            return get_pretrained_cfg(architecture(entry)[0]).hf_hub_id
-        if family == "sam2":
-            from apis.sam2.model import hf_repo
-
-            return hf_repo(entry)
-        if family == "sam3":
-            return "facebook/sam3"
+        hub_repo = FAMILIES[family].hub_repo
+        return hub_repo(entry) if hub_repo else None
     except Exception:
         return None
-    return None
 
 
 def _where(err: BaseException, family: str, entry: ModelEntry) -> HubFile | None:

@@ -1,7 +1,7 @@
 """What every model family shares: one LitAPI per family serving several routes through one queue.
 
 A family's routes (``/clip/extract``, ``/clip/encode_text``, ...) are endpoints of one
-:class:`~apis.family_http.FamilySpec`, so one worker process holds ONE copy of each model however
+:class:`~apis.family_http.FamilyEndpoints`, so one worker process holds ONE copy of each model however
 many routes use it. The LitAPI object lives in both processes (LitServe pickles it into each
 worker); its code is split by where it runs, where it is cheapest to refuse bad input:
 
@@ -24,7 +24,7 @@ from pydantic import BaseModel
 
 from apis.config import ServerConfig
 from apis.core.registry import Key, ModelRegistry, canonical
-from apis.family_http import FamilyFront, FamilySpec
+from apis.family_http import FamilyEndpoints, FamilyFront
 from apis.family_worker import FamilyWorker
 from apis.litserve_internals import WorkerLoop
 from apis.route import Job, Route
@@ -47,7 +47,7 @@ class FamilyAPI(FamilyFront, FamilyWorker, ls.LitAPI):
         super().__init__(
             max_batch_size=fam.max_batch_size,
             batch_timeout=fam.batch_timeout,
-            spec=FamilySpec(self),
+            spec=FamilyEndpoints(self),
             loop=WorkerLoop(),
         )
         self.cfg = cfg

@@ -26,7 +26,7 @@ from apis.core.replies import Reply
 from apis.http import metrics
 from apis.http.inputs import IMAGE_FIELDS, ImageInput, read_image_bytes
 from apis.http.responses import error_response, reply_response
-from apis.litserve_internals import FamilySpecBase
+from apis.litserve_internals import FamilyEndpointsBase
 from apis.route import Job, Route
 from apis.transport.dispatch import Dispatcher
 
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 READ_THREADS = 8
 
 
-class FamilySpec(FamilySpecBase):
+class FamilyEndpoints(FamilyEndpointsBase):
     """Registers a family's POST routes and its ``GET /<family>/health``; requests go to the
     family's workers through its :class:`~apis.transport.dispatch.Dispatcher`."""
 

@@ -62,7 +62,7 @@ LITSERVE_VERSION = "0.2.19"
 class VisionServer(ls.LitServer):
     """LitServer that places and restarts the workers and leaves the requests to our transport."""
 
-    http_protocol: type | None = None  # uvicorn's protocol class (apis/http/protocol.py)
+    http_protocol: type | None = None  # uvicorn's protocol class (apis/uvicorn_internals.py)
     on_start: Any = None  # async callable run on the HTTP server's event loop before serving
     worker_env: dict[str, str] = {}
 
@@ -179,8 +179,10 @@ class VisionServer(ls.LitServer):
         ]
 
 
-class FamilySpecBase(LitSpec):
-    """LitServe's spec hooks for a family: routes registered by the server, per-family readiness."""
+class FamilyEndpointsBase(LitSpec):
+    """The base of a family's endpoints. LitServe adds endpoints only through a "spec"
+    (``LitSpec``), so this is one in LitServe's terms: routes registered by the server,
+    per-family readiness."""
 
     def __init__(self, family: str):
         super().__init__()

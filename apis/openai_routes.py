@@ -1,7 +1,7 @@
 """OpenAI-compatible ``POST /v1/embeddings`` and ``GET /v1/models`` over the CLIP and DINO models.
 
 The HTTP side only validates, finds the model and reads images; the work is a ``/<family>/embed``
-job (apis/embed.py) sent to that family's workers, so it is batched with the family's other
+job (apis/vectors.py) sent to that family's workers, so it is batched with the family's other
 requests and the worker renders OpenAI's answer. Errors keep OpenAI's shape (the project's
 own), with two OpenAI habits: an invalid body is a 400 (not FastAPI's 422), and an unknown
 model a 404 with code ``model_not_found``.
@@ -23,15 +23,16 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field, field_validator
 
 from apis.config import ServerConfig
-from apis.core.errors import APIError, error_body
+from apis.core.errors import APIError
 from apis.core.images import probe_image
-from apis.embed import EmbedRoute, check_count, read_image
+from apis.families import FAMILIES
 from apis.family import FamilyAPI, Job
-from apis.http.errors import ERROR_RESPONSES, _validation_message
+from apis.http.errors import ERROR_RESPONSES, validation_message
 from apis.http.inputs import fetch_url
-from apis.http.responses import reply_response
+from apis.http.responses import error_response, reply_response
 from apis.http.routing import JsonBodyRoute
 from apis.http.schemas import StrictRequest, is_blank
+from apis.vectors import check_count, read_image
 
 _DATA_URI = re.compile(r"data:image/[\w.+-]+;base64,")
 _BASE64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
@@ -124,8 +125,8 @@ class OpenAIRoute(JsonBodyRoute):
             try:
                 return await handler(request)
             except RequestValidationError as e:
-                message, param = _validation_message(e)
-                return JSONResponse(error_body(400, message, param=param), status_code=400)
+                message, param = validation_message(e)
+                return _openai_error(APIError(400, message, param=param))
 
         return openai_handler
 
@@ -144,14 +145,14 @@ def image_input(item: str, cfg: ServerConfig, param: str) -> bytes | None:
 
 
 class OpenAIEmbeddings:
-    """The /v1 routes over the families that serve embeddings."""
+    """The /v1 routes over the families registered with ``embeddings`` (apis/families.py)."""
 
     def __init__(self, cfg: ServerConfig, apis: Sequence[FamilyAPI]):
         self.cfg = cfg
         self.created = int(time.time())
         self.models: dict[str, tuple[FamilyAPI, str]] = {}
         for api in apis:
-            if isinstance(api.handlers.get("embed"), EmbedRoute):
+            if FAMILIES[api.family].embeddings:
                 for entry in api.registry.entries:
                     model_id = api.registry.id_of(entry)
                     self.models.setdefault(_spelling(model_id), (api, model_id))
@@ -267,11 +268,10 @@ def _spelling(model_id: str) -> str:
     return model_id.strip().lower().replace("_", "-")
 
 
-def _openai_error(e: APIError) -> JSONResponse:
-    body = e.body()
-    if e.status < 500 and e.status != 401:
-        body["error"]["type"] = "invalid_request_error"  # OpenAI's type for every request fault
-    return JSONResponse(body, status_code=e.status)
+def _openai_error(e: APIError) -> Response:
+    if e.status < 500 and e.status != 401:  # OpenAI's type for every request fault
+        e = APIError(e.status, e.message, param=e.param, code=e.code, type="invalid_request_error")
+    return error_response(e)
 
 
 def install_openai_routes(app: FastAPI, cfg: ServerConfig, apis: Sequence[FamilyAPI]) -> None:

@@ -21,10 +21,10 @@ from apis.http.errors import install_error_handlers
 from apis.http.metrics import Metrics, MetricsListener, RequestContext
 from apis.http.middleware import BearerAuth, BodyLimit
 from apis.http.playground import install_playground, is_playground
-from apis.http.protocol import http_protocol
 from apis.http.responses import error_response
 from apis.litserve_internals import VisionServer, listen_socket
 from apis.openai_routes import install_openai_routes
+from apis.uvicorn_internals import http_protocol
 
 log = logging.getLogger("visionserve")
 
@@ -32,7 +32,7 @@ _DOC_PATHS = {"/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"}
 
 
 @dataclass
-class Options:
+class CommandLine:
     """Process-level choices from the command line (the YAML holds the model-level ones)."""
 
     accelerator: str = "auto"
@@ -53,7 +53,7 @@ def close_dispatchers(server: VisionServer) -> None:
             api.spec.dispatcher.close()
 
 
-def build_server(cfg: ServerConfig, opts: Options) -> VisionServer:
+def build_server(cfg: ServerConfig, opts: CommandLine) -> VisionServer:
     families = cfg.families()
     if not families:
         raise ValueError("no model family is enabled: configure at least one (see configs/demo.yaml)")
@@ -143,7 +143,7 @@ def _declare_bearer_auth(app: FastAPI, is_open: Callable[[str], bool]) -> None:
 
 def _add_observability_routes(server: VisionServer, metrics: Metrics, unavailable: dict[str, str]) -> None:
     """``/metrics``; ``/health`` naming the families left out; and, for each of those, its
-    routes answering 503 with the reason (not 404, which would hide why)."""
+    routes answering 501 with the reason (not 404, which would hide why)."""
 
     @server.app.get("/metrics", summary="Prometheus metrics (text exposition format).")
     async def metrics_route(_: Request) -> Response:
@@ -176,7 +176,7 @@ def _add_observability_routes(server: VisionServer, metrics: Metrics, unavailabl
 
 
 def _unavailable_endpoints(name: str, reason: str):
-    """``/<family>/health`` and the routes of a family left out: 503 with the reason."""
+    """``/<family>/health`` (503) and the routes (501) of a family left out, with the reason."""
     body = {"status": "unavailable", "family": name, "reason": reason}
     error = APIError(501, f"{name} is not served by this server: {reason}", code="family_unavailable")
 
@@ -190,7 +190,7 @@ def _unavailable_endpoints(name: str, reason: str):
 
 
 def _replace_info_route(
-    server: VisionServer, cfg: ServerConfig, opts: Options, apis: list[FamilyAPI]
+    server: VisionServer, cfg: ServerConfig, opts: CommandLine, apis: list[FamilyAPI]
 ) -> None:
     server.app.router.routes = [r for r in server.app.router.routes if getattr(r, "path", None) != "/info"]
 
@@ -200,7 +200,7 @@ def _replace_info_route(
         return JSONResponse(describe(cfg, opts, apis, server.devices, stats))
 
 
-def describe(cfg: ServerConfig, opts: Options, apis: list[FamilyAPI], devices, stats: dict) -> dict:
+def describe(cfg: ServerConfig, opts: CommandLine, apis: list[FamilyAPI], devices, stats: dict) -> dict:
     families = {}
     for api in apis:
         workers = sorted((v for v in stats.values() if v["family"] == api.family), key=lambda v: v["worker"])

@@ -4,7 +4,7 @@ or on the worker's decoding threads (after), through ``/v1/embeddings`` and ``/c
     python bench/embed_images.py [--model ViT-B-16] [--images 8] [--requests 4] [--rounds 2]
 
 Two servers with the same random-weight CLIP, one started with ``VISIONSERVE_DECODE_THREADS=1``
-(apis/embed.py), are driven in turns (A, B, B, A) at concurrency 1 with 640x480 JPEGs. Then the
+(apis/vectors.py), are driven in turns (A, B, B, A) at concurrency 1 with 640x480 JPEGs. Then the
 part that changed, alone in this process: decoding + open_clip's eval transform of the request's
 images, one after another vs on the pool, next to the model's forward on them.
 """
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.harness import drive, env, ms, p, ran, server, spread, table, timed  # noqa: E402
 
-DECODE_THREADS_ENV = "VISIONSERVE_DECODE_THREADS"  # read by apis/embed.py in the workers
+DECODE_THREADS_ENV = "VISIONSERVE_DECODE_THREADS"  # read by apis/vectors.py in the workers
 SIDES = {"one after another (before)": "1", "decoding threads (after)": None}
 
 

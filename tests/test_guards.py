@@ -18,11 +18,11 @@ from apis.core.errors import APIError
 from apis.core.replies import Reply, non_finite_at
 from apis.core.settings import Limits
 from apis.core.tensors import encode_array, tensor_answer
-from apis.http.protocol import http_protocol
 from apis.http.schemas import is_blank
 from apis.sam2.schemas import Sam2AutoMaskRequest, Sam2PromptRequest, auto_mask_points, generator_settings
 from apis.sam3.schemas import Sam3PredictRequest
 from apis.transport.dispatch import Withdraw, WorkerLink, frame
+from apis.uvicorn_internals import http_protocol
 
 
 @pytest.mark.parametrize(

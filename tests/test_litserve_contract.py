@@ -41,13 +41,13 @@ def test_litserve_s_own_queues_transport_and_poller_are_not_made(tmp_path):
     import asyncio
 
     from apis.config import load_config
-    from apis.server import Options, build_server
+    from apis.server import CommandLine, build_server
 
     (tmp_path / "c.yaml").write_text(
         "clip:\n  models:\n    - {name: clip-tiny, pretrained: random, weights: random, "
         f"arch_config: {ROOT / 'configs' / 'models' / 'clip-tiny.json'}}}\n"
     )
-    server = build_server(load_config(tmp_path / "c.yaml"), Options(accelerator="cpu", devices=1))
+    server = build_server(load_config(tmp_path / "c.yaml"), CommandLine(accelerator="cpu", devices=1))
     manager = server._init_manager(1)
     try:
         assert server.litapi_request_queues == {} and server._transport is None

@@ -713,14 +713,14 @@ def test_request_defaults_reach_the_generator_as_documented(sam2_checkpoint, mon
         if k not in ("points_per_side", "min_mask_region_area")
     }
     seen = []
-    real_init = sam2_model._Generator.__init__
+    real_init = SAM2AutomaticMaskGenerator.__init__
 
     def spy(self, model, **kwargs):
         seen.append(kwargs)
         real_init(self, model, **kwargs)
 
-    monkeypatch.setattr(sam2_model._Generator, "__init__", spy)
-    monkeypatch.setattr(sam2_model.SAM2AutomaticMaskGenerator, "generate", lambda self, image: [])
+    monkeypatch.setattr(SAM2AutomaticMaskGenerator, "__init__", spy)
+    monkeypatch.setattr(SAM2AutomaticMaskGenerator, "generate", lambda self, image: [])
     pred = sam2_model.Sam2Predictor(build_tiny(str(sam2_checkpoint)), cache_size=1)
     image = encode_image(scene())
     for body, preset in (({}, "fine_grained"), ({"preset": "coarse"}, "coarse")):

@@ -23,8 +23,8 @@ from apis.core.lazy import lazy_module
 from apis.core.registry import Key, canonical
 from apis.core.settings import ModelEntry
 from apis.core.tensors import encode_array, tensor_answer
-from apis.embed import EmbedRoute, check_count, openai_answer
 from apis.family import FamilyAPI, Job, Route
+from apis.vectors import VectorsRoute, check_count, openai_answer
 
 model = lazy_module("apis.clip.model")  # the library loads in the worker (apis/core/lazy.py)
 dense = lazy_module("apis.core.dense")  # torch too: worker only
@@ -143,7 +143,7 @@ class EncodeText(Route):
         }
 
 
-class Embed(EmbedRoute):
+class Embed(VectorsRoute):
     request = ClipEmbedRequest
     response = ClipEmbedResponse
     summary = "L2-normalised image and text embeddings in one space (open_clip encode_image / encode_text)."

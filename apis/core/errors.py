@@ -1,13 +1,16 @@
 """One error shape for every route, OpenAI style: ``{"error": {"message", "type", "param", "code"}}``.
 
-Model code raises :class:`APIError`; the HTTP layer (apis/http/errors.py) turns it, and
-FastAPI's own validation and HTTP errors, into that JSON body. Inside a batch an error is
-carried as a value, never raised past ``predict``, so one bad request cannot fail its neighbours.
+Model code raises :class:`APIError`; every error answer, wherever it is made (a worker, a route,
+an exception handler, an ASGI middleware, the HTTP parser), is :meth:`APIError.render`'s bytes.
+Inside a batch an error is carried as a value, never raised past ``predict``, so one bad request
+cannot fail its neighbours.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+import orjson
 
 _TYPES = {
     400: "invalid_request_error",
@@ -23,23 +26,25 @@ _TYPES = {
 class APIError(Exception):
     """A failure the client can act on; ``message`` says what to change."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type: str | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
+        self.type = type or _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
 
     def body(self) -> dict[str, Any]:
-        return error_body(self.status, self.message, param=self.param, code=self.code)
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-
-def error_body(status: int, message: str, *, param: str | None = None, code: str | None = None) -> dict:
-    return {
-        "error": {
-            "message": message,
-            "type": _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error"),
-            "param": param,
-            "code": code,
-        }
-    }
+    def render(self) -> bytes:
+        """The JSON body of the answer: the one renderer of every error the server sends."""
+        return orjson.dumps(self.body())

@@ -15,7 +15,6 @@ import re
 
 from apis.core.errors import APIError
 
-HEADER = "X-Image-Key"
 IMAGE_ID = re.compile(r"[0-9a-f]{64}")
 
 

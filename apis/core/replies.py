@@ -42,7 +42,7 @@ class Reply:
         if isinstance(result, Reply):
             return result
         if isinstance(result, APIError):
-            return cls(result.status, orjson.dumps(result.body()))
+            return cls(result.status, result.render())
         where = non_finite_at(result)
         if where is not None:  # orjson would have written null: a bug must not reach clients as data
             return cls.of(non_finite(where))

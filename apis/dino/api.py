@@ -18,8 +18,8 @@ from apis.dino.schemas import (
     DinoExtractResponse,
     DinoModelSelector,
 )
-from apis.embed import EmbedRoute, check_count, openai_answer
 from apis.family import FamilyAPI, Job, Route
+from apis.vectors import VectorsRoute, check_count, openai_answer
 
 model = lazy_module("apis.dino.model")  # the library loads in the worker (apis/core/lazy.py)
 dense = lazy_module("apis.core.dense")  # torch too: worker only
@@ -91,7 +91,7 @@ class Extract(Route):
         return dense.respond(feats, item.geom, job.params, job.model_id)
 
 
-class Embed(EmbedRoute):
+class Embed(VectorsRoute):
     """Every image of the batch's requests in one forward, whatever pooling each asks for:
     the model gives both poolings and each answer picks its own."""
 

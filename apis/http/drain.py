@@ -20,8 +20,8 @@ import os
 import signal
 import time
 
-from apis.core.errors import error_body
-from apis.http.middleware import _send_json
+from apis.core.errors import APIError
+from apis.http.responses import send_error, send_json
 
 log = logging.getLogger("visionserve")
 
@@ -47,7 +47,8 @@ def _is_health(path: str) -> bool:
 
 
 class DrainGate:
-    """Outermost ASGI middleware: counts HTTP requests until their answer is sent and, once the
+    """ASGI middleware just inside :class:`~apis.http.metrics.RequestContext` (which is outermost,
+    so refusals are counted too): counts HTTP requests until their answer is sent and, once the
     server drains, refuses new ones before auth or body parsing."""
 
     def __init__(self, app, state: DrainState):
@@ -60,9 +61,9 @@ class DrainGate:
         if self.state.draining:
             close = [(b"connection", b"close")]
             if _is_health(scope["path"]):
-                return await _send_json(send, 503, {"status": "draining"}, close)
+                return await send_json(send, 503, b'{"status":"draining"}', close)
             message = "this replica is shutting down and takes no new requests; retry (another replica)"
-            return await _send_json(send, 503, error_body(503, message, code="shutting_down"), close)
+            return await send_error(send, APIError(503, message, code="shutting_down"), close)
         self.state.in_flight += 1
         try:
             await self.app(scope, receive, send)

@@ -7,11 +7,10 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from apis.core.errors import APIError, error_body
+from apis.core.errors import APIError
 from apis.http.responses import error_response
 
 
@@ -23,7 +22,7 @@ class ErrorDetail(BaseModel):
 
 
 class ErrorResponse(BaseModel):
-    """The body of every error answer, as :func:`~apis.core.errors.error_body` writes it."""
+    """The body of every error answer, as :meth:`~apis.core.errors.APIError.render` writes it."""
 
     error: ErrorDetail
 
@@ -35,7 +34,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     parts, first_param = [], None
     for err in exc.errors():
         loc = [str(p) for p in err.get("loc", ()) if p != "body"]
@@ -61,17 +60,18 @@ def install_error_handlers(app) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError):
-        message, param = _validation_message(exc)
-        return JSONResponse(error_body(422, message, param=param, code="validation_error"), status_code=422)
+        message, param = validation_message(exc)
+        return error_response(APIError(422, message, param=param, code="validation_error"))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception):
         # a bug: still logged with its traceback by Starlette, but answered in the JSON shape
-        body = error_body(500, "internal server error (details are in the server log)", code="internal_error")
-        return JSONResponse(body, status_code=500)
+        return error_response(
+            APIError(500, "internal server error (details are in the server log)", code="internal_error")
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException):
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-        body = error_body(exc.status_code, detail, code=getattr(exc, "code", None))
-        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+        error = APIError(exc.status_code, detail, code=getattr(exc, "code", None))
+        return error_response(error, headers=exc.headers)

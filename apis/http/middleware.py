@@ -12,31 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import time
 from collections.abc import Callable
 
 from starlette.exceptions import HTTPException
 
-from apis.core.errors import error_body
+from apis.core.errors import APIError
+from apis.http.responses import send_error
 
 MAX_AUTH_HEADER = 4096
-
-
-async def _send_json(send, status: int, body: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:
-    payload = json.dumps(body).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(payload)).encode()),
-                *headers,
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": payload})
 
 
 def _header(scope, name: bytes) -> bytes | None:
@@ -80,9 +64,8 @@ class BearerAuth:
             problem = self._problem(_header(scope, b"authorization"))
         if problem is None:
             return await self.app(scope, receive, send)
-        await _send_json(
-            send, 401, error_body(401, problem, code="invalid_api_key"), [(b"www-authenticate", b"Bearer")]
-        )
+        error = APIError(401, problem, code="invalid_api_key")
+        await send_error(send, error, [(b"www-authenticate", b"Bearer")])
 
 
 class _TooLarge(HTTPException):
@@ -101,8 +84,8 @@ class BodyLimit:
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
 
-    def _message(self) -> dict:
-        return error_body(
+    def _too_large(self) -> APIError:
+        return APIError(
             413,
             f"request body is over this server's limit of {self.max_bytes} bytes; send a "
             "smaller (e.g. JPEG-compressed or downscaled) image",
@@ -119,7 +102,7 @@ class BodyLimit:
             # sending (nginx, requests) sees a reset or a 502 instead of this answer. Past that,
             # close rather than read it.
             close = [(b"connection", b"close")] if int(length) > 2 * self.max_bytes else []
-            return await _send_json(send, 413, self._message(), close)
+            return await send_error(send, self._too_large(), close)
 
         seen = 0
         started = False
@@ -144,7 +127,7 @@ class BodyLimit:
                 seen += len(message.get("body", b""))
                 body_done = not message.get("more_body", False)
                 if seen > self.max_bytes:
-                    raise _TooLarge(413, self._message()["error"]["message"])
+                    raise _TooLarge(413, self._too_large().message)
             return message
 
         async def tracking_send(message):
@@ -156,8 +139,8 @@ class BodyLimit:
             await self.app(scope, limited_receive, tracking_send)
         except _TooLarge:
             if not started:
-                await _send_json(send, 413, self._message(), [(b"connection", b"close")])
+                await send_error(send, self._too_large(), [(b"connection", b"close")])
         except _TooSlow as e:
             if not started:
-                body = error_body(408, e.detail, code="body_timeout")
-                await _send_json(send, 408, body, [(b"connection", b"close")])
+                error = APIError(408, e.detail, code="body_timeout")
+                await send_error(send, error, [(b"connection", b"close")])

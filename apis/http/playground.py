@@ -10,9 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
-from apis.core.errors import error_body
+from apis.core.errors import APIError
+from apis.http.responses import error_response
 
 PREFIX = "/playground"
 _FILES = {
@@ -47,5 +48,5 @@ def install_playground(app: FastAPI) -> None:
     @app.get(PREFIX + "/{name}", include_in_schema=False)
     async def asset(name: str) -> Response:
         if name not in files:
-            return JSONResponse(error_body(404, f"no playground file {name!r}"), status_code=404)
+            return error_response(APIError(404, f"no playground file {name!r}"))
         return serve(name)

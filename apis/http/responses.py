@@ -1,16 +1,17 @@
 """Answers as Starlette responses: a worker's rendered :class:`~apis.core.replies.Reply`, a
-stream of them, or an :class:`~apis.core.errors.APIError` raised on the HTTP side."""
+stream of them, or an :class:`~apis.core.errors.APIError` raised on the HTTP side; and the same
+error sent straight through ASGI by the middlewares, which answer before any route runs."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from apis.core.errors import APIError
-from apis.core.replies import Reply
+from apis.core.replies import JSON_MEDIA_TYPE, Reply
 
 
 def reply_response(reply: Reply, status: int | None = None) -> Response:
@@ -20,8 +21,30 @@ def reply_response(reply: Reply, status: int | None = None) -> Response:
     return Response(memoryview(reply.body), code, reply.headers, reply.media_type)
 
 
-def error_response(error: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+def error_response(error: APIError, headers: Mapping[str, str] | None = None) -> Response:
+    return Response(error.render(), error.status, headers, JSON_MEDIA_TYPE)
+
+
+async def send_json(
+    send: Send, status: int, payload: bytes, headers: Sequence[tuple[bytes, bytes]] = ()
+) -> None:
+    """A whole JSON answer through ASGI (for middlewares, which answer before any route runs)."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", JSON_MEDIA_TYPE.encode()),
+                (b"content-length", str(len(payload)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})
+
+
+async def send_error(send: Send, error: APIError, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
+    await send_json(send, error.status, error.render(), headers)
 
 
 class PartsResponse(StreamingResponse):

@@ -15,14 +15,10 @@ from fastapi.routing import APIRoute
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
+from apis.fastapi_internals import body_model
+
 log = logging.getLogger("visionserve")
 CLIENT_GONE = 499  # nginx's status for "client closed the request"; nobody reads it
-
-
-#: The FastAPI release whose APIRoute internals JsonBodyRoute was checked against:
-#: ``get_route_handler`` (overridden), ``body_field.field_info.annotation`` (the request model)
-#: and ``endpoint``. tests/test_fastapi_uvicorn_contract.py fails on any other.
-FASTAPI_VERSION = "0.165.0"
 
 
 def _is_json(content_type: str | None) -> bool:
@@ -42,9 +38,9 @@ class JsonBodyRoute(APIRoute):
     """
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        if self.body_field is None:
+        model = body_model(self)
+        if model is None:
             return super().get_route_handler()
-        model = self.body_field.field_info.annotation
         endpoint = self.endpoint
 
         async def handler(request: Request) -> Response:

@@ -11,6 +11,7 @@ from pydantic.fields import FieldInfo
 
 from apis.core.tensors import InterpolationMode, OutputDType, PaddingMode, ResponseFormat, TensorFormat
 from apis.http.inputs import ImageInput
+from apis.pydantic_internals import replace_fields
 
 
 class _DefaultOnNull:
@@ -41,19 +42,17 @@ class StrictRequest(BaseModel):
         super().__pydantic_init_subclass__(**kwargs)
         if not cls.__pydantic_complete__:
             raise TypeError(f"{cls.__name__}: request models must not have unresolved type references")
-        changed = False
-        for name, field in cls.__pydantic_fields__.items():
+        nullable: dict[str, FieldInfo] = {}
+        for name, field in cls.model_fields.items():
             if field.is_required() or field.default is None or name in cls.null_is_a_value:
                 continue
             if any(isinstance(getattr(m, "func", None), _DefaultOnNull) for m in field.metadata):
                 continue  # inherited, already nullable
-            nullable = copy(field)
-            nullable.annotation = field.annotation | None
-            nullable.metadata = [*field.metadata, AfterValidator(_DefaultOnNull(field))]
-            cls.__pydantic_fields__[name] = nullable
-            changed = True
-        if changed:
-            cls.model_rebuild(force=True)
+            nullable[name] = copy(field)
+            nullable[name].annotation = field.annotation | None
+            nullable[name].metadata = [*field.metadata, AfterValidator(_DefaultOnNull(field))]
+        if nullable:
+            replace_fields(cls, nullable)
 
 
 def is_blank(text: str) -> bool:

@@ -19,7 +19,7 @@ import onnxruntime as ort
 from PIL import Image
 
 from apis.core.dense import IMAGENET_MEAN, IMAGENET_STD
-from apis.core.settings import RmbgModelEntry
+from apis.rmbg.settings import RmbgModelEntry
 
 log = logging.getLogger("visionserve")
 

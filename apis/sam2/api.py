@@ -173,7 +173,7 @@ class PromptMask(_EncodesImages):
 
     def decode_request(self, pred: model.Sam2Predictor, job: Job) -> PromptInput:
         p = job.params
-        mask = p["mask_input"]  # the array the request's validation decoded (Sam2API.job_for)
+        mask = p["mask_input"]  # the array the request's validation decoded (read_inputs)
         side = pred.low_res_size
         if mask is not None and mask.shape[1:] != (side, side):
             raise APIError(

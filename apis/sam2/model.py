@@ -20,17 +20,14 @@ from typing import Any
 
 import cv2
 import numpy as np
-import sam2.utils.misc
 import torch
-from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
-from sam2.build_sam import _hf_download as sam2_hf_download
 from sam2.build_sam import build_sam2_video_predictor, build_sam2_video_predictor_hf
 from sam2.sam2_image_predictor import SAM2ImagePredictor
 
-from apis.core import withdrawal
 from apis.core.cache import LRUCache
 from apis.core.precision import Autocast
 from apis.core.settings import ModelEntry
+from apis.sam2 import internals
 from apis.sam2.options import SIZES, VARIANT, variant_name
 
 
@@ -82,29 +79,10 @@ def connected_components(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return as_tensor(labels), as_tensor(areas)
 
 
-def _cuda_kernel_available() -> bool:
-    try:
-        from sam2 import _C  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def install_cpu_connected_components() -> None:
     """Route sam2's connected-components calls to :func:`connected_components` unless the CUDA
     kernel is built and the mask is on a GPU. Idempotent."""
-    current = sam2.utils.misc.get_connected_components
-    if getattr(current, "visionserve", False):
-        return
-    cuda_kernel = current if _cuda_kernel_available() else None
-
-    def dispatch(mask: torch.Tensor):
-        if cuda_kernel is not None and mask.is_cuda:
-            return cuda_kernel(mask)
-        return connected_components(mask)
-
-    dispatch.visionserve = True
-    sam2.utils.misc.get_connected_components = dispatch
+    internals.route_connected_components(connected_components)
 
 
 # ----------------------------------------------------------------------------- embeddings
@@ -127,8 +105,7 @@ class Sam2Predictor(SAM2ImagePredictor, Autocast):
 
     def __init__(self, model, cache_size: int, dtype: torch.dtype = torch.float32):
         super().__init__(model)
-        s = model.image_size  # the library hard-codes the feature sizes of 1024-px models
-        self._bb_feat_sizes = [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]
+        internals.set_feature_sizes(self, model.image_size)
         self.cache: LRUCache[Embedding] = LRUCache(cache_size)
         self.dtype = dtype
         self.encoded_images = 0
@@ -148,10 +125,7 @@ class Sam2Predictor(SAM2ImagePredictor, Autocast):
 
     def configure(self, mask_threshold: float, max_hole_area: float, max_sprinkle_area: float) -> None:
         """Per-request post-processing settings (the library fixes them at construction)."""
-        self.mask_threshold = mask_threshold
-        self._transforms.mask_threshold = mask_threshold
-        self._transforms.max_hole_area = max_hole_area
-        self._transforms.max_sprinkle_area = max_sprinkle_area
+        internals.set_postprocessing(self, mask_threshold, max_hole_area, max_sprinkle_area)
 
     @torch.inference_mode()
     def embeddings(
@@ -167,7 +141,7 @@ class Sam2Predictor(SAM2ImagePredictor, Autocast):
         def encode(todo: list[int]) -> list[Embedding]:
             with self.autocast():
                 SAM2ImagePredictor.set_image_batch(self, [images[i] for i in todo])
-            feats = self._features
+            feats = internals.features(self)
             out = [
                 Embedding(  # copies, so an evicted entry frees its memory
                     image_embed=feats["image_embed"][j : j + 1].clone(),
@@ -184,11 +158,7 @@ class Sam2Predictor(SAM2ImagePredictor, Autocast):
 
     def use(self, emb: Embedding) -> None:
         """Make ``emb`` the current image, as if ``set_image`` had just computed it."""
-        self.reset_predictor()
-        self._features = {"image_embed": emb.image_embed, "high_res_feats": emb.high_res_feats}
-        self._orig_hw = [emb.orig_hw]
-        self._is_image_set = True
-        self._is_batch = False
+        internals.use_features(self, emb.image_embed, emb.high_res_feats, emb.orig_hw)
 
     def set_image(self, image) -> None:
         """The automatic mask generator's entry point: the whole image goes through the cache, its
@@ -198,16 +168,6 @@ class Sam2Predictor(SAM2ImagePredictor, Autocast):
             self.use(self.embeddings([key], [whole], [file])[0])
         else:
             super().set_image(image)
-
-    @contextlib.contextmanager
-    def low_res_only(self):
-        """``_predict`` answers the decoder's logits as they are, not upsampled: the caller
-        upsamples the masks it keeps (:func:`predict_prompt`)."""
-        self._transforms.postprocess_masks = lambda masks, orig_hw: masks
-        try:
-            yield
-        finally:
-            del self._transforms.postprocess_masks
 
     @contextlib.contextmanager
     def whole_image(self, key: str, image: np.ndarray, file: bytes | None = None):
@@ -240,7 +200,7 @@ def load_sam2(
     elif entry.arch_config is None:
         model = build_sam2_video_predictor_hf(hf_repo(entry), device=str(device))
     else:  # sam2's download, loaded into the configured architecture
-        _, checkpoint = sam2_hf_download(hf_repo(entry))
+        checkpoint = internals.hf_download(hf_repo(entry))
         model = build_sam2_video_predictor(config, checkpoint, **build)
     return Sam2Predictor(model, cache_size, dtype)
 
@@ -277,7 +237,7 @@ def predict_prompt(pred: Sam2Predictor, emb: Embedding, prompt: Prompt):
     ``SAM2ImagePredictor.predict`` computes them; masks are bool, or float32 logits with
     ``return_logits``. ``best_only`` keeps the one mask of highest predicted IoU (C = 1).
 
-    The prompt and the decoder are the library's own (``_prep_prompts``, ``_predict``); only
+    The prompt and the decoder are the library's own (apis/sam2/internals.py); only
     the kept masks are upsampled to the image's size, on CPU by :func:`upsample` unless the
     answer carries logits or hole / sprinkle filling needs the library's ``postprocess_masks``,
     and the threshold gives bool masks, not float32 ones.
@@ -288,18 +248,20 @@ def predict_prompt(pred: Sam2Predictor, emb: Embedding, prompt: Prompt):
     labels = None if prompt.point_labels is None else np.asarray(prompt.point_labels, np.int32)
     box = None if prompt.box is None else np.asarray(prompt.box, np.float32)
     with pred.autocast():
-        mask_input, coords, labels, box = pred._prep_prompts(
-            points, labels, box, prompt.mask_input, prompt.normalize_coords
+        mask_input, coords, labels, box = internals.prep_prompts(
+            pred, points, labels, box, prompt.mask_input, prompt.normalize_coords
         )
-        with pred.low_res_only():
-            logits, iou, low = pred._predict(coords, labels, box, mask_input, prompt.multimask_output, True)
+        with internals.low_res_only(pred):
+            logits, iou, low = internals.decode_logits(
+                pred, coords, labels, box, mask_input, prompt.multimask_output
+            )
     keep = slice(None)
     if prompt.best_only:
         best = int(torch.argmax(iou[0]))
         keep = slice(best, best + 1)
     exact = prompt.return_logits or prompt.max_hole_area > 0 or prompt.max_sprinkle_area > 0
     if logits.is_cuda or exact:
-        masks = pred._transforms.postprocess_masks(logits[:, keep], emb.orig_hw)[0].cpu().numpy()
+        masks = internals.postprocess_masks(pred, logits[:, keep], emb.orig_hw)[0].cpu().numpy()
     else:
         masks = upsample(logits[0, keep].float().numpy(), emb.orig_hw)
     if not prompt.return_logits:
@@ -325,7 +287,7 @@ def auto_masks(
     s = dict(settings)
     if s.get("point_grids") is not None:
         s["point_grids"] = [np.asarray(g, dtype=np.float64) for g in s["point_grids"]]
-    amg = _Generator(pred.model, output_mode=output_mode, **s)
+    amg = internals.mask_generator(pred.model, output_mode=output_mode, **s)
     pred.configure(0.0, s["min_mask_region_area"], s["min_mask_region_area"])
     amg.predictor = pred
     with pred.whole_image(key, image, file), pred.autocast():
@@ -336,18 +298,3 @@ def auto_masks(
             if amg.kept == 0:
                 return []
             raise
-
-
-class _Generator(SAM2AutomaticMaskGenerator):
-    """The library's generator, counting the masks its crops keep (see :func:`auto_masks`)."""
-
-    kept = 0
-
-    def _process_crop(self, *args, **kwargs):
-        data = super()._process_crop(*args, **kwargs)
-        self.kept += len(data["rles"])
-        return data
-
-    def _process_batch(self, *args, **kwargs):
-        withdrawal.check()  # a point batch is the chunk: stop here if the client left
-        return super()._process_batch(*args, **kwargs)

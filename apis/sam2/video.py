@@ -26,40 +26,20 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
-import sam2.sam2_video_predictor
 import torch
 from PIL import Image
 from sam2.sam2_video_predictor import SAM2VideoPredictor
 
 from apis.core.errors import APIError
 from apis.core.video import FrameResult, TrackedObject, check_frame
+from apis.sam2 import internals
 
 __all__ = ["FrameResult", "TrackedObject", "VideoSession"]
 
-# the library draws a tqdm bar per propagation: one per live frame in a server's log
-sam2.sam2_video_predictor.tqdm = lambda iterable, **_: iterable
+internals.silence_progress_bars()
 
 LIVE_LENGTH = 2**31 - 1  # the num_frames a live session shows the library: an unbounded clip
 DIRECTIONS = ("forward", "backward", "both")
-
-
-def _memory_as_positions(_module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Memory attention pre-hook: the library stores memories in bfloat16 and relies on a
-    float32 object pointer in the same ``torch.cat`` to promote them; a frame before an
-    object's first prompt has no pointer and a float32 model then fails (CPU). Casting to the
-    positions' dtype is what that promotion gives, so no other answer changes."""
-    memory, pos = kwargs.get("memory"), kwargs.get("memory_pos")
-    if memory is not None and pos is not None and memory.dtype != pos.dtype:
-        kwargs["memory"] = memory.to(pos.dtype)
-    return args, kwargs
-
-
-def install_memory_dtype_fix(predictor: SAM2VideoPredictor) -> None:
-    """Add :func:`_memory_as_positions` to the model once."""
-    attention = predictor.memory_attention
-    if not getattr(attention, "visionserve_memory_dtype", False):
-        attention.register_forward_pre_hook(_memory_as_positions, with_kwargs=True)
-        attention.visionserve_memory_dtype = True
 
 
 class Frames:
@@ -129,9 +109,8 @@ class VideoSession:
         self.frames = frames
         self.live = live
         self.dtype = dtype
-        self.num_frames = 0 if live else state["num_frames"]
-        self.height = state["video_height"]
-        self.width = state["video_width"]
+        self.num_frames = 0 if live else internals.num_frames(state)
+        self.height, self.width = internals.video_size(state)
 
     @classmethod
     def open(
@@ -147,7 +126,7 @@ class VideoSession:
         has the keys and meaning of ``SAM2VideoPredictor.init_state``'s; ``offload_video_to_cpu``
         keeps the frames in CPU memory, ``offload_state_to_cpu`` the per-frame outputs (both
         as in the library). ``dtype`` other than float32 runs the model under autocast."""
-        install_memory_dtype_fix(predictor)
+        internals.install_memory_dtype_fix(predictor)
         device = predictor.device
         store = Frames(predictor.image_size, torch.device("cpu") if offload_video_to_cpu else device)
         size: tuple[int, int] | None = None
@@ -158,26 +137,10 @@ class VideoSession:
                 frame = check_frame(frame, size, f"frame {i}")
                 size = frame.shape[:2]
                 store.add(i, frame)
-        state: dict[str, Any] = {
-            "images": store,
-            "num_frames": LIVE_LENGTH if frames is None else len(frames),
-            "offload_video_to_cpu": offload_video_to_cpu,
-            "offload_state_to_cpu": offload_state_to_cpu,
-            "video_height": 0 if size is None else size[0],
-            "video_width": 0 if size is None else size[1],
-            "device": device,
-            "storage_device": torch.device("cpu") if offload_state_to_cpu else device,
-            "point_inputs_per_obj": {},
-            "mask_inputs_per_obj": {},
-            "cached_features": {},
-            "constants": {},
-            "obj_id_to_idx": {},
-            "obj_idx_to_id": {},
-            "obj_ids": [],
-            "output_dict_per_obj": {},
-            "temp_output_dict_per_obj": {},
-            "frames_tracked_per_obj": {},
-        }
+        length = LIVE_LENGTH if frames is None else len(frames)
+        state = internals.new_inference_state(
+            store, length, size, device, offload_video_to_cpu, offload_state_to_cpu
+        )
         return cls(predictor, state, store, frames is None, dtype)
 
     # ------------------------------------------------------------------------- helpers
@@ -195,22 +158,18 @@ class VideoSession:
     def _score(self, obj_idx: int, frame_index: int) -> float:
         """Presence probability of an object on a frame, from the output its mask came from
         (0 where the object has none, e.g. before the frame it was first prompted on)."""
-        state = self._state()
-        for outputs in (state["temp_output_dict_per_obj"][obj_idx], state["output_dict_per_obj"][obj_idx]):
-            for key in ("cond_frame_outputs", "non_cond_frame_outputs"):
-                out = outputs[key].get(frame_index)
-                if out is not None:
-                    return float(torch.sigmoid(out["object_score_logits"].float()).max())
-        return 0.0
+        return internals.presence(self._state(), obj_idx, frame_index)
 
     def _result(self, frame_index: int, obj_ids: list[int], masks: torch.Tensor) -> FrameResult:
         """The library's (objects, 1, H, W) mask logits at the video's size as a FrameResult."""
         binary = (masks[:, 0] > 0.0).cpu().numpy()
-        idx = self._state()["obj_id_to_idx"]
+        state = self._state()
         return FrameResult(
             frame_index,
             [
-                TrackedObject(int(obj_id), binary[i], self._score(idx[obj_id], frame_index))
+                TrackedObject(
+                    int(obj_id), binary[i], self._score(internals.object_index(state, obj_id), frame_index)
+                )
                 for i, obj_id in enumerate(obj_ids)
             ],
         )
@@ -328,7 +287,7 @@ class VideoSession:
             raise APIError(400, f"direction must be one of {', '.join(DIRECTIONS)}", param="direction")
         if max_frames is not None and max_frames < 1:
             raise APIError(400, "max_frames must be at least 1", param="max_frames")
-        if not state["obj_ids"]:
+        if not internals.object_ids(state):
             raise APIError(400, "no object has a prompt yet: add a prompt first")
         if start_frame_index is not None and not 0 <= start_frame_index < self.num_frames:
             raise APIError(
@@ -343,7 +302,7 @@ class VideoSession:
         state = self._state()
         if start is None:  # the library's default, needed here to run "both" from one frame
             self.predictor.propagate_in_video_preflight(state)
-            start = min(t for out in state["output_dict_per_obj"].values() for t in out["cond_frame_outputs"])
+            start = internals.first_prompted_frame(state)
         if direction in ("forward", "both"):
             yield from self._tracked(start, max_frames, reverse=False)
         if direction in ("backward", "both"):
@@ -360,11 +319,12 @@ class VideoSession:
         image = check_frame(image, (self.height, self.width) if self.num_frames else None, "the frame")
         index = self.num_frames
         if index == 0:
-            state["video_height"], state["video_width"] = self.height, self.width = image.shape[:2]
+            self.height, self.width = image.shape[:2]
+            internals.set_video_size(state, self.height, self.width)
         self.frames.add(index, image)
         self.num_frames += 1
         result = FrameResult(index, [])
-        if state["obj_ids"]:
+        if internals.object_ids(state):
             with contextlib.closing(self._tracked(index, 1, reverse=False)) as run:
                 result = next(run)
         self._forget(index + 1)
@@ -385,13 +345,7 @@ class VideoSession:
             oldest = min(oldest, ((next_frame - 2) // stride) * stride - (m.num_maskmem - 3) * stride)
         if m.use_obj_ptrs_in_encoder:
             oldest = min(oldest, next_frame - (m.max_obj_ptrs_in_encoder - 1))
-        for obj_idx, outputs in state["output_dict_per_obj"].items():
-            non_cond = outputs["non_cond_frame_outputs"]
-            for t in [t for t in non_cond if t < oldest]:
-                del non_cond[t]
-            tracked = state["frames_tracked_per_obj"][obj_idx]
-            for t in [t for t in tracked if t < oldest]:
-                del tracked[t]
+        internals.drop_outputs_before(state, oldest)
 
     # ------------------------------------------------------------------------- bookkeeping
 
@@ -400,10 +354,10 @@ class VideoSession:
         the held frames and every tensor of the state once."""
         state = self._state()
         seen: set[int] = set()
-        state_bytes = _tensor_bytes({k: v for k, v in state.items() if k != "images"}, seen)
+        state_bytes = _tensor_bytes(internals.state_without_frames(state), seen)
         return {
             "num_frames": self.num_frames,
-            "objects": [int(i) for i in state["obj_ids"]],
+            "objects": [int(i) for i in internals.object_ids(state)],
             "memory_bytes": state_bytes + self.frames.nbytes,
             "frames_held": len(self.frames),
         }

@@ -1,5 +1,9 @@
-"""The HTTP server's own guards, below the ASGI app: limits on the request line and headers, and
-the errors the HTTP parser answers by itself in the project's JSON error shape.
+"""Every contact with uvicorn's internals (checked against uvicorn 0.55.0, httptools 0.9.0): the
+HTTP server's own guards, below the ASGI app: limits on the request line and headers, and the
+errors the HTTP parser answers by itself in the project's JSON error shape.
+
+uvicorn has no public API for either: this subclasses its ``HttpToolsProtocol`` (not part of its
+documented interface), overriding the parser callbacks and ``send_400_response``.
 
 uvicorn (with httptools) puts no limit on a request's head, and httptools gathers a long header
 value by concatenation, so its cost grows with the square of the size. :func:`http_protocol`
@@ -12,17 +16,16 @@ broken chunks) with a JSON 400.
 from __future__ import annotations
 
 import http
-import json
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from apis.core.errors import error_body
+from apis.core.errors import APIError
 from apis.core.settings import Limits
 
 #: The uvicorn release whose HttpToolsProtocol this module was checked against: the callbacks it
 #: overrides (data_received, on_message_begin, on_url, on_header, on_headers_complete,
 #: on_message_complete, send_400_response) and what it reads (url, headers, transport,
-#: server_state.default_headers). tests/test_fastapi_uvicorn_contract.py fails on any other.
+#: server_state.default_headers). tests/test_internals_contract.py fails on any other.
 UVICORN_VERSION = "0.55.0"
 
 
@@ -93,7 +96,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             "malformed HTTP request (request line, headers, method or body framing); send valid HTTP/1.1",
         )
         self._refusal = None
-        payload = json.dumps(error_body(status, message, code="bad_http_request")).encode()
+        payload = APIError(status, message, code="bad_http_request").render()
         head = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n".encode()]
         head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
         head += [

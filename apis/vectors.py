@@ -1,4 +1,5 @@
-"""Global embeddings shared by ``/clip/embed``, ``/dino/embed`` and ``/v1/embeddings``.
+"""Global embeddings (vectors) shared by ``/clip/embed``, ``/dino/embed`` and ``/v1/embeddings``
+(SAM's ``/<family>/embed``, which caches an image for ``image_id``, is another thing).
 
 One job carries a request's images (checked file bytes) and texts. The worker decodes the
 images with the model library's own evaluation transform, so every image has the model's input
@@ -80,7 +81,7 @@ def _decode(data: bytes, limits: Limits, param: str):
         raise APIError(e.status, f"{param}: {e.message}", param=param, code=e.code) from None
 
 
-class EmbedRoute(Route):
+class VectorsRoute(Route):
     """``/<family>/embed`` (and the family's share of ``/v1/embeddings``): global embeddings.
 
     ``Job.params``: ``images`` (file bytes), ``image_params`` (the request field each came from,

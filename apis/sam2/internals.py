@@ -1,0 +1,278 @@
+"""Every contact with sam2's internals, checked against sam2 1.1.0 (the pin in pyproject.toml).
+
+sam2 has public entry points for what this server does on whole requests (``set_image``,
+``predict``, ``generate``, ``init_state``, ``add_new_points_or_box``, ``propagate_in_video``),
+and apis/sam2/model.py and video.py use those. What they have no public API for is here:
+
+* the image predictor's state and steps: its feature sizes, the current image's features
+  (set from the cache), post-processing settings, the prompt encoder and mask decoder steps
+  (``_prep_prompts``, ``_predict``) and the mask upsampling (``_transforms.postprocess_masks``);
+* the automatic generator's per-crop and per-point-batch steps (``_process_crop``,
+  ``_process_batch``);
+* the hub download (``build_sam._hf_download``) and the compiled extension (``sam2._C``);
+* the video predictor's inference state: its keys, written by :func:`new_inference_state`
+  instead of ``init_state``'s file loader, and read by the functions below;
+* module attributes replaced: the progress bar and the connected-components kernel; a
+  pre-hook on memory attention's ``memory``/``memory_pos`` arguments.
+
+tests/test_internals_contract.py fails on another release and checks each name used here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import sam2.sam2_video_predictor
+import sam2.utils.misc
+import torch
+from sam2.build_sam import _hf_download
+
+from apis.core import withdrawal
+
+if TYPE_CHECKING:
+    from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+# sam2's image predictor and generator are imported when first used, not here: apis/sam2/video.py
+# imports this module, and a lazy module (apis/core/lazy.py) may be loaded while torchvision,
+# under sam2.sam2_image_predictor, is still being imported.
+
+SAM2_VERSION = "1.1.0"
+
+
+def hf_download(repo: str) -> str:
+    """The checkpoint of a released variant, by sam2's own hub download."""
+    return _hf_download(repo)[1]
+
+
+# ----------------------------------------------------------------------------- image predictor
+
+
+def set_feature_sizes(pred: SAM2ImagePredictor, image_size: int) -> None:
+    """The library hard-codes the backbone's feature sizes of 1024-px models."""
+    s = image_size
+    pred._bb_feat_sizes = [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]
+
+
+def features(pred: SAM2ImagePredictor) -> dict[str, Any]:
+    """What ``set_image``/``set_image_batch`` computed: ``image_embed`` and ``high_res_feats``."""
+    return pred._features
+
+
+def use_features(
+    pred: SAM2ImagePredictor,
+    image_embed: torch.Tensor,
+    high_res_feats: list[torch.Tensor],
+    orig_hw: tuple[int, int],
+) -> None:
+    """Make these the current image's features, as if ``set_image`` had just computed them."""
+    pred.reset_predictor()
+    pred._features = {"image_embed": image_embed, "high_res_feats": high_res_feats}
+    pred._orig_hw = [orig_hw]
+    pred._is_image_set = True
+    pred._is_batch = False
+
+
+def set_postprocessing(
+    pred: SAM2ImagePredictor, mask_threshold: float, max_hole_area: float, max_sprinkle_area: float
+) -> None:
+    """Post-processing settings for the next prediction (the library fixes them at construction)."""
+    pred.mask_threshold = mask_threshold
+    pred._transforms.mask_threshold = mask_threshold
+    pred._transforms.max_hole_area = max_hole_area
+    pred._transforms.max_sprinkle_area = max_sprinkle_area
+
+
+def prep_prompts(pred: SAM2ImagePredictor, points, labels, box, mask_input, normalize_coords: bool):
+    """``predict``'s prompt preparation: (mask_input, coords, labels, box) as tensors."""
+    return pred._prep_prompts(points, labels, box, mask_input, normalize_coords)
+
+
+def decode_logits(pred: SAM2ImagePredictor, coords, labels, box, mask_input, multimask_output: bool):
+    """``predict``'s decoder step on the current image: (mask logits, iou, low-res logits),
+    the mask logits at the size :func:`low_res_only` leaves them."""
+    return pred._predict(coords, labels, box, mask_input, multimask_output, True)
+
+
+def postprocess_masks(
+    pred: SAM2ImagePredictor, logits: torch.Tensor, orig_hw: tuple[int, int]
+) -> torch.Tensor:
+    """The library's upsampling to the image's size, with its hole and sprinkle filling."""
+    return pred._transforms.postprocess_masks(logits, orig_hw)
+
+
+@contextlib.contextmanager
+def low_res_only(pred: SAM2ImagePredictor) -> Iterator[None]:
+    """Inside, :func:`decode_logits` answers the decoder's logits as they are, not upsampled."""
+    pred._transforms.postprocess_masks = lambda masks, orig_hw: masks
+    try:
+        yield
+    finally:
+        del pred._transforms.postprocess_masks
+
+
+def mask_generator(model: torch.nn.Module, **settings: Any) -> SAM2AutomaticMaskGenerator:
+    """The library's generator, counting the masks its crops keep (``kept``), and stopping
+    between point batches when the request was withdrawn."""
+    return _generator_class()(model, **settings)
+
+
+@functools.cache
+def _generator_class() -> type[SAM2AutomaticMaskGenerator]:
+    from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+
+    class Generator(SAM2AutomaticMaskGenerator):
+        kept = 0
+
+        def _process_crop(self, *args, **kwargs):
+            data = super()._process_crop(*args, **kwargs)
+            self.kept += len(data["rles"])
+            return data
+
+        def _process_batch(self, *args, **kwargs):
+            withdrawal.check()  # a point batch is the chunk: stop here if the client left
+            return super()._process_batch(*args, **kwargs)
+
+    return Generator
+
+
+# ----------------------------------------------------------------------------- module attributes
+
+
+def _cuda_kernel_available() -> bool:
+    try:
+        from sam2 import _C  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def route_connected_components(cpu: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Route sam2's connected-components calls to ``cpu`` unless the CUDA kernel is built and
+    the mask is on a GPU. Idempotent."""
+    current = sam2.utils.misc.get_connected_components
+    if getattr(current, "visionserve", False):
+        return
+    cuda_kernel = current if _cuda_kernel_available() else None
+
+    def dispatch(mask: torch.Tensor):
+        if cuda_kernel is not None and mask.is_cuda:
+            return cuda_kernel(mask)
+        return cpu(mask)
+
+    dispatch.visionserve = True
+    sam2.utils.misc.get_connected_components = dispatch
+
+
+def silence_progress_bars() -> None:
+    """The library draws a tqdm bar per propagation: one per live frame in a server's log."""
+    sam2.sam2_video_predictor.tqdm = lambda iterable, **_: iterable
+
+
+def _memory_as_positions(_module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Memory attention pre-hook: the library stores memories in bfloat16 and relies on a
+    float32 object pointer in the same ``torch.cat`` to promote them; a frame before an
+    object's first prompt has no pointer and a float32 model then fails (CPU). Casting to the
+    positions' dtype is what that promotion gives, so no other answer changes."""
+    memory, pos = kwargs.get("memory"), kwargs.get("memory_pos")
+    if memory is not None and pos is not None and memory.dtype != pos.dtype:
+        kwargs["memory"] = memory.to(pos.dtype)
+    return args, kwargs
+
+
+def install_memory_dtype_fix(predictor: torch.nn.Module) -> None:
+    """Add :func:`_memory_as_positions` to the model once."""
+    attention = predictor.memory_attention
+    if not getattr(attention, "visionserve_memory_dtype", False):
+        attention.register_forward_pre_hook(_memory_as_positions, with_kwargs=True)
+        attention.visionserve_memory_dtype = True
+
+
+# ----------------------------------------------------------------------------- video inference state
+
+
+def new_inference_state(
+    images: Any,
+    num_frames: int,
+    size: tuple[int, int] | None,
+    device: torch.device,
+    offload_video_to_cpu: bool,
+    offload_state_to_cpu: bool,
+) -> dict[str, Any]:
+    """The state ``SAM2VideoPredictor.init_state`` builds, over ``images`` (indexable frames,
+    normalised on access) instead of its file loader; ``size`` (height, width) None: not yet known."""
+    return {
+        "images": images,
+        "num_frames": num_frames,
+        "offload_video_to_cpu": offload_video_to_cpu,
+        "offload_state_to_cpu": offload_state_to_cpu,
+        "video_height": 0 if size is None else size[0],
+        "video_width": 0 if size is None else size[1],
+        "device": device,
+        "storage_device": torch.device("cpu") if offload_state_to_cpu else device,
+        "point_inputs_per_obj": {},
+        "mask_inputs_per_obj": {},
+        "cached_features": {},
+        "constants": {},
+        "obj_id_to_idx": {},
+        "obj_idx_to_id": {},
+        "obj_ids": [],
+        "output_dict_per_obj": {},
+        "temp_output_dict_per_obj": {},
+        "frames_tracked_per_obj": {},
+    }
+
+
+def num_frames(state: dict[str, Any]) -> int:
+    return state["num_frames"]
+
+
+def video_size(state: dict[str, Any]) -> tuple[int, int]:
+    return state["video_height"], state["video_width"]
+
+
+def set_video_size(state: dict[str, Any], height: int, width: int) -> None:
+    state["video_height"], state["video_width"] = height, width
+
+
+def object_ids(state: dict[str, Any]) -> list[int]:
+    return state["obj_ids"]
+
+
+def object_index(state: dict[str, Any], obj_id: int) -> int:
+    return state["obj_id_to_idx"][obj_id]
+
+
+def presence(state: dict[str, Any], obj_idx: int, frame_index: int) -> float:
+    """Presence probability of an object on a frame, from the output its mask came from (0 where
+    the object has none, e.g. before the frame it was first prompted on)."""
+    for outputs in (state["temp_output_dict_per_obj"][obj_idx], state["output_dict_per_obj"][obj_idx]):
+        for key in ("cond_frame_outputs", "non_cond_frame_outputs"):
+            out = outputs[key].get(frame_index)
+            if out is not None:
+                return float(torch.sigmoid(out["object_score_logits"].float()).max())
+    return 0.0
+
+
+def first_prompted_frame(state: dict[str, Any]) -> int:
+    """``propagate_in_video``'s default start (after ``propagate_in_video_preflight``)."""
+    return min(t for out in state["output_dict_per_obj"].values() for t in out["cond_frame_outputs"])
+
+
+def drop_outputs_before(state: dict[str, Any], oldest: int) -> None:
+    """Forget every object's non-conditioning outputs (and their tracked marks) before ``oldest``."""
+    for obj_idx, outputs in state["output_dict_per_obj"].items():
+        non_cond = outputs["non_cond_frame_outputs"]
+        for t in [t for t in non_cond if t < oldest]:
+            del non_cond[t]
+        tracked = state["frames_tracked_per_obj"][obj_idx]
+        for t in [t for t in tracked if t < oldest]:
+            del tracked[t]
+
+
+def state_without_frames(state: dict[str, Any]) -> dict[str, Any]:
+    """Everything the state holds but its frames (for counting its memory)."""
+    return {k: v for k, v in state.items() if k != "images"}
