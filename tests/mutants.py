@@ -971,6 +971,30 @@ MUTANTS = [
         ("tests/test_guards.py::-k switches",),
         "issue 32: SECURITY.md's 10^4 (the old test tried 2e4 only)",
     ),
+    Mutant(
+        "clients: sam2 video checkpoint_path dropped",
+        "clients/sam2_client.py",
+        'selector={"model_cfg": model_cfg, "checkpoint_path": checkpoint_path},',
+        'selector={"model_cfg": model_cfg},',
+        ("tests/test_openapi_answers.py::-k video_session_clients",),
+        "issue 32: a session field the client cannot send (the gap this test found)",
+    ),
+    Mutant(
+        "clients: video propagate default both",
+        "clients/video.py",
+        'self, direction: str = "forward",',
+        'self, direction: str = "both",',
+        ("tests/test_openapi_answers.py::-k video_session_clients",),
+        "issue 32: a video client default off the server's",
+    ),
+    Mutant(
+        "clients: sam2 video clear_old_points default false",
+        "clients/sam2_client.py",
+        "clear_old_points: bool = True,",
+        "clear_old_points: bool = False,",
+        ("tests/test_openapi_answers.py::-k video_session_clients",),
+        "issue 32: a video client default off the server's",
+    ),
 ]
 
 
