@@ -1077,6 +1077,14 @@ MUTANTS = [
         ("tests/test_off_states.py::-k no_auth",),
         "issue 32: SECURITY.md: --no-auth is logged as a warning",
     ),
+    Mutant(
+        "body: chunked bodies not counted",
+        "apis/http/middleware.py",
+        "if seen > self.max_bytes:",
+        "if False:",
+        ("tests/test_hardening.py::test_a_chunked_body_is_cut_at_the_limit",),
+        "issue 32: SECURITY.md: chunked bodies are counted while they stream and cut at the limit",
+    ),
 ]
 
 
