@@ -317,6 +317,7 @@ class Sam2VideoSession(VideoSession):
         *,
         api_key: str | None = None,
         model_cfg: str | None = None,
+        checkpoint_path: str | None = None,
         max_frames: int | None = None,
         offload_video_to_cpu: bool = False,
         offload_state_to_cpu: bool = False,
@@ -330,7 +331,7 @@ class Sam2VideoSession(VideoSession):
             frames,
             video_path,
             api_key=api_key,
-            selector={"model_cfg": model_cfg},
+            selector={"model_cfg": model_cfg, "checkpoint_path": checkpoint_path},
             max_frames=max_frames,
             offload={
                 "offload_video_to_cpu": offload_video_to_cpu,

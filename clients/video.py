@@ -124,10 +124,18 @@ class VideoSession:
                     return
                 yield self._frame(part)
 
-    def add_frame(self, image: Any) -> dict:
-        """Live sessions: append one image (path, bytes, PIL image or array) and get its
-        objects, tracked at once."""
-        body = {"image": encode_image(image), "mask_encoding": self.mask_encoding}
+    def add_frame(
+        self, image: Any = None, *, image_url: str | None = None, image_path: str | None = None
+    ) -> dict:
+        """Live sessions: append one image (path, bytes, PIL image or array; or a URL or a file
+        on the server, as on the image routes) and get its objects, tracked at once."""
+        body = {
+            "image": None if image is None else encode_image(image),
+            "image_url": image_url,
+            "image_path": image_path,
+            "mask_encoding": self.mask_encoding,
+        }
+        body = {k: v for k, v in body.items() if v is not None}
         return self._frame(self._call("POST", self._path("frames"), body))
 
     def info(self) -> dict:

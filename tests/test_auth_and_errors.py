@@ -83,6 +83,10 @@ def test_client_raises_with_server_message(clip_url):
 
 def test_health_open_info_and_docs_need_key(clip_server):
     assert requests.get(clip_server.url + "/health").status_code == 200
+    # public_docs and public_metrics off (the defaults): no key, no docs, no /info, no /metrics
+    for path in ("/docs", "/redoc", "/openapi.json", "/info", "/metrics"):
+        r = requests.get(clip_server.url + path)
+        assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer", path
     h = requests.get(clip_server.url + "/clip/health")
     assert h.status_code == 200 and h.json()["status"] == "ok"
     info = requests.get(clip_server.url + "/info", headers=auth(KEYS[1])).json()

@@ -156,6 +156,9 @@ def test_clip_embed_images_or_texts_alone_and_float16(images, clip_ref, ckw):
     img_emb, txt_emb = cc.embed_clip(texts=["x"], output_dtype="float16", **ckw)
     assert img_emb.shape == (0, 32) and txt_emb.dtype == np.float16
     np.testing.assert_allclose(txt_emb, clip_text_ref(clip_ref, ["x"]), atol=2e-3)
+    img_emb, txt_emb = cc.embed_clip(images[:2], ["x"], output_dtype="float16", **ckw)
+    assert img_emb.dtype == txt_emb.dtype == np.float16 and img_emb.shape == (2, 32)
+    np.testing.assert_allclose(img_emb, clip_image_ref(clip_ref, images[:2]), atol=2e-3)
 
 
 def embed_forwards(server, family: str) -> dict[int, int]:
@@ -229,6 +232,30 @@ def test_dino_embed_class_token_and_mean_equal_timm(images, dino_ref, dkw):
     np.testing.assert_allclose(dc.embed_dino(images, pooling="mean", **dkw), mean, rtol=1e-4, atol=1e-5)
     unit = dc.embed_dino(images[:1], normalize=True, **dkw)
     np.testing.assert_allclose(unit[0], cls[0] / np.linalg.norm(cls[0]), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_dino_embed_float16_carries_the_float32_values_in_half_the_bytes(
+    server, images, dino_ref, dkw, pooling
+):
+    """``output_dtype``: float16 is the float32 answer rounded (and within 2e-3 of timm's)."""
+    model, transform, _, _ = dino_ref
+    with torch.no_grad():
+        feats = model.forward_features(torch.stack([transform(im) for im in images]))
+        want = (feats[:, 0] if pooling == "cls" else model.pool(feats, pool_type="avg")).numpy()
+    out32 = dc.embed_dino(images, pooling=pooling, **dkw)
+    out16 = dc.embed_dino(images, pooling=pooling, output_dtype="float16", **dkw)
+    assert out32.dtype == np.float32 and out16.dtype == np.float16 and out16.shape == want.shape
+    np.testing.assert_array_equal(out16, out32.astype(np.float16))
+    np.testing.assert_allclose(out16, want, rtol=2e-3, atol=2e-3)
+    raw = [
+        post(
+            server, "/dino/embed", {"images": [png_b64(images[0])], "pooling": pooling, "output_dtype": d}
+        ).json()
+        for d in ("float32", "float16")
+    ]
+    assert [r["dtype"] for r in raw] == ["float32", "float16"]
+    assert 2 * len(base64.b64decode(raw[1]["embeddings"])) == len(base64.b64decode(raw[0]["embeddings"]))
 
 
 def test_concurrent_dino_embeds_of_both_poolings(server, images, dino_ref, dkw):

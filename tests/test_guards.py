@@ -268,3 +268,54 @@ def test_default_limits_are_the_numbers_security_md_states():
     }
     got = Limits().model_dump()
     assert {k: got[k] for k in want} == want
+
+
+def test_the_auth_header_limit_is_4_kib_and_spaces_around_the_key_are_trimmed():
+    """SECURITY.md: surrounding spaces are trimmed, headers over 4 KiB are refused (4096 bytes
+    pass, 4097 do not), and each failure says what was wrong."""
+    from apis.http import middleware
+
+    auth = middleware.BearerAuth(None, ["vs-key"], lambda path: False)
+
+    def header(size: int) -> bytes:
+        return (b"Bearer  vs-key \t").ljust(size, b" ")
+
+    assert auth._problem(header(4096)) is None
+    assert auth._problem(header(4097)) == "Authorization header is too long"
+    assert auth._problem(b"Bearer \t vs-key  ") is None
+    assert auth._problem(b"Bearer vs-key2") == auth._problem(b"Bearer vs-ke") == "invalid API key"
+    assert auth._problem(b"Bearer ") == "invalid API key"
+    assert "missing" in auth._problem(None) and "Bearer scheme" in auth._problem(b"Basic vs-key")
+
+
+def test_the_switches_and_bounds_are_the_ones_security_md_states():
+    """SECURITY.md's defaults beyond the limits table: URL and path inputs off, private targets
+    refused, 3 redirects, docs and metrics behind the key; the six image formats, 10,000 header
+    steps; softmax scales up to 10^8 and mask_input logits within 10^4, by their exact bounds."""
+    from apis.config import ServerConfig
+    from apis.core import images
+    from apis.core.settings import Inputs
+
+    inputs = Inputs()
+    assert (inputs.url.enabled, inputs.url.allow_private_networks, inputs.url.allowed_hosts) == (
+        False,
+        False,
+        [],
+    )
+    assert inputs.url.max_redirects == 3 and inputs.path.roots == []
+    cfg = ServerConfig()
+    assert (cfg.public_docs, cfg.public_metrics, cfg.metrics_port) == (False, False, None)
+    assert set(images.ALLOWED_FORMATS) == {"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"}
+    assert images.HEADER_STEPS == 10_000
+    for field in ("softmax", "relevancy_temperature"):
+        ClipSimilarityRequest(image="x", text="mug", **{field: 1e8})
+        with pytest.raises(ValidationError):
+            ClipSimilarityRequest(image="x", text="mug", **{field: 1.000001e8})
+
+    def prompt(value: float) -> Sam2PromptRequest:
+        data = base64.b64encode(np.array([value, -value], "<f4").tobytes()).decode()
+        return Sam2PromptRequest(image="x", mask_input=data, mask_input_shape=[1, 1, 2])
+
+    prompt(1e4)
+    with pytest.raises(ValidationError, match="within"):
+        prompt(10001.0)

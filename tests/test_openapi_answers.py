@@ -463,3 +463,117 @@ def test_client_parameters_cover_every_request_field_with_the_servers_defaults(s
         want = schema["default"]
         got = list(default) if isinstance(default, tuple) else default
         assert got == want or (want is None and got == []), (fn.__name__, name, got, want)
+
+
+class _Recorder:
+    """Stands in for clients.common.send: records (method, path, body) and answers what a
+    session needs (its creation, an empty stream), so each client's request bodies can be held
+    to the published schemas without a model."""
+
+    def __init__(self):
+        self.sent: list[tuple[str, str, dict | None]] = []
+
+    def __call__(self, method: str, url: str, api_key, timeout, json=None, **kwargs):
+        from unittest.mock import MagicMock
+
+        self.sent.append((method, url.split("/video/sessions", 1)[1], json))
+        resp = MagicMock(content=b"{}")
+        resp.json.return_value = {"session_id": "s1", "num_frames": 2, "frame_index": 0, "objects": []}
+        resp.__enter__.return_value = resp
+        resp.iter_lines.return_value = [b'{"done": true, "frames": 0}']
+        return resp
+
+    def body(self, method: str, route: str) -> dict:
+        return next(b for m, r, b in reversed(self.sent) if m == method and r == route)
+
+
+_VIDEO_ROUTES = {"": "/video/sessions", "/s1/prompts": "/video/sessions/{session_id}/prompts"}
+_VIDEO_ROUTES |= {
+    "/s1/propagate": "/video/sessions/{session_id}/propagate",
+    "/s1/frames": "/video/sessions/{session_id}/frames",
+}
+
+
+@pytest.mark.parametrize("family", ["sam2", "sam3"])
+def test_video_session_clients_send_every_request_field_with_the_servers_defaults(spec, monkeypatch, family):
+    """Sam2VideoSession / Sam3VideoSession: every field of each session route's published
+    request schema is sent when its argument is given, nothing else is sent, and what the
+    client sends when left at its defaults is the schema's default."""
+    import inspect
+
+    from clients import video
+    from clients.sam2_client import Sam2VideoSession
+    from clients.sam3_client import Sam3VideoSession
+
+    rec = _Recorder()
+    monkeypatch.setattr(video, "send", rec)
+    cls = {"sam2": Sam2VideoSession, "sam3": Sam3VideoSession}[family]
+    png = base64.b64decode(IMG)
+    fields = {r: _request_fields(spec, f"/{family}{p}") for r, p in _VIDEO_ROUTES.items()}
+
+    def at_defaults(route: str, body: dict) -> None:
+        assert set(body) <= set(fields[route]), (route, sorted(set(body) - set(fields[route])))
+        for name, value in body.items():
+            want = fields[route][name].get("default")
+            if name not in (
+                "video",
+                "frames",
+                "video_path",
+                "image",
+                "frame_index",
+                "obj_id",
+                "text",
+                "points",
+            ):
+                assert value == want, (route, name, value, want)
+
+    # at the defaults
+    session = cls("http://x/" + family, frames=[png, png], api_key="k")
+    at_defaults("", rec.body("POST", ""))
+    list(session.propagate())
+    at_defaults("/s1/propagate", rec.body("POST", "/s1/propagate"))
+    session.add_frame(png)
+    at_defaults("/s1/frames", rec.body("POST", "/s1/frames"))
+    session.prompt(0, **({"obj_id": 1, "points": [[1, 2]]} if family == "sam2" else {"text": "a"}))
+    at_defaults("/s1/prompts", rec.body("POST", "/s1/prompts"))
+    for name, p in inspect.signature(cls.__init__).parameters.items():
+        if name in fields[""] and "default" in fields[""][name] and p.default is not None:
+            assert p.default == fields[""][name]["default"], name
+    assert (
+        inspect.signature(cls.__init__).parameters["mask_encoding"].default
+        == (fields["/s1/prompts"]["mask_encoding"]["default"])
+    )
+
+    # every argument given: every field sent (the clip as video, frames or video_path in turn)
+    sent: dict[str, set] = {r: set() for r in fields}
+    selector = {"sam2": {"model_cfg": "m", "checkpoint_path": "m.pt"}, "sam3": {"model": "m"}}[family]
+    offload = {"offload_video_to_cpu": True} | ({"offload_state_to_cpu": True} if family == "sam2" else {})
+    for clip in ({"video": png}, {"frames": [png]}, {"video_path": "c.mp4"}):
+        cls(
+            "http://x/" + family,
+            **clip,
+            api_key="k",
+            max_frames=2,
+            mask_encoding="png",
+            **selector,
+            **offload,
+        )
+        sent[""] |= set(rec.body("POST", ""))
+    list(session.propagate(direction="backward", start_frame_index=1, max_frames=1))
+    for image in ({"image": png}, {"image_url": "http://h/a.png"}, {"image_path": "a.png"}):
+        session.add_frame(**image)
+        sent["/s1/frames"] |= set(rec.body("POST", "/s1/frames"))
+    if family == "sam2":
+        session.prompt(
+            0, 1, points=[[1, 2]], labels=[1], box=[0, 0, 3, 3], mask=np.ones((2, 2)), clear_old_points=False
+        )
+    else:
+        session.prompt(
+            0, "a", boxes=[[0, 0, 3, 3]], box_labels=[1], points=[[1, 2]], point_labels=[1], obj_id=1
+        )
+    for route in ("/s1/propagate", "/s1/prompts"):
+        sent[route] |= set(rec.body("POST", route))
+    if family == "sam3":  # its one accepted value is the default (true is a 400: sam3_video_http)
+        sent[""].add("offload_state_to_cpu")
+    for route, names in sent.items():
+        assert names == set(fields[route]), (route, sorted(set(fields[route]) ^ names))

@@ -64,6 +64,8 @@ def library(tmp_path_factory):
     predictor = build_sam2_video_predictor(
         SPEC["config"], None, device="cpu", hydra_overrides_extra=SPEC["overrides"]
     )
+    with torch.no_grad():  # objects "present" (object-score logit > 0): masks are not all empty
+        predictor.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.fill_(2.0)
     path = tmp_path_factory.mktemp("sam2-video") / "sam2-tiny.pt"
     torch.save({"model": predictor.state_dict()}, path)
     return predictor, path
@@ -129,6 +131,7 @@ def reference(library, tmp_path_factory):
                 p["obj_id"],
                 points=np.array(p["points"], np.float32),
                 labels=np.array(p["labels"], np.int32),
+                clear_old_points=p.get("clear_old_points", True),
             )
         return {
             t: {int(o): (logits[i, 0] > 0).numpy() for i, o in enumerate(ids)}
@@ -161,6 +164,30 @@ def test_point_prompt_propagated_forward_equals_the_library(server, reference):
     assert info["last_propagation"]["frames"] == 6 and info["last_propagation"]["ended"] == "done"
     assert call(server, "DELETE", f"/{sid}").status_code == 204
     assert call(server, "GET", f"/{sid}").json()["error"]["code"] == "session_not_found"
+
+
+def test_backward_from_a_start_frame_and_kept_clicks_equal_the_library(server, reference):
+    """``direction``, ``start_frame_index``, ``max_frames`` and ``clear_old_points: false`` over
+    HTTP, each against the library given the same: a second click kept with the first, then
+    two frames tracked backward from frame 4 (the library's ``max_frame_num_to_track`` counts the
+    frames after the first)."""
+    frames = clip(6, seed=2)
+    sid = open_session(server, frames)
+    first = {"frame_index": 4, "obj_id": 1, "points": [[48, 24]], "labels": [1]}
+    more = {"frame_index": 4, "obj_id": 1, "points": [[12, 40]], "labels": [1], "clear_old_points": False}
+    for prompt in (first, more):
+        assert call(server, "POST", f"/{sid}/prompts", prompt).status_code == 200
+    body = {"direction": "backward", "start_frame_index": 4, "max_frames": 2}
+    got = lines(call(server, "POST", f"/{sid}/propagate", body, stream=True))
+    want = reference(frames, [first, more], start_frame_idx=4, max_frame_num_to_track=1, reverse=True)
+    assert [g["frame_index"] for g in got[:-1]] == list(want) == [4, 3]
+    for line in got[:-1]:
+        assert np.array_equal(decode(line["objects"][0]["mask"]), want[line["frame_index"]][1])
+    replaced = reference(
+        frames, [first, {**more, "clear_old_points": True}], start_frame_idx=4, max_frame_num_to_track=0
+    )
+    assert not np.array_equal(replaced[4][1], want[4][1])  # the kept click matters
+    assert call(server, "DELETE", f"/{sid}").status_code == 204
 
 
 def test_live_frames_equal_offline_propagation(server, reference):
