@@ -1,0 +1,226 @@
+"""visionserve side by side with a peer server on the same workloads, one server at a time.
+
+    python bench/peers.py --peer infinity|roboflow [--rounds 2] [--venvs DIR] [--work DIR]
+
+Each round starts the peer (in its own virtualenv, never the server's), runs every workload on
+it, stops it, then does the same with visionserve; the order flips every round (A, B, B, A) so
+drift on a shared machine hits both alike. Load is closed-loop: ``c`` keep-alive connections,
+each sending its next request when the previous answer is in (bench/harness.py ``drive``).
+The table gives the median requests/s over the rounds, the p50 latency over all of them and the
+ratio; a workload may add an in-process "model alone" row (the model's own speed, for judging a
+model-bound row). The CPU and the load average before/after are printed with the table.
+
+A peer is a module ``bench/peer_<name>.py`` (imported by name, so a new peer needs no edit
+here) offering:
+
+- ``NAME: str``: what the table calls it, with its version (``"infinity-emb 0.0.78"``).
+- ``READY_PATH: str``: a GET path that answers 200 once the peer serves (``"/health"``).
+- ``install(venv: Path) -> None``: create ``venv`` and install the peer into it; cheap when it
+  is already there (the venv is kept between runs).
+- ``prepare(venv: Path, workdir: Path) -> None``: build what the peer loads (model files, random
+  weights, nothing downloaded) under ``workdir``; cheap when it is already there.
+- ``command(venv: Path, workdir: Path, port: int) -> tuple[list[str], dict[str, str]]``: the
+  command that serves the peer on 127.0.0.1:``port`` without auth, and the environment variables
+  to add. It runs with ``cwd=workdir`` in its own session; stopped by SIGTERM, then SIGKILL of
+  its process group. Its output goes to ``workdir/peer-<port>.log``.
+- ``ours_config(workdir: Path) -> dict``: the visionserve config (the YAML as a dict) with the
+  same architecture sizes; served by ``app.py --no-auth``.
+- ``workloads(workdir: Path) -> list[Workload]``: the rows (see ``Workload``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.harness import Run, drive, free_port, machine, ms, p, server, spread, table  # noqa: E402
+
+CACHE = Path.home() / ".cache" / "visionserve" / "peers"
+
+
+@dataclass
+class Workload:
+    """One row: the same work sent to both servers, ``requests`` per run at ``concurrency``.
+
+    Bodies are cycled to make up ``requests``. ``model_alone`` is optional: a call that does the
+    model work of ``model_alone_requests`` requests in this process (run after the servers are
+    stopped), shown as requests/s in a row of its own."""
+
+    name: str
+    concurrency: int
+    requests: int
+    peer_path: str
+    peer_bodies: list[dict]
+    ours_path: str
+    ours_bodies: list[dict]
+    model_alone: Callable[[], object] | None = None
+    model_alone_requests: int = 1
+    model_alone_label: str = "model alone, in-process"
+    runs: dict[str, list[Run]] = field(default_factory=dict)
+
+
+def load_peer(name: str):
+    """``bench.peer_<name>``: the module offering the interface in this file's docstring."""
+    return importlib.import_module(f"bench.peer_{name}")
+
+
+@contextmanager
+def serving(peer, venv: Path, work: Path, timeout: float = 900.0) -> Iterator[str]:
+    """Run the peer's command on a free port until its ``READY_PATH`` answers 200; yield the base
+    URL; stop it and everything in its process group afterwards."""
+    port = free_port()
+    cmd, extra_env = peer.command(venv, work, port)
+    cwd, ready_path = work, peer.READY_PATH
+    log = open(cwd / f"peer-{port}.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env={**os.environ, **extra_env},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"peer exited ({proc.returncode}); see {log.name}")
+            with suppress(requests.ConnectionError):
+                if requests.get(url + ready_path, timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"peer not ready after {timeout}s; see {log.name}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            with suppress(subprocess.TimeoutExpired):
+                proc.wait(30)
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def run_all(url: str, side: str, loads: list[Workload]) -> None:
+    """One warm-up request per workload, then every workload once; results go to ``runs``."""
+    for w in loads:
+        path, bodies = (w.peer_path, w.peer_bodies) if side == "peer" else (w.ours_path, w.ours_bodies)
+        drive(url + path, bodies[:1], 1)
+    for w in loads:
+        path, bodies = (w.peer_path, w.peer_bodies) if side == "peer" else (w.ours_path, w.ours_bodies)
+        batch = [bodies[i % len(bodies)] for i in range(w.requests)]
+        run = drive(url + path, batch, w.concurrency)
+        w.runs.setdefault(side, []).append(run)
+        print(f"{side:5} {w.name}: {run.throughput:.2f} req/s", flush=True)
+
+
+def model_alone_rate(w: Workload, repeats: int = 3) -> float:
+    """Requests/s of the model work alone: the median of ``repeats`` timed calls after one warm-up."""
+    w.model_alone()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        w.model_alone()
+        times.append(time.perf_counter() - t0)
+    return w.model_alone_requests / statistics.median(times)
+
+
+def cpu_name() -> str:
+    """The CPU's model name as the kernel reports it (``platform`` often says only x86_64)."""
+    with suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+def load_average() -> str:
+    return "/".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def report(peer_name: str, loads: list[Workload], alone: dict[str, float]) -> list[list[str]]:
+    rows = []
+    for w in loads:
+        tp = {side: statistics.median(r.throughput for r in w.runs[side]) for side in ("peer", "ours")}
+        lat = {side: [x for r in w.runs[side] for x in r.latencies] for side in ("peer", "ours")}
+        rows.append(
+            [
+                f"{w.name}, c = {w.concurrency}",
+                f"{tp['peer']:.2f} ({spread([r.throughput for r in w.runs['peer']])})",
+                f"{tp['ours']:.2f} ({spread([r.throughput for r in w.runs['ours']])})",
+                f"**{tp['ours'] / tp['peer']:.2f}x**",
+                ms(p(lat["peer"], 50)),
+                ms(p(lat["ours"], 50)),
+            ]
+        )
+        if w.name in alone:
+            rows.append([f"{w.name}: {w.model_alone_label}", "", f"{alone[w.name]:.2f}", "", "", ""])
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--peer", required=True, help="a bench/peer_<name>.py module: infinity, roboflow")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds per server, in turns (at least 2)")
+    ap.add_argument("--venvs", type=Path, default=CACHE / "venvs", help="the peers' virtualenvs (DIR/<name>)")
+    ap.add_argument("--work", type=Path, default=CACHE / "work", help="model files and logs (DIR/<name>)")
+    ap.add_argument("--only", default="", help="comma-separated workload names to run (default all)")
+    args = ap.parse_args()
+    if args.rounds < 2:
+        ap.error("--rounds must be at least 2: the sides run in turns")
+    peer = load_peer(args.peer)
+    venv, work = args.venvs / args.peer, args.work / args.peer
+    work.mkdir(parents=True, exist_ok=True)
+    peer.install(venv)
+    peer.prepare(venv, work)
+    loads = peer.workloads(work)
+    if args.only:
+        wanted = set(args.only.split(","))
+        loads = [w for w in loads if w.name in wanted]
+    config = work / "visionserve.yaml"
+    config.write_text(yaml.safe_dump(peer.ours_config(work)))
+    loads_before = load_average()
+    for i in range(args.rounds):
+        for side in ("peer", "ours") if i % 2 == 0 else ("ours", "peer"):
+            print(f"round {i + 1}: {side} (load average {load_average()})", flush=True)
+            if side == "peer":
+                with serving(peer, venv, work) as url:
+                    run_all(url, side, loads)
+            else:
+                with server(config) as url:
+                    run_all(url, side, loads)
+    alone = {w.name: model_alone_rate(w) for w in loads if w.model_alone is not None}
+    loads_after = load_average()
+    print(
+        f"\n`{' '.join(['python', *sys.argv])}` on {cpu_name()} ({machine()}); {peer.NAME} vs visionserve, "
+        f"one server at a time, {args.rounds} rounds in turns; requests/s is the median over rounds "
+        f"(± spread), p50 over all requests; "
+        f"load average (1/5/15 min) {loads_before} before, {loads_after} after.\n"
+    )
+    print(
+        table(
+            ["workload", f"{peer.NAME} req/s", "visionserve req/s", "ratio", "p50 ms peer", "p50 ms ours"],
+            report(peer.NAME, loads, alone),
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
