@@ -796,14 +796,6 @@ MUTANTS = [
         "issue 32: mask_encoding packbits in the other bit order",
     ),
     Mutant(
-        "auto_mask: min_mask_region_area ignored",
-        "apis/sam2/model.py",
-        "amg = _Generator(pred.model, output_mode=output_mode, **s)",
-        'amg = _Generator(pred.model, output_mode=output_mode, **{**s, "min_mask_region_area": 0})',
-        ("tests/test_sam2_http.py::test_min_mask_region_area_works_as_with_sam2s_kernel",),
-        "issue 32: the final small-region removal never run",
-    ),
-    Mutant(
         "sam3: score_threshold always the configured one",
         "apis/sam3/api.py",
         'score_threshold=given("score_threshold"),',
