@@ -1077,6 +1077,14 @@ MUTANTS = [
         ("tests/test_hardening.py::test_a_chunked_body_is_cut_at_the_limit",),
         "issue 32: SECURITY.md: chunked bodies are counted while they stream and cut at the limit",
     ),
+    Mutant(
+        "sam3 video: refining points with x and y scaled by the wrong side",
+        "apis/sam3/video.py",
+        "coords /= torch.tensor([self.width, self.height], dtype=torch.float32)",
+        "coords /= torch.tensor([self.height, self.width], dtype=torch.float32)",
+        ("tests/test_sam3_video.py::test_text_prompt_then_points_match_the_library",),
+        "issue 32: points refinements (pixels to the library's normalised units)",
+    ),
 ]
 
 
