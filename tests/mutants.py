@@ -796,14 +796,6 @@ MUTANTS = [
         "issue 32: mask_encoding packbits in the other bit order",
     ),
     Mutant(
-        "auto_mask: min_mask_region_area ignored",
-        "apis/sam2/model.py",
-        "amg = _Generator(pred.model, output_mode=output_mode, **s)",
-        'amg = _Generator(pred.model, output_mode=output_mode, **{**s, "min_mask_region_area": 0})',
-        ("tests/test_sam2_http.py::test_min_mask_region_area_works_as_with_sam2s_kernel",),
-        "issue 32: the final small-region removal never run",
-    ),
-    Mutant(
         "sam3: score_threshold always the configured one",
         "apis/sam3/api.py",
         'score_threshold=given("score_threshold"),',
@@ -1084,6 +1076,14 @@ MUTANTS = [
         "if False:",
         ("tests/test_hardening.py::test_a_chunked_body_is_cut_at_the_limit",),
         "issue 32: SECURITY.md: chunked bodies are counted while they stream and cut at the limit",
+    ),
+    Mutant(
+        "sam3 video: refining points with x and y scaled by the wrong side",
+        "apis/sam3/video.py",
+        "coords /= torch.tensor([self.width, self.height], dtype=torch.float32)",
+        "coords /= torch.tensor([self.height, self.width], dtype=torch.float32)",
+        ("tests/test_sam3_video.py::test_text_prompt_then_points_match_the_library",),
+        "issue 32: points refinements (pixels to the library's normalised units)",
     ),
 ]
 

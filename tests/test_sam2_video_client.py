@@ -63,6 +63,7 @@ def server(tmp_path_factory, library):
             "video": {"max_sessions": 4, "max_frames": 20, "idle_ttl_s": 120},
             "models": [{"name": "sam2.1_hiera_t", "weights": str(library[1]), "arch_config": str(ARCH)}],
         },
+        "inputs": {"path": {"roots": [library[2]]}},  # the clip's JPEG frames, for add_frame(image_path=)
     }
     proc = ServerProcess(
         config, tmp_path_factory.mktemp("server"), ["--api-key", KEYS[0]], {"OMP_NUM_THREADS": "1"}
@@ -121,7 +122,11 @@ def test_live_session_and_png_answers_equal_the_library(kw, library, reference):
     with sc.Sam2VideoSession(mask_encoding="png", **kw) as session:
         assert session.add_frame(frames[0])["objects"] == []
         answers = [session.prompt(0, 1, **POINT)]
-        answers += [session.add_frame(f) for f in frames[1:]]
+        # odd frames as images, even ones as files on the server (the same JPEGs the library reads)
+        answers += [
+            session.add_frame(f) if i % 2 else session.add_frame(image_path=f"{i:05d}.jpg")
+            for i, f in enumerate(frames[1:], start=1)
+        ]
         for i, a in enumerate(answers):
             assert a["frame_index"] == i
             np.testing.assert_array_equal(a["objects"][0]["mask"], reference[i])
