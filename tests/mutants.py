@@ -114,13 +114,13 @@ MUTANTS = [
         "full-res similarity: softmax before upsampling",
         "apis/clip/api.py",
         """        if not p["ret_patches"]:
-            sim = upsample_grid(sim[..., None], item.geom, p["interpolation_mode"])[..., 0]
+            sim = dense.upsample_grid(sim[..., None], item.geom, p["interpolation_mode"])[..., 0]
         if p["softmax"] > 0 and not negatives:
             sim = model.spatial_softmax(sim, p["softmax"])""",
         """        if p["softmax"] > 0 and not negatives:
             sim = model.spatial_softmax(sim, p["softmax"])
         if not p["ret_patches"]:
-            sim = upsample_grid(sim[..., None], item.geom, p["interpolation_mode"])[..., 0]""",
+            sim = dense.upsample_grid(sim[..., None], item.geom, p["interpolation_mode"])[..., 0]""",
         ("tests/test_clip_http.py::test_similarity_full_resolution_cosine_and_negatives",),
         "item 4: the seed's order of steps",
     ),
@@ -210,8 +210,8 @@ MUTANTS = [
     Mutant(
         "auto_mask: m2m ignored",
         "apis/sam2/model.py",
-        "amg = _Generator(pred.model, output_mode=output_mode, **s)",
-        'amg = _Generator(pred.model, output_mode=output_mode, **{**s, "use_m2m": False})',
+        "amg = internals.mask_generator(pred.model, output_mode=output_mode, **s)",
+        'amg = internals.mask_generator(pred.model, output_mode=output_mode, **{**s, "use_m2m": False})',
         ("tests/test_sam2_http.py::test_auto_mask_equals_the_library_generator_field_by_field",),
         "item 9: fine_grained's mask-to-mask refinement not run",
     ),
@@ -225,9 +225,9 @@ MUTANTS = [
     ),
     Mutant(
         "prompt_mask: hole area used for sprinkles too",
-        "apis/sam2/model.py",
-        "self._transforms.max_sprinkle_area = max_sprinkle_area",
-        "self._transforms.max_sprinkle_area = max_hole_area",
+        "apis/sam2/internals.py",
+        "pred._transforms.max_sprinkle_area = max_sprinkle_area",
+        "pred._transforms.max_sprinkle_area = max_hole_area",
         ("tests/test_sam2_http.py::test_hole_and_sprinkle_filling_equal_the_library_predictor",),
         "item 10: a shared misreading of the two areas",
     ),
@@ -371,7 +371,7 @@ MUTANTS = [
     ),
     Mutant(
         "options: lazy loads eagerly",
-        "apis/family.py",
+        "apis/family_worker.py",
         'if self.fam.load == "eager":',
         "if True:",
         ("tests/test_server_options.py::test_lazy_loading_models_and_devices",),
@@ -400,8 +400,8 @@ MUTANTS = [
     Mutant(
         "dino: padding_mode ignored",
         "apis/dino/api.py",
-        'patch, p["padding_mode"], IMAGENET_MEAN',
-        'patch, "constant", IMAGENET_MEAN',
+        'p["padding_mode"],\n            dense.IMAGENET_MEAN',
+        '"constant",\n            dense.IMAGENET_MEAN',
         ("tests/test_dino_http.py::test_padding_mode_equals_numpy_padding_of_the_normalised_image",),
         "issue 32: DINO pads with zeros whatever the request says",
     ),
@@ -441,16 +441,16 @@ MUTANTS = [
     Mutant(
         "auto_mask: crop_nms_thresh ignored",
         "apis/sam2/model.py",
-        "amg = _Generator(pred.model, output_mode=output_mode, **s)",
-        'amg = _Generator(pred.model, output_mode=output_mode, **{**s, "crop_nms_thresh": 0.7})',
+        "amg = internals.mask_generator(pred.model, output_mode=output_mode, **s)",
+        'amg = internals.mask_generator(pred.model, output_mode=output_mode, **{**s, "crop_nms_thresh": 0.7})',
         ("tests/test_sam2_http.py::test_crop_nms_and_overlap_equal_the_library_generator_at_two_values",),
         "issue 32: the default crop NMS whatever the request says",
     ),
     Mutant(
         "auto_mask: crop_overlap_ratio ignored",
         "apis/sam2/model.py",
-        "amg = _Generator(pred.model, output_mode=output_mode, **s)",
-        'amg = _Generator(pred.model, output_mode=output_mode, **{**s, "crop_overlap_ratio": 512 / 1500})',
+        "amg = internals.mask_generator(pred.model, output_mode=output_mode, **s)",
+        'amg = internals.mask_generator(pred.model, output_mode=output_mode, **{**s, "crop_overlap_ratio": 512 / 1500})',
         ("tests/test_sam2_http.py::test_crop_nms_and_overlap_equal_the_library_generator_at_two_values",),
         "issue 32: the default crop overlap whatever the request says",
     ),
@@ -561,8 +561,8 @@ MUTANTS = [
     Mutant(
         "dino: load_size ignored",
         "apis/dino/api.py",
-        'job.image, p["load_size"], False, patch',
-        "job.image, None, False, patch",
+        'job.image,\n            p["load_size"],\n            False,',
+        "job.image,\n            None,\n            False,",
         ("tests/test_dino_http.py::test_load_size_equals_torchvision_resize_then_timm",),
         "issue 32: DINO keeps the image's size",
     ),
@@ -648,7 +648,7 @@ MUTANTS = [
     ),
     Mutant(
         "routing: route_by_image false ignored",
-        "apis/family.py",
+        "apis/family_http.py",
         "job.image_id is None or not self.fam.route_by_image:",
         "job.image_id is None:",
         ("tests/test_units.py::-k affinity",),
@@ -672,7 +672,7 @@ MUTANTS = [
     ),
     Mutant(
         "routing: route_by_image false ignored, over HTTP",
-        "apis/family.py",
+        "apis/family_http.py",
         "job.image_id is None or not self.fam.route_by_image:",
         "job.image_id is None:",
         ("tests/test_off_states.py::-k route_by_image",),
@@ -696,7 +696,7 @@ MUTANTS = [
     ),
     Mutant(
         "options: eager loads lazily",
-        "apis/family.py",
+        "apis/family_worker.py",
         'if self.fam.load == "eager":',
         "if False:",
         ("tests/test_off_states.py::-k eager",),
@@ -859,7 +859,7 @@ MUTANTS = [
     ),
     Mutant(
         "embed: decoded images out of order",
-        "apis/embed.py",
+        "apis/vectors.py",
         'pixels = list(pool.map(pixels_of, p["images"], p["image_params"]))',
         'pixels = list(pool.map(pixels_of, p["images"][::-1], p["image_params"][::-1]))',
         (
