@@ -144,8 +144,9 @@ class FamilyWorker:
 
     def _run(self, name: str, model_id: str, jobs: list[Job]) -> list:
         try:
-            model = self.model(self.registry.by_id(model_id))
-            return self._through(self.handlers[name], model, jobs)
+            route = self.handlers[name]
+            model = self.model(self.registry.by_id(model_id)) if route.uses_model else None
+            return self._through(route, model, jobs)
         except APIError as e:
             return [e] * len(jobs)
         except Exception:

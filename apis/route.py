@@ -35,6 +35,9 @@ class Route:
     caches_image: ClassVar[bool] = False  # the worker keeps the encoded image (image_id routes)
     reads_files: ClassVar[bool] = False  # read_inputs reads files: run it off the event loop
     endpoint: ClassVar[bool] = True  # served as POST /<family>/<name>; False: FamilyAPI.endpoints serves it
+    uses_model: ClassVar[bool] = (
+        True  # False: its hooks get model=None (state it reaches holds its own model)
+    )
 
     def __init__(self, api: FamilyAPI):
         self.api = api

@@ -225,9 +225,11 @@ def _rgb(image: Any) -> np.ndarray:
 
 class _SessionRoute(Route):
     """A session call in the worker: each runs alone (its own batch key) and its APIError
-    answers it alone."""
+    answers it alone. The session holds its own model, so a call on it never loads the family's
+    default (``load: lazy``); only :class:`CreateSession` takes the model it names."""
 
     endpoint = False
+    uses_model = False
 
     def batch_key(self, item: Job) -> int:
         return id(item)
@@ -256,6 +258,7 @@ class _SessionRoute(Route):
 
 class CreateSession(_SessionRoute):
     name = "video.create"
+    uses_model = True
     request = CreateSessionRequest
     response = SessionCreated
     summary = "Open a tracking session."
@@ -576,7 +579,7 @@ class VideoSessions:
         return token
 
     def _job(self, route: type[Route], session_id: str, params: dict, image: bytes | None = None) -> Job:
-        model_id = self.api.registry.id_of(self.api.registry.default)  # the session knows its own model
+        model_id = self.api.registry.id_of(self.api.registry.default)  # unused: uses_model is False
         return Job(route.name, model_id, {**params, "session_id": session_id}, image_bytes=image)
 
     @documented("A video session's frames, objects, memory and idle time")

@@ -364,3 +364,46 @@ def test_a_session_whose_worker_died_is_lost(server):
         time.sleep(0.05)
     assert r.status_code == 410 and r.json()["error"]["code"] == "session_lost", r.text
     assert "start a new session" in r.json()["error"]["message"]
+
+
+@pytest.fixture(scope="module")
+def lazy_server(tmp_path_factory, checkpoint):
+    """One worker, ``load: lazy``, two models on the same weights: the default and ``other.pt``."""
+    tmp = tmp_path_factory.mktemp("sam2-video-lazy")
+    models = []
+    for name in ("default", "other"):
+        path = tmp / f"{name}.pt"
+        path.write_bytes(checkpoint.read_bytes())
+        models.append({"name": f"sam2.1_hiera_t_{name}", "weights": str(path), "arch_config": str(ARCH)})
+    config = {"sam2": {"load": "lazy", "models": models}}
+    proc = ServerProcess(config, tmp, ["--api-key", KEYS[0]], {"OMP_NUM_THREADS": "1"})
+    try:
+        yield proc.wait_ready()
+    finally:
+        proc.stop()
+
+
+def test_session_calls_load_only_the_sessions_model(lazy_server):
+    """Under ``load: lazy`` a session opened on a model other than the default is prompted,
+    propagated, described and closed without the default ever being loaded."""
+
+    def loaded() -> list[str]:
+        info = requests.get(f"{lazy_server.url}/info", headers=AUTH, timeout=30).json()
+        return [m for w in info["families"]["sam2"]["workers"] for m in w["models_loaded"]]
+
+    assert loaded() == []
+    r = call(
+        lazy_server,
+        "POST",
+        "",
+        {"frames": [b64(f) for f in clip(3)], "checkpoint_path": "sam2.1_hiera_t_other.pt"},
+    )
+    assert r.status_code == 201, r.text
+    sid, model = r.json()["session_id"], r.json()["model"]
+    assert loaded() == [model] and "other" in model
+    assert call(lazy_server, "POST", f"/{sid}/prompts", POINT).status_code == 200
+    parts = lines(call(lazy_server, "POST", f"/{sid}/propagate", {}, stream=True))
+    assert [p.get("frame_index") for p in parts[:-1]] == [0, 1, 2] and parts[-1]["done"]
+    assert call(lazy_server, "GET", f"/{sid}").status_code == 200
+    assert call(lazy_server, "DELETE", f"/{sid}").status_code == 204
+    assert loaded() == [model]
