@@ -81,7 +81,15 @@ class Workload:
 
 def load_peer(name: str):
     """``bench.peer_<name>``: the module offering the interface in this file's docstring."""
-    return importlib.import_module(f"bench.peer_{name}")
+    try:
+        return importlib.import_module(f"bench.peer_{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"bench.peer_{name}":
+            raise  # the peer module exists but something it imports does not
+        found = sorted(p.stem.removeprefix("peer_") for p in Path(__file__).parent.glob("peer_*.py"))
+        raise SystemExit(
+            f"no peer {name!r}: bench/peer_{name}.py does not exist (peers here: {found})"
+        ) from None
 
 
 @contextmanager
