@@ -81,7 +81,15 @@ class Workload:
 
 def load_peer(name: str):
     """``bench.peer_<name>``: the module offering the interface in this file's docstring."""
-    return importlib.import_module(f"bench.peer_{name}")
+    try:
+        return importlib.import_module(f"bench.peer_{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"bench.peer_{name}":
+            raise  # the peer module exists but something it imports does not
+        found = sorted(p.stem.removeprefix("peer_") for p in Path(__file__).parent.glob("peer_*.py"))
+        raise SystemExit(
+            f"no peer {name!r}: bench/peer_{name}.py does not exist (peers here: {found})"
+        ) from None
 
 
 @contextmanager
@@ -170,19 +178,26 @@ def run_all(url: str, side: str, loads: list[Workload]) -> None:
 
 
 def model_alone_rates(loads: list[Workload], repeats: int = 3) -> None:
-    """Requests/s of each workload's model work alone, in this process with no server running:
-    the median of ``repeats`` timed calls after one warm-up; appended to ``alone``."""
+    """Each workload's model work alone, in this process with no server running, after one
+    warm-up: requests/s from the median of ``repeats`` timed calls to ``alone``, and CPU seconds
+    per request (all this process's threads) to ``cpu["alone"]``."""
     for w in loads:
         if w.model_alone is None:
             continue
         w.model_alone()
-        times = []
+        times, cpu = [], []
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             w.model_alone()
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
         w.alone.append(w.model_alone_requests / statistics.median(times))
-        print(f"alone {w.name}, c = {w.concurrency}: {w.alone[-1]:.2f} req/s", flush=True)
+        w.cpu.setdefault("alone", []).append(statistics.median(cpu) / w.model_alone_requests)
+        print(
+            f"alone {w.name}, c = {w.concurrency}: {w.alone[-1]:.2f} req/s, "
+            f"{w.cpu['alone'][-1] * 1000:.0f} CPU ms/request",
+            flush=True,
+        )
 
 
 def cpu_name() -> str:
@@ -226,7 +241,7 @@ def report(loads: list[Workload]) -> list[list[str]]:
                     "",
                     "",
                     "",
-                    "",
+                    ms(statistics.median(w.cpu["alone"])),
                 ]
             )
     return rows
