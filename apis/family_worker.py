@@ -48,7 +48,7 @@ class FamilyWorker:
     max_batch_size: int
     #: glibc keeps freed memory for the next request (apis/core/process.py): only for families
     #: whose requests measurably gain from it, as the worker then keeps its largest request's
-    #: memory (docs/benchmarks.md, Allocator: on for SAM 3 and DINO)
+    #: memory (docs/benchmarks.md, Allocator: SAM 3, SAM 2 and DINO; not CLIP, not RMBG)
     reuses_freed_memory: ClassVar[bool] = False
 
     def setup(self, device: str) -> None:
