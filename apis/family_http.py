@@ -31,6 +31,9 @@ from apis.route import Job, Route
 from apis.transport.dispatch import Dispatcher
 
 if TYPE_CHECKING:
+    from apis.config import ServerConfig
+    from apis.core.registry import ModelRegistry
+    from apis.core.settings import Family
     from apis.family import FamilyAPI
 
 #: Threads that read and check image inputs (base64, URL, file; header probe). Pillow parses some
@@ -184,9 +187,9 @@ class FamilyFront:
     validated into a :class:`Job`, the worker it should go to, and the workers' counters."""
 
     family: str
-    cfg: Any  # apis.config.ServerConfig
-    fam: Any  # the family's settings (apis.core.settings.Family)
-    registry: Any  # apis.core.registry.ModelRegistry
+    cfg: ServerConfig
+    fam: Family
+    registry: ModelRegistry
     handlers: dict[str, Route]
     stats: Any
     live_stats: dict[str, dict]

@@ -14,7 +14,7 @@ import time
 import zlib
 from collections import Counter, defaultdict
 from collections.abc import Hashable
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from apis.core import withdrawal
 from apis.core.errors import APIError
@@ -27,6 +27,11 @@ from apis.core.settings import ModelEntry
 from apis.core.weights import hub_file, is_hf_uri
 from apis.route import Job, Route
 
+if TYPE_CHECKING:
+    from apis.config import ServerConfig
+    from apis.core.registry import ModelRegistry
+    from apis.core.settings import Family
+
 torch = lazy_module("torch")
 precision = lazy_module("apis.core.precision")
 
@@ -38,9 +43,9 @@ class FamilyWorker:
     and the hooks our worker loop calls (apis/transport/worker_loop.py) for each batch."""
 
     family: str
-    cfg: Any  # apis.config.ServerConfig
-    fam: Any  # the family's settings (apis.core.settings.Family)
-    registry: Any  # apis.core.registry.ModelRegistry
+    cfg: ServerConfig
+    fam: Family
+    registry: ModelRegistry
     handlers: dict[str, Route]
     dtype_name: str
     log_level: str
@@ -48,7 +53,7 @@ class FamilyWorker:
     max_batch_size: int
     #: glibc keeps freed memory for the next request (apis/core/process.py): only for families
     #: whose requests measurably gain from it, as the worker then keeps its largest request's
-    #: memory (docs/benchmarks.md, Allocator: SAM 3 1.35x; CLIP, DINO, SAM 2 within 2 %)
+    #: memory (docs/benchmarks.md, Allocator: SAM 3, SAM 2 and DINO; not CLIP, not RMBG)
     reuses_freed_memory: ClassVar[bool] = False
 
     def setup(self, device: str) -> None:

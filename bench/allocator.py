@@ -1,11 +1,13 @@
-"""Request time with glibc's default allocator vs reusing freed memory (what workers do, see
+"""Request time and memory with glibc's default allocator vs reusing freed memory (what the
+workers of some families do: ``FamilyWorker.reuses_freed_memory``, see
 ``apis.core.process.reuse_freed_memory``), in-process, full-size models.
 
     python bench/allocator.py [--families sam3,sam2,dino,clip] [--rounds 4]
 
 The setting belongs to a whole process, so each side is its own process with the same route
 set up; the parent has them run one call each in turns (A, B, B, A, ...), with a pause before
-each call as between a user's requests.
+each call as between a user's requests. Each side's RSS is read after its last call (idle, what
+the process keeps) with its peak (VmHWM).
 """
 
 from __future__ import annotations
@@ -33,14 +35,12 @@ PAUSE_S = 1.0
 
 def side(family: str, reuse: bool) -> None:
     """Child: set the route up, then time one call per line read from stdin."""
-    import apis.family
     from apis.config import load_config
     from apis.families import FAMILIES
     from bench.serving import in_process, photo
 
-    if not reuse:
-        apis.core.process.reuse_freed_memory = lambda: False  # keep glibc's defaults
     api = FAMILIES[family].api_class()(load_config(ROOT / "configs" / "bench-full.yaml"))
+    api.reuses_freed_memory = reuse  # False: glibc's defaults
     api.setup("cpu")
     op, extra = CASES[family]
     payload = {"image": photo(), **extra}
@@ -51,6 +51,13 @@ def side(family: str, reuse: bool) -> None:
         t0 = time.perf_counter()
         in_process(api, op, payload)
         print(json.dumps(time.perf_counter() - t0), flush=True)
+    print(json.dumps([_status_mb("VmRSS"), _status_mb("VmHWM")]), flush=True)
+
+
+def _status_mb(field: str) -> float:
+    """A size from /proc/self/status (VmRSS, VmHWM) in MB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith(field + ":"))
 
 
 def main() -> None:
@@ -83,16 +90,20 @@ def main() -> None:
                 procs[name].stdin.write("go\n")
                 procs[name].stdin.flush()
                 times[name].append(json.loads(procs[name].stdout.readline()))
-        for proc in procs.values():
+        memory = {}
+        for name, proc in procs.items():
             proc.stdin.close()
+            memory[name] = json.loads(proc.stdout.readline())
             proc.wait()
         d, r = statistics.median(times["default"]), statistics.median(times["reuse"])
         route = f"/{family}/{CASES[family][0]}"
         speedup = f"**{d / r:.2f}x**"
-        rows.append([route, ms(d), spread(times["default"]), ms(r), spread(times["reuse"]), speedup])
+        rss = [f"{memory[name][0]:.0f} ({memory[name][1]:.0f})" for name in ("default", "reuse")]
+        rows.append([route, ms(d), spread(times["default"]), ms(r), spread(times["reuse"]), speedup, *rss])
         print(rows[-1], flush=True)
     print(ran(f"{args.rounds} calls a side in turns, {PAUSE_S:.0f} s apart"))
     header = ["route (in-process)", "glibc default ms", "spread", "reuse freed ms", "spread", "speed-up"]
+    header += ["default RSS MB idle (peak)", "reuse RSS MB idle (peak)"]
     print(table(header, rows))
 
 

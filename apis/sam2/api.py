@@ -330,6 +330,7 @@ class Sam2API(ServesVideo, FamilyAPI):
     model_key = staticmethod(sam2_key)
     model_fill_defaults = False
     routes = (AutoMask, PromptMask, Embed, *VIDEO_ROUTES)
+    reuses_freed_memory = True  # /sam2/prompt_mask 1.02x and 1.14x (docs/benchmarks.md, Allocator)
 
     def load_model(self, entry: ModelEntry) -> model.Sam2Predictor:
         return model.load_sam2(entry, self.torch_device, self.compute_dtype, self.fam.cache_size)
