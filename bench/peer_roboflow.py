@@ -34,14 +34,17 @@ import base64
 import hashlib
 import io
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
+from contextlib import suppress
 from functools import cache
 from pathlib import Path
 
 import numpy as np
+import psutil
 import yaml
 from PIL import Image
 
@@ -300,6 +303,25 @@ def workloads(workdir: Path) -> list[Workload]:
 ALTERNATIONS = 4  # rounds of 3 timed HTTP clicks and 3 in-process ones, in turns
 
 
+def session_cpu(url: str) -> float:
+    """CPU seconds (user + system) spent so far by the server listening at ``url`` and every
+    process of its session (visionserve's workers): what a click costs the machine, which on a
+    shared machine, unlike wall time, does not grow with the number of threads a server runs."""
+    port = int(url.rsplit(":", 1)[1])
+    listener = next(
+        c.pid
+        for c in psutil.net_connections("tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+    )
+    session, total = os.getsid(listener), 0.0
+    for proc in psutil.process_iter():
+        with suppress(psutil.Error, ProcessLookupError):
+            if os.getsid(proc.pid) == session:
+                t = proc.cpu_times()
+                total += t.user + t.system
+    return total
+
+
 def one_side(side: str, venv: Path, workdir: Path, config: Path, model: InProcess) -> dict:
     """Start one server (seconds to ready) and encode the photo; click its first point (the
     answer's bytes, best score and mask); then clicks over HTTP at c = 1 alternated with the
@@ -328,7 +350,11 @@ def one_side(side: str, venv: Path, workdir: Path, config: Path, model: InProces
             ALTERNATIONS,
         )
         client.close()
-        four = drive(url + path, [make(click(i), key=key) for i in range(4 * ALTERNATIONS)], 4)
+        cpu = {}
+        for c in (1, 4):
+            spent = session_cpu(url)
+            run = drive(url + path, [make(click(i), key=key) for i in range(4 * ALTERNATIONS)], c)
+            cpu[c] = (session_cpu(url) - spent) / len(run.latencies)
         t0 = time.perf_counter()
         model.clicks(ALONE_CLICKS)
         alone_rate = ALONE_CLICKS / (time.perf_counter() - t0)
@@ -346,7 +372,9 @@ def one_side(side: str, venv: Path, workdir: Path, config: Path, model: InProces
         "mask": decode_rle(rle),
         "http": http,
         "alone": alone,
-        "four": four.throughput,
+        "four": run.throughput,
+        "cpu1": cpu[1],
+        "cpu4": cpu[4],
         "alone_rate": alone_rate,
     }
 
@@ -390,12 +418,14 @@ def main() -> None:
         ["HTTP / in-process, c = 1", ratio("peer"), ratio("ours")],
         ["clicks/s over HTTP, c = 4", *cells("four", lambda v: f"{v:.2f}")],
         ["clicks/s in-process right after, one at a time", *cells("alone_rate", lambda v: f"{v:.2f}")],
+        ["server CPU seconds per click, c = 1", *cells("cpu1", lambda v: f"{v:.3f}")],
+        ["server CPU seconds per click, c = 4", *cells("cpu4", lambda v: f"{v:.3f}")],
     ]
     print(
-        f"\n`{' '.join(['python', *sys.argv])}` on {cpu_name()}; {NAME} vs visionserve, one server at a "
-        f"time, {args.rounds} start-ups each in turns, {ALTERNATIONS} x 3 timed clicks per side and "
-        f"start-up alternated with the model in this process; medians over the start-ups; load average "
-        f"{before} before, {load_average()} after.\n"
+        f"\n`{' '.join(['python -m bench.peer_roboflow', *sys.argv[1:]])}` on {cpu_name()}; "
+        f"{NAME} vs visionserve, one server at a time, {args.rounds} start-ups each in turns; per "
+        f"start-up, {ALTERNATIONS} x 3 timed clicks over HTTP in turns with as many in this process; "
+        f"medians over the start-ups; load average {before} before, {load_average()} after.\n"
     )
     print(table(["", NAME, "visionserve"], rows))
     print(
