@@ -248,6 +248,44 @@ class InProcess:
             self.best_score(click(self.i))
             self.i += 1
 
+    def four_ways(self, rounds: int) -> list[list[str]]:
+        """Four clicks in this process one after another, as one batched ``predict`` (B = 4
+        prompts on the image) and on four threads at once (as Roboflow's thread pool runs four
+        requests): wall and CPU time per click, medians of ``rounds`` after one untimed round."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        points = np.asarray([click(i) for i in range(4)], np.float32)
+        one = np.ones(1, np.int32)
+        pool = ThreadPoolExecutor(4)
+
+        def single(pt: np.ndarray) -> object:
+            return self.pred.predict(point_coords=pt[None], point_labels=one)
+
+        ways = {
+            "one after another": lambda: [single(pt) for pt in points],
+            "one batched predict (4 prompts)": lambda: self.pred.predict(
+                point_coords=points[:, None], point_labels=np.ones((4, 1), np.int32)
+            ),
+            "4 threads at once": lambda: list(pool.map(single, points)),
+        }
+        times: dict[str, list[tuple[float, float]]] = {k: [] for k in ways}
+        with self.torch.inference_mode():
+            for r in range(rounds + 1):
+                for name, fn in ways.items():
+                    c0, t0 = time.process_time(), time.perf_counter()
+                    fn()
+                    if r:
+                        times[name].append((time.perf_counter() - t0, time.process_time() - c0))
+        pool.shutdown()
+        return [
+            [
+                name,
+                ms(statistics.median(t[0] for t in v) / 4),
+                f"{statistics.median(t[1] for t in v) / 4:.3f}",
+            ]
+            for name, v in times.items()
+        ]
+
 
 def workloads(workdir: Path) -> list[Workload]:
     """New image first: its warm-up request encodes the photo the click rows then use (both
@@ -384,6 +422,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="start-ups per server, in turns")
     ap.add_argument("--venvs", type=Path, default=CACHE / "venvs")
     ap.add_argument("--work", type=Path, default=CACHE / "work")
+    ap.add_argument(
+        "--four-ways", type=int, default=0, metavar="ROUNDS", help="only: 4 clicks in-process 3 ways"
+    )
     args = ap.parse_args()
     venv, work = args.venvs / "roboflow", args.work / "roboflow"
     work.mkdir(parents=True, exist_ok=True)
@@ -393,6 +434,15 @@ def main() -> None:
     config.write_text(yaml.safe_dump(ours_config(work)))
     before = load_average()
     model = InProcess(work)
+    if args.four_ways:
+        rows = model.four_ways(args.four_ways)
+        print(
+            f"\n`{' '.join(['python -m bench.peer_roboflow', *sys.argv[1:]])}` on {cpu_name()}; 4 clicks "
+            f"on one embedded image, medians of {args.four_ways} rounds; load average {before} before, "
+            f"{load_average()} after.\n"
+        )
+        print(table(["4 clicks in-process", "wall ms per click", "CPU s per click"], rows))
+        return
     library = model.best_score(click(0))
     runs: dict[str, list[dict]] = {"peer": [], "ours": []}
     for i in range(args.rounds):
