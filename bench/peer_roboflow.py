@@ -21,8 +21,10 @@ embedded image sends the id: ours only the id; Roboflow's request model requires
 too, which it does not read when the id is cached, so it gets an empty one (its best case).
 
 ``python -m bench.peer_roboflow`` measures what ``bench/peers.py`` does not: start-up to ready,
-the bytes of one click's answer, the best score on both servers and in-process, and the model's
-own in-process time for one click (``SAM2ImagePredictor.predict`` on a set image).
+the bytes of one click's answer, the best score on both servers and in-process
+(``SAM2ImagePredictor.predict`` on the same checkpoint, the image set once), and each server's
+click next to that in-process click, taken in turns while the server runs (the model's own time
+for a click, on the same machine at the same moment).
 """
 
 from __future__ import annotations
@@ -32,22 +34,27 @@ import base64
 import hashlib
 import io
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
+from contextlib import suppress
 from functools import cache
 from pathlib import Path
 
 import numpy as np
+import psutil
 import yaml
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.harness import Client, encode, ms, server, table  # noqa: E402
+from bench.harness import Client, alternate, drive, encode, ms, server, table  # noqa: E402
 from bench.image_id import photo  # noqa: E402
 from bench.peers import CACHE, Workload, cpu_name, load_average, serving  # noqa: E402
+from clients.common import decode_array  # noqa: E402
+from clients.masks import decode_rle  # noqa: E402
 
 VERSION = "1.8.3"
 NAME = f"Roboflow Inference {VERSION}"
@@ -241,6 +248,44 @@ class InProcess:
             self.best_score(click(self.i))
             self.i += 1
 
+    def four_ways(self, rounds: int) -> list[list[str]]:
+        """Four clicks in this process one after another, as one batched ``predict`` (B = 4
+        prompts on the image) and on four threads at once (as Roboflow's thread pool runs four
+        requests): wall and CPU time per click, medians of ``rounds`` after one untimed round."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        points = np.asarray([click(i) for i in range(4)], np.float32)
+        one = np.ones(1, np.int32)
+        pool = ThreadPoolExecutor(4)
+
+        def single(pt: np.ndarray) -> object:
+            return self.pred.predict(point_coords=pt[None], point_labels=one)
+
+        ways = {
+            "one after another": lambda: [single(pt) for pt in points],
+            "one batched predict (4 prompts)": lambda: self.pred.predict(
+                point_coords=points[:, None], point_labels=np.ones((4, 1), np.int32)
+            ),
+            "4 threads at once": lambda: list(pool.map(single, points)),
+        }
+        times: dict[str, list[tuple[float, float]]] = {k: [] for k in ways}
+        with self.torch.inference_mode():
+            for r in range(rounds + 1):
+                for name, fn in ways.items():
+                    c0, t0 = time.process_time(), time.perf_counter()
+                    fn()
+                    if r:
+                        times[name].append((time.perf_counter() - t0, time.process_time() - c0))
+        pool.shutdown()
+        return [
+            [
+                name,
+                ms(statistics.median(t[0] for t in v) / 4),
+                f"{statistics.median(t[1] for t in v) / 4:.3f}",
+            ]
+            for name, v in times.items()
+        ]
+
 
 def workloads(workdir: Path) -> list[Workload]:
     """New image first: its warm-up request encodes the photo the click rows then use (both
@@ -293,44 +338,93 @@ def workloads(workdir: Path) -> list[Workload]:
 
 # ----------------------------------------------------------------------------- what peers.py does not time
 
+ALTERNATIONS = 4  # rounds of 3 timed HTTP clicks and 3 in-process ones, in turns
 
-def one_side(side: str, venv: Path, workdir: Path, config: Path) -> dict:
-    """Start one server (seconds to ready), encode the photo, click its first point: the
-    answer's bytes, best score and mask."""
+
+def session_cpu(url: str) -> float:
+    """CPU seconds (user + system) spent so far by the server listening at ``url`` and every
+    process of its session (visionserve's workers): what a click costs the machine, which on a
+    shared machine, unlike wall time, does not grow with the number of threads a server runs."""
+    port = int(url.rsplit(":", 1)[1])
+    listener = next(
+        c.pid
+        for c in psutil.net_connections("tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+    )
+    session, total = os.getsid(listener), 0.0
+    for proc in psutil.process_iter():
+        with suppress(psutil.Error, ProcessLookupError):
+            if os.getsid(proc.pid) == session:
+                t = proc.cpu_times()
+                total += t.user + t.system
+    return total
+
+
+def one_side(side: str, venv: Path, workdir: Path, config: Path, model: InProcess) -> dict:
+    """Start one server (seconds to ready) and encode the photo; click its first point (the
+    answer's bytes, best score and mask); then clicks over HTTP at c = 1 alternated with the
+    same clicks in this process (``harness.alternate``), and 4 at once next to the model's rate."""
     first = images()[0]
-    key, point = image_id(first), click(0)
+    key = image_id(first)
+    make = peer_body if side == "peer" else ours_body
     t0 = time.perf_counter()
-    peer = sys.modules[__name__]
-    with serving(peer, venv, workdir) if side == "peer" else server(config) as url:
+    with serving(sys.modules[__name__], venv, workdir) if side == "peer" else server(config) as url:
         ready = time.perf_counter() - t0
         client = Client(url)
         if side == "peer":
-            embed, path, body = "/sam2/embed_image", "/sam2/segment_image", peer_body(point, key=key)
-            client.post(embed, encode({"image": {"type": "base64", "value": b64(first)}, "image_id": key}))
+            path = "/sam2/segment_image"
+            client.post(
+                "/sam2/embed_image",
+                encode({"image": {"type": "base64", "value": b64(first)}, "image_id": key}),
+            )
         else:
-            embed, path, body = "/sam2/embed", "/sam2/prompt_mask", ours_body(point, key=key)
-            client.post(embed, encode({"image": b64(first)}))
-        answer = client.post(path, encode(body))
+            path = "/sam2/prompt_mask"
+            client.post("/sam2/embed", encode({"image": b64(first)}))
+        answer = client.post(path, encode(make(click(0), key=key)))
+        points = iter(range(1, 10**6))
+        http, alone = alternate(
+            lambda: client.post(path, encode(make(click(next(points)), key=key))),
+            lambda: model.clicks(1),
+            ALTERNATIONS,
+        )
         client.close()
+        cpu = {}
+        for c in (1, 4):
+            spent = session_cpu(url)
+            run = drive(url + path, [make(click(i), key=key) for i in range(4 * ALTERNATIONS)], c)
+            cpu[c] = (session_cpu(url) - spent) / len(run.latencies)
+        t0 = time.perf_counter()
+        model.clicks(ALONE_CLICKS)
+        alone_rate = ALONE_CLICKS / (time.perf_counter() - t0)
     data = json.loads(answer)
     if side == "peer":
         best = data["predictions"][0]
         score, rle = best["confidence"], best["masks"]
     else:
-        from clients.common import decode_array
-
         score = float(decode_array(data["iou_predictions"], data["iou_shape"])[0])
         rle = data["masks"][0]
-    from clients.masks import decode_rle
-
-    return {"ready": ready, "bytes": len(answer), "score": score, "mask": decode_rle(rle)}
+    return {
+        "ready": ready,
+        "bytes": len(answer),
+        "score": score,
+        "mask": decode_rle(rle),
+        "http": http,
+        "alone": alone,
+        "four": run.throughput,
+        "cpu1": cpu[1],
+        "cpu4": cpu[4],
+        "alone_rate": alone_rate,
+    }
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description="start-up, bytes per click and the best score, both sides")
+    ap = argparse.ArgumentParser(description="start-up, bytes per click, best score, HTTP vs model")
     ap.add_argument("--rounds", type=int, default=2, help="start-ups per server, in turns")
     ap.add_argument("--venvs", type=Path, default=CACHE / "venvs")
     ap.add_argument("--work", type=Path, default=CACHE / "work")
+    ap.add_argument(
+        "--four-ways", type=int, default=0, metavar="ROUNDS", help="only: 4 clicks in-process 3 ways"
+    )
     args = ap.parse_args()
     venv, work = args.venvs / "roboflow", args.work / "roboflow"
     work.mkdir(parents=True, exist_ok=True)
@@ -339,39 +433,54 @@ def main() -> None:
     config = work / "visionserve.yaml"
     config.write_text(yaml.safe_dump(ours_config(work)))
     before = load_average()
+    model = InProcess(work)
+    if args.four_ways:
+        rows = model.four_ways(args.four_ways)
+        print(
+            f"\n`{' '.join(['python -m bench.peer_roboflow', *sys.argv[1:]])}` on {cpu_name()}; 4 clicks "
+            f"on one embedded image, medians of {args.four_ways} rounds; load average {before} before, "
+            f"{load_average()} after.\n"
+        )
+        print(table(["4 clicks in-process", "wall ms per click", "CPU s per click"], rows))
+        return
+    library = model.best_score(click(0))
     runs: dict[str, list[dict]] = {"peer": [], "ours": []}
     for i in range(args.rounds):
         for side in ("peer", "ours") if i % 2 == 0 else ("ours", "peer"):
-            runs[side].append(one_side(side, venv, work, config))
+            runs[side].append(one_side(side, venv, work, config, model))
             print(side, {k: v for k, v in runs[side][-1].items() if k != "mask"}, flush=True)
-    model = InProcess(work)
-    library = model.best_score(click(0))
-    model.clicks(2)
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        model.clicks(ALONE_CLICKS)
-        times.append((time.perf_counter() - t0) / ALONE_CLICKS)
     peer, ours = runs["peer"][0], runs["ours"][0]
     agree = float((peer["mask"] == ours["mask"]).mean())
-    print(
-        f"\n`{' '.join(['python', *sys.argv])}` on {cpu_name()}; {NAME} vs visionserve, one server at a "
-        f"time, {args.rounds} start-ups each in turns; load average {before} before, "
-        f"{load_average()} after.\n"
-    )
+
+    def cells(key: str, fmt) -> list[str]:
+        return [fmt(statistics.median(v for r in runs[s] for v in np.atleast_1d(r[key]))) for s in runs]
+
+    def ratio(side: str) -> str:
+        http = statistics.median(v for r in runs[side] for v in r["http"])
+        return f"{http / statistics.median(v for r in runs[side] for v in r['alone']):.3f}"
+
     rows = [
-        [
-            "start-up to ready, s (median)",
-            *(f"{statistics.median(r['ready'] for r in runs[s]):.1f}" for s in runs),
-        ],
-        ["bytes per click answer (compact form)", *(f"{runs[s][0]['bytes']:,}" for s in runs)],
-        ["best score for the click at (150, 120)", f"{peer['score']:.8f}", f"{ours['score']:.8f}"],
+        ["start-up to ready, s", *cells("ready", lambda v: f"{v:.1f}")],
+        ["bytes per click answer", *(f"{runs[s][0]['bytes']:,}" for s in runs)],
+        ["best score, click at (150, 120)", f"{peer['score']:.8f}", f"{ours['score']:.8f}"],
+        ["click over HTTP, c = 1, p50 ms", *cells("http", ms)],
+        ["the same click in-process (SAM2ImagePredictor.predict), p50 ms", *cells("alone", ms)],
+        ["HTTP / in-process, c = 1", ratio("peer"), ratio("ours")],
+        ["clicks/s over HTTP, c = 4", *cells("four", lambda v: f"{v:.2f}")],
+        ["clicks/s in-process right after, one at a time", *cells("alone_rate", lambda v: f"{v:.2f}")],
+        ["server CPU seconds per click, c = 1", *cells("cpu1", lambda v: f"{v:.3f}")],
+        ["server CPU seconds per click, c = 4", *cells("cpu4", lambda v: f"{v:.3f}")],
     ]
+    print(
+        f"\n`{' '.join(['python -m bench.peer_roboflow', *sys.argv[1:]])}` on {cpu_name()}; "
+        f"{NAME} vs visionserve, one server at a time, {args.rounds} start-ups each in turns; per "
+        f"start-up, {ALTERNATIONS} x 3 timed clicks over HTTP in turns with as many in this process; "
+        f"medians over the start-ups; load average {before} before, {load_average()} after.\n"
+    )
     print(table(["", NAME, "visionserve"], rows))
     print(
-        f"\nSAM2ImagePredictor in-process, same checkpoint: best score {library:.8f}; one click "
-        f"{ms(statistics.median(times))} ms (median of 3 x {ALONE_CLICKS} clicks). "
-        f"The two servers' masks agree on {100 * agree:.4f} % of the pixels."
+        f"\nSAM2ImagePredictor in this process, same checkpoint: best score {library:.8f}. The two "
+        f"servers' masks for that click agree on {100 * agree:.4f} % of the pixels."
     )
 
 
