@@ -135,7 +135,7 @@ def test_two_workers_share_one_gpu(tmp_path):
     finally:
         server.stop()
     assert len(answers) == 32 and len(set(answers)) == 1  # all 200, the same embedding
-    # each worker's torch allocator, from its answers' counters (apis/family.py gpu_memory)
+    # each worker's torch allocator, from its answers' counters (apis/family_worker.py gpu_memory)
     gpu = {
         (s.labels["worker"], s.labels["kind"]): s.value
         for fam in text_string_to_metric_families(metrics)
