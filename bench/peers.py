@@ -6,9 +6,11 @@ Each round starts the peer (in its own virtualenv, never the server's), runs eve
 it, stops it, then does the same with visionserve; the order flips every round (A, B, B, A) so
 drift on a shared machine hits both alike. Load is closed-loop: ``c`` keep-alive connections,
 each sending its next request when the previous answer is in (bench/harness.py ``drive``).
-The table gives the median requests/s over the rounds, the p50 latency over all of them and the
-ratio; a workload may add an in-process "model alone" row (the model's own speed, for judging a
-model-bound row). The CPU and the load average before/after are printed with the table.
+The table gives the median requests/s over the rounds, the p50 latency over all of them, the
+ratio, and the server's CPU time per request (all its processes; unlike requests/s, other jobs on
+the machine barely move it); a workload may add an in-process "model alone" row (the model's
+own speed, measured in turns with the servers, for judging a model-bound row). The CPU and the
+load average before/after are printed with the table.
 
 A peer is a module ``bench/peer_<name>.py`` (imported by name, so a new peer needs no edit
 here) offering:
@@ -43,6 +45,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import requests
 import yaml
 
@@ -72,11 +75,21 @@ class Workload:
     model_alone_requests: int = 1
     model_alone_label: str = "model alone, in-process"
     runs: dict[str, list[Run]] = field(default_factory=dict)
+    cpu: dict[str, list[float]] = field(default_factory=dict)  # server CPU s per request, per run
+    alone: list[float] = field(default_factory=list)  # model_alone's requests/s, one per round
 
 
 def load_peer(name: str):
     """``bench.peer_<name>``: the module offering the interface in this file's docstring."""
-    return importlib.import_module(f"bench.peer_{name}")
+    try:
+        return importlib.import_module(f"bench.peer_{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"bench.peer_{name}":
+            raise  # the peer module exists but something it imports does not
+        found = sorted(p.stem.removeprefix("peer_") for p in Path(__file__).parent.glob("peer_*.py"))
+        raise SystemExit(
+            f"no peer {name!r}: bench/peer_{name}.py does not exist (peers here: {found})"
+        ) from None
 
 
 @contextmanager
@@ -118,28 +131,73 @@ def serving(peer, venv: Path, work: Path, timeout: float = 900.0) -> Iterator[st
         log.close()
 
 
+def server_processes(url: str) -> list[psutil.Process]:
+    """The server on ``url``'s port: the child of this process that the listener descends from,
+    and all its descendants (model workers)."""
+    port = int(url.rsplit(":", 1)[1])
+    pid = next(
+        c.pid
+        for c in psutil.net_connections("tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+    )
+    root = psutil.Process(pid)
+    while root.ppid() != os.getpid():
+        root = root.parent()
+    return [root, *root.children(recursive=True)]
+
+
+def cpu_seconds(procs: list[psutil.Process]) -> float:
+    """User + system CPU time the server has used so far, all its processes together."""
+    total = 0.0
+    for proc in procs:
+        with suppress(psutil.Error):
+            t = proc.cpu_times()
+            total += t.user + t.system
+    return total
+
+
 def run_all(url: str, side: str, loads: list[Workload]) -> None:
-    """One warm-up request per workload, then every workload once; results go to ``runs``."""
+    """One warm-up request per workload, then every workload once; results go to ``runs`` and
+    the server's CPU seconds per request to ``cpu`` (what contention on a shared machine does
+    not change, unlike requests/s)."""
+    procs = server_processes(url)
     for w in loads:
         path, bodies = (w.peer_path, w.peer_bodies) if side == "peer" else (w.ours_path, w.ours_bodies)
         drive(url + path, bodies[:1], 1)
     for w in loads:
         path, bodies = (w.peer_path, w.peer_bodies) if side == "peer" else (w.ours_path, w.ours_bodies)
         batch = [bodies[i % len(bodies)] for i in range(w.requests)]
+        cpu0 = cpu_seconds(procs)
         run = drive(url + path, batch, w.concurrency)
         w.runs.setdefault(side, []).append(run)
-        print(f"{side:5} {w.name}: {run.throughput:.2f} req/s", flush=True)
+        w.cpu.setdefault(side, []).append((cpu_seconds(procs) - cpu0) / w.requests)
+        print(
+            f"{side:5} {w.name}: {run.throughput:.2f} req/s, {w.cpu[side][-1] * 1000:.0f} CPU ms/request",
+            flush=True,
+        )
 
 
-def model_alone_rate(w: Workload, repeats: int = 3) -> float:
-    """Requests/s of the model work alone: the median of ``repeats`` timed calls after one warm-up."""
-    w.model_alone()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def model_alone_rates(loads: list[Workload], repeats: int = 3) -> None:
+    """Each workload's model work alone, in this process with no server running, after one
+    warm-up: requests/s from the median of ``repeats`` timed calls to ``alone``, and CPU seconds
+    per request (all this process's threads) to ``cpu["alone"]``."""
+    for w in loads:
+        if w.model_alone is None:
+            continue
         w.model_alone()
-        times.append(time.perf_counter() - t0)
-    return w.model_alone_requests / statistics.median(times)
+        times, cpu = [], []
+        for _ in range(repeats):
+            t0, c0 = time.perf_counter(), time.process_time()
+            w.model_alone()
+            times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+        w.alone.append(w.model_alone_requests / statistics.median(times))
+        w.cpu.setdefault("alone", []).append(statistics.median(cpu) / w.model_alone_requests)
+        print(
+            f"alone {w.name}, c = {w.concurrency}: {w.alone[-1]:.2f} req/s, "
+            f"{w.cpu['alone'][-1] * 1000:.0f} CPU ms/request",
+            flush=True,
+        )
 
 
 def cpu_name() -> str:
@@ -155,10 +213,11 @@ def load_average() -> str:
     return "/".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def report(peer_name: str, loads: list[Workload], alone: dict[str, float]) -> list[list[str]]:
+def report(loads: list[Workload]) -> list[list[str]]:
     rows = []
     for w in loads:
         tp = {side: statistics.median(r.throughput for r in w.runs[side]) for side in ("peer", "ours")}
+        cpu = {side: ms(statistics.median(w.cpu[side])) for side in ("peer", "ours")}
         lat = {side: [x for r in w.runs[side] for x in r.latencies] for side in ("peer", "ours")}
         rows.append(
             [
@@ -168,10 +227,23 @@ def report(peer_name: str, loads: list[Workload], alone: dict[str, float]) -> li
                 f"**{tp['ours'] / tp['peer']:.2f}x**",
                 ms(p(lat["peer"], 50)),
                 ms(p(lat["ours"], 50)),
+                cpu["peer"],
+                cpu["ours"],
             ]
         )
-        if w.name in alone:
-            rows.append([f"{w.name}: {w.model_alone_label}", "", f"{alone[w.name]:.2f}", "", "", ""])
+        if w.alone:
+            rows.append(
+                [
+                    f"{w.name}: {w.model_alone_label}",
+                    "",
+                    f"{statistics.median(w.alone):.2f} ({spread(w.alone)})",
+                    "",
+                    "",
+                    "",
+                    "",
+                    ms(statistics.median(w.cpu["alone"])),
+                ]
+            )
     return rows
 
 
@@ -198,15 +270,16 @@ def main() -> None:
     config.write_text(yaml.safe_dump(peer.ours_config(work)))
     loads_before = load_average()
     for i in range(args.rounds):
-        for side in ("peer", "ours") if i % 2 == 0 else ("ours", "peer"):
+        for side in ("peer", "ours", "alone") if i % 2 == 0 else ("alone", "ours", "peer"):
             print(f"round {i + 1}: {side} (load average {load_average()})", flush=True)
-            if side == "peer":
+            if side == "alone":
+                model_alone_rates(loads)
+            elif side == "peer":
                 with serving(peer, venv, work) as url:
                     run_all(url, side, loads)
             else:
                 with server(config) as url:
                     run_all(url, side, loads)
-    alone = {w.name: model_alone_rate(w) for w in loads if w.model_alone is not None}
     loads_after = load_average()
     print(
         f"\n`{' '.join(['python', *sys.argv])}` on {cpu_name()} ({machine()}); {peer.NAME} vs visionserve, "
@@ -216,8 +289,17 @@ def main() -> None:
     )
     print(
         table(
-            ["workload", f"{peer.NAME} req/s", "visionserve req/s", "ratio", "p50 ms peer", "p50 ms ours"],
-            report(peer.NAME, loads, alone),
+            [
+                "workload",
+                f"{peer.NAME} req/s",
+                "visionserve req/s",
+                "ratio",
+                "p50 ms peer",
+                "p50 ms ours",
+                "CPU ms/req peer",
+                "CPU ms/req ours",
+            ],
+            report(loads),
         )
     )
 
