@@ -115,26 +115,48 @@ def floor_server() -> Iterator[str]:
 
 @contextmanager
 def _serving(cmd: list[str], timeout: float) -> Iterator[str]:
-    """Run ``cmd --port <free port>`` from the repository root until ``/health`` answers 200;
-    yield its base URL, stop it afterwards. Its output goes to bench-server-<port>.log."""
+    """Run ``cmd --port <free port>`` from the repository root until ``/health`` answers 200."""
     port = free_port()
-    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-server-{port}.log", "w")  # noqa: SIM115
+    with running([*cmd, "--port", str(port)], port, timeout=timeout) as url:
+        yield url
+
+
+@contextmanager
+def running(
+    cmd: list[str],
+    port: int,
+    *,
+    timeout: float,
+    ready_path: str = "/health",
+    env: dict[str, str] | None = None,
+    cwd: Path = ROOT,
+    log: Path | None = None,
+) -> Iterator[str]:
+    """Run ``cmd`` (which serves on ``port``) in its own process group until ``ready_path``
+    answers 200; yield its base URL; afterwards SIGTERM it, then SIGKILL what is left of its group
+    (plain LitServe dies on SIGTERM and leaves its queue manager behind). Its output goes to
+    ``log`` (default: bench-server-<port>.log in $TMPDIR)."""
+    log = log or Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-server-{port}.log"
+    out = open(log, "w")  # noqa: SIM115
     proc = subprocess.Popen(
-        [*cmd, "--port", str(port)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        cmd,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited ({proc.returncode}); see {log.name}")
-            try:
-                if requests.get(url + "/health", timeout=2).status_code == 200:
+                raise RuntimeError(f"{cmd[0]} exited ({proc.returncode}); see {log}")
+            with suppress(requests.ConnectionError):
+                if requests.get(url + ready_path, timeout=2).status_code == 200:
                     break
-            except requests.ConnectionError:
-                pass
             if time.monotonic() > deadline:
-                raise TimeoutError(f"server not ready after {timeout}s; see {log.name}")
+                raise TimeoutError(f"{cmd[0]} not ready after {timeout}s; see {log}")
             time.sleep(0.5)
         yield url
     finally:
@@ -142,10 +164,9 @@ def _serving(cmd: list[str], timeout: float) -> Iterator[str]:
             proc.send_signal(signal.SIGTERM)
             with suppress(subprocess.TimeoutExpired):
                 proc.wait(30)
-        # what outlived it: plain LitServe dies on SIGTERM and leaves its queue manager behind
         with suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+        out.close()
 
 
 @dataclass

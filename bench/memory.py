@@ -6,20 +6,18 @@ clients; per family, all five families in one server, and infinity-emb serving t
 
 visionserve serves ``configs/demo.yaml`` (tiny models for DINO, SAM 2, SAM 3, RMBG) with its CLIP
 replaced by open_clip's ViT-B-16 with random weights (~600 MB of float32), one worker each.
-infinity-emb (its own virtualenv, default /work/peer-venvs/infinity; the row is left out when
-it is missing) serves a Hugging Face ``CLIPModel`` of the same sizes, random weights too, built
-here by that virtualenv's transformers. RSS counts pages shared between processes once per
-process (the sum is an upper bound); PSS splits them (the sum is what the tree adds to the
-machine). The peak is the largest tree RSS sampled every 50 ms during the load; the last column
-is what the tree keeps 2 s after it.
+infinity-emb (its own virtualenv, as ``bench/peers.py --peer infinity`` installs it; the row is
+left out when it is missing) serves the Hugging Face ``CLIPModel`` of the same sizes, random
+weights too, that bench/peer_infinity.py builds with that virtualenv's transformers. RSS counts
+pages shared between processes once per process (the sum is an upper bound); PSS splits them
+(the sum is what the tree adds to the machine). The peak is the largest tree RSS sampled every
+50 ms during the load; the last column is what the tree keeps 2 s after it.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -33,15 +31,15 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.harness import ROOT, drive, free_port, table  # noqa: E402
+from bench import peer_infinity  # noqa: E402
+from bench.harness import ROOT, drive, free_port, running, table  # noqa: E402
+from bench.peers import CACHE  # noqa: E402
 from bench.serving import photo  # noqa: E402
 
 CONCURRENCY = 8
 PER_CLIENT = 3  # requests per client under load
 TEXT = "a photo of a robot arm on a table"
 CLIP_B16 = {"name": "ViT-B-16", "pretrained": "random", "weights": "random"}
-DEFAULT_INFINITY = Path("/work/peer-venvs/infinity")
-SERVED = "clip-vit-b16-random"
 
 
 def warm_and_load(family: str, images: list[str]) -> tuple[list[tuple[str, dict]], list[tuple[str, dict]]]:
@@ -191,91 +189,20 @@ def ours(families: list[str], images: list[str], workdir: Path) -> dict:
 
 @contextmanager
 def _ours(config: Path, families: list[str], port: int) -> Iterator[str]:
-    with _started(
-        [
-            sys.executable,
-            str(ROOT / "app.py"),
-            "--config",
-            str(config),
-            "--no-auth",
-            "--models",
-            ",".join(families),
-        ],
-        port,
-        900,
-    ) as url:
+    cmd = [sys.executable, str(ROOT / "app.py"), "--config", str(config), "--no-auth"]
+    with running([*cmd, "--models", ",".join(families), "--port", str(port)], port, timeout=900) as url:
         yield url
-
-
-@contextmanager
-def _started(cmd: list[str], port: int, timeout: float, env: dict | None = None) -> Iterator[str]:
-    """``cmd --port port`` in its own process group until ``/health`` answers 200; stopped after."""
-    log = open(Path(tempfile.gettempdir()) / f"bench-memory-{port}.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [*cmd, "--port", str(port)],
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        env={**os.environ, **(env or {})},
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited ({proc.returncode}); see {log.name}")
-            with suppress(requests.ConnectionError):
-                if requests.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"server not ready after {timeout}s; see {log.name}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        with suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        with suppress(subprocess.TimeoutExpired):
-            proc.wait(30)
-        with suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
-
-
-BUILD_HF_CLIP = """
-import json, sys
-from pathlib import Path
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
-from transformers.models.clip.tokenization_clip import bytes_to_unicode
-out = Path(sys.argv[1]); out.mkdir(parents=True, exist_ok=True)
-chars = list(bytes_to_unicode().values())
-tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-vocab = {t: i for i, t in enumerate(tokens)}
-(out / "vocab.json").write_text(json.dumps(vocab)); (out / "merges.txt").write_text("#version: 0.2\\n")
-CLIPTokenizer(str(out / "vocab.json"), str(out / "merges.txt")).save_pretrained(out)
-text = dict(hidden_size=512, intermediate_size=2048, num_attention_heads=8, num_hidden_layers=12)
-vision = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12)
-vision["patch_size"] = 16
-CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=512)).save_pretrained(out)
-CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(out)
-"""
 
 
 def infinity(venv: Path, images: list[str], workdir: Path) -> dict:
-    """infinity-emb serving a random CLIP of ViT-B/16 sizes (vocabulary: bytes only, no merges;
-    the text tower's sizes are ViT-B/16's)."""
-    model = workdir / "hf-clip-b16"
-    if not (model / "config.json").exists():
-        subprocess.run([str(venv / "bin" / "python"), "-c", BUILD_HF_CLIP, str(model)], check=True)
+    """infinity-emb serving the random CLIP of ViT-B/16 sizes that bench/peer_infinity.py builds."""
+    peer_infinity.prepare(venv, workdir)
     port = free_port()
-    cmd = [str(venv / "bin" / "infinity_emb"), "v2", "--model-id", str(model), "--served-model-name", SERVED]
-    cmd += ["--engine", "torch", "--no-bettertransformer", "--device", "cpu", "--batch-size", "32"]
-    cmd += ["--url-prefix", "/v1", "--host", "127.0.0.1"]
-    env = {"DO_NOT_TRACK": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0"}
-    with _started(cmd, port, 600, env) as url:
+    cmd, env = peer_infinity.command(venv, workdir, port)
+    with running(cmd, port, timeout=600, env=env) as url:
 
         def body(inputs: list[str], modality: str) -> dict:
-            return {"model": SERVED, "input": inputs, "modality": modality}
+            return {"model": peer_infinity.SERVED, "input": inputs, "modality": modality}
 
         uris = [f"data:image/png;base64,{im}" for im in images]
         warm = [("/v1/embeddings", body(uris[:1], "image")), ("/v1/embeddings", body([TEXT], "text"))]
@@ -296,7 +223,10 @@ def main() -> None:
         "--families", default="clip,dino,sam2,sam3,rmbg,all", help="rows: families, 'all' = all five"
     )
     ap.add_argument(
-        "--infinity", type=Path, default=DEFAULT_INFINITY, help="infinity-emb's virtualenv ('' skips)"
+        "--infinity",
+        type=Path,
+        default=CACHE / "venvs" / "infinity",
+        help="infinity-emb's virtualenv, as bench/peers.py --peer infinity installs it ('' skips)",
     )
     args = ap.parse_args()
     images = [photo(seed=i) for i in range(1 + CONCURRENCY * PER_CLIENT)]

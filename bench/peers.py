@@ -35,9 +35,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -46,12 +44,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
-import requests
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.harness import Run, drive, free_port, machine, ms, p, server, spread, table  # noqa: E402
+from bench.harness import Run, drive, free_port, machine, ms, p, running, server, spread, table  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "visionserve" / "peers"
 
@@ -98,37 +95,11 @@ def serving(peer, venv: Path, work: Path, timeout: float = 900.0) -> Iterator[st
     URL; stop it and everything in its process group afterwards."""
     port = free_port()
     cmd, extra_env = peer.command(venv, work, port)
-    cwd, ready_path = work, peer.READY_PATH
-    log = open(cwd / f"peer-{port}.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(
-        cmd,
-        cwd=cwd,
-        env={**os.environ, **extra_env},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"peer exited ({proc.returncode}); see {log.name}")
-            with suppress(requests.ConnectionError):
-                if requests.get(url + ready_path, timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"peer not ready after {timeout}s; see {log.name}")
-            time.sleep(0.5)
+    log = work / f"peer-{port}.log"
+    with running(
+        cmd, port, timeout=timeout, ready_path=peer.READY_PATH, env=extra_env, cwd=work, log=log
+    ) as url:
         yield url
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            with suppress(subprocess.TimeoutExpired):
-                proc.wait(30)
-        with suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
 
 
 def server_processes(url: str) -> list[psutil.Process]:
