@@ -1093,6 +1093,99 @@ MUTANTS = [
         ("tests/test_sam3_video.py::test_text_prompt_then_points_match_the_library",),
         "issue 32: points refinements (pixels to the library's normalised units)",
     ),
+    Mutant(
+        "health: total_model_instances counts workers",
+        "apis/family_http.py",
+        '"total_model_instances": sum(len(w["models_loaded"]) for w in snaps),',
+        '"total_model_instances": len(snaps),',
+        ("tests/test_family_health.py::-k seed_004",),
+        "issue 32: /<family>/health's model copies (DINO's demo worker holds two models)",
+    ),
+    Mutant(
+        "playground: a family not configured (404) shown",
+        "apis/http/playground/app.js",
+        "if (resp.status === 404) return false;",
+        "if (resp.status === 404) return true;",
+        ("tests/test_playground.py::test_panels_of_families_not_served_are_hidden",),
+        "issue 32: the panels of families the server does not serve are hidden",
+    ),
+    Mutant(
+        "weights hub: sam2's downloaded checkpoint not loaded",
+        "apis/sam2/model.py",
+        "model = build_sam2_video_predictor(config, checkpoint, **build)",
+        "model = build_sam2_video_predictor(config, None, **build)",
+        ("tests/test_weights_hub.py::test_download_then_serve_offline",),
+        "issue 32: a family serving its random initialisation instead of the files the hub served",
+    ),
+    Mutant(
+        "sam2 live: add_frame forgets one frame too many",
+        "apis/sam2/video.py",
+        "self._forget(index + 1)",
+        "self._forget(index + 2)",
+        ("tests/test_sam2_video_http.py::test_live_frames_equal_offline_propagation",),
+        "issue 32: live sessions over HTTP: the newest frame and the memory it needs kept",
+    ),
+    Mutant(
+        "worker loop: a stream runs to its end before the next request",
+        "apis/transport/worker_loop.py",
+        "                part = next_part(lit_api, streams[uid])\n                if not part.more:",
+        "                part = next_part(lit_api, streams[uid])\n"
+        "                while part.more:\n"
+        "                    link.answer(uid, part)\n"
+        "                    part = next_part(lit_api, streams[uid])\n"
+        "                if not part.more:",
+        ("tests/test_sam2_video_http.py::test_streams_interleave_and_sessions_stay_on_their_worker",),
+        "issue 32: two sessions' streams interleave on one worker, answered between parts",
+    ),
+    Mutant(
+        "video: an MP4 clip's first frame dropped",
+        "apis/video_sessions.py",
+        'frames = video.decode_video(p["video"], p["max_frames"], limits.max_image_pixels)',
+        'frames = video.decode_video(p["video"], p["max_frames"], limits.max_image_pixels)[1:]',
+        ("tests/test_sam2_video_http.py::test_an_mp4_clip_is_decoded_in_the_worker",),
+        "issue 32: an MP4 sent as `video` becomes the session's frames, every one",
+    ),
+    Mutant(
+        "sam3 video: exemplar boxes sent as x1 y1 x2 y2",
+        "apis/sam3/video.py",
+        "out.append([x1 / self.width, y1 / self.height, (x2 - x1) / self.width, (y2 - y1) / self.height])",
+        "out.append([x1 / self.width, y1 / self.height, x2 / self.width, y2 / self.height])",
+        ("tests/test_sam3_video_http.py::test_prompt_propagated_equals_the_library[box]",),
+        "issue 32: a box prompt over HTTP: pixels [x1, y1, x2, y2] to sam3's normalised [x, y, w, h]",
+    ),
+    Mutant(
+        "frames route: live frames in BGR",
+        "apis/video_sessions.py",
+        "result = entry.session.add_frame(_rgb(job.image))",
+        "result = entry.session.add_frame(_rgb(job.image)[..., ::-1])",
+        ("tests/test_sam3_video_http.py::test_live_session_answers_each_frame_as_the_session_in_process",),
+        "issue 32: SAM 3 live sessions over HTTP: /frames answers as the session in process",
+    ),
+    Mutant(
+        "sam3 video: propagating before a prompt not refused",
+        "apis/sam3/video.py",
+        'if all(out is None for out in state["previous_stages_out"]):\n'
+        '            raise APIError(400, "add a prompt',
+        'if False:\n            raise APIError(400, "add a prompt',
+        ("tests/test_sam3_video_http.py::test_bad_prompts_and_limits_get_their_4xx",),
+        "issue 32: SAM 3 session calls out of order get their 4xx",
+    ),
+    Mutant(
+        "clients: video session frames sent in reverse order",
+        "clients/video.py",
+        '"frames": None if frames is None else [encode_image(f) for f in frames],',
+        '"frames": None if frames is None else [encode_image(f) for f in frames[::-1]],',
+        ("tests/test_sam3_video_http.py::test_client_session_and_track_command",),
+        "issue 32: Sam3VideoSession on frames tracks them in their order",
+    ),
+    Mutant(
+        "clients: closing a lost video session raises",
+        "clients/video.py",
+        "if e.status not in (404, 410):",
+        "if e.status not in (404,):",
+        ("tests/test_sam3_video_http.py::test_a_session_whose_worker_died_is_lost",),
+        "issue 32: a session lost with its worker (410) closes without error",
+    ),
 ]
 
 
