@@ -1,13 +1,14 @@
 """A SAM 2 click on an embedded image with the decoder on all torch threads or on one.
 
-    python -m bench.click_threads [--work /work/peer-work/roboflow] [--rounds 8] [--threads 0,1]
+    python -m bench.click_threads [--work DIR] [--rounds 8] [--threads 0,1]
 
 Starts one server per ``sam2.prompt_threads`` value at once (``bench/peer_roboflow.py``'s
-config: its seeded SAM 2.1 hiera_large checkpoint, one worker), embeds the same photo in each
-and sends compact clicks (``best_only``, ``coco_rle``, no low-res logits) at c = 1, in turns with
-``SAM2ImagePredictor.predict`` on the same checkpoint in this process: each round a block of 3
-timed clicks per side after one untimed one, the order reversed every round. Wall time of a
-click and the CPU time it cost (the server's whole process tree, or this process).
+config: the seeded SAM 2.1 hiera_large checkpoint it made under the same ``--work``, one
+worker), embeds the same photo in each and sends compact clicks (``best_only``, ``coco_rle``,
+no low-res logits) at c = 1, in turns with ``SAM2ImagePredictor.predict`` on the same
+checkpoint in this process: each round a block of 3 timed clicks per side after one untimed
+one, the order reversed every round. Wall time of a click and the CPU time it cost (the
+server's whole process tree, or this process).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import peer_roboflow as rf  # noqa: E402  (first: harness sets the workers' OpenMP settings)
 from bench.harness import Client, encode, ms, ran, server, table  # noqa: E402
-from bench.peers import load_average  # noqa: E402
+from bench.peers import CACHE, load_average  # noqa: E402
 from clients.common import decode_array  # noqa: E402
 
 BLOCK = 3
@@ -42,25 +43,24 @@ def timed(fn: Callable[[], float]) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument(
-        "--work", type=Path, default=Path("/work/peer-work/roboflow"), help="peer_roboflow's --work"
-    )
+    ap.add_argument("--work", type=Path, default=CACHE / "work", help="bench/peer_roboflow.py's --work")
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--threads", default="0,1", help="sam2.prompt_threads values, one server each")
     args = ap.parse_args()
-    if not rf.weights(args.work).is_file():
-        sys.exit(f"no checkpoint at {rf.weights(args.work)}: run `python -m bench.peer_roboflow` once first")
+    work = args.work / "roboflow"
+    if not rf.weights(work).is_file():
+        sys.exit(f"no checkpoint at {rf.weights(work)}: run `python -m bench.peer_roboflow` once first")
     first = rf.images()[0]
     key = rf.image_id(first)
-    model = rf.InProcess(args.work)
+    model = rf.InProcess(work)
     before = load_average()
     with ExitStack() as stack:
         sides: dict[str, Callable[[], float]] = {}
         scores = {}
         for n in args.threads.split(","):
-            config = rf.ours_config(args.work)
+            config = rf.ours_config(work)
             config["sam2"]["prompt_threads"] = int(n)
-            path = args.work / f"visionserve-threads{n}.yaml"
+            path = work / f"visionserve-threads{n}.yaml"
             path.write_text(yaml.safe_dump(config))
             url = stack.enter_context(server(path, "--models", "sam2"))
             client = Client(url)
