@@ -28,7 +28,7 @@ from apis.families import FAMILIES
 from apis.family import Job
 from apis.http.inputs import _pick_address, read_path
 from apis.http.middleware import BearerAuth
-from apis.sam2.model import connected_components
+from apis.sam2.model import Sam2Predictor, connected_components
 from apis.sam2.options import variant_name
 from apis.sam2.schemas import Sam2PromptRequest
 from tests.conftest import ROOT
@@ -286,3 +286,20 @@ def test_affinity_keys_name_the_image_id_and_model_of_the_routes_that_cache_imag
         getattr(off, family).route_by_image = False
         api = FAMILIES[family].api_class()(off)
         assert api.affinity(Job(route, job.model_id, {}, image_id=job.image_id)) is None
+
+
+@pytest.mark.parametrize(("device", "limit", "inside"), [("cpu", 1, 1), ("cpu", 0, None), ("cuda", 1, None)])
+def test_sam2_decoder_threads(device: str, limit: int, inside: int | None) -> None:
+    """A prompt's decoder runs on ``prompt_threads`` torch threads on CPU, the worker's threads
+    are back afterwards; 0, or a GPU, leaves them as they are."""
+    before = torch.get_num_threads()
+    if before < 2:
+        torch.set_num_threads(2)
+    try:
+        threads = torch.get_num_threads()
+        holder = type("Holder", (), {"prompt_threads": limit, "device": torch.device(device)})()
+        with Sam2Predictor.decoder_threads(holder):
+            assert torch.get_num_threads() == (inside or threads)
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)

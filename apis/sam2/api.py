@@ -333,7 +333,9 @@ class Sam2API(ServesVideo, FamilyAPI):
     reuses_freed_memory = True  # /sam2/prompt_mask 1.02x and 1.14x (docs/benchmarks.md, Allocator)
 
     def load_model(self, entry: ModelEntry) -> model.Sam2Predictor:
-        return model.load_sam2(entry, self.torch_device, self.compute_dtype, self.fam.cache_size)
+        return model.load_sam2(
+            entry, self.torch_device, self.compute_dtype, self.fam.cache_size, self.fam.prompt_threads
+        )
 
     def open_video(self, pred: model.Sam2Predictor, frames: list[np.ndarray] | None, **offload: bool) -> Any:
         """A tracking session on the worker's one SAM 2 model (apis/sam2/video.py)."""

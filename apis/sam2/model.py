@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,10 +101,12 @@ class Embedding:
 class Sam2Predictor(SAM2ImagePredictor, Autocast):
     """SAM2ImagePredictor whose image embeddings come from an LRU cache, missing ones computed
     in one batch. ``encoded_images`` counts what the image encoder actually processed and
-    ``encoder_batches`` its forwards by batch size."""
+    ``encoder_batches`` its forwards by batch size. ``prompt_threads``: torch's threads for a
+    prompt's decoder on CPU (0: the worker's all)."""
 
-    def __init__(self, model, cache_size: int, dtype: torch.dtype = torch.float32):
+    def __init__(self, model, cache_size: int, dtype: torch.dtype = torch.float32, prompt_threads: int = 0):
         super().__init__(model)
+        self.prompt_threads = prompt_threads
         internals.set_feature_sizes(self, model.image_size)
         self.cache: LRUCache[Embedding] = LRUCache(cache_size)
         self.dtype = dtype
@@ -170,6 +172,22 @@ class Sam2Predictor(SAM2ImagePredictor, Autocast):
             super().set_image(image)
 
     @contextlib.contextmanager
+    def decoder_threads(self) -> Iterator[None]:
+        """torch's intra-op threads limited to ``prompt_threads`` inside, on CPU: the decoder's ops
+        are small, and a second OpenMP thread spent more CPU waking up than it took off the click
+        (docs/benchmarks.md, Peers: Roboflow Inference)."""
+        before = torch.get_num_threads()
+        limit = self.prompt_threads if self.device.type == "cpu" else 0
+        if not 0 < limit < before:
+            yield
+            return
+        torch.set_num_threads(limit)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+    @contextlib.contextmanager
     def whole_image(self, key: str, image: np.ndarray, file: bytes | None = None):
         self._whole = (key, image, file)
         try:
@@ -179,7 +197,11 @@ class Sam2Predictor(SAM2ImagePredictor, Autocast):
 
 
 def load_sam2(
-    entry: ModelEntry, device: str | torch.device, dtype: torch.dtype = torch.float32, cache_size: int = 16
+    entry: ModelEntry,
+    device: str | torch.device,
+    dtype: torch.dtype = torch.float32,
+    cache_size: int = 16,
+    prompt_threads: int = 0,
 ) -> Sam2Predictor:
     """Build the configured variant and load its checkpoint (sam2's strict loader: a file that
     does not fit the architecture fails loudly). ``weights`` None downloads the released one.
@@ -202,7 +224,7 @@ def load_sam2(
     else:  # sam2's download, loaded into the configured architecture
         checkpoint = internals.hf_download(hf_repo(entry))
         model = build_sam2_video_predictor(config, checkpoint, **build)
-    return Sam2Predictor(model, cache_size, dtype)
+    return Sam2Predictor(model, cache_size, dtype, prompt_threads)
 
 
 # ----------------------------------------------------------------------------- the two routes
@@ -247,7 +269,7 @@ def predict_prompt(pred: Sam2Predictor, emb: Embedding, prompt: Prompt):
     points = None if prompt.point_coords is None else np.asarray(prompt.point_coords, np.float32)
     labels = None if prompt.point_labels is None else np.asarray(prompt.point_labels, np.int32)
     box = None if prompt.box is None else np.asarray(prompt.box, np.float32)
-    with pred.autocast():
+    with pred.autocast(), pred.decoder_threads():
         mask_input, coords, labels, box = internals.prep_prompts(
             pred, points, labels, box, prompt.mask_input, prompt.normalize_coords
         )
