@@ -681,8 +681,8 @@ MUTANTS = [
     Mutant(
         "cache: sam2 family cache_size not passed",
         "apis/sam2/api.py",
-        "self.torch_device, self.compute_dtype, self.fam.cache_size)",
-        "self.torch_device, self.compute_dtype)",
+        "self.compute_dtype, self.fam.cache_size, self.fam.prompt_threads",
+        "self.compute_dtype, 16, self.fam.prompt_threads",
         ("tests/test_off_states.py::-k sam2_cache_size_0",),
         "issue 32: cache_size: 0 in the config, the loader's default (16) served",
     ),
