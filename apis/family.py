@@ -8,8 +8,9 @@ worker); its code is split by where it runs, where it is cheapest to refuse bad 
 * HTTP process (apis/family_http.py, :meth:`FamilyFront.job_for`): pydantic validation, model
   lookup, reading the image bytes and checking the image header. Errors answer at once and never
   reach a worker. No torch is imported there.
-* worker (apis/family_worker.py, the LitAPI hooks ``decode_request``, ``predict``,
-  ``encode_response``): pixel decoding and the model, through each :class:`Route`'s own hooks.
+* worker (apis/family_worker.py, ``setup`` and ``answer``): pixel decoding and the model,
+  through each :class:`Route`'s hooks (decode, predict, encode), the only hooks: the worker's
+  loop (apis/transport/worker_loop.py) calls ``answer``, not LitServe's decode_request/predict.
   Each request's failure is carried as a value, so one bad request never fails the others in its
   batch.
 """

@@ -201,18 +201,19 @@ class FamilyFront:
     def job_for(self, route: Route, request: BaseModel) -> Job:
         """The job a worker runs for ``request``: model looked up, checks that need the config,
         image bytes read and their header checked; raises APIError."""
-        fields = self.selector_fields()
-        entry = self.registry.resolve(*(getattr(request, f, None) for f in fields))
+        entry = self.registry.resolve(*(getattr(request, f, None) for f in self.selector_fields()))
         route.check(request)
         image, image_id = None, getattr(request, "image_id", None)
-        if isinstance(request, ImageInput) and image_id is None:
-            image = read_image_bytes(request, self.cfg)
-            route.check_image(request, probe_image(image, self.cfg.limits))
-            if route.caches_image:
-                image_id = content_id(image)
-        params = request.model_dump(exclude={*IMAGE_FIELDS, "image_id", *fields})
-        job = Job(route.name, self.registry.id_of(entry), params, image_bytes=image, image_id=image_id)
-        return route.read_inputs(job, request)
+        if isinstance(request, ImageInput):
+            if image_id is None:
+                image = read_image_bytes(request, self.cfg)
+                route.check_image(request, probe_image(image, self.cfg.limits))
+                if route.caches_image:
+                    image_id = content_id(image)
+            request = request.model_copy(update=dict.fromkeys(IMAGE_FIELDS))  # the bytes travel once
+        return Job(
+            route.name, self.registry.id_of(entry), route.read_inputs(request), image, image_id=image_id
+        )
 
     def endpoints(self) -> list[tuple[str, Callable, list[str]]]:
         """Endpoints besides ``POST /<family>/<route>``: (path, endpoint, methods); the video

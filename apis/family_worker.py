@@ -110,42 +110,27 @@ class FamilyWorker:
     def housekeeping(self) -> None:
         """Called by the worker's loop when it is idle (about once a second): expire old state."""
 
-    def decode_request(self, request: Job) -> Job | APIError:
-        """The image's pixels, decoded here in the worker; the route decodes the rest."""
-        if request.image_bytes is not None:
-            try:
-                request.image = decode_image(request.image_bytes, self.cfg.limits)
-            except APIError as e:
-                return e
-        return request
-
-    def batch(self, inputs: list) -> list:
-        return list(inputs)
-
-    def unbatch(self, output: list) -> list:
-        return output
-
-    def predict(self, x):
-        """The batch's jobs grouped by route and model, each group through its route's hooks."""
-        items = x if self.max_batch_size > 1 else [x]
-        results: list[Any] = list(items)
+    def answer(self, jobs: list[Job]) -> list[Reply | Stream]:
+        """The answers to one batch of jobs, in order: the batch grouped by route and model, each
+        group through its route's hooks. The worker's loop calls this (apis/transport/worker_loop.py)
+        in place of LitServe's decode_request/batch/predict/unbatch/encode_response, which this
+        family does not use."""
+        results: list[Any] = [None] * len(jobs)
         groups: dict[tuple[str, str], list[int]] = defaultdict(list)
-        for i, item in enumerate(items):
-            if isinstance(item, Job):
-                groups[(item.route, item.model_id)].append(i)
+        for i, job in enumerate(jobs):
+            groups[(job.route, job.model_id)].append(i)
         for (name, model_id), idx in groups.items():
             self._batches[name][len(idx)] += 1
-            for i, out in zip(idx, self._run(name, model_id, [items[i] for i in idx]), strict=True):
+            for i, out in zip(idx, self._run(name, model_id, [jobs[i] for i in idx]), strict=True):
                 results[i] = out
-        for i, item in enumerate(items):
-            name = item.route if isinstance(item, Job) else "decode"
-            res = results[i]
-            self._requests[name][
+        for job, res in zip(jobs, results, strict=True):
+            outcome = (
                 "ok"
                 if not isinstance(res, APIError)
                 else ("server_error" if res.status >= 500 else "client_error")
-            ] += 1
-        return results if self.max_batch_size > 1 else results[0]
+            )
+            self._requests[job.route][outcome] += 1
+        return [res if isinstance(res, Stream) else self.stamp(Reply.of(res)) for res in results]
 
     def _run(self, name: str, model_id: str, jobs: list[Job]) -> list:
         try:
@@ -167,12 +152,15 @@ class FamilyWorker:
             ]
 
     def _through(self, route: Route, model: Any, jobs: list[Job]) -> list:
-        """``route``'s hooks over ``jobs``: decode each, predict once per batch key, encode each."""
+        """``route``'s hooks over ``jobs``: the image's pixels and decode each, predict once per
+        batch key, encode each."""
         out: list[Any] = [None] * len(jobs)
         groups: dict[Hashable, list[tuple[int, Any]]] = defaultdict(list)
         for i, job in enumerate(jobs):
             try:
-                item = route.decode_request(model, job)
+                if job.image_bytes is not None:
+                    job.image = decode_image(job.image_bytes, self.cfg.limits)
+                item = route.decode(model, job)
             except APIError as e:
                 out[i] = e
                 continue
@@ -189,20 +177,16 @@ class FamilyWorker:
                 continue
             for (i, item), output in zip(members, outputs, strict=True):
                 try:
-                    out[i] = route.encode_response(model, jobs[i], item, output)
+                    out[i] = output if isinstance(output, APIError) else route.encode(jobs[i], item, output)
                 except APIError as e:
                     out[i] = e
         return out
 
-    def encode_response(self, output: dict | APIError | Reply | Stream) -> Reply | Stream:
-        """The answer rendered here, in the worker (apis/core/replies.py). A stream's parts are
-        rendered by the worker's loop, and its last part comes back here for the counters."""
-        if isinstance(output, Stream):
-            return output
-        reply = Reply.of(output)
+    def stamp(self, reply: Reply) -> Reply:
+        """``reply`` with the worker's counters, which ride back with each answer: fresh in
+        /info as soon as the client has its answer, and no IPC round trip per request. A
+        stream's last part comes here too (apis/transport/worker_loop.py)."""
         if self.stats is not None:
-            # The worker's counters ride back with each answer: fresh in /info as soon as the
-            # client has its answer, and no IPC round trip per request.
             reply.stats = (self.stats_key, self._snapshot())
         return reply
 

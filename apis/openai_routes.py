@@ -32,7 +32,7 @@ from apis.http.inputs import fetch_url
 from apis.http.responses import error_response, reply_response
 from apis.http.routing import JsonBodyRoute
 from apis.http.schemas import StrictRequest, is_blank
-from apis.vectors import check_count, read_image
+from apis.vectors import OpenAIList, VectorsRoute, check_count, read_image
 
 _DATA_URI = re.compile(r"data:image/[\w.+-]+;base64,")
 _BASE64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
@@ -179,7 +179,7 @@ class OpenAIEmbeddings:
         texts_too = api.handlers["embed"].embeds_texts
         if req.modality == "text" and not texts_too:
             raise APIError(400, f"modality is 'text', but {model_id} embeds images only", param="modality")
-        kinds, images, names, texts = [], [], [], []
+        kinds, images, texts = [], [], []
         for i, item in enumerate(req.input):
             param = f"input[{i}]"
             url = req.modality == "image" or not texts_too
@@ -194,7 +194,6 @@ class OpenAIEmbeddings:
                     )
                 kinds.append("image")
                 images.append(data)
-                names.append(param)
                 continue
             if req.modality == "image" or not texts_too:
                 why = "modality is 'image'" if req.modality == "image" else f"{model_id} embeds images only"
@@ -207,21 +206,9 @@ class OpenAIEmbeddings:
             api.check_text_length([(param, item)], param)
             kinds.append("text")
             texts.append(item)
-        params = {
-            "images": images,
-            "image_params": names,
-            "texts": texts,
-            "output_dtype": "float32",
-            "pooling": "cls",  # DINOv2: the class token, L2-normalised as OpenAI's embeddings are
-            "normalize": True,
-            "openai": {
-                "kinds": kinds,
-                "encoding_format": req.encoding_format,
-                "model": model_id,
-                "dimensions": req.dimensions,
-            },
-        }
-        return api, Job("embed", model_id, params)
+        route: VectorsRoute = api.handlers["embed"]
+        answer = OpenAIList(tuple(kinds), req.encoding_format, model_id, req.dimensions)
+        return api, Job(route.name, model_id, route.openai_request(images, texts), answer=answer)
 
     def image_of(self, item: str, param: str, urls: bool) -> bytes | None:
         """:func:`image_input`, and with ``urls`` an http(s) URL fetched under the server's URL

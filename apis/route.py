@@ -20,12 +20,14 @@ if TYPE_CHECKING:
 
 class Route:
     """One route of a family, ``POST /<family>/<name>``: its schemas, its checks in the HTTP
-    process and its hooks in the worker.
+    process and its hooks in the worker (the only hooks: LitServe's own are not used, see
+    apis/family_worker.py).
 
-    In the worker the family hands a route the requests of one batch that are for it and for one
-    model: :meth:`decode_request` turns each into a model input, :meth:`predict` runs once per
-    group of inputs with equal :meth:`batch_key`, and :meth:`encode_response` builds each answer.
-    An APIError raised by decode_request or encode_response answers only that request.
+    In the worker the family hands a route the jobs of one batch that are for it and for one
+    model: :meth:`decode` turns each into a model input, :meth:`predict` runs ALL the model work
+    once per group of inputs with equal :meth:`batch_key`, and :meth:`encode` renders each
+    answer from what predict gave (no model: it can be tested on its own). An APIError raised by
+    decode or encode, or returned by predict in a request's place, answers only that request.
     """
 
     name: ClassVar[str]
@@ -49,13 +51,14 @@ class Route:
     def check_image(self, request: BaseModel, size: tuple[int, int]) -> None:
         """Checks that need the image's (width, height), before it is decoded; raise APIError."""
 
-    def read_inputs(self, job: Job, request: BaseModel) -> Job:
-        """Inputs other than the image field, read into ``job.params`` (embed's images, SAM 2's
-        validated mask_input)."""
-        return job
+    def read_inputs(self, request: BaseModel) -> BaseModel:
+        """The request as the worker gets it: fields other than the image that the HTTP process
+        reads (embed's base64 images, a session's clip) replaced by what was read, as a copy
+        (``request.model_copy(update=...)``)."""
+        return request
 
     # -- worker process -------------------------------------------------------------------
-    def decode_request(self, model: Any, job: Job) -> Any:
+    def decode(self, model: Any, job: Job) -> Any:
         """A request's model input; ``job.image`` holds its decoded image, if it sent one."""
         return job
 
@@ -64,24 +67,30 @@ class Route:
         return None
 
     def predict(self, model: Any, items: list[Any]) -> Sequence[Any]:
-        """One output per input."""
+        """One output per input, or an APIError in its place; every model call happens here."""
         raise NotImplementedError
 
-    def encode_response(self, model: Any, job: Job, item: Any, output: Any) -> dict | Reply | Stream:
-        """The answer to one request: a JSON-able dict, a :class:`~apis.core.replies.Reply`, or a
-        :class:`~apis.core.replies.Stream` of parts."""
+    def encode(self, job: Job, item: Any, output: Any) -> dict | Reply | Stream:
+        """The answer to one request, rendered from ``output``: a JSON-able dict, a
+        :class:`~apis.core.replies.Reply`, or a :class:`~apis.core.replies.Stream` of parts."""
         raise NotImplementedError
 
 
 @dataclass
 class Job:
-    """One request as it travels to a worker: validated fields, the model's id, raw image bytes,
-    and on caching routes the image_id (apis/core/image_ids.py), which a request may send alone."""
+    """One request as it travels to a worker: the validated request object (its image fields
+    emptied, other fields the HTTP process read replaced by what it read), the model's id, the
+    image's file bytes, and on caching routes the image_id (apis/core/image_ids.py), which a
+    request may send alone; a session's calls name their session."""
 
     route: str
     model_id: str
-    params: dict[str, Any]
+    request: Any  # the route's request model (pydantic), or None for a session call with no body
     image_bytes: bytes | None = None
     image: Image.Image | None = field(default=None, repr=False)  # decoded in the worker
     request_id: str = "-"  # the worker's log lines name it (apis/http/metrics.py)
     image_id: str | None = None
+    session_id: str | None = None  # video session calls (apis/video_sessions.py)
+    #: how the answer is rendered when it is not the route's own JSON: an
+    #: :class:`apis.vectors.OpenAIList` for /v1/embeddings
+    answer: Any = None

@@ -81,12 +81,38 @@ def _decode(data: bytes, limits: Limits, param: str):
         raise APIError(e.status, f"{param}: {e.message}", param=param, code=e.code) from None
 
 
+@dataclass(frozen=True)
+class OpenAIList:
+    """A :class:`~apis.route.Job`'s ``answer`` when /v1/embeddings asked (apis/openai_routes.py):
+    OpenAI's embeddings list instead of the family's JSON. ``kinds``: "image" or "text" for each
+    input in request order (the job's images and texts keep their own order)."""
+
+    kinds: tuple[str, ...]
+    encoding_format: str
+    model: str
+    dimensions: int | None
+
+    def image_params(self) -> list[str]:
+        """The request field of each image, for errors: ``input[i]``."""
+        return [f"input[{i}]" for i, kind in enumerate(self.kinds) if kind == "image"]
+
+
+@dataclass
+class Vectors:
+    """One request's embeddings, (N, D) each, and what /v1's usage counts."""
+
+    images: torch.Tensor
+    texts: torch.Tensor
+    image_tokens: int  # per image: the ViT's tokens
+    text_tokens: list[int]
+
+
 class VectorsRoute(Route):
     """``/<family>/embed`` (and the family's share of ``/v1/embeddings``): global embeddings.
 
-    ``Job.params``: ``images`` (file bytes), ``image_params`` (the request field each came from,
-    for errors), ``texts``, ``output_dtype`` and ``openai`` (None, or what :func:`openai_answer`
-    needs). Subclasses give the model's steps and build the family's answer.
+    The job's request is the family's embed request with ``images`` as checked file bytes
+    (:meth:`read_inputs`; /v1/embeddings builds the same request) and, for a family without a
+    text tower, no ``texts``. Subclasses give the model's steps and the family's own answer.
     """
 
     name = "embed"
@@ -107,20 +133,30 @@ class VectorsRoute(Route):
     def encode_texts(self, model: Any, texts: list[str]) -> torch.Tensor:
         raise NotImplementedError
 
-    def read_inputs(self, job: Job, request: BaseModel) -> Job:
-        """The base64 images of ``/<family>/embed`` as checked bytes."""
-        names = [f"images[{i}]" for i in range(len(job.params["images"]))]
-        job.params["images"] = [
-            read_image(t, self.api.cfg, n) for t, n in zip(job.params["images"], names, strict=True)
-        ]
-        job.params["image_params"] = names
-        job.params.setdefault("openai", None)
-        return job
+    def count_tokens(self, model: Any, texts: list[str]) -> list[int]:
+        """Tokens the text tower reads for each text (/v1's usage)."""
+        return [0] * len(texts)
 
-    def decode_request(self, model: Any, job: Job) -> _EmbedInput:
-        p = job.params
+    def chosen(self, request: BaseModel, vectors: Vectors) -> Vectors:
+        """What the request asked of the model's vectors (DINO: one pooling, normalised)."""
+        return vectors
+
+    def family_answer(self, job: Job, vectors: Vectors) -> dict:
+        raise NotImplementedError
+
+    def openai_request(self, images: list[bytes], texts: list[str]) -> BaseModel:
+        """The family's own embed request for a /v1/embeddings one (images already read)."""
+        return self.request.model_construct(images=images, texts=texts)
+
+    def read_inputs(self, request: BaseModel) -> BaseModel:
+        """The base64 images of ``/<family>/embed`` as checked bytes."""
+        images = [read_image(t, self.api.cfg, f"images[{i}]") for i, t in enumerate(request.images)]
+        return request.model_copy(update={"images": images})
+
+    def decode(self, model: Any, job: Job) -> _EmbedInput:
+        r = job.request
         dim = self.dim(model)
-        asked = (p["openai"] or {}).get("dimensions")
+        asked = job.answer.dimensions if isinstance(job.answer, OpenAIList) else None
         if asked is not None and asked != dim:
             raise APIError(
                 400,
@@ -135,16 +171,21 @@ class VectorsRoute(Route):
         def pixels_of(data: bytes, name: str) -> torch.Tensor:
             return self.preprocess(model, _decode(data, limits, name))
 
-        pool = _decoding_pool() if len(p["images"]) > 1 else None
+        names = (
+            job.answer.image_params()
+            if isinstance(job.answer, OpenAIList)
+            else [f"images[{i}]" for i in range(len(r.images))]
+        )
+        pool = _decoding_pool() if len(r.images) > 1 else None
         if pool is None:
-            pixels = [pixels_of(b, n) for b, n in zip(p["images"], p["image_params"], strict=True)]
+            pixels = [pixels_of(b, n) for b, n in zip(r.images, names, strict=True)]
         else:  # the first bad image (in request order) answers the request, as one by one would
-            pixels = list(pool.map(pixels_of, p["images"], p["image_params"]))
-        return _EmbedInput(pixels, p["texts"])
+            pixels = list(pool.map(pixels_of, r.images, names))
+        return _EmbedInput(pixels, list(getattr(r, "texts", [])))
 
-    def predict(self, model: Any, items: list[_EmbedInput]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def predict(self, model: Any, items: list[_EmbedInput]) -> list[Vectors]:
         """Every image of the batch's requests through one forward, every text through another
-        (in chunks), on the CPU: (image embeddings, text embeddings) per request."""
+        (in chunks), on the CPU."""
         dim = self.dim(model)
         pixels = [px for item in items for px in item.pixels]
         texts = [t for item in items for t in item.texts]
@@ -158,9 +199,17 @@ class VectorsRoute(Route):
         )
         out, i, t = [], 0, 0
         for item in items:
-            out.append((images_emb[i : i + len(item.pixels)], texts_emb[t : t + len(item.texts)]))
-            i, t = i + len(item.pixels), t + len(item.texts)
+            n, m = len(item.pixels), len(item.texts)
+            tokens = self.count_tokens(model, item.texts)
+            out.append(Vectors(images_emb[i : i + n], texts_emb[t : t + m], model.image_tokens, tokens))
+            i, t = i + n, t + m
         return out
+
+    def encode(self, job: Job, item: _EmbedInput, vectors: Vectors) -> dict:
+        vectors = self.chosen(job.request, vectors)
+        if isinstance(job.answer, OpenAIList):
+            return openai_answer(job.answer, vectors)
+        return self.family_answer(job, vectors)
 
     def chunked(self, forward: Callable[[Any], torch.Tensor], items: Sequence) -> torch.Tensor:
         """``forward`` over chunks of at most ``limits.max_embed_inputs`` items, concatenated on
@@ -175,24 +224,22 @@ class _EmbedInput:
     texts: list[str]
 
 
-def openai_answer(
-    job: Job, images: torch.Tensor, texts: torch.Tensor, image_tokens: int, text_tokens: list[int]
-) -> dict:
+def openai_answer(shape: OpenAIList, vectors: Vectors) -> dict:
     """OpenAI's embeddings list, inputs in request order; ``base64`` is little-endian float32,
     as OpenAI sends it. Usage counts the text tokens and, per image, the ViT's tokens."""
-    oa = job.params["openai"]
+    images, texts = vectors.images, vectors.texts
     if not (torch.isfinite(images).all() and torch.isfinite(texts).all()):
         raise non_finite("an embedding")
     rows = {"image": iter(images.numpy()), "text": iter(texts.numpy())}
     data = []
-    for index, kind in enumerate(oa["kinds"]):
+    for index, kind in enumerate(shape.kinds):
         v = np.ascontiguousarray(next(rows[kind]), dtype="<f4")
-        emb = pybase64.b64encode_as_string(v.tobytes()) if oa["encoding_format"] == "base64" else v.tolist()
+        emb = pybase64.b64encode_as_string(v.tobytes()) if shape.encoding_format == "base64" else v.tolist()
         data.append({"object": "embedding", "index": index, "embedding": emb})
-    tokens = image_tokens * len(images) + sum(text_tokens)
+    tokens = vectors.image_tokens * len(images) + sum(vectors.text_tokens)
     return {
         "object": "list",
         "data": data,
-        "model": oa["model"],
+        "model": shape.model,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     }

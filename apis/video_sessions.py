@@ -33,7 +33,7 @@ from apis.core.lazy import lazy_module
 from apis.core.replies import Stream
 from apis.core.sessions import Entry, SessionStore, lost, not_found, worker_token
 from apis.family import FamilyAPI, Job, Route
-from apis.http.inputs import ImageInput, read_image_bytes, read_path
+from apis.http.inputs import IMAGE_FIELDS, ImageInput, read_image_bytes, read_path
 from apis.http.responses import PartsResponse, reply_response
 from apis.http.schemas import StrictRequest
 
@@ -189,26 +189,26 @@ class SessionPrompts:
     request: type[StrictRequest] = PromptRequest
     frame: type[BaseModel] = FrameObjects
 
-    def read(self, api: FamilyAPI, request: PromptRequest) -> dict[str, Any]:
-        """The job's params (HTTP process, off the event loop): the mask's base64 decoded."""
-        params = request.model_dump()
-        if request.mask is not None:
-            params["mask"] = _decode_base64(request.mask, "mask")
-        return params
+    def read(self, api: FamilyAPI, request: PromptRequest) -> PromptRequest:
+        """The request as the worker gets it (HTTP process, off the event loop): the mask's
+        base64 decoded to the PNG file's bytes."""
+        if request.mask is None:
+            return request
+        return request.model_copy(update={"mask": _decode_base64(request.mask, "mask")})
 
-    def apply(self, api: FamilyAPI, session: Any, p: dict[str, Any]) -> Any:
+    def apply(self, api: FamilyAPI, session: Any, r: PromptRequest) -> Any:
         """The prompt on the session (worker); answers the prompted frame's FrameResult."""
         mask = None
-        if p["mask"] is not None:
-            mask = np.asarray(decode_image(p["mask"], api.cfg.limits).convert("L")) > 0
+        if r.mask is not None:
+            mask = np.asarray(decode_image(r.mask, api.cfg.limits).convert("L")) > 0
         return session.add_prompt(
-            p["frame_index"],
-            p["obj_id"],
-            points=None if p["points"] is None else np.asarray(p["points"], dtype=np.float32),
-            labels=None if p["labels"] is None else np.asarray(p["labels"], dtype=np.int32),
-            box=None if p["box"] is None else np.asarray(p["box"], dtype=np.float32),
+            r.frame_index,
+            r.obj_id,
+            points=None if r.points is None else np.asarray(r.points, dtype=np.float32),
+            labels=None if r.labels is None else np.asarray(r.labels, dtype=np.int32),
+            box=None if r.box is None else np.asarray(r.box, dtype=np.float32),
             mask=mask,
-            clear_old_points=p["clear_old_points"],
+            clear_old_points=r.clear_old_points,
         )
 
     def answer(self, api: FamilyAPI, result: Any, encoding: str) -> dict[str, Any]:
@@ -243,12 +243,12 @@ class _SessionRoute(Route):
                 out.append(e)
         return out
 
-    def run(self, model: Any, job: Job) -> Any:
+    def run(self, model: Any, job: Job) -> dict | Stream:
+        """The call on its session: the answer, already rendered (frames by the family's
+        :class:`SessionPrompts`), or a Stream of them."""
         raise NotImplementedError
 
-    def encode_response(self, model: Any, job: Job, item: Job, output: Any) -> Any:
-        if isinstance(output, APIError):
-            raise output
+    def encode(self, job: Job, item: Job, output: dict | Stream) -> dict | Stream:
         return output
 
     @property
@@ -264,11 +264,12 @@ class CreateSession(_SessionRoute):
     summary = "Open a tracking session."
 
     def run(self, model: Any, job: Job) -> dict:
-        p, limits = job.params, self.api.cfg.limits
-        if p["video"] is not None:
-            frames = video.decode_video(p["video"], p["max_frames"], limits.max_image_pixels)
-        elif p["frames"] is not None:
-            frames = [_rgb(decode_image(data, limits)) for data in p["frames"]]
+        r: CreateSessionRequest = job.request  # video and frames hold file bytes (_create_job)
+        limits = self.api.cfg.limits
+        if r.video is not None:
+            frames = video.decode_video(r.video, r.max_frames, limits.max_image_pixels)
+        elif r.frames is not None:
+            frames = [_rgb(decode_image(data, limits)) for data in r.frames]
             if len({f.shape for f in frames}) > 1:
                 raise APIError(400, "the frames differ in size; send frames of one size", param="frames")
         else:
@@ -278,8 +279,8 @@ class CreateSession(_SessionRoute):
         session = self.api.open_video(
             model,
             frames,
-            offload_video_to_cpu=p["offload_video_to_cpu"],
-            offload_state_to_cpu=p["offload_state_to_cpu"],
+            offload_video_to_cpu=r.offload_video_to_cpu,
+            offload_state_to_cpu=r.offload_state_to_cpu,
         )
         entry = store.add(session_id, session, job.model_id)
         return {
@@ -300,7 +301,7 @@ class DescribeSession(_SessionRoute):
     summary = "A session's frames, objects, memory and idle time."
 
     def run(self, model: Any, job: Job) -> dict:
-        sid = job.params["session_id"]
+        sid = job.session_id
         return {**self.store.describe(sid, self.store.get(sid, touch=False)), "worker": self.api.worker_id}
 
 
@@ -311,7 +312,7 @@ class DeleteSession(_SessionRoute):
     summary = "Close a session and free its memory."
 
     def run(self, model: Any, job: Job) -> dict:
-        self.store.remove(job.params["session_id"])
+        self.store.remove(job.session_id)
         return {"deleted": True}
 
 
@@ -322,12 +323,11 @@ class AddPrompt(_SessionRoute):
     summary = "Prompt one object on one frame; answers that frame's objects."
 
     def run(self, model: Any, job: Job) -> dict:
-        p = job.params
-        entry = self.store.usable(p["session_id"])
+        entry = self.store.usable(job.session_id)
         prompts = self.api.video.prompts
-        result = prompts.apply(self.api, entry.session, p)
+        result = prompts.apply(self.api, entry.session, job.request)
         entry.refresh()
-        return prompts.answer(self.api, result, p["mask_encoding"])
+        return prompts.answer(self.api, result, job.request.mask_encoding)
 
 
 class AddFrame(_SessionRoute):
@@ -337,7 +337,7 @@ class AddFrame(_SessionRoute):
     summary = "Append one frame to a live session and track it at once."
 
     def run(self, model: Any, job: Job) -> dict:
-        entry = self.store.usable(job.params["session_id"])
+        entry = self.store.usable(job.session_id)
         if not entry.session.live:
             raise APIError(
                 400,
@@ -347,7 +347,7 @@ class AddFrame(_SessionRoute):
             )
         result = entry.session.add_frame(_rgb(job.image))
         entry.refresh()
-        return self.api.video.prompts.answer(self.api, result, job.params["mask_encoding"])
+        return self.api.video.prompts.answer(self.api, result, job.request.mask_encoding)
 
 
 class Propagate(_SessionRoute):
@@ -357,12 +357,12 @@ class Propagate(_SessionRoute):
     summary = "Track the prompted objects through the clip, streamed one frame per NDJSON line."
 
     def run(self, model: Any, job: Job) -> Stream:
-        p = job.params
-        sid = p["session_id"]
+        r: PropagateRequest = job.request
+        sid = job.session_id
         store = self.store
         entry = store.usable(sid)
         entry.busy = True
-        entry.last_propagation = {"frames": 0, "ended": None, "direction": p["direction"]}
+        entry.last_propagation = {"frames": 0, "ended": None, "direction": r.direction}
 
         def ended(how: str) -> None:
             entry.busy = False
@@ -370,11 +370,11 @@ class Propagate(_SessionRoute):
             entry.last_propagation["ended"] = how
             entry.refresh()
 
-        return Stream(self._lines(sid, entry, p), on_close=ended)
+        return Stream(self._lines(sid, entry, r), on_close=ended)
 
-    def _lines(self, sid: str, entry: Entry, p: dict) -> Iterator[dict]:
+    def _lines(self, sid: str, entry: Entry, r: PropagateRequest) -> Iterator[dict]:
         t0 = time.perf_counter()
-        results = entry.session.propagate(p["direction"], p["start_frame_index"], p["max_frames"])
+        results = entry.session.propagate(r.direction, r.start_frame_index, r.max_frames)
         indices = []
         try:
             while True:
@@ -385,7 +385,7 @@ class Propagate(_SessionRoute):
                     break
                 indices.append(result.frame_index)
                 entry.last_propagation["frames"] = len(indices)
-                yield self.api.video.prompts.answer(self.api, result, p["mask_encoding"])
+                yield self.api.video.prompts.answer(self.api, result, r.mask_encoding)
             seconds = time.perf_counter() - t0
             yield {
                 "done": True,
@@ -546,9 +546,19 @@ class VideoSessions:
                 "(video.max_video_bytes)",
                 param="video" if request.frames is None else "frames",
             )
-        params = request.model_dump(exclude={"video", "frames", "video_path", *fields})
-        params.update(video=data, frames=frames, max_frames=request.max_frames or s.max_frames)
-        return Job(CreateSession.name, self.api.registry.id_of(entry), params)
+        # the family's request type is made at run time (its selector fields): the worker gets
+        # the plain CreateSessionRequest, the clip's bytes in place of its text or path
+        read = CreateSessionRequest.model_construct(
+            **{f: getattr(request, f) for f in CreateSessionRequest.model_fields},
+        ).model_copy(
+            update={
+                "video": data,
+                "frames": frames,
+                "video_path": None,
+                "max_frames": request.max_frames or s.max_frames,
+            }
+        )
+        return Job(CreateSession.name, self.api.registry.id_of(entry), read)
 
     def _create_endpoint(self) -> Callable:
         """POST .../sessions, whose request has the family's model selector fields too (SAM 2:
@@ -578,23 +588,25 @@ class VideoSessions:
             raise lost(session_id, "the model worker that held it stopped or was restarted")
         return token
 
-    def _job(self, route: type[Route], session_id: str, params: dict, image: bytes | None = None) -> Job:
+    def _job(
+        self, route: type[Route], session_id: str, request: BaseModel | None, image: bytes | None = None
+    ) -> Job:
         model_id = self.api.registry.id_of(self.api.registry.default)  # unused: uses_model is False
-        return Job(route.name, model_id, {**params, "session_id": session_id}, image_bytes=image)
+        return Job(route.name, model_id, request, image_bytes=image, session_id=session_id)
 
     @documented("A video session's frames, objects, memory and idle time")
     async def describe(self, session_id: str) -> SessionInfo:
         """A session's frames, objects, memory and idle time."""
         token = self._pin(session_id)
         return reply_response(
-            await self.api.spec.submit(self._job(DescribeSession, session_id, {}), pin=token)
+            await self.api.spec.submit(self._job(DescribeSession, session_id, None), pin=token)
         )
 
     @documented("Close a video session (204)", 204, {204: {"description": "Closed; its memory is freed."}})
     async def delete(self, session_id: str) -> Response:
         """Close a session and free its memory (204); a propagation of it in progress stops."""
         token = self._pin(session_id)
-        reply = await self.api.spec.submit(self._job(DeleteSession, session_id, {}), pin=token)
+        reply = await self.api.spec.submit(self._job(DeleteSession, session_id, None), pin=token)
         return Response(status_code=204) if reply.status == 200 else reply_response(reply)
 
     @documented("Prompt a video session on one frame")
@@ -602,8 +614,8 @@ class VideoSessions:
         """A prompt on one frame (SAM 2: points, a box or a mask for one object; SAM 3: a text,
         exemplar boxes or points); answers that frame's objects."""
         token = self._pin(session_id)
-        params = await self.api.spec.off_loop(self.prompts.read, self.api, request)
-        return reply_response(await self.api.spec.submit(self._job(AddPrompt, session_id, params), pin=token))
+        read = await self.api.spec.off_loop(self.prompts.read, self.api, request)
+        return reply_response(await self.api.spec.submit(self._job(AddPrompt, session_id, read), pin=token))
 
     @documented("Append a frame to a live video session and track it")
     async def add_frame(self, request: FrameRequest, session_id: str) -> Response:
@@ -616,7 +628,7 @@ class VideoSessions:
             return data
 
         image = await self.api.spec.off_loop(read)
-        job = self._job(AddFrame, session_id, {"mask_encoding": request.mask_encoding}, image)
+        job = self._job(AddFrame, session_id, request.model_copy(update=dict.fromkeys(IMAGE_FIELDS)), image)
         return reply_response(await self.api.spec.submit(job, pin=token))
 
     @documented("Track the prompted objects through the clip (NDJSON stream)")
@@ -624,7 +636,7 @@ class VideoSessions:
         """Track the prompted objects: ``application/x-ndjson``, one line per frame as soon as it is
         computed, then a totals line (``"done": true``). Closing the connection stops it."""
         token = self._pin(session_id)
-        parts = self.api.spec.stream(self._job(Propagate, session_id, request.model_dump()), pin=token)
+        parts = self.api.spec.stream(self._job(Propagate, session_id, request), pin=token)
         try:
             first = await anext(parts)
         except BaseException:

@@ -7,8 +7,8 @@ server; every click then sends its ``image_id`` and one point.
 
 In-process, stage by stage on the worker's own predictor (medians of ``--clicks`` clicks): the
 prompt encoder + mask decoder (the model), upsampling three masks or one to the image, the
-threshold, the answer's encodings, and the whole route (validation, ``decode_request``,
-``predict``, ``encode_response``, JSON rendering) per answer form: the seed's (three float32
+threshold, the answer's encodings, and the whole route (validation, the worker's
+``answer``: decode, predict, encode, JSON rendering) per answer form: the seed's (three float32
 masks and float32 logits), packbits masks, and the compact one (``best_only``, ``coco_rle``, no
 low-res logits). Over HTTP, per form: p50 at c = 1, alternated with the model in this process
 (``harness.alternate``), and "uvicorn alone" (``bench/floor.py``) taking the same request bytes
@@ -99,7 +99,7 @@ class Clicker:
     def route(self, form: dict) -> object:
         """The worker's whole work for a request, rendered answer included."""
         payload = {"image_id": self.image_id, "point_coords": next(self.points), "point_labels": [1], **form}
-        return self.api.encode_response(in_process(self.api, "prompt_mask", payload))
+        return in_process(self.api, "prompt_mask", payload)
 
 
 @torch.inference_mode()

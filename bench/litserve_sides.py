@@ -5,13 +5,13 @@
 
 One plain ``ls.LitAPI`` per route at ``/<family>/<op>`` (LitServe sends a path to one API's
 workers, so each route has its own worker and model copy). LitServe runs every hook in the
-worker: ``decode_request`` takes the JSON body, validates it with the route's request model,
-does the HTTP-side preparation ours does in its HTTP process and the worker-side image decode;
-``predict`` is the family's batch path; ``encode_response`` returns the body rendered as ours
-renders it, as a ``Response`` that LitServe's endpoint hands to uvicorn without re-serialising.
-Its best configuration here: the family's batch size and timeout, one HTTP server in a thread
-of the main process (as ours), gzip removed (as ours), the same queue timeout. No auth, no body
-limit, no request-id middleware: those are ours only.
+worker: ``decode_request`` takes the JSON body, validates it with the route's request model and
+builds the job as ours does in its HTTP process; ``predict`` is the family's batch path (the
+image decode, the model, the answer rendered as ours renders it); ``encode_response`` returns
+it as a ``Response`` that LitServe's endpoint hands to uvicorn without re-serialising. Its best
+configuration here: the family's batch size and timeout, one HTTP server in a thread of the main
+process (as ours), gzip removed (as ours), the same queue timeout. No auth, no body limit, no
+request-id middleware: those are ours only.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class Family:
         self.api.setup(device)
 
     def decode(self, op: str, body: dict) -> Any:
-        """Validation and preparation (ours: HTTP process), then the image decode (ours: worker)."""
+        """Validation and the job (ours: HTTP process); an APIError answers the request."""
         from apis.core.errors import APIError
 
         route = self.api.handlers[op]
@@ -67,22 +67,21 @@ class Family:
         except ValidationError as e:
             raise HTTPException(422, detail=e.errors(include_url=False, include_context=False)) from None
         try:
-            job = self.api.job_for(route, request)
+            return self.api.job_for(route, request)
         except APIError as e:
             return e
-        return self.api.decode_request(job)
 
     def predict(self, items: list) -> list:
-        """The family's batch path on decoded jobs (errors pass through), one result each."""
-        if self.api.max_batch_size > 1:
-            return self.api.predict(items)
-        return [self.api.predict(item) for item in items]
-
-    def render(self, result: Any) -> Response:
-        """The body ours sends for ``result``, as a Response LitServe passes on as it is."""
+        """The family's batch path (image decode, model, answers rendered) on the jobs; errors
+        pass through. One rendered Reply each."""
         from apis.core.replies import Reply
 
-        reply = Reply.of(result)
+        jobs = [item for item in items if not isinstance(item, Exception)]
+        replies = iter(self.api.answer(jobs) if jobs else [])
+        return [Reply.of(item) if isinstance(item, Exception) else next(replies) for item in items]
+
+    def render(self, reply: Any) -> Response:
+        """The body ours sends, as a Response LitServe passes on as it is."""
         return Response(bytes(reply.body), reply.status, reply.headers, reply.media_type)
 
 

@@ -10,7 +10,7 @@ are ``bench/litserve_sides.py``, plain LitAPIs running the same family code.
 
 "In-process" is the worker's own work without HTTP: the route's LitAPI object, set up in this
 process with the same config and seeded weights, runs ``job_for`` (validation, base64, header
-check), ``decode_request`` and ``predict`` (decode, model, response encoding) on the same
+check), then the worker's ``answer`` (decode, model, the answer rendered to bytes) on the same
 payload. The ratio HTTP p50 / in-process p50 is what the server adds: HTTP, JSON, the queue,
 the process hop. Both sides alternate in blocks of back-to-back calls (``harness.alternate``);
 the HTTP side times request bytes out to response bytes in on a keep-alive connection.
@@ -88,13 +88,14 @@ def routes(full: bool) -> list[tuple[str, str, dict]]:
 
 
 def in_process(api, op: str, payload: dict):
+    """The worker's whole work for one request in this process: the job built as the HTTP
+    process builds it, then the family's ``answer`` (decode, model, encode, rendered bytes)."""
     route = api.handlers[op]
     job = api.job_for(route, route.request.model_validate(payload))
-    out = api.predict([api.decode_request(job)] if api.max_batch_size > 1 else api.decode_request(job))
-    out = out[0] if isinstance(out, list) else out
-    if not isinstance(out, dict):
-        raise RuntimeError(f"in-process {op} failed: {out}")
-    return out
+    (reply,) = api.answer([job])
+    if reply.status != 200:
+        raise RuntimeError(f"in-process {op} failed: {bytes(reply.body)[:300]!r}")
+    return reply
 
 
 def overhead(client: Client, floor: Client, api, op: str, payload: dict, rounds: int) -> list[str]:

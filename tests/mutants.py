@@ -105,7 +105,7 @@ MUTANTS = [
     Mutant(
         "full-res similarity: uniform map",
         "apis/clip/api.py",
-        'sim = model.spatial_softmax(sim, p["softmax"])',
+        "sim = model.spatial_softmax(sim, r.softmax)",
         "sim = torch.full_like(sim, 1.0 / sim.numel())",
         ("tests/test_clip_http.py::test_similarity_full_resolution_cosine_and_negatives",),
         "item 4: a map that sums to 1 and says nothing",
@@ -113,14 +113,14 @@ MUTANTS = [
     Mutant(
         "full-res similarity: softmax before upsampling",
         "apis/clip/api.py",
-        """        if not p["ret_patches"]:
-            sim = dense.upsample_grid(sim[..., None], item.geom, p["interpolation_mode"])[..., 0]
-        if p["softmax"] > 0 and not negatives:
-            sim = model.spatial_softmax(sim, p["softmax"])""",
-        """        if p["softmax"] > 0 and not negatives:
-            sim = model.spatial_softmax(sim, p["softmax"])
-        if not p["ret_patches"]:
-            sim = dense.upsample_grid(sim[..., None], item.geom, p["interpolation_mode"])[..., 0]""",
+        """        if not r.ret_patches:
+            sim = dense.upsample_grid(sim[..., None], item.geom, r.interpolation_mode)[..., 0]
+        if r.softmax > 0 and not r.negatives:
+            sim = model.spatial_softmax(sim, r.softmax)""",
+        """        if r.softmax > 0 and not r.negatives:
+            sim = model.spatial_softmax(sim, r.softmax)
+        if not r.ret_patches:
+            sim = dense.upsample_grid(sim[..., None], item.geom, r.interpolation_mode)[..., 0]""",
         ("tests/test_clip_http.py::test_similarity_full_resolution_cosine_and_negatives",),
         "item 4: the seed's order of steps",
     ),
@@ -389,7 +389,7 @@ MUTANTS = [
     Mutant(
         "pca: niter ignored",
         "apis/core/dense.py",
-        'feats = pca_rgb(feats, p["pca_niter"],',
+        "feats = pca_rgb(feats, r.pca_niter,",
         "feats = pca_rgb(feats, 100,",
         (
             "tests/test_clip_http.py::test_ret_pca_equals_an_svd_of_the_reference_features",
@@ -400,8 +400,8 @@ MUTANTS = [
     Mutant(
         "dino: padding_mode ignored",
         "apis/dino/api.py",
-        'p["padding_mode"],\n            dense.IMAGENET_MEAN',
-        '"constant",\n            dense.IMAGENET_MEAN',
+        "patch, r.padding_mode, dense.IMAGENET_MEAN",
+        'patch, "constant", dense.IMAGENET_MEAN',
         ("tests/test_dino_http.py::test_padding_mode_equals_numpy_padding_of_the_normalised_image",),
         "issue 32: DINO pads with zeros whatever the request says",
     ),
@@ -561,24 +561,24 @@ MUTANTS = [
     Mutant(
         "dino: load_size ignored",
         "apis/dino/api.py",
-        'job.image,\n            p["load_size"],\n            False,',
-        "job.image,\n            None,\n            False,",
+        "job.image, r.load_size, False, patch",
+        "job.image, None, False, patch",
         ("tests/test_dino_http.py::test_load_size_equals_torchvision_resize_then_timm",),
         "issue 32: DINO keeps the image's size",
     ),
     Mutant(
         "dense: output_dtype ignored",
         "apis/core/dense.py",
-        'arr, "features", p["output_dtype"], p["response_format"]',
-        'arr, "features", "float32", p["response_format"]',
+        'arr, "features", r.output_dtype, r.response_format',
+        'arr, "features", "float32", r.response_format',
         ("tests/test_dino_http.py::test_float16_and_npy_carry_the_float32_values",),
         "issue 32: float16 asked, float32 answered (DINO's test; CLIP's catches it too)",
     ),
     Mutant(
         "dense: npy answered as JSON",
         "apis/core/dense.py",
-        'arr, "features", p["output_dtype"], p["response_format"]',
-        'arr, "features", p["output_dtype"], "json"',
+        'arr, "features", r.output_dtype, r.response_format',
+        'arr, "features", r.output_dtype, "json"',
         ("tests/test_dino_http.py::test_float16_and_npy_carry_the_float32_values",),
         "issue 32: response_format ignored",
     ),
@@ -657,16 +657,16 @@ MUTANTS = [
     Mutant(
         "embed: dino output_dtype ignored",
         "apis/dino/api.py",
-        'data, shape = encode_array(emb.numpy(), p["output_dtype"])',
-        'data, shape = encode_array(emb.numpy(), "float32")',
+        "data, shape = encode_array(vectors.images.numpy(), r.output_dtype)",
+        'data, shape = encode_array(vectors.images.numpy(), "float32")',
         ("tests/test_embeddings_http.py::-k float16",),
         "issue 32: /dino/embed answers float32 bytes whatever output_dtype says",
     ),
     Mutant(
         "embed: clip images output_dtype ignored",
         "apis/clip/api.py",
-        'image_data, image_shape = encode_array(images.numpy(), p["output_dtype"])',
-        'image_data, image_shape = encode_array(images.numpy(), "float32")',
+        "image_data, image_shape = encode_array(vectors.images.numpy(), dtype)",
+        'image_data, image_shape = encode_array(vectors.images.numpy(), "float32")',
         ("tests/test_embeddings_http.py::-k float16",),
         "issue 32: /clip/embed's image half always float32",
     ),
@@ -772,7 +772,7 @@ MUTANTS = [
     Mutant(
         "prompt_mask: normalize_coords ignored",
         "apis/sam2/api.py",
-        '            normalize_coords=p["normalize_coords"],\n',
+        "            normalize_coords=r.normalize_coords,\n",
         "            normalize_coords=True,\n",
         ("tests/test_sam2_http.py::test_prompt_masks_equal_the_predictor",),
         "issue 32: coordinates always read as pixels",
@@ -788,7 +788,7 @@ MUTANTS = [
     Mutant(
         "prompt_mask: mask_threshold ignored",
         "apis/sam2/api.py",
-        '            mask_threshold=p["mask_threshold"],\n',
+        "            mask_threshold=r.mask_threshold,\n",
         "            mask_threshold=0.0,\n",
         ("tests/test_sam2_http.py::test_mask_threshold_equals_the_library_predictors",),
         "issue 32: always the library's default threshold",
@@ -806,7 +806,7 @@ MUTANTS = [
     Mutant(
         "sam3: score_threshold always the configured one",
         "apis/sam3/api.py",
-        'score_threshold=given("score_threshold"),',
+        "score_threshold=fam.score_threshold if r.score_threshold is None else r.score_threshold,",
         "score_threshold=fam.score_threshold,",
         ("tests/test_sam3_http.py::test_score_threshold_min_area_and_epsilon_including_explicit_zero",),
         "issue 32: the request's score_threshold ignored",
@@ -814,7 +814,7 @@ MUTANTS = [
     Mutant(
         "sam3: mask_format ignored",
         "apis/sam3/api.py",
-        'mask_format=p["mask_format"],',
+        "mask_format=r.mask_format,",
         'mask_format="rle",',
         (
             "tests/test_sam3_http.py::test_rle_and_png_masks_decode_to_the_same_mask_and_area_is_its_pixel_count",
@@ -832,7 +832,7 @@ MUTANTS = [
     Mutant(
         "video: propagate options not sent to the session",
         "apis/video_sessions.py",
-        'entry.session.propagate(p["direction"], p["start_frame_index"], p["max_frames"])',
+        "entry.session.propagate(r.direction, r.start_frame_index, r.max_frames)",
         'entry.session.propagate("forward", None, None)',
         (
             "tests/test_sam2_video_http.py::test_backward_from_a_start_frame_and_kept_clicks_equal_the_library",
@@ -842,7 +842,7 @@ MUTANTS = [
     Mutant(
         "video: clear_old_points ignored over HTTP",
         "apis/video_sessions.py",
-        'clear_old_points=p["clear_old_points"],',
+        "clear_old_points=r.clear_old_points,",
         "clear_old_points=True,",
         (
             "tests/test_sam2_video_http.py::test_backward_from_a_start_frame_and_kept_clicks_equal_the_library",
@@ -868,8 +868,8 @@ MUTANTS = [
     Mutant(
         "embed: decoded images out of order",
         "apis/vectors.py",
-        'pixels = list(pool.map(pixels_of, p["images"], p["image_params"]))',
-        'pixels = list(pool.map(pixels_of, p["images"][::-1], p["image_params"][::-1]))',
+        "pixels = list(pool.map(pixels_of, r.images, names))",
+        "pixels = list(pool.map(pixels_of, r.images[::-1], names[::-1]))",
         (
             "tests/test_embeddings_http.py::test_images_of_one_request_decoded_in_parallel_keep_their_order_and_first_error",
         ),
@@ -1140,8 +1140,8 @@ MUTANTS = [
     Mutant(
         "video: an MP4 clip's first frame dropped",
         "apis/video_sessions.py",
-        'frames = video.decode_video(p["video"], p["max_frames"], limits.max_image_pixels)',
-        'frames = video.decode_video(p["video"], p["max_frames"], limits.max_image_pixels)[1:]',
+        "frames = video.decode_video(r.video, r.max_frames, limits.max_image_pixels)",
+        "frames = video.decode_video(r.video, r.max_frames, limits.max_image_pixels)[1:]",
         ("tests/test_sam2_video_http.py::test_an_mp4_clip_is_decoded_in_the_worker",),
         "issue 32: an MP4 sent as `video` becomes the session's frames, every one",
     ),

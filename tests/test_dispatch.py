@@ -82,11 +82,7 @@ def api(predict, max_batch_size=4, request_timeout=30.0):
         api_path="/test",
         max_batch_size=max_batch_size,
         request_timeout=request_timeout,
-        decode_request=lambda job: job,
-        batch=list,
-        predict=predict,
-        unbatch=list,
-        encode_response=lambda y: Reply.of({"y": y}),
+        answer=lambda jobs: [Reply.of({"y": y}) for y in predict(jobs)],
     )
 
 
@@ -104,15 +100,13 @@ def test_run_batch_answers_in_order_and_skips_requests_that_waited_too_long():
     assert answers[0].status == 504 and orjson.loads(answers[0].body)["error"]["code"] == "queue_timeout"
 
 
-def test_run_batch_turns_a_crash_into_500s_and_single_apis_get_one_input():
+def test_run_batch_turns_a_crash_into_500s():
     def crash(xs):
         raise RuntimeError("boom")
 
     answers = run_batch(api(crash), [(0, time.monotonic(), 1), (1, time.monotonic(), 2)])
     codes = [(a.status, orjson.loads(a.body)["error"]["code"]) for _, a in answers]
     assert codes == [(500, "internal_error")] * 2
-    single = run_batch(api(lambda x: x + 1, max_batch_size=1), [(5, time.monotonic(), 1)])
-    assert [(uid, orjson.loads(a.body)) for uid, a in single] == [(5, {"y": 2})]
 
 
 class FakeWorker:
@@ -316,17 +310,10 @@ class StreamingApi:
         self.spec = SimpleNamespace(address=address)
         self.computed: dict[str, list[float]] = {}  # stream name -> when each part was computed
 
-    def decode_request(self, job):
-        return job
-
-    def batch(self, inputs):
-        return inputs
-
-    def unbatch(self, outputs):
-        return outputs
-
-    def predict(self, jobs):
-        return [self._parts(job[1], job[2]) if job[0] == "stream" else job for job in jobs]
+    def answer(self, jobs):
+        return [
+            self._parts(job[1], job[2]) if job[0] == "stream" else Reply.of({"answer": job}) for job in jobs
+        ]
 
     def _parts(self, name: str, n: int):
         times = self.computed[name] = []
@@ -339,8 +326,8 @@ class StreamingApi:
 
         return Stream(parts())
 
-    def encode_response(self, output):
-        return output if isinstance(output, (Stream, Reply)) else Reply.of({"answer": output})
+    def stamp(self, reply):
+        return reply
 
     def housekeeping(self):
         pass

@@ -66,7 +66,7 @@ class Size(Route):
     def predict(self, model, jobs):
         return [(model, job.image.size) for job in jobs]
 
-    def encode_response(self, model, job, item, output):
+    def encode(self, job, item, output):
         name, (width, height) = output
         return {"width": width, "height": height, "model": name}
 

@@ -80,7 +80,7 @@ def test_a_withdrawal_queued_behind_more_than_a_batch_is_still_seen():
 
 
 def _auto(**fields) -> dict:
-    return generator_settings(Sam2AutoMaskRequest(image="x", **fields).model_dump())
+    return generator_settings(Sam2AutoMaskRequest(image="x", **fields))
 
 
 def test_auto_mask_points_count_every_crop_of_every_layer():

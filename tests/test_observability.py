@@ -261,30 +261,18 @@ def test_request_id_is_echoed_and_logged_as_json(server):
 
 
 class _Api:
-    """Just enough of a LitAPI for run_batch: records the request id its predict sees."""
+    """Just enough of a family for run_batch: records the request id its answer sees."""
 
     api_path = "/x"
     request_timeout = 30
     max_batch_size = 4
     seen: list[str] = []
 
-    def decode_request(self, job):
-        return job
-
-    def batch(self, xs):
-        return xs
-
-    def unbatch(self, ys):
-        return ys
-
-    def predict(self, xs):
-        self.seen.append(REQUEST_ID.get())
-        return [{"ok": True} for _ in xs]
-
-    def encode_response(self, y):
+    def answer(self, jobs):
         from apis.core.replies import Reply
 
-        return Reply.of(y)
+        self.seen.append(REQUEST_ID.get())
+        return [Reply.of({"ok": True}) for _ in jobs]
 
 
 def test_worker_batches_carry_their_request_ids():

@@ -724,7 +724,7 @@ def test_request_defaults_reach_the_generator_as_documented(sam2_checkpoint, mon
     pred = sam2_model.Sam2Predictor(build_tiny(str(sam2_checkpoint)), cache_size=1)
     image = encode_image(scene())
     for body, preset in (({}, "fine_grained"), ({"preset": "coarse"}, "coarse")):
-        settings = generator_settings(Sam2AutoMaskRequest(image=image, **body).model_dump())
+        settings = generator_settings(Sam2AutoMaskRequest(image=image, **body))
         sam2_model.auto_masks(pred, "k", scene(), settings, "binary_mask")
         want = {**PRESET_VALUES[preset], **COMMON_VALUES, "point_grids": None, "output_mode": "binary_mask"}
         assert seen.pop() == want

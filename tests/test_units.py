@@ -266,26 +266,27 @@ def test_affinity_keys_name_the_image_id_and_model_of_the_routes_that_cache_imag
     by_id = sam2.job_for(
         sam2.handlers["prompt_mask"], Sam2PromptRequest(image_id=job.image_id.upper(), **click)
     )
-    assert (by_id.image_id, by_id.image_bytes, "image_id" in by_id.params) == (job.image_id, None, False)
+    assert (by_id.image_id, by_id.image_bytes) == (job.image_id, None)
+    assert job.request.image is None and job.request.point_coords == [[1, 1]]  # the bytes travel once
     key = sam2.affinity(job)
     assert (
         key
         == sam2.affinity(by_id)
-        == sam2.affinity(Job("auto_mask", job.model_id, {}, image_id=job.image_id))
+        == sam2.affinity(Job("auto_mask", job.model_id, None, image_id=job.image_id))
     )
-    assert key != sam2.affinity(Job("prompt_mask", job.model_id, {}, image_id="0" * 64))
-    assert key != sam2.affinity(Job("prompt_mask", "m2", {}, image_id=job.image_id))  # a cache per model
-    assert sam3.affinity(Job("predict", "m", {}, image_id=job.image_id)) is not None
+    assert key != sam2.affinity(Job("prompt_mask", job.model_id, None, image_id="0" * 64))
+    assert key != sam2.affinity(Job("prompt_mask", "m2", None, image_id=job.image_id))  # a cache per model
+    assert sam3.affinity(Job("predict", "m", None, image_id=job.image_id)) is not None
     extract = clip.job_for(clip.handlers["extract"], ClipExtractRequest(image=image))
     assert extract.image_id is None  # CLIP caches no image
-    assert clip.affinity(Job("extract", "m", {}, png, image_id=job.image_id)) is None
-    assert sam3.affinity(Job("predict", "m", {}, None)) is None
+    assert clip.affinity(Job("extract", "m", None, png, image_id=job.image_id)) is None
+    assert sam3.affinity(Job("predict", "m", None, None)) is None
     # route_by_image: false: no key, so the dispatcher sends each request to the least busy worker
     for family, route in (("sam2", "prompt_mask"), ("sam3", "predict")):
         off = load_config(ROOT / "configs" / "demo.yaml")
         getattr(off, family).route_by_image = False
         api = FAMILIES[family].api_class()(off)
-        assert api.affinity(Job(route, job.model_id, {}, image_id=job.image_id)) is None
+        assert api.affinity(Job(route, job.model_id, None, image_id=job.image_id)) is None
 
 
 @pytest.mark.parametrize(("device", "limit", "inside"), [("cpu", 1, 1), ("cpu", 0, None), ("cuda", 1, None)])

@@ -47,7 +47,7 @@ def test_a_withdraw_frame_reaches_the_running_batch_and_queued_requests_are_drop
 
 
 class _Chunked:
-    """Just enough of a LitAPI for run_batch: a predict over chunks that asks between them."""
+    """Just enough of a family for run_batch: an answer over chunks that asks between them."""
 
     api_path = "/x"
     request_timeout = 30
@@ -56,21 +56,15 @@ class _Chunked:
     def __init__(self):
         self.chunks = 0
 
-    def decode_request(self, job):
-        return job
-
-    def predict(self, job):
-        with withdrawal.serving([job]):
+    def answer(self, jobs):
+        with withdrawal.serving(jobs):
             try:
                 for _ in range(10):
                     withdrawal.check()
                     self.chunks += 1
             except withdrawal.Withdrawn:
-                return {"stopped_after": self.chunks}
-        return {"chunks": self.chunks}
-
-    def encode_response(self, y):
-        return Reply.of(y)
+                return [Reply.of({"stopped_after": self.chunks})]
+        return [Reply.of({"chunks": self.chunks})]
 
 
 def test_run_batch_lets_the_model_ask_about_its_requests():

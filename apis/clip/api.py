@@ -24,7 +24,7 @@ from apis.core.registry import Key, canonical
 from apis.core.settings import ModelEntry
 from apis.core.tensors import encode_array, tensor_answer
 from apis.family import FamilyAPI, Job, Route
-from apis.vectors import VectorsRoute, check_count, openai_answer
+from apis.vectors import Vectors, VectorsRoute, check_count
 
 model = lazy_module("apis.clip.model")  # the library loads in the worker (apis/core/lazy.py)
 dense = lazy_module("apis.core.dense")  # torch too: worker only
@@ -43,12 +43,13 @@ class DenseInput:
 
     x: torch.Tensor  # (1, 3, Hp, Wp)
     geom: dense.Geometry
+    texts: list[str]  # similarity: the text, then the negatives
 
 
 class _DenseRoute(Route):
     """extract and similarity: images of one padded size share a forward through the ViT."""
 
-    def channels(self, cm: model.ClipModel, params: dict) -> int:
+    def channels(self, cm: model.ClipModel, request: ClipExtractRequest) -> int:
         """Values per patch of the answer (for the response-size check)."""
         return 1
 
@@ -57,27 +58,36 @@ class _DenseRoute(Route):
         texts += [(f"negatives[{i}]", t) for i, t in enumerate(getattr(request, "negatives", None) or [])]
         self.api.check_text_length(texts, "text")
 
-    def decode_request(self, cm: model.ClipModel, job: Job) -> DenseInput:
-        p = job.params
+    def decode(self, cm: model.ClipModel, job: Job) -> DenseInput:
+        r = job.request
         geom = dense.plan(
-            job.image.size, p, cm.patch_size, cm.patch_size, self.channels(cm, p), self.api.cfg.limits
+            job.image.size, r, cm.patch_size, cm.patch_size, self.channels(cm, r), self.api.cfg.limits
         )
         x = dense.preprocess(
             job.image,
-            p["load_size"],
-            p["center_crop"],
+            r.load_size,
+            r.center_crop,
             cm.patch_size,
-            p["padding_mode"],
+            r.padding_mode,
             dense.CLIP_MEAN,
             dense.CLIP_STD,
         )
-        return DenseInput(x, geom)
+        return DenseInput(
+            x, geom, [r.text, *(r.negatives or [])] if isinstance(r, ClipSimilarityRequest) else []
+        )
 
     def batch_key(self, item: DenseInput) -> Hashable:
         return item.x.shape
 
-    def predict(self, cm: model.ClipModel, items: list[DenseInput]) -> torch.Tensor:
-        return model.dense_features(cm, torch.cat([item.x for item in items])).cpu()
+    def predict(
+        self, cm: model.ClipModel, items: list[DenseInput]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per input its (gh, gw, D) patch features and its texts' embeddings (similarity)."""
+        feats = model.dense_features(cm, torch.cat([item.x for item in items])).cpu()
+        return [
+            (f, model.encode_texts(cm, item.texts).cpu() if item.texts else None)
+            for f, item in zip(feats, items, strict=True)
+        ]
 
 
 class Extract(_DenseRoute):
@@ -86,11 +96,11 @@ class Extract(_DenseRoute):
     response = ClipExtractResponse
     summary = "Dense CLIP patch features (MaskCLIP)."
 
-    def channels(self, cm: model.ClipModel, params: dict) -> int:
-        return 3 if params["ret_pca"] else cm.embed_dim
+    def channels(self, cm: model.ClipModel, request: ClipExtractRequest) -> int:
+        return 3 if request.ret_pca else cm.embed_dim
 
-    def encode_response(self, cm: model.ClipModel, job: Job, item: DenseInput, feats: torch.Tensor) -> dict:
-        return dense.respond(feats, item.geom, job.params, job.model_id)
+    def encode(self, job: Job, item: DenseInput, output: tuple[torch.Tensor, None]) -> dict:
+        return dense.respond(output[0], item.geom, job.request, job.model_id)
 
 
 class Similarity(_DenseRoute):
@@ -99,22 +109,19 @@ class Similarity(_DenseRoute):
     response = ClipSimilarityResponse
     summary = "Per-patch image-text similarity map."
 
-    def encode_response(self, cm: model.ClipModel, job: Job, item: DenseInput, feats: torch.Tensor) -> dict:
-        p = job.params
-        negatives = p["negatives"] or []
-        text = model.encode_texts(cm, [p["text"], *negatives]).cpu()
-        if negatives:
-            sim = model.relevancy(feats, text[0], text[1:], p["relevancy_temperature"])
+    def encode(self, job: Job, item: DenseInput, output: tuple[torch.Tensor, torch.Tensor]) -> dict:
+        r: ClipSimilarityRequest = job.request
+        feats, text = output
+        if r.negatives:
+            sim = model.relevancy(feats, text[0], text[1:], r.relevancy_temperature)
         else:
-            sim = model.similarity(feats, text[0], p["similarity"])
-        if not p["ret_patches"]:
-            sim = dense.upsample_grid(sim[..., None], item.geom, p["interpolation_mode"])[..., 0]
-        if p["softmax"] > 0 and not negatives:
-            sim = model.spatial_softmax(sim, p["softmax"])
+            sim = model.similarity(feats, text[0], r.similarity)
+        if not r.ret_patches:
+            sim = dense.upsample_grid(sim[..., None], item.geom, r.interpolation_mode)[..., 0]
+        if r.softmax > 0 and not r.negatives:
+            sim = model.spatial_softmax(sim, r.softmax)
         arr = sim.to(torch.float32).numpy()
-        return tensor_answer(
-            arr, "similarity_map", p["output_dtype"], p["response_format"], model=job.model_id
-        )
+        return tensor_answer(arr, "similarity_map", r.output_dtype, r.response_format, model=job.model_id)
 
 
 class EncodeText(Route):
@@ -126,21 +133,17 @@ class EncodeText(Route):
     def check(self, request: ClipTextRequest) -> None:
         self.api.check_text_length([("text", request.text)], "text")
 
-    def decode_request(self, cm: model.ClipModel, job: Job) -> str:
-        return job.params["text"]
+    def decode(self, cm: model.ClipModel, job: Job) -> str:
+        return job.request.text
 
     def predict(self, cm: model.ClipModel, texts: list[str]) -> torch.Tensor:
         """All texts of the batch in one forward pass."""
         return model.encode_texts(cm, texts).cpu()
 
-    def encode_response(self, cm: model.ClipModel, job: Job, text: str, emb: torch.Tensor) -> dict:
-        data, shape = encode_array(emb.numpy(), job.params["output_dtype"])
-        return {
-            "text_embedding": data,
-            "shape": shape,
-            "dtype": job.params["output_dtype"],
-            "model": job.model_id,
-        }
+    def encode(self, job: Job, text: str, emb: torch.Tensor) -> dict:
+        dtype = job.request.output_dtype
+        data, shape = encode_array(emb.numpy(), dtype)
+        return {"text_embedding": data, "shape": shape, "dtype": dtype, "model": job.model_id}
 
 
 class Embed(VectorsRoute):
@@ -161,21 +164,19 @@ class Embed(VectorsRoute):
     def encode_texts(self, cm: model.ClipModel, texts: list[str]) -> torch.Tensor:
         return model.encode_texts(cm, texts)
 
-    def encode_response(
-        self, cm: model.ClipModel, job: Job, item, output: tuple[torch.Tensor, torch.Tensor]
-    ) -> dict:
-        images, texts = output
-        p = job.params
-        if p["openai"] is not None:
-            return openai_answer(job, images, texts, cm.image_tokens, model.count_tokens(cm, p["texts"]))
-        image_data, image_shape = encode_array(images.numpy(), p["output_dtype"])
-        text_data, text_shape = encode_array(texts.numpy(), p["output_dtype"])
+    def count_tokens(self, cm: model.ClipModel, texts: list[str]) -> list[int]:
+        return model.count_tokens(cm, texts)
+
+    def family_answer(self, job: Job, vectors: Vectors) -> dict:
+        dtype = job.request.output_dtype
+        image_data, image_shape = encode_array(vectors.images.numpy(), dtype)
+        text_data, text_shape = encode_array(vectors.texts.numpy(), dtype)
         return {
             "image_embeddings": image_data,
             "image_shape": image_shape,
             "text_embeddings": text_data,
             "text_shape": text_shape,
-            "dtype": p["output_dtype"],
+            "dtype": dtype,
             "model": job.model_id,
         }
 
@@ -184,6 +185,7 @@ class Embed(VectorsRoute):
 class ClassifyInput:
     pixels: torch.Tensor  # (3, H, W), the model's own transform
     prompts: list[str]  # label x template, label-major
+    n_labels: int
 
 
 class Classify(Route):
@@ -198,30 +200,31 @@ class Classify(Route):
         templates = request.templates or []
         self.api.check_text_length([(f"templates[{i}]", t) for i, t in enumerate(templates)], "templates")
 
-    def decode_request(self, cm: model.ClipModel, job: Job) -> ClassifyInput:
-        templates = job.params["templates"] or list(model.DEFAULT_TEMPLATES)
-        return ClassifyInput(cm.preprocess(job.image), model.prompts(job.params["labels"], templates))
+    def decode(self, cm: model.ClipModel, job: Job) -> ClassifyInput:
+        r: ClipClassifyRequest = job.request
+        templates = r.templates or list(model.DEFAULT_TEMPLATES)
+        return ClassifyInput(cm.preprocess(job.image), model.prompts(r.labels, templates), len(r.labels))
 
-    def predict(
-        self, cm: model.ClipModel, items: list[ClassifyInput]
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The batch's images in one forward; its distinct prompts in chunks (cached)."""
+    def predict(self, cm: model.ClipModel, items: list[ClassifyInput]) -> list[tuple[torch.Tensor, float]]:
+        """The batch's images in one forward, its distinct prompts in chunks (cached): per
+        input its (L,) logits and the model's logit scale."""
         images = model.encode_images(cm, torch.stack([item.pixels for item in items])).cpu()
         vectors = self._prompt_embeddings(cm, [t for item in items for t in item.prompts])
-        return [(images[k], torch.stack([vectors[t] for t in item.prompts])) for k, item in enumerate(items)]
+        scale = float(cm.model.logit_scale.detach().float().exp())
+        out = []
+        for image, item in zip(images, items, strict=True):
+            labels = model.class_embeddings(torch.stack([vectors[t] for t in item.prompts]), item.n_labels)
+            out.append((model.zero_shot_logits(cm, image, labels), scale))
+        return out
 
-    def encode_response(
-        self, cm: model.ClipModel, job: Job, item: ClassifyInput, output: tuple[torch.Tensor, torch.Tensor]
-    ) -> dict:
-        image, prompt_emb = output
-        labels = job.params["labels"]
-        logits = model.zero_shot_logits(cm, image, model.class_embeddings(prompt_emb, len(labels)))
+    def encode(self, job: Job, item: ClassifyInput, output: tuple[torch.Tensor, float]) -> dict:
+        logits, scale = output
         return {
-            "labels": labels,
+            "labels": job.request.labels,
             "probabilities": torch.softmax(logits, dim=0).tolist(),
             "logits": logits.tolist(),
-            "logit_scale": float(cm.model.logit_scale.detach().float().exp()),
-            "templates": len(job.params["templates"] or model.DEFAULT_TEMPLATES),
+            "logit_scale": scale,
+            "templates": len(item.prompts) // item.n_labels,
             "model": job.model_id,
         }
 

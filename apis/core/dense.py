@@ -8,7 +8,7 @@ is computed) and :func:`respond` (PCA, upsampling, layout and encoding of the pa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -154,6 +154,23 @@ def interpolate_pos_embed(
     return torch.cat([prefix, grid], dim=0)
 
 
+class DenseRequest(Protocol):
+    """The dense options of a request (apis/http/schemas.py ``DenseOptions``), as this module
+    reads them."""
+
+    load_size: int | None
+    ret_patches: bool
+    ret_pca: bool
+    pca_niter: int
+    pca_q_min: float
+    pca_q_max: float
+    interpolation_mode: InterpolationMode
+    tensor_format: TensorFormat
+    padding_mode: PaddingMode
+    output_dtype: str
+    response_format: str
+
+
 @dataclass(frozen=True)
 class Geometry:
     """Where a dense request's pixels go: resized image, padded input and the patch grid, (H, W)."""
@@ -167,28 +184,28 @@ _SHRINK_HINT = "ask for ret_patches=true, ret_pca=true, a smaller load_size or o
 
 
 def plan(
-    size: tuple[int, int], p: dict[str, Any], patch: int, stride: int, channels: int, limits: Limits
+    size: tuple[int, int], r: DenseRequest, patch: int, stride: int, channels: int, limits: Limits
 ) -> Geometry:
     """Check a dense request before computing anything; raises APIError saying what to change.
 
-    ``size`` is the image's (width, height); ``p`` the request's dense options; the grid has
+    ``size`` is the image's (width, height); ``r`` the request (its dense options); the grid has
     ``1 + (Hp - patch) // stride`` rows on the image padded to a multiple of ``patch``.
     """
-    w, h = resized_size(*size, p["load_size"])
-    if p.get("center_crop"):
+    w, h = resized_size(*size, r.load_size)
+    if getattr(r, "center_crop", False):
         w = h = min(w, h)
     if w * h > limits.max_image_pixels:
         raise APIError(
             400,
-            f"load_size={p['load_size']} would resize the image to {w}x{h}, over this server's "
+            f"load_size={r.load_size} would resize the image to {w}x{h}, over this server's "
             f"{limits.max_image_pixels / 1e6:.0f} MP limit; use a smaller load_size",
             param="load_size",
         )
     ph, pw = padded_size(h, w, patch)
-    if p["padding_mode"] in ("reflect", "circular") and (ph - h >= h or pw - w >= w):
+    if r.padding_mode in ("reflect", "circular") and (ph - h >= h or pw - w >= w):
         raise APIError(
             400,
-            f"padding_mode={p['padding_mode']!r} needs an image larger than the padding "
+            f"padding_mode={r.padding_mode!r} needs an image larger than the padding "
             f"({w}x{h} px for patch {patch}); use 'constant' or 'replicate'",
             param="padding_mode",
         )
@@ -200,9 +217,9 @@ def plan(
             f"server's limit of {limits.max_tokens}; use a smaller load_size or a larger stride",
             param="load_size",
         )
-    out_hw = grid if p["ret_patches"] else (h, w)
+    out_hw = grid if r.ret_patches else (h, w)
     shape = (*out_hw, channels) if channels > 1 else out_hw
-    check_response_size(shape, p["output_dtype"], limits.max_response_bytes, _SHRINK_HINT)
+    check_response_size(shape, r.output_dtype, limits.max_response_bytes, _SHRINK_HINT)
     return Geometry((h, w), (ph, pw), grid)
 
 
@@ -214,13 +231,11 @@ def upsample_grid(grid: torch.Tensor, geom: Geometry, mode: InterpolationMode) -
     return upsample_unpad(grid, geom.padded, geom.resized, mode)
 
 
-def respond(feats: torch.Tensor, geom: Geometry, p: dict[str, Any], model_id: str) -> dict[str, Any]:
+def respond(feats: torch.Tensor, geom: Geometry, r: DenseRequest, model_id: str) -> dict[str, Any]:
     """The dense routes' answer for one (gh, gw, C) grid: optional PCA, upsampling, layout, base64."""
-    if p["ret_pca"]:
-        feats = pca_rgb(feats, p["pca_niter"], p["pca_q_min"], p["pca_q_max"])
-    if not p["ret_patches"]:
-        feats = upsample_grid(feats, geom, p["interpolation_mode"])
-    arr = to_layout(feats, p["tensor_format"]).numpy()
-    return tensor_answer(
-        arr, "features", p["output_dtype"], p["response_format"], is_pca=p["ret_pca"], model=model_id
-    )
+    if r.ret_pca:
+        feats = pca_rgb(feats, r.pca_niter, r.pca_q_min, r.pca_q_max)
+    if not r.ret_patches:
+        feats = upsample_grid(feats, geom, r.interpolation_mode)
+    arr = to_layout(feats, r.tensor_format).numpy()
+    return tensor_answer(arr, "features", r.output_dtype, r.response_format, is_pca=r.ret_pca, model=model_id)

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from apis.core.errors import APIError
 from apis.core.lazy import lazy_module
@@ -19,7 +19,7 @@ from apis.dino.schemas import (
     DinoModelSelector,
 )
 from apis.family import FamilyAPI, Job, Route
-from apis.vectors import VectorsRoute, check_count, openai_answer
+from apis.vectors import Vectors, VectorsRoute, check_count
 
 model = lazy_module("apis.dino.model")  # the library loads in the worker (apis/core/lazy.py)
 dense = lazy_module("apis.core.dense")  # torch too: worker only
@@ -45,10 +45,10 @@ class Extract(Route):
     response = DinoExtractResponse
     summary = "Dense DINOv2 features: facet, layer, stride, log-binning."
 
-    def decode_request(self, dm: model.DinoModel, job: Job) -> DenseInput:
-        p = job.params
+    def decode(self, dm: model.DinoModel, job: Job) -> DenseInput:
+        r: DinoExtractRequest = job.request
         patch = dm.patch_size
-        stride = p["stride"] or patch
+        stride = r.stride or patch
         if patch % stride:
             divisors = [s for s in range(1, patch + 1) if patch % s == 0]
             raise APIError(
@@ -56,25 +56,19 @@ class Extract(Route):
                 f"stride {stride} does not divide the patch size {patch}; use one of {divisors} or null",
                 param="stride",
             )
-        if not -dm.depth <= p["layer"] < dm.depth:
+        if not -dm.depth <= r.layer < dm.depth:
             raise APIError(
                 400,
-                f"layer {p['layer']} is out of range: {job.model_id} has {dm.depth} blocks, so use "
+                f"layer {r.layer} is out of range: {job.model_id} has {dm.depth} blocks, so use "
                 f"0..{dm.depth - 1} or -{dm.depth}..-1",
                 param="layer",
             )
-        channels = 3 if p["ret_pca"] else dm.embed_dim * (model.BIN_CELLS if p["bin"] else 1)
-        geom = dense.plan(job.image.size, p, patch, stride, channels, self.api.cfg.limits)
+        channels = 3 if r.ret_pca else dm.embed_dim * (model.BIN_CELLS if r.bin else 1)
+        geom = dense.plan(job.image.size, r, patch, stride, channels, self.api.cfg.limits)
         x = dense.preprocess(
-            job.image,
-            p["load_size"],
-            False,
-            patch,
-            p["padding_mode"],
-            dense.IMAGENET_MEAN,
-            dense.IMAGENET_STD,
+            job.image, r.load_size, False, patch, r.padding_mode, dense.IMAGENET_MEAN, dense.IMAGENET_STD
         )
-        return DenseInput(x, geom, stride, p["layer"] % dm.depth, p["facet"], p["bin"])
+        return DenseInput(x, geom, stride, r.layer % dm.depth, r.facet, r.bin)
 
     def batch_key(self, item: DenseInput) -> Hashable:
         """Inputs of one padded size that ask for the same forward share it."""
@@ -87,8 +81,8 @@ class Extract(Route):
         )
         return (model.log_bin(feats) if first.bin else feats).cpu()
 
-    def encode_response(self, dm: model.DinoModel, job: Job, item: DenseInput, feats: torch.Tensor) -> dict:
-        return dense.respond(feats, item.geom, job.params, job.model_id)
+    def encode(self, job: Job, item: DenseInput, feats: torch.Tensor) -> dict:
+        return dense.respond(feats, item.geom, job.request, job.model_id)
 
 
 class Embed(VectorsRoute):
@@ -102,31 +96,30 @@ class Embed(VectorsRoute):
     def check(self, request: DinoEmbedRequest) -> None:
         check_count(len(request.images), self.api.cfg.limits, "images", "images")
 
-    def read_inputs(self, job: Job, request: DinoEmbedRequest) -> Job:
-        job.params["texts"] = []  # no text tower
-        return super().read_inputs(job, request)
-
     def encode_images(self, dm: model.DinoModel, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 2, D): both poolings (apis.dino.model.POOLINGS) of each image."""
         return model.global_embeddings(dm, pixels)
 
-    def encode_response(
-        self, dm: model.DinoModel, job: Job, item, output: tuple[torch.Tensor, torch.Tensor]
-    ) -> dict:
-        pooled, _ = output  # no texts
-        p = job.params
-        emb = pooled[:, POOLINGS.index(p["pooling"])]
-        if p["normalize"]:
+    def openai_request(self, images: list[bytes], texts: list[str]) -> DinoEmbedRequest:
+        """The class token, L2-normalised as OpenAI's embeddings are (no texts: no text tower)."""
+        return DinoEmbedRequest.model_construct(images=images, pooling="cls", normalize=True)
+
+    def chosen(self, request: DinoEmbedRequest, vectors: Vectors) -> Vectors:
+        """The pooling the request asked for, normalised if it asked (no texts)."""
+        emb = vectors.images[:, POOLINGS.index(request.pooling)]
+        if request.normalize:
             emb = torch.nn.functional.normalize(emb, dim=-1)
-        if p["openai"] is not None:
-            return openai_answer(job, emb, emb[:0], dm.image_tokens, [])
-        data, shape = encode_array(emb.numpy(), p["output_dtype"])
+        return replace(vectors, images=emb, texts=emb[:0])
+
+    def family_answer(self, job: Job, vectors: Vectors) -> dict:
+        r: DinoEmbedRequest = job.request
+        data, shape = encode_array(vectors.images.numpy(), r.output_dtype)
         return {
             "embeddings": data,
             "shape": shape,
-            "dtype": p["output_dtype"],
-            "pooling": p["pooling"],
-            "normalized": p["normalize"],
+            "dtype": r.output_dtype,
+            "pooling": r.pooling,
+            "normalized": r.normalize,
             "model": job.model_id,
         }
 

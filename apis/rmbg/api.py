@@ -46,27 +46,31 @@ class Remove(Route):
                 param="output_format",
             )
 
-    def decode_request(self, rm: model.RmbgModel, job: Job) -> RemoveInput:
+    def decode(self, rm: model.RmbgModel, job: Job) -> RemoveInput:
         return RemoveInput(job.image, model.preprocess(job.image, rm.size, rm.processing))
 
     def predict(self, rm: model.RmbgModel, items: list[RemoveInput]) -> list[np.ndarray]:
-        return list(rm.run(np.stack([i.x for i in items])))
+        """Each image's alpha matte at its own size, from one session call."""
+        return [
+            model.alpha_matte(raw, *item.image.size, rm.processing)
+            for raw, item in zip(rm.run(np.stack([i.x for i in items])), items, strict=True)
+        ]
 
-    def encode_response(self, rm: model.RmbgModel, job: Job, item: RemoveInput, raw: np.ndarray) -> dict:
-        p = job.params
+    def encode(self, job: Job, item: RemoveInput, matte: np.ndarray) -> dict:
+        r: RmbgRemoveRequest = job.request
         width, height = item.image.size
-        alpha = model.alpha_channel(model.alpha_matte(raw, width, height, rm.processing), p["threshold"])
-        out: dict[str, Any] = {"format": p["output_format"], "width": width, "height": height}
-        if p["output"] in ("rgba", "both"):
-            rgba = model.encode_image(model.cutout(item.image, alpha), p["output_format"])
+        alpha = model.alpha_channel(matte, r.threshold)
+        out: dict[str, Any] = {"format": r.output_format, "width": width, "height": height}
+        if r.output in ("rgba", "both"):
+            rgba = model.encode_image(model.cutout(item.image, alpha), r.output_format)
             out["image"] = pybase64.b64encode_as_string(rgba)
-        if p["output"] in ("mask", "both"):
-            matte = model.encode_image(Image.fromarray(alpha), p["output_format"])
+        if r.output in ("mask", "both"):
+            matte = model.encode_image(Image.fromarray(alpha), r.output_format)
             out["mask"] = pybase64.b64encode_as_string(matte)
         size = sum(len(out.get(k) or "") for k in ("image", "mask"))
         check_answer_bytes(
             size,
-            f"the {p['output']} answer for a {width}x{height} image is {human_bytes(size)}",
+            f"the {r.output} answer for a {width}x{height} image is {human_bytes(size)}",
             self.api.cfg.limits.max_response_bytes,
             "send a smaller image or ask for output=mask / output_format=webp",
         )

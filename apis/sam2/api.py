@@ -71,26 +71,26 @@ def _binary_size(h: int, w: int, encoding: MaskEncoding) -> int:
     )
 
 
-def check_prompt_fits(p: dict[str, Any], size: tuple[int, int], max_response_bytes: int) -> None:
+def check_prompt_fits(r: Sam2PromptRequest, size: tuple[int, int], max_response_bytes: int) -> None:
     """400 for points or a box outside the (width, height) image, or masks over the answer limit.
     The HTTP process checks with the file's header; for an image_id the worker checks with the
     cached embedding's size."""
     w, h = size
-    lim_x, lim_y = (w, h) if p["normalize_coords"] else (1.0, 1.0)
-    unit = "pixels" if p["normalize_coords"] else "normalised [0, 1] units (normalize_coords=false)"
+    lim_x, lim_y = (w, h) if r.normalize_coords else (1.0, 1.0)
+    unit = "pixels" if r.normalize_coords else "normalised [0, 1] units (normalize_coords=false)"
     where = f"the {w}x{h} image (x in 0..{lim_x}, y in 0..{lim_y}, {unit})"
-    for x, y in p["point_coords"] or []:
+    for x, y in r.point_coords or []:
         if not (0 <= x <= lim_x and 0 <= y <= lim_y):
             raise APIError(400, f"point [{x}, {y}] is outside {where}", param="point_coords")
-    if p["box"] is not None:
-        x1, y1, x2, y2 = p["box"]
+    if r.box is not None:
+        x1, y1, x2, y2 = r.box
         if not (x1 >= 0 and y1 >= 0 and x2 <= lim_x and y2 <= lim_y):
-            raise APIError(400, f"box {p['box']} is outside {where}", param="box")
-    if p["mask_encoding"] == "coco_rle":  # its size depends on the masks: checked once they are encoded
+            raise APIError(400, f"box {r.box} is outside {where}", param="box")
+    if r.mask_encoding == "coco_rle":  # its size depends on the masks: checked once they are encoded
         return
     check_response_size(
-        (1 if p["best_only"] or not p["multimask_output"] else 3, h, w),
-        p["mask_encoding"],
+        (1 if r.best_only or not r.multimask_output else 3, h, w),
+        r.mask_encoding,
         max_response_bytes,
         "use mask_encoding=coco_rle or packbits, best_only=true or a smaller image",
     )
@@ -119,6 +119,14 @@ class EmbedInput:
 class PromptInput:
     whole: WholeImage
     prompt: model.Prompt
+    request: Sam2PromptRequest  # for the size check of an image named by id alone
+
+
+@dataclass
+class PromptOutput:
+    masks: np.ndarray  # (C, H, W) bool, or float32 logits (return_logits)
+    iou: np.ndarray  # (C,)
+    low: np.ndarray  # (C, L, L) low-res logits
 
 
 @dataclass
@@ -147,12 +155,10 @@ class Embed(_EncodesImages):
     response = EmbedResponse
     summary = "Encode an image into the worker's cache; answers its image_id for prompt_mask / auto_mask."
 
-    def decode_request(self, pred: model.Sam2Predictor, job: Job) -> EmbedInput:
+    def decode(self, pred: model.Sam2Predictor, job: Job) -> EmbedInput:
         return EmbedInput(WholeImage.of(job), job.image_id in pred.cache)
 
-    def encode_response(
-        self, pred: model.Sam2Predictor, job: Job, item: EmbedInput, emb: model.Embedding
-    ) -> dict:
+    def encode(self, job: Job, item: EmbedInput, emb: model.Embedding) -> dict:
         return embed_answer(job.image_id, emb.orig_hw[::-1], item.cached, job.model_id)
 
 
@@ -163,50 +169,58 @@ class PromptMask(_EncodesImages):
     summary = "SAM 2 masks from points, a box and/or a previous low-res mask."
 
     def check_image(self, request: Sam2PromptRequest, size: tuple[int, int]) -> None:
-        check_prompt_fits(vars(request), size, self.api.cfg.limits.max_response_bytes)
+        check_prompt_fits(request, size, self.api.cfg.limits.max_response_bytes)
 
-    def read_inputs(self, job: Job, request: Sam2PromptRequest) -> Job:
-        """``mask_input`` travels as the array its validation decoded: the worker does not
-        decode the base64 text again."""
-        job.params["mask_input"] = request.mask
-        return job
+    def read_inputs(self, request: Sam2PromptRequest) -> Sam2PromptRequest:
+        """``mask_input`` travels as the values its validation decoded (``request.mask``): the
+        worker does not decode the base64 text again."""
+        return request.model_copy(update={"mask_input": None})
 
-    def decode_request(self, pred: model.Sam2Predictor, job: Job) -> PromptInput:
-        p = job.params
-        mask = p["mask_input"]  # the array the request's validation decoded (read_inputs)
+    def decode(self, pred: model.Sam2Predictor, job: Job) -> PromptInput:
+        r: Sam2PromptRequest = job.request
+        mask = r.mask
         side = pred.low_res_size
         if mask is not None and mask.shape[1:] != (side, side):
             raise APIError(
                 400,
-                f"mask_input_shape {p['mask_input_shape']} does not fit {job.model_id}: it takes "
+                f"mask_input_shape {r.mask_input_shape} does not fit {job.model_id}: it takes "
                 f"[1, {side}, {side}] (the low_res_masks of its own answers)",
                 param="mask_input_shape",
             )
         prompt = model.Prompt(
-            point_coords=p["point_coords"],
-            point_labels=p["point_labels"],
-            box=p["box"],
+            point_coords=r.point_coords,
+            point_labels=r.point_labels,
+            box=r.box,
             mask_input=mask,
-            multimask_output=p["multimask_output"],
-            return_logits=p["return_logits"],
-            normalize_coords=p["normalize_coords"],
-            mask_threshold=p["mask_threshold"],
-            max_hole_area=p["max_hole_area"],
-            max_sprinkle_area=p["max_sprinkle_area"],
-            best_only=p["best_only"],
+            multimask_output=r.multimask_output,
+            return_logits=r.return_logits,
+            normalize_coords=r.normalize_coords,
+            mask_threshold=r.mask_threshold,
+            max_hole_area=r.max_hole_area,
+            max_sprinkle_area=r.max_sprinkle_area,
+            best_only=r.best_only,
         )
-        return PromptInput(WholeImage.of(job), prompt)
+        return PromptInput(WholeImage.of(job), prompt, r)
 
-    def encode_response(
-        self, pred: model.Sam2Predictor, job: Job, item: PromptInput, emb: model.Embedding | None
-    ) -> dict:
-        if emb is None:
-            raise not_cached(job.image_id, self.api.family)
-        if item.whole.image is None:  # only the id came: check the prompt against the cached size
-            check_prompt_fits(job.params, emb.orig_hw[::-1], self.api.cfg.limits.max_response_bytes)
-        masks, iou, low = model.predict_prompt(pred, emb, item.prompt)
-        p = job.params
-        encoding = p["mask_encoding"]
+    def predict(self, pred: model.Sam2Predictor, items: list[PromptInput]) -> list[PromptOutput | APIError]:
+        """The images encoded (cached ones skipped), then each prompt through the decoder."""
+        out: list[PromptOutput | APIError] = []
+        for item, emb in zip(items, super().predict(pred, items), strict=True):
+            try:
+                if emb is None:
+                    raise not_cached(item.whole.key, self.api.family)
+                if item.whole.image is None:  # only the id came: check the prompt against the cached size
+                    check_prompt_fits(item.request, emb.orig_hw[::-1], self.api.cfg.limits.max_response_bytes)
+            except APIError as e:
+                out.append(e)
+                continue
+            out.append(PromptOutput(*model.predict_prompt(pred, emb, item.prompt)))
+        return out
+
+    def encode(self, job: Job, item: PromptInput, output: PromptOutput) -> dict:
+        r: Sam2PromptRequest = job.request
+        masks, iou, low = output.masks, output.iou, output.low
+        encoding = r.mask_encoding
         out: dict[str, Any] = {}
         if encoding == "coco_rle":
             out["masks"] = [mask_codec.coco_rle(m) for m in masks]
@@ -222,9 +236,9 @@ class PromptMask(_EncodesImages):
         out["masks_shape"] = list(masks.shape)
         out["iou_predictions"], out["iou_shape"] = encode_array(iou)
         out["low_res_masks"], out["low_res_shape"] = (
-            encode_array(low, p["low_res_dtype"]) if p["return_low_res_masks"] else (None, None)
+            encode_array(low, r.low_res_dtype) if r.return_low_res_masks else (None, None)
         )
-        out["low_res_dtype"] = p["low_res_dtype"]
+        out["low_res_dtype"] = r.low_res_dtype
         out["mask_encoding"] = encoding
         out["model"] = job.model_id
         return out
@@ -238,7 +252,7 @@ class AutoMask(Route):
     caches_image = True
 
     def check(self, request: Sam2AutoMaskRequest) -> None:
-        settings = generator_settings(request.model_dump())
+        settings = generator_settings(request)
         points, budget = auto_mask_points(settings), self.api.cfg.limits.max_auto_mask_points
         if points <= budget:
             return
@@ -263,14 +277,14 @@ class AutoMask(Route):
             code="over_compute_budget",
         )
 
-    def decode_request(self, pred: model.Sam2Predictor, job: Job) -> AutoMaskInput:
+    def decode(self, pred: model.Sam2Predictor, job: Job) -> AutoMaskInput:
         whole = WholeImage.of(job)
         if whole.image is None:  # only the id came: the crops need pixels, decoded from the cached file
             emb = pred.cache.get(whole.key)
             if emb is None or emb.file is None:
                 raise not_cached(whole.key, self.api.family)
             whole = WholeImage(whole.key, np.array(decode_image(emb.file, self.api.cfg.limits)), emb.file)
-        return AutoMaskInput(whole, generator_settings(job.params), job.params["output_mode"])
+        return AutoMaskInput(whole, generator_settings(job.request), job.request.output_mode)
 
     def batch_key(self, item: AutoMaskInput) -> Hashable:
         return id(item)  # one image per run: the generator batches its own points
@@ -281,15 +295,13 @@ class AutoMask(Route):
             for i in items
         ]
 
-    def encode_response(
-        self, pred: model.Sam2Predictor, job: Job, item: AutoMaskInput, masks: list[dict]
-    ) -> dict:
-        p = job.params
+    def encode(self, job: Job, item: AutoMaskInput, masks: list[dict]) -> dict:
+        r: Sam2AutoMaskRequest = job.request
         settings = item.settings
         h, w = item.whole.image.shape[:2]
-        binary = p["output_mode"] == "binary_mask"
+        binary = r.output_mode == "binary_mask"
         if binary:
-            encoding, total = p["mask_encoding"], len(masks) * _binary_size(h, w, p["mask_encoding"])
+            encoding, total = r.mask_encoding, len(masks) * _binary_size(h, w, r.mask_encoding)
             check_answer_bytes(
                 total,
                 f"{len(masks)} masks of {w}x{h} px as {encoding} would need about {human_bytes(total)}",
@@ -299,7 +311,7 @@ class AutoMask(Route):
         out = []
         for m in masks:
             mask = {
-                "segmentation": encode_binary(m["segmentation"], p["mask_encoding"])
+                "segmentation": encode_binary(m["segmentation"], r.mask_encoding)
                 if binary
                 else m["segmentation"],
                 "area": int(m["area"]),
@@ -317,9 +329,9 @@ class AutoMask(Route):
             "masks": out,
             "num_masks": len(out),
             "image_size": [h, w],
-            "output_mode": p["output_mode"],
-            "mask_encoding": p["mask_encoding"],
-            "settings": {**shown, "point_grids": settings["point_grids"] is not None, "preset": p["preset"]},
+            "output_mode": r.output_mode,
+            "mask_encoding": r.mask_encoding,
+            "settings": {**shown, "point_grids": settings["point_grids"] is not None, "preset": r.preset},
             "model": job.model_id,
         }
 

@@ -40,9 +40,9 @@ def layer_sides(points_per_side: int, factor: int, layers: int) -> list[int]:
     return [int(points_per_side / factor**i) for i in range(layers + 1)]
 
 
-def generator_settings(params: dict[str, Any]) -> dict[str, Any]:
+def generator_settings(request: Sam2AutoMaskRequest) -> dict[str, Any]:
     """The request's preset with its explicit generator fields on top."""
-    return auto_settings(params["preset"], {k: params[k] for k in PRESETS[params["preset"]]})
+    return auto_settings(request.preset, {k: getattr(request, k) for k in PRESETS[request.preset]})
 
 
 def auto_mask_points(settings: dict[str, Any]) -> int:
@@ -123,7 +123,7 @@ class Sam2AutoMaskRequest(Sam2ModelSelector, CachedImageInput):
                 raise ValueError("each point grid needs 1 to 16384 points")
             if any(len(p) != 2 or not (0.0 <= p[0] <= 1.0 and 0.0 <= p[1] <= 1.0) for p in grid):
                 raise ValueError("point_grids points must be [x, y] pairs within [0, 1]")
-        settings = generator_settings(self.model_dump())
+        settings = generator_settings(self)
         layers = settings["crop_n_layers"]
         if self.point_grids is not None and len(self.point_grids) != layers + 1:
             raise ValueError(

@@ -46,6 +46,14 @@ class PromptInput:
 
 
 @dataclass
+class Detected:
+    """A predict request's queries on its encoded image and the detector's answer to each."""
+
+    queries: list[model.Query]
+    detections: list[model.Detections]
+
+
+@dataclass
 class EmbedInput:
     image_id: str
     image: np.ndarray
@@ -81,30 +89,27 @@ class Predict(Route):
     def check_image(self, request: Sam3PredictRequest, size: tuple[int, int]) -> None:
         _check_boxes(request.boxes or [], *size)
 
-    def decode_request(self, runner: model.Sam3Runner, job: Job) -> PromptInput:
-        p = job.params
+    def decode(self, runner: model.Sam3Runner, job: Job) -> PromptInput:
+        r: Sam3PredictRequest = job.request
         fam = self.api.fam
-        given = lambda name: p[name] if p[name] is not None else getattr(fam, name)  # noqa: E731
         filters = model.Filters(
-            score_threshold=given("score_threshold"),
-            epsilon_factor=given("epsilon_factor"),
-            min_area=given("min_area"),
-            return_masks=p["return_masks"],
-            mask_format=p["mask_format"],
-            max_instances=p["max_instances"],
+            score_threshold=fam.score_threshold if r.score_threshold is None else r.score_threshold,
+            epsilon_factor=fam.epsilon_factor if r.epsilon_factor is None else r.epsilon_factor,
+            min_area=fam.min_area if r.min_area is None else r.min_area,
+            return_masks=r.return_masks,
+            mask_format=r.mask_format,
+            max_instances=r.max_instances,
         )
-        boxes = p["boxes"] or []
-        labels = [bool(v) for v in p["box_labels"]] if p["box_labels"] is not None else [True] * len(boxes)
-        return PromptInput(job.image_id, _pixels(job), p["prompts"], boxes, labels, filters)
+        boxes = r.boxes or []
+        labels = [bool(v) for v in r.box_labels] if r.box_labels is not None else [True] * len(boxes)
+        return PromptInput(job.image_id, _pixels(job), r.prompts, boxes, labels, filters)
 
-    def predict(
-        self, runner: model.Sam3Runner, items: list[PromptInput]
-    ) -> list[tuple[list[model.Query] | APIError, list[model.Detections] | None]]:
+    def predict(self, runner: model.Sam3Runner, items: list[PromptInput]) -> list[Detected | APIError]:
         """The batch's new images through the vision backbone together (cached ones are skipped),
         then every query of every request, on whichever image, through the detector together,
-        ``prompt_chunk`` at a time. Per request its queries and detections, or the APIError that
-        answers it (image not cached, or boxes outside an image named by image_id, whose size only
-        the cache knows)."""
+        ``prompt_chunk`` at a time. Per request its queries and their detections, or the
+        APIError that answers it (image not cached, or boxes outside an image named by image_id, whose
+        size only the cache knows)."""
         encoded = runner.encode([i.image_id for i in items], [i.image for i in items])
         per_item: list[list[model.Query] | APIError] = []
         for item, enc in zip(items, encoded, strict=True):
@@ -117,19 +122,10 @@ class Predict(Route):
                 per_item.append(e)
         queries = [q for qs in per_item if not isinstance(qs, APIError) for q in qs]
         dets = iter(runner.detect(queries, self.api.fam.prompt_chunk))
-        return [(qs, None) if isinstance(qs, APIError) else (qs, [next(dets) for _ in qs]) for qs in per_item]
+        return [qs if isinstance(qs, APIError) else Detected(qs, [next(dets) for _ in qs]) for qs in per_item]
 
-    def encode_response(
-        self,
-        runner: model.Sam3Runner,
-        job: Job,
-        item: PromptInput,
-        output: tuple[list[model.Query] | APIError, list[model.Detections] | None],
-    ) -> dict:
-        queries, dets = output
-        if isinstance(queries, APIError):
-            raise queries
-        found = model.results(queries, dets, item.filters)
+    def encode(self, job: Job, item: PromptInput, output: Detected) -> dict:
+        found = model.results(output.queries, output.detections, item.filters)
         size = model.mask_bytes(found)
         check_answer_bytes(
             size,
@@ -137,7 +133,7 @@ class Predict(Route):
             self.api.cfg.limits.max_response_bytes,
             "raise score_threshold or min_area, set max_instances, or use return_masks=false (polygons only)",
         )
-        enc: model.Encoded = queries[0].enc
+        enc: model.Encoded = output.queries[0].enc
         return {
             "image_size": {"width": enc.width, "height": enc.height},
             "results": found,
@@ -152,15 +148,13 @@ class Embed(Route):
     summary = "Encode an image into the worker's cache; answers its image_id for predict."
     caches_image = True
 
-    def decode_request(self, runner: model.Sam3Runner, job: Job) -> EmbedInput:
+    def decode(self, runner: model.Sam3Runner, job: Job) -> EmbedInput:
         return EmbedInput(job.image_id, _pixels(job), job.image_id in runner.cache)
 
     def predict(self, runner: model.Sam3Runner, items: list[EmbedInput]) -> list[model.Encoded | None]:
         return runner.encode([i.image_id for i in items], [i.image for i in items])
 
-    def encode_response(
-        self, runner: model.Sam3Runner, job: Job, item: EmbedInput, enc: model.Encoded
-    ) -> dict:
+    def encode(self, job: Job, item: EmbedInput, enc: model.Encoded) -> dict:
         return embed_answer(job.image_id, (enc.width, enc.height), item.cached, job.model_id)
 
 
@@ -171,20 +165,20 @@ class Sam3Prompts(SessionPrompts):
     request = Sam3VideoPromptRequest
     frame = Sam3FrameObjects
 
-    def read(self, api: FamilyAPI, request: Sam3VideoPromptRequest) -> dict[str, Any]:
+    def read(self, api: FamilyAPI, request: Sam3VideoPromptRequest) -> Sam3VideoPromptRequest:
         if request.text is not None:
             api.check_text_length([("text", request.text)], "text")
-        return request.model_dump()
+        return request
 
-    def apply(self, api: FamilyAPI, session: Any, p: dict[str, Any]) -> Any:
+    def apply(self, api: FamilyAPI, session: Any, r: Sam3VideoPromptRequest) -> Any:
         return session.add_prompt(
-            p["frame_index"],
-            text=p["text"],
-            boxes=p["boxes"],
-            box_labels=p["box_labels"],
-            points=p["points"],
-            point_labels=p["point_labels"],
-            obj_id=p["obj_id"],
+            r.frame_index,
+            text=r.text,
+            boxes=r.boxes,
+            box_labels=r.box_labels,
+            points=r.points,
+            point_labels=r.point_labels,
+            obj_id=r.obj_id,
         )
 
     def answer(self, api: FamilyAPI, result: Any, encoding: str) -> dict[str, Any]:

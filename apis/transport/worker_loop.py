@@ -1,9 +1,7 @@
-"""A model worker's main loop: batches from the family's socket through the LitAPI hooks.
-
-It runs the hooks as LitServe's batched loop does (decode_request, batch, predict, unbatch,
-encode_response), over :class:`~apis.transport.dispatch.WorkerLink` instead of LitServe's
-queues. Collection blocks until a request arrives and times the batch window from that arrival,
-so an idle worker sleeps (docs/benchmarks.md, Idle CPU).
+"""A model worker's main loop: batches from the family's socket through the family's
+``answer`` (apis/family_worker.py), over :class:`~apis.transport.dispatch.WorkerLink` instead of
+LitServe's queues and hooks. Collection blocks until a request arrives and times the batch window
+from that arrival, so an idle worker sleeps (docs/benchmarks.md, Idle CPU).
 
 An answer may be a :class:`~apis.core.replies.Stream` (a video propagation). The loop then
 takes turns: each turn it reads what has arrived (new requests, withdrawals), runs a batch of
@@ -74,7 +72,7 @@ def next_part(lit_api: Any, stream: Stream) -> Reply:
         log.exception("%s: a stream failed after %d part(s)", lit_api.api_path, stream.sent)
         stream.close("failed")
         part = Reply.of(internal_error())
-    return part if part.more else lit_api.encode_response(part)
+    return part if part.more else lit_api.stamp(part)
 
 
 def internal_error() -> APIError:
@@ -87,8 +85,8 @@ def run_batch(
     lit_api: Any, items: list, withdrawn: Callable[[int], bool] | None = None
 ) -> list[tuple[int, Reply | Stream]]:
     """``(uid, reply)`` for each collected ``(uid, sent, job)``; never raises. A request that
-    waited longer than the server's timeout is answered 504 without running. ``encode_response``
-    returns a :class:`~apis.core.replies.Reply`, or a :class:`~apis.core.replies.Stream` whose
+    waited longer than the server's timeout is answered 504 without running. ``lit_api.answer``
+    gives a :class:`~apis.core.replies.Reply`, or a :class:`~apis.core.replies.Stream` whose
     parts the loop sends one per turn. Each reply carries how long its request waited (``sent``
     is the HTTP process's ``time.monotonic()``, one clock for the whole machine) and how long
     its batch computed. ``withdrawn(uid)``: whether a request's client left since; the model
@@ -119,12 +117,8 @@ def run_batch(
 
     try:
         with withdrawal.watching(gone):
-            inputs = [lit_api.decode_request(job) for _, job in live]
-            if lit_api.max_batch_size > 1:
-                outputs = list(lit_api.unbatch(lit_api.predict(lit_api.batch(inputs))))
-            else:
-                outputs = [lit_api.predict(x) for x in inputs]
-        answers += [(uid, lit_api.encode_response(y)) for (uid, _), y in zip(live, outputs, strict=True)]
+            replies = lit_api.answer([job for _, job in live])
+        answers += [(uid, reply) for (uid, _), reply in zip(live, replies, strict=True)]
     except Exception:
         log.exception("%s: a batch of %d request(s) failed", lit_api.api_path, len(live))
         failed = Reply.of(internal_error())
