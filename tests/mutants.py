@@ -105,7 +105,7 @@ MUTANTS = [
     Mutant(
         "full-res similarity: uniform map",
         "apis/clip/api.py",
-        "sim = model.spatial_softmax(sim, r.softmax)",
+        "sim = clip_model.spatial_softmax(sim, r.softmax)",
         "sim = torch.full_like(sim, 1.0 / sim.numel())",
         ("tests/test_clip_http.py::test_similarity_full_resolution_cosine_and_negatives",),
         "item 4: a map that sums to 1 and says nothing",
@@ -116,9 +116,9 @@ MUTANTS = [
         """        if not r.ret_patches:
             sim = dense.upsample_grid(sim[..., None], item.geom, r.interpolation_mode)[..., 0]
         if r.softmax > 0 and not r.negatives:
-            sim = model.spatial_softmax(sim, r.softmax)""",
+            sim = clip_model.spatial_softmax(sim, r.softmax)""",
         """        if r.softmax > 0 and not r.negatives:
-            sim = model.spatial_softmax(sim, r.softmax)
+            sim = clip_model.spatial_softmax(sim, r.softmax)
         if not r.ret_patches:
             sim = dense.upsample_grid(sim[..., None], item.geom, r.interpolation_mode)[..., 0]""",
         ("tests/test_clip_http.py::test_similarity_full_resolution_cosine_and_negatives",),

@@ -26,13 +26,13 @@ from apis.core.tensors import encode_array, tensor_answer
 from apis.family import FamilyAPI, Job, Route
 from apis.vectors import Vectors, VectorsRoute, check_count
 
-model = lazy_module("apis.clip.model")  # the library loads in the worker (apis/core/lazy.py)
+clip_model = lazy_module("apis.clip.model")  # the library loads in the worker (apis/core/lazy.py)
 dense = lazy_module("apis.core.dense")  # torch too: worker only
 torch = lazy_module("torch")
 
 
 def clip_key(name: str | None, pretrained: str | None) -> Key:
-    """OpenAI weights are QuickGELU models, so 'X' and 'X-quickgelu' name the same 'openai' model."""
+    """OpenAI weights are QuickGELU models, so 'X' and 'X-quickgelu' name the same 'openai' clip_model."""
     n, p = canonical(name, pretrained)
     return (n.removesuffix("-quickgelu") if p == "openai" else n, p)
 
@@ -49,7 +49,7 @@ class DenseInput:
 class _DenseRoute(Route):
     """extract and similarity: images of one padded size share a forward through the ViT."""
 
-    def channels(self, cm: model.ClipModel, request: ClipExtractRequest) -> int:
+    def channels(self, model: clip_model.ClipModel, request: ClipExtractRequest) -> int:
         """Values per patch of the answer (for the response-size check)."""
         return 1
 
@@ -58,16 +58,21 @@ class _DenseRoute(Route):
         texts += [(f"negatives[{i}]", t) for i, t in enumerate(getattr(request, "negatives", None) or [])]
         self.api.check_text_length(texts, "text")
 
-    def decode(self, cm: model.ClipModel, job: Job) -> DenseInput:
+    def decode(self, model: clip_model.ClipModel, job: Job) -> DenseInput:
         r = job.request
         geom = dense.plan(
-            job.image.size, r, cm.patch_size, cm.patch_size, self.channels(cm, r), self.api.cfg.limits
+            job.image.size,
+            r,
+            model.patch_size,
+            model.patch_size,
+            self.channels(model, r),
+            self.api.cfg.limits,
         )
         x = dense.preprocess(
             job.image,
             r.load_size,
             r.center_crop,
-            cm.patch_size,
+            model.patch_size,
             r.padding_mode,
             dense.CLIP_MEAN,
             dense.CLIP_STD,
@@ -80,12 +85,12 @@ class _DenseRoute(Route):
         return item.x.shape
 
     def predict(
-        self, cm: model.ClipModel, items: list[DenseInput]
+        self, model: clip_model.ClipModel, items: list[DenseInput]
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per input its (gh, gw, D) patch features and its texts' embeddings (similarity)."""
-        feats = model.dense_features(cm, torch.cat([item.x for item in items])).cpu()
+        feats = clip_model.dense_features(model, torch.cat([item.x for item in items])).cpu()
         return [
-            (f, model.encode_texts(cm, item.texts).cpu() if item.texts else None)
+            (f, clip_model.encode_texts(model, item.texts).cpu() if item.texts else None)
             for f, item in zip(feats, items, strict=True)
         ]
 
@@ -96,8 +101,8 @@ class Extract(_DenseRoute):
     response = ClipExtractResponse
     summary = "Dense CLIP patch features (MaskCLIP)."
 
-    def channels(self, cm: model.ClipModel, request: ClipExtractRequest) -> int:
-        return 3 if request.ret_pca else cm.embed_dim
+    def channels(self, model: clip_model.ClipModel, request: ClipExtractRequest) -> int:
+        return 3 if request.ret_pca else model.embed_dim
 
     def encode(self, job: Job, item: DenseInput, output: tuple[torch.Tensor, None]) -> dict:
         return dense.respond(output[0], item.geom, job.request, job.model_id)
@@ -113,13 +118,13 @@ class Similarity(_DenseRoute):
         r: ClipSimilarityRequest = job.request
         feats, text = output
         if r.negatives:
-            sim = model.relevancy(feats, text[0], text[1:], r.relevancy_temperature)
+            sim = clip_model.relevancy(feats, text[0], text[1:], r.relevancy_temperature)
         else:
-            sim = model.similarity(feats, text[0], r.similarity)
+            sim = clip_model.similarity(feats, text[0], r.similarity)
         if not r.ret_patches:
             sim = dense.upsample_grid(sim[..., None], item.geom, r.interpolation_mode)[..., 0]
         if r.softmax > 0 and not r.negatives:
-            sim = model.spatial_softmax(sim, r.softmax)
+            sim = clip_model.spatial_softmax(sim, r.softmax)
         arr = sim.to(torch.float32).numpy()
         return tensor_answer(arr, "similarity_map", r.output_dtype, r.response_format, model=job.model_id)
 
@@ -133,12 +138,12 @@ class EncodeText(Route):
     def check(self, request: ClipTextRequest) -> None:
         self.api.check_text_length([("text", request.text)], "text")
 
-    def decode(self, cm: model.ClipModel, job: Job) -> str:
+    def decode(self, model: clip_model.ClipModel, job: Job) -> str:
         return job.request.text
 
-    def predict(self, cm: model.ClipModel, texts: list[str]) -> torch.Tensor:
+    def predict(self, model: clip_model.ClipModel, texts: list[str]) -> torch.Tensor:
         """All texts of the batch in one forward pass."""
-        return model.encode_texts(cm, texts).cpu()
+        return clip_model.encode_texts(model, texts).cpu()
 
     def encode(self, job: Job, text: str, emb: torch.Tensor) -> dict:
         dtype = job.request.output_dtype
@@ -158,14 +163,14 @@ class Embed(VectorsRoute):
         )
         self.api.check_text_length([(f"texts[{i}]", t) for i, t in enumerate(request.texts)], "texts")
 
-    def encode_images(self, cm: model.ClipModel, pixels: torch.Tensor) -> torch.Tensor:
-        return model.encode_images(cm, pixels)
+    def encode_images(self, model: clip_model.ClipModel, pixels: torch.Tensor) -> torch.Tensor:
+        return clip_model.encode_images(model, pixels)
 
-    def encode_texts(self, cm: model.ClipModel, texts: list[str]) -> torch.Tensor:
-        return model.encode_texts(cm, texts)
+    def encode_texts(self, model: clip_model.ClipModel, texts: list[str]) -> torch.Tensor:
+        return clip_model.encode_texts(model, texts)
 
-    def count_tokens(self, cm: model.ClipModel, texts: list[str]) -> list[int]:
-        return model.count_tokens(cm, texts)
+    def count_tokens(self, model: clip_model.ClipModel, texts: list[str]) -> list[int]:
+        return clip_model.count_tokens(model, texts)
 
     def family_answer(self, job: Job, vectors: Vectors) -> dict:
         dtype = job.request.output_dtype
@@ -200,21 +205,27 @@ class Classify(Route):
         templates = request.templates or []
         self.api.check_text_length([(f"templates[{i}]", t) for i, t in enumerate(templates)], "templates")
 
-    def decode(self, cm: model.ClipModel, job: Job) -> ClassifyInput:
+    def decode(self, model: clip_model.ClipModel, job: Job) -> ClassifyInput:
         r: ClipClassifyRequest = job.request
-        templates = r.templates or list(model.DEFAULT_TEMPLATES)
-        return ClassifyInput(cm.preprocess(job.image), model.prompts(r.labels, templates), len(r.labels))
+        templates = r.templates or list(clip_model.DEFAULT_TEMPLATES)
+        return ClassifyInput(
+            model.preprocess(job.image), clip_model.prompts(r.labels, templates), len(r.labels)
+        )
 
-    def predict(self, cm: model.ClipModel, items: list[ClassifyInput]) -> list[tuple[torch.Tensor, float]]:
+    def predict(
+        self, model: clip_model.ClipModel, items: list[ClassifyInput]
+    ) -> list[tuple[torch.Tensor, float]]:
         """The batch's images in one forward, its distinct prompts in chunks (cached): per
         input its (L,) logits and the model's logit scale."""
-        images = model.encode_images(cm, torch.stack([item.pixels for item in items])).cpu()
-        vectors = self._prompt_embeddings(cm, [t for item in items for t in item.prompts])
-        scale = float(cm.model.logit_scale.detach().float().exp())
+        images = clip_model.encode_images(model, torch.stack([item.pixels for item in items])).cpu()
+        vectors = self._prompt_embeddings(model, [t for item in items for t in item.prompts])
+        scale = float(model.model.logit_scale.detach().float().exp())
         out = []
         for image, item in zip(images, items, strict=True):
-            labels = model.class_embeddings(torch.stack([vectors[t] for t in item.prompts]), item.n_labels)
-            out.append((model.zero_shot_logits(cm, image, labels), scale))
+            labels = clip_model.class_embeddings(
+                torch.stack([vectors[t] for t in item.prompts]), item.n_labels
+            )
+            out.append((clip_model.zero_shot_logits(model, image, labels), scale))
         return out
 
     def encode(self, job: Job, item: ClassifyInput, output: tuple[torch.Tensor, float]) -> dict:
@@ -228,13 +239,13 @@ class Classify(Route):
             "model": job.model_id,
         }
 
-    def _prompt_embeddings(self, cm: model.ClipModel, texts: list[str]) -> dict[str, torch.Tensor]:
+    def _prompt_embeddings(self, model: clip_model.ClipModel, texts: list[str]) -> dict[str, torch.Tensor]:
         """Normalised embeddings of the distinct ``texts``: cached ones reused, the others made
         in chunks of ``limits.max_embed_inputs`` and cached."""
         found: dict[str, torch.Tensor] = {}
         missing = []
         for text in dict.fromkeys(texts):
-            vector = cm.prompt_cache.get(text)
+            vector = model.prompt_cache.get(text)
             if vector is None:
                 missing.append(text)
             else:
@@ -242,9 +253,9 @@ class Classify(Route):
         size = self.api.cfg.limits.max_embed_inputs
         for start in range(0, len(missing), size):
             chunk = missing[start : start + size]
-            for text, vector in zip(chunk, model.encode_texts(cm, chunk).cpu(), strict=True):
+            for text, vector in zip(chunk, clip_model.encode_texts(model, chunk).cpu(), strict=True):
                 found[text] = vector.clone()  # not a view that keeps the whole chunk alive
-                cm.prompt_cache.put(text, found[text])
+                model.prompt_cache.put(text, found[text])
         return found
 
 
@@ -254,8 +265,8 @@ class ClipAPI(FamilyAPI):
     model_key = staticmethod(clip_key)
     routes = (Extract, EncodeText, Similarity, Embed, Classify)
 
-    def load_model(self, entry: ModelEntry) -> model.ClipModel:
-        return model.load_clip(entry, self.torch_device, self.compute_dtype)
+    def load_model(self, entry: ModelEntry) -> clip_model.ClipModel:
+        return clip_model.load_clip(entry, self.torch_device, self.compute_dtype)
 
     def extra_stats(self) -> dict:
         return {"prompt_cache": {k: m.prompt_cache.stats() for k, m in self._models.items()}}

@@ -21,7 +21,7 @@ from apis.dino.schemas import (
 from apis.family import FamilyAPI, Job, Route
 from apis.vectors import Vectors, VectorsRoute, check_count
 
-model = lazy_module("apis.dino.model")  # the library loads in the worker (apis/core/lazy.py)
+dino_model = lazy_module("apis.dino.model")  # the library loads in the worker (apis/core/lazy.py)
 dense = lazy_module("apis.core.dense")  # torch too: worker only
 torch = lazy_module("torch")
 
@@ -45,9 +45,9 @@ class Extract(Route):
     response = DinoExtractResponse
     summary = "Dense DINOv2 features: facet, layer, stride, log-binning."
 
-    def decode(self, dm: model.DinoModel, job: Job) -> DenseInput:
+    def decode(self, model: dino_model.DinoModel, job: Job) -> DenseInput:
         r: DinoExtractRequest = job.request
-        patch = dm.patch_size
+        patch = model.patch_size
         stride = r.stride or patch
         if patch % stride:
             divisors = [s for s in range(1, patch + 1) if patch % s == 0]
@@ -56,30 +56,30 @@ class Extract(Route):
                 f"stride {stride} does not divide the patch size {patch}; use one of {divisors} or null",
                 param="stride",
             )
-        if not -dm.depth <= r.layer < dm.depth:
+        if not -model.depth <= r.layer < model.depth:
             raise APIError(
                 400,
-                f"layer {r.layer} is out of range: {job.model_id} has {dm.depth} blocks, so use "
-                f"0..{dm.depth - 1} or -{dm.depth}..-1",
+                f"layer {r.layer} is out of range: {job.model_id} has {model.depth} blocks, so use "
+                f"0..{model.depth - 1} or -{model.depth}..-1",
                 param="layer",
             )
-        channels = 3 if r.ret_pca else dm.embed_dim * (model.BIN_CELLS if r.bin else 1)
+        channels = 3 if r.ret_pca else model.embed_dim * (dino_model.BIN_CELLS if r.bin else 1)
         geom = dense.plan(job.image.size, r, patch, stride, channels, self.api.cfg.limits)
         x = dense.preprocess(
             job.image, r.load_size, False, patch, r.padding_mode, dense.IMAGENET_MEAN, dense.IMAGENET_STD
         )
-        return DenseInput(x, geom, stride, r.layer % dm.depth, r.facet, r.bin)
+        return DenseInput(x, geom, stride, r.layer % model.depth, r.facet, r.bin)
 
     def batch_key(self, item: DenseInput) -> Hashable:
         """Inputs of one padded size that ask for the same forward share it."""
         return (tuple(item.x.shape), item.stride, item.layer, item.facet, item.bin)
 
-    def predict(self, dm: model.DinoModel, items: list[DenseInput]) -> torch.Tensor:
+    def predict(self, model: dino_model.DinoModel, items: list[DenseInput]) -> torch.Tensor:
         first = items[0]
-        feats = model.dense_features(
-            dm, torch.cat([i.x for i in items]), first.stride, first.facet, first.layer
+        feats = dino_model.dense_features(
+            model, torch.cat([i.x for i in items]), first.stride, first.facet, first.layer
         )
-        return (model.log_bin(feats) if first.bin else feats).cpu()
+        return (dino_model.log_bin(feats) if first.bin else feats).cpu()
 
     def encode(self, job: Job, item: DenseInput, feats: torch.Tensor) -> dict:
         return dense.respond(feats, item.geom, job.request, job.model_id)
@@ -96,9 +96,9 @@ class Embed(VectorsRoute):
     def check(self, request: DinoEmbedRequest) -> None:
         check_count(len(request.images), self.api.cfg.limits, "images", "images")
 
-    def encode_images(self, dm: model.DinoModel, pixels: torch.Tensor) -> torch.Tensor:
+    def encode_images(self, model: dino_model.DinoModel, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 2, D): both poolings (apis.dino.model.POOLINGS) of each image."""
-        return model.global_embeddings(dm, pixels)
+        return dino_model.global_embeddings(model, pixels)
 
     def openai_request(self, images: list[bytes], texts: list[str]) -> DinoEmbedRequest:
         """The class token, L2-normalised as OpenAI's embeddings are (no texts: no text tower)."""
@@ -130,5 +130,5 @@ class DinoAPI(FamilyAPI):
     routes = (Extract, Embed)
     reuses_freed_memory = True  # /dino/extract 1.02x and 1.18x (docs/benchmarks.md, Allocator)
 
-    def load_model(self, entry: ModelEntry) -> model.DinoModel:
-        return model.load_dino(entry, self.torch_device, self.compute_dtype)
+    def load_model(self, entry: ModelEntry) -> dino_model.DinoModel:
+        return dino_model.load_dino(entry, self.torch_device, self.compute_dtype)

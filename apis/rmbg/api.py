@@ -17,7 +17,7 @@ from apis.core.tensors import check_answer_bytes, human_bytes
 from apis.family import FamilyAPI, Job, Route
 from apis.rmbg.schemas import RmbgModelSelector, RmbgRemoveRequest, RmbgRemoveResponse
 
-model = lazy_module("apis.rmbg.model")  # the library loads in the worker (apis/core/lazy.py)
+rmbg_model = lazy_module("apis.rmbg.model")  # the library loads in the worker (apis/core/lazy.py)
 
 WEBP_MAX_SIDE = 16383  # the WebP format's limit on width and height
 
@@ -46,26 +46,26 @@ class Remove(Route):
                 param="output_format",
             )
 
-    def decode(self, rm: model.RmbgModel, job: Job) -> RemoveInput:
-        return RemoveInput(job.image, model.preprocess(job.image, rm.size, rm.processing))
+    def decode(self, model: rmbg_model.RmbgModel, job: Job) -> RemoveInput:
+        return RemoveInput(job.image, rmbg_model.preprocess(job.image, model.size, model.processing))
 
-    def predict(self, rm: model.RmbgModel, items: list[RemoveInput]) -> list[np.ndarray]:
+    def predict(self, model: rmbg_model.RmbgModel, items: list[RemoveInput]) -> list[np.ndarray]:
         """Each image's alpha matte at its own size, from one session call."""
         return [
-            model.alpha_matte(raw, *item.image.size, rm.processing)
-            for raw, item in zip(rm.run(np.stack([i.x for i in items])), items, strict=True)
+            rmbg_model.alpha_matte(raw, *item.image.size, model.processing)
+            for raw, item in zip(model.run(np.stack([i.x for i in items])), items, strict=True)
         ]
 
     def encode(self, job: Job, item: RemoveInput, matte: np.ndarray) -> dict:
         r: RmbgRemoveRequest = job.request
         width, height = item.image.size
-        alpha = model.alpha_channel(matte, r.threshold)
+        alpha = rmbg_model.alpha_channel(matte, r.threshold)
         out: dict[str, Any] = {"format": r.output_format, "width": width, "height": height}
         if r.output in ("rgba", "both"):
-            rgba = model.encode_image(model.cutout(item.image, alpha), r.output_format)
+            rgba = rmbg_model.encode_image(rmbg_model.cutout(item.image, alpha), r.output_format)
             out["image"] = pybase64.b64encode_as_string(rgba)
         if r.output in ("mask", "both"):
-            matte = model.encode_image(Image.fromarray(alpha), r.output_format)
+            matte = rmbg_model.encode_image(Image.fromarray(alpha), r.output_format)
             out["mask"] = pybase64.b64encode_as_string(matte)
         size = sum(len(out.get(k) or "") for k in ("image", "mask"))
         check_answer_bytes(
@@ -83,8 +83,8 @@ class RmbgAPI(FamilyAPI):
     selector = RmbgModelSelector
     routes = (Remove,)
 
-    def load_model(self, entry: ModelEntry) -> model.RmbgModel:
-        return model.load_rmbg(entry, str(self.torch_device))
+    def load_model(self, entry: ModelEntry) -> rmbg_model.RmbgModel:
+        return rmbg_model.load_rmbg(entry, str(self.torch_device))
 
     def extra_stats(self) -> dict[str, Any]:
         return {

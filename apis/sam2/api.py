@@ -38,7 +38,7 @@ from apis.sam2.schemas import (
 )
 from apis.video_sessions import VIDEO_ROUTES, ServesVideo
 
-model = lazy_module("apis.sam2.model")  # the library loads in the worker (apis/core/lazy.py)
+sam2_model = lazy_module("apis.sam2.model")  # the library loads in the worker (apis/core/lazy.py)
 mask_codec = lazy_module("apis.core.masks")  # cv2, pycocotools: worker only
 video = lazy_module("apis.sam2.video")
 
@@ -118,7 +118,7 @@ class EmbedInput:
 @dataclass
 class PromptInput:
     whole: WholeImage
-    prompt: model.Prompt
+    prompt: sam2_model.Prompt
     request: Sam2PromptRequest  # for the size check of an image named by id alone
 
 
@@ -143,10 +143,10 @@ class _EncodesImages(Route):
     caches_image = True
 
     def predict(
-        self, pred: model.Sam2Predictor, items: list[EmbedInput | PromptInput]
-    ) -> list[model.Embedding | None]:
+        self, model: sam2_model.Sam2Predictor, items: list[EmbedInput | PromptInput]
+    ) -> list[sam2_model.Embedding | None]:
         wholes = [item.whole for item in items]
-        return pred.embeddings([w.key for w in wholes], [w.image for w in wholes], [w.file for w in wholes])
+        return model.embeddings([w.key for w in wholes], [w.image for w in wholes], [w.file for w in wholes])
 
 
 class Embed(_EncodesImages):
@@ -155,10 +155,10 @@ class Embed(_EncodesImages):
     response = EmbedResponse
     summary = "Encode an image into the worker's cache; answers its image_id for prompt_mask / auto_mask."
 
-    def decode(self, pred: model.Sam2Predictor, job: Job) -> EmbedInput:
-        return EmbedInput(WholeImage.of(job), job.image_id in pred.cache)
+    def decode(self, model: sam2_model.Sam2Predictor, job: Job) -> EmbedInput:
+        return EmbedInput(WholeImage.of(job), job.image_id in model.cache)
 
-    def encode(self, job: Job, item: EmbedInput, emb: model.Embedding) -> dict:
+    def encode(self, job: Job, item: EmbedInput, emb: sam2_model.Embedding) -> dict:
         return embed_answer(job.image_id, emb.orig_hw[::-1], item.cached, job.model_id)
 
 
@@ -176,10 +176,10 @@ class PromptMask(_EncodesImages):
         worker does not decode the base64 text again."""
         return request.model_copy(update={"mask_input": None})
 
-    def decode(self, pred: model.Sam2Predictor, job: Job) -> PromptInput:
+    def decode(self, model: sam2_model.Sam2Predictor, job: Job) -> PromptInput:
         r: Sam2PromptRequest = job.request
         mask = r.mask
-        side = pred.low_res_size
+        side = model.low_res_size
         if mask is not None and mask.shape[1:] != (side, side):
             raise APIError(
                 400,
@@ -187,7 +187,7 @@ class PromptMask(_EncodesImages):
                 f"[1, {side}, {side}] (the low_res_masks of its own answers)",
                 param="mask_input_shape",
             )
-        prompt = model.Prompt(
+        prompt = sam2_model.Prompt(
             point_coords=r.point_coords,
             point_labels=r.point_labels,
             box=r.box,
@@ -202,10 +202,12 @@ class PromptMask(_EncodesImages):
         )
         return PromptInput(WholeImage.of(job), prompt, r)
 
-    def predict(self, pred: model.Sam2Predictor, items: list[PromptInput]) -> list[PromptOutput | APIError]:
+    def predict(
+        self, model: sam2_model.Sam2Predictor, items: list[PromptInput]
+    ) -> list[PromptOutput | APIError]:
         """The images encoded (cached ones skipped), then each prompt through the decoder."""
         out: list[PromptOutput | APIError] = []
-        for item, emb in zip(items, super().predict(pred, items), strict=True):
+        for item, emb in zip(items, super().predict(model, items), strict=True):
             try:
                 if emb is None:
                     raise not_cached(item.whole.key, self.api.family)
@@ -214,7 +216,7 @@ class PromptMask(_EncodesImages):
             except APIError as e:
                 out.append(e)
                 continue
-            out.append(PromptOutput(*model.predict_prompt(pred, emb, item.prompt)))
+            out.append(PromptOutput(*sam2_model.predict_prompt(model, emb, item.prompt)))
         return out
 
     def encode(self, job: Job, item: PromptInput, output: PromptOutput) -> dict:
@@ -277,10 +279,10 @@ class AutoMask(Route):
             code="over_compute_budget",
         )
 
-    def decode(self, pred: model.Sam2Predictor, job: Job) -> AutoMaskInput:
+    def decode(self, model: sam2_model.Sam2Predictor, job: Job) -> AutoMaskInput:
         whole = WholeImage.of(job)
         if whole.image is None:  # only the id came: the crops need pixels, decoded from the cached file
-            emb = pred.cache.get(whole.key)
+            emb = model.cache.get(whole.key)
             if emb is None or emb.file is None:
                 raise not_cached(whole.key, self.api.family)
             whole = WholeImage(whole.key, np.array(decode_image(emb.file, self.api.cfg.limits)), emb.file)
@@ -289,9 +291,9 @@ class AutoMask(Route):
     def batch_key(self, item: AutoMaskInput) -> Hashable:
         return id(item)  # one image per run: the generator batches its own points
 
-    def predict(self, pred: model.Sam2Predictor, items: list[AutoMaskInput]) -> list[list[dict]]:
+    def predict(self, model: sam2_model.Sam2Predictor, items: list[AutoMaskInput]) -> list[list[dict]]:
         return [
-            model.auto_masks(pred, i.whole.key, i.whole.image, i.settings, i.output_mode, i.whole.file)
+            sam2_model.auto_masks(model, i.whole.key, i.whole.image, i.settings, i.output_mode, i.whole.file)
             for i in items
         ]
 
@@ -344,14 +346,16 @@ class Sam2API(ServesVideo, FamilyAPI):
     routes = (AutoMask, PromptMask, Embed, *VIDEO_ROUTES)
     reuses_freed_memory = True  # /sam2/prompt_mask 1.02x and 1.14x (docs/benchmarks.md, Allocator)
 
-    def load_model(self, entry: ModelEntry) -> model.Sam2Predictor:
-        return model.load_sam2(
+    def load_model(self, entry: ModelEntry) -> sam2_model.Sam2Predictor:
+        return sam2_model.load_sam2(
             entry, self.torch_device, self.compute_dtype, self.fam.cache_size, self.fam.prompt_threads
         )
 
-    def open_video(self, pred: model.Sam2Predictor, frames: list[np.ndarray] | None, **offload: bool) -> Any:
+    def open_video(
+        self, model: sam2_model.Sam2Predictor, frames: list[np.ndarray] | None, **offload: bool
+    ) -> Any:
         """A tracking session on the worker's one SAM 2 model (apis/sam2/video.py)."""
-        return video.VideoSession.open(pred.model, frames, dtype=pred.dtype, **offload)
+        return video.VideoSession.open(model.model, frames, dtype=model.dtype, **offload)
 
     def extra_stats(self) -> dict[str, Any]:
         return {**cache_stats(self._models), **super().extra_stats()}

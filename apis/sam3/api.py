@@ -28,7 +28,7 @@ from apis.sam3.schemas import (
 )
 from apis.video_sessions import VIDEO_ROUTES, ServesVideo, SessionPrompts
 
-model = lazy_module("apis.sam3.model")  # the library loads in the worker (apis/core/lazy.py)
+sam3_model = lazy_module("apis.sam3.model")  # the library loads in the worker (apis/core/lazy.py)
 core_video = lazy_module("apis.core.video")
 mask_codec = lazy_module("apis.core.masks")  # cv2, pycocotools: worker only
 
@@ -42,15 +42,15 @@ class PromptInput:
     prompts: list[str] | None
     boxes: list[list[float]]
     labels: list[bool]
-    filters: model.Filters
+    filters: sam3_model.Filters
 
 
 @dataclass
 class Detected:
     """A predict request's queries on its encoded image and the detector's answer to each."""
 
-    queries: list[model.Query]
-    detections: list[model.Detections]
+    queries: list[sam3_model.Query]
+    detections: list[sam3_model.Detections]
 
 
 @dataclass
@@ -89,10 +89,10 @@ class Predict(Route):
     def check_image(self, request: Sam3PredictRequest, size: tuple[int, int]) -> None:
         _check_boxes(request.boxes or [], *size)
 
-    def decode(self, runner: model.Sam3Runner, job: Job) -> PromptInput:
+    def decode(self, model: sam3_model.Sam3Runner, job: Job) -> PromptInput:
         r: Sam3PredictRequest = job.request
         fam = self.api.fam
-        filters = model.Filters(
+        filters = sam3_model.Filters(
             score_threshold=fam.score_threshold if r.score_threshold is None else r.score_threshold,
             epsilon_factor=fam.epsilon_factor if r.epsilon_factor is None else r.epsilon_factor,
             min_area=fam.min_area if r.min_area is None else r.min_area,
@@ -104,36 +104,38 @@ class Predict(Route):
         labels = [bool(v) for v in r.box_labels] if r.box_labels is not None else [True] * len(boxes)
         return PromptInput(job.image_id, _pixels(job), r.prompts, boxes, labels, filters)
 
-    def predict(self, runner: model.Sam3Runner, items: list[PromptInput]) -> list[Detected | APIError]:
+    def predict(self, model: sam3_model.Sam3Runner, items: list[PromptInput]) -> list[Detected | APIError]:
         """The batch's new images through the vision backbone together (cached ones are skipped),
         then every query of every request, on whichever image, through the detector together,
         ``prompt_chunk`` at a time. Per request its queries and their detections, or the
         APIError that answers it (image not cached, or boxes outside an image named by image_id, whose
         size only the cache knows)."""
-        encoded = runner.encode([i.image_id for i in items], [i.image for i in items])
-        per_item: list[list[model.Query] | APIError] = []
+        encoded = model.encode([i.image_id for i in items], [i.image for i in items])
+        per_item: list[list[sam3_model.Query] | APIError] = []
         for item, enc in zip(items, encoded, strict=True):
             try:
                 if enc is None:
                     raise not_cached(item.image_id, self.api.family)
                 _check_boxes(item.boxes, enc.width, enc.height)
-                per_item.append(model.make_queries(enc, item.prompts, item.boxes, item.labels, item.filters))
+                per_item.append(
+                    sam3_model.make_queries(enc, item.prompts, item.boxes, item.labels, item.filters)
+                )
             except APIError as e:
                 per_item.append(e)
         queries = [q for qs in per_item if not isinstance(qs, APIError) for q in qs]
-        dets = iter(runner.detect(queries, self.api.fam.prompt_chunk))
+        dets = iter(model.detect(queries, self.api.fam.prompt_chunk))
         return [qs if isinstance(qs, APIError) else Detected(qs, [next(dets) for _ in qs]) for qs in per_item]
 
     def encode(self, job: Job, item: PromptInput, output: Detected) -> dict:
-        found = model.results(output.queries, output.detections, item.filters)
-        size = model.mask_bytes(found)
+        found = sam3_model.results(output.queries, output.detections, item.filters)
+        size = sam3_model.mask_bytes(found)
         check_answer_bytes(
             size,
             f"{len(found)} masks would need {human_bytes(size)}",
             self.api.cfg.limits.max_response_bytes,
             "raise score_threshold or min_area, set max_instances, or use return_masks=false (polygons only)",
         )
-        enc: model.Encoded = output.queries[0].enc
+        enc: sam3_model.Encoded = output.queries[0].enc
         return {
             "image_size": {"width": enc.width, "height": enc.height},
             "results": found,
@@ -148,13 +150,15 @@ class Embed(Route):
     summary = "Encode an image into the worker's cache; answers its image_id for predict."
     caches_image = True
 
-    def decode(self, runner: model.Sam3Runner, job: Job) -> EmbedInput:
-        return EmbedInput(job.image_id, _pixels(job), job.image_id in runner.cache)
+    def decode(self, model: sam3_model.Sam3Runner, job: Job) -> EmbedInput:
+        return EmbedInput(job.image_id, _pixels(job), job.image_id in model.cache)
 
-    def predict(self, runner: model.Sam3Runner, items: list[EmbedInput]) -> list[model.Encoded | None]:
-        return runner.encode([i.image_id for i in items], [i.image for i in items])
+    def predict(
+        self, model: sam3_model.Sam3Runner, items: list[EmbedInput]
+    ) -> list[sam3_model.Encoded | None]:
+        return model.encode([i.image_id for i in items], [i.image for i in items])
 
-    def encode(self, job: Job, item: EmbedInput, enc: model.Encoded) -> dict:
+    def encode(self, job: Job, item: EmbedInput, enc: sam3_model.Encoded) -> dict:
         return embed_answer(job.image_id, (enc.width, enc.height), item.cached, job.model_id)
 
 
@@ -196,10 +200,12 @@ class Sam3API(ServesVideo, FamilyAPI):
     video_prompts = Sam3Prompts
     reuses_freed_memory = True  # /sam3/predict 1.35x and 1.28x (docs/benchmarks.md, Allocator)
 
-    def load_model(self, entry: ModelEntry) -> model.Sam3Runner:
-        return model.load_sam3(entry, self.torch_device, self.compute_dtype, self.fam.cache_size)
+    def load_model(self, entry: ModelEntry) -> sam3_model.Sam3Runner:
+        return sam3_model.load_sam3(entry, self.torch_device, self.compute_dtype, self.fam.cache_size)
 
-    def open_video(self, runner: model.Sam3Runner, frames: list[np.ndarray] | None, **offload: bool) -> Any:
+    def open_video(
+        self, model: sam3_model.Sam3Runner, frames: list[np.ndarray] | None, **offload: bool
+    ) -> Any:
         """A tracking session on the video model that shares the worker's SAM 3 detector, made
         for the first session (apis/sam3/video.py). sam3 keeps a session's state on the model's
         device; its clip goes to CPU memory on request, and always on a CPU worker."""
@@ -215,7 +221,7 @@ class Sam3API(ServesVideo, FamilyAPI):
         # sys.modules from torchvision's registrations) would be loaded inside sam3's own import
         video = lazy_module("apis.sam3.video")
         try:
-            tracking = video.video_model(runner)
+            tracking = video.video_model(model)
         except ValueError as e:  # the model's checkpoint has no tracker that fits
             raise APIError(
                 503, f"video sessions are unavailable on this model: {e}", code="no_video_model"
