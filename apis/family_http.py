@@ -2,7 +2,7 @@
 submits jobs to the family's workers, and ``GET /<family>/health``.
 
 Nothing here runs a model: this module and what it imports take no torch (an import-linter
-contract and tests/test_http_process.py check it), so the HTTP process stays small.
+contract and tests/http/test_http_process.py check it), so the HTTP process stays small.
 """
 
 from __future__ import annotations

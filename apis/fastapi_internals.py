@@ -2,7 +2,7 @@
 
 :class:`~apis.http.routing.JsonBodyRoute` overrides ``APIRoute.get_route_handler`` (FastAPI's
 documented way to customise a route class) and needs the route's request model, which FastAPI
-keeps only in the undocumented ``APIRoute.body_field``. tests/test_internals_contract.py fails on
+keeps only in the undocumented ``APIRoute.body_field``. tests/unit/test_internals_contract.py fails on
 any other release.
 """
 

@@ -55,7 +55,8 @@ from apis.http.errors import ERROR_RESPONSES
 from apis.http.routing import JsonBodyRoute
 from apis.transport.worker_loop import serve
 
-#: The litserve release whose internals this module was checked against (tests/test_litserve_contract.py).
+#: The litserve release whose internals this module was checked against
+#: (tests/unit/test_litserve_contract.py).
 LITSERVE_VERSION = "0.2.19"
 
 

@@ -3,7 +3,7 @@
 pydantic has no public API to change a model class's fields once the class exists: the public
 ``model_fields`` is the class's own ``__pydantic_fields__`` dict, and ``model_rebuild(force=True)``
 rebuilds the validator and JSON schema from it. apis/http/schemas.py's ``StrictRequest`` needs
-that to make every optional field take null. tests/test_internals_contract.py fails on another
+that to make every optional field take null. tests/unit/test_internals_contract.py fails on another
 minor release and checks that a replaced field is validated and shown in the schema.
 """
 

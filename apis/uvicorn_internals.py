@@ -25,7 +25,7 @@ from apis.core.settings import Limits
 #: The uvicorn release whose HttpToolsProtocol this module was checked against: the callbacks it
 #: overrides (data_received, on_message_begin, on_url, on_header, on_headers_complete,
 #: on_message_complete, send_400_response) and what it reads (url, headers, transport,
-#: server_state.default_headers). tests/test_internals_contract.py fails on any other.
+#: server_state.default_headers). tests/unit/test_internals_contract.py fails on any other.
 UVICORN_VERSION = "0.55.0"
 
 

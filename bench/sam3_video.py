@@ -2,7 +2,7 @@
 
     python bench/sam3_video.py [--frames N] [--size WxH] [--device cuda]
 
-The tiny model of the tests (``configs/models/sam3-video-tiny.json``, tests/test_sam3_video.py's
+The tiny model of the tests (``configs/models/sam3-video-tiny.json``, tests/unit/test_sam3_video.py's
 random weights with the scores raised so that instances are found and tracked), saved as a
 checkpoint in the released layout. In process: the image model loaded as the sam3 family loads
 it, the video model built on its detector (``apis/sam3/video.py`` ``video_model``), one session
@@ -37,7 +37,7 @@ from apis.core.precision import resolve_dtype  # noqa: E402
 from apis.core.settings import ModelEntry  # noqa: E402
 from apis.sam3.model import load_sam3  # noqa: E402
 from apis.sam3.video import VideoSession, video_model  # noqa: E402
-from tests.test_sam3_video import tiny_model  # noqa: E402
+from tests.unit.test_sam3_video import tiny_model  # noqa: E402
 
 ARCH = ROOT / "configs" / "models" / "sam3-video-tiny.json"
 TEXT = "robot arm"

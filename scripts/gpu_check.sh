@@ -25,7 +25,7 @@ PY
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 
 echo "== pytest -m cuda"
-timeout 300 "$PY" -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda.py
+timeout 300 "$PY" -m pytest -m cuda -q -p no:cacheprovider tests/http/test_cuda.py
 
 echo "== bench/serving.py --full --device cuda"
 timeout 200 "$PY" bench/serving.py --full --device cuda --rounds 2

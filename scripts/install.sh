@@ -2,7 +2,7 @@
 # Install visionserve into ./.venv (created if missing).
 #   bash scripts/install.sh          server + clients
 #   bash scripts/install.sh test     server + clients + test tools, the deployment linters in
-#                                    ./.venv-lint, and nginx (Debian, as root) for tests/test_nginx.py
+#                                    ./.venv-lint, and nginx (Debian, as root) for tests/e2e/test_nginx.py
 #   bash scripts/install.sh deps     the server's dependencies only, not the project (the
 #                                    Dockerfile's cached layer)
 # VISIONSERVE_TORCH=cuda (default): PyPI's torch, a CUDA 13 build that also runs on CPU.
@@ -72,7 +72,7 @@ if [ "$mode" = test ]; then
             apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx
             [ -z "${made_policy:-}" ] || rm -f "$policy"
         else
-            echo "nginx missing and not root with apt-get: tests/test_nginx.py will skip" >&2
+            echo "nginx missing and not root with apt-get: tests/e2e/test_nginx.py will skip" >&2
         fi
     fi
 fi

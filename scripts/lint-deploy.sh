@@ -13,7 +13,7 @@ for version in 1.29 1.37; do
     "$bin/kubernetes-validate" --strict --quiet -k "$version" deploy/k8s/*.yaml
 done
 # podmonitor.yaml is a Prometheus Operator CRD, which has no offline schema (a WARN above):
-# tests/test_deploy.py checks it against the Deployment.
+# tests/e2e/test_deploy.py checks it against the Deployment.
 echo "all $(ls deploy/k8s/*.yaml | wc -l) files valid"
 # --skip-download: no call to Prisma Cloud (CI has no internet). CKV_K8S_43 (image by digest):
 # the image is built and pushed by whoever deploys; they pin its digest in deployment.yaml.

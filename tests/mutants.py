@@ -45,7 +45,7 @@ MUTANTS = [
         "clients/sam3_client.py",
         "self._lock = threading.Lock()",
         "self._lock = __import__('contextlib').nullcontext()",
-        ("tests/test_sam3_pool.py::test_pool_is_thread_safe_about_its_turns",),
+        ("tests/http/test_sam3_pool.py::test_pool_is_thread_safe_about_its_turns",),
         "item 1: the turn counter is read and written without the lock",
     ),
     Mutant(
@@ -54,8 +54,8 @@ MUTANTS = [
         "        _, _, v = torch.pca_lowrank(x, q=q, center=False, niter=niter)",
         "        v = torch.linalg.qr(torch.randn(x.shape[1], q))[0]",
         (
-            "tests/test_units.py::test_pca_equals_numpy_svd_up_to_the_documented_sign_and_scaling",
-            "tests/test_clip_http.py::test_ret_pca_equals_an_svd_of_the_reference_features",
+            "tests/unit/test_units.py::test_pca_equals_numpy_svd_up_to_the_documented_sign_and_scaling",
+            "tests/http/test_clip_http.py::test_ret_pca_equals_an_svd_of_the_reference_features",
         ),
         "item 2: a random orthonormal projection with quantile scaling",
     ),
@@ -64,7 +64,7 @@ MUTANTS = [
         "apis/core/dense.py",
         "    v = v * torch.where(v[idx, torch.arange(q)] < 0, -1.0, 1.0)\n",
         "",
-        ("tests/test_units.py::test_pca_equals_numpy_svd_up_to_the_documented_sign_and_scaling",),
+        ("tests/unit/test_units.py::test_pca_equals_numpy_svd_up_to_the_documented_sign_and_scaling",),
         "item 2: the sign rule (largest loading positive) dropped",
     ),
     Mutant(
@@ -73,8 +73,8 @@ MUTANTS = [
         "    lo = torch.quantile(proj, q_min, dim=0)\n    hi = torch.quantile(proj, q_max, dim=0)",
         "    lo = proj.amin(dim=0)\n    hi = proj.amax(dim=0)",
         (
-            "tests/test_units.py::test_pca_equals_numpy_svd_up_to_the_documented_sign_and_scaling",
-            "tests/test_clip_http.py::test_ret_pca_equals_an_svd_of_the_reference_features",
+            "tests/unit/test_units.py::test_pca_equals_numpy_svd_up_to_the_documented_sign_and_scaling",
+            "tests/http/test_clip_http.py::test_ret_pca_equals_an_svd_of_the_reference_features",
         ),
         "item 2: pca_q_min / pca_q_max ignored",
     ),
@@ -83,7 +83,7 @@ MUTANTS = [
         "apis/clip/model.py",
         "torch.softmax(pair, dim=-1)[..., 0].amin(dim=-1)",
         "torch.softmax(pair, dim=-1)[..., 0].amax(dim=-1)",
-        ("tests/test_clip_http.py::test_relevancy_equals_the_lerf_formula",),
+        ("tests/http/test_clip_http.py::test_relevancy_equals_the_lerf_formula",),
         "item 3: max instead of min",
     ),
     Mutant(
@@ -91,7 +91,7 @@ MUTANTS = [
         "apis/clip/model.py",
         "torch.softmax(pair, dim=-1)[..., 0].amin(dim=-1)",
         "torch.softmax(pair, dim=-1)[..., 1].amin(dim=-1)",
-        ("tests/test_clip_http.py::test_relevancy_equals_the_lerf_formula",),
+        ("tests/http/test_clip_http.py::test_relevancy_equals_the_lerf_formula",),
         "item 3: the negative's probability",
     ),
     Mutant(
@@ -99,7 +99,7 @@ MUTANTS = [
         "apis/clip/model.py",
         "neg], dim=-1) * temperature",
         "neg], dim=-1) * 10.0",
-        ("tests/test_clip_http.py::test_relevancy_equals_the_lerf_formula",),
+        ("tests/http/test_clip_http.py::test_relevancy_equals_the_lerf_formula",),
         "item 3: relevancy_temperature never used",
     ),
     Mutant(
@@ -107,7 +107,7 @@ MUTANTS = [
         "apis/clip/api.py",
         "sim = clip_model.spatial_softmax(sim, r.softmax)",
         "sim = torch.full_like(sim, 1.0 / sim.numel())",
-        ("tests/test_clip_http.py::test_similarity_full_resolution_cosine_and_negatives",),
+        ("tests/http/test_clip_http.py::test_similarity_full_resolution_cosine_and_negatives",),
         "item 4: a map that sums to 1 and says nothing",
     ),
     Mutant(
@@ -121,7 +121,7 @@ MUTANTS = [
             sim = clip_model.spatial_softmax(sim, r.softmax)
         if not r.ret_patches:
             sim = dense.upsample_grid(sim[..., None], item.geom, r.interpolation_mode)[..., 0]""",
-        ("tests/test_clip_http.py::test_similarity_full_resolution_cosine_and_negatives",),
+        ("tests/http/test_clip_http.py::test_similarity_full_resolution_cosine_and_negatives",),
         "item 4: the seed's order of steps",
     ),
     Mutant(
@@ -129,7 +129,7 @@ MUTANTS = [
         "apis/core/dense.py",
         "F.pad(x, (0, pw, 0, ph), mode=mode) if",
         "F.pad(x, (0, pw, 0, ph), mode='reflect' if mode == 'replicate' else mode) if",
-        ("tests/test_clip_http.py::test_padding_mode_equals_numpy_padding_of_the_normalised_image",),
+        ("tests/http/test_clip_http.py::test_padding_mode_equals_numpy_padding_of_the_normalised_image",),
         "item 5: one padding mode mapped to another",
     ),
     Mutant(
@@ -137,7 +137,7 @@ MUTANTS = [
         "apis/core/dense.py",
         'kwargs = {"align_corners": False} if mode',
         'kwargs = {"align_corners": True} if mode',
-        ("tests/test_clip_http.py::test_every_interpolation_mode_equals_its_rule",),
+        ("tests/http/test_clip_http.py::test_every_interpolation_mode_equals_its_rule",),
         "item 5: bilinear/bicubic with align_corners=True",
     ),
     Mutant(
@@ -145,7 +145,7 @@ MUTANTS = [
         "apis/core/dense.py",
         "x = F.interpolate(x, size=padded_hw, mode=mode, **kwargs)",
         "x = F.interpolate(x, size=padded_hw, mode=mode.replace('-exact', ''), **kwargs)",
-        ("tests/test_dino_http.py::test_upsampling_a_stride_7_grid_follows_each_modes_rule",),
+        ("tests/http/test_dino_http.py::test_upsampling_a_stride_7_grid_follows_each_modes_rule",),
         "item 5: two modes that differ only in the pixel-centre convention (equal at CLIP's 14x)",
     ),
     Mutant(
@@ -153,7 +153,7 @@ MUTANTS = [
         "apis/core/dense.py",
         "left, top = int(round((w - side) / 2.0)), int(round((h - side) / 2.0))",
         "left, top = (w - side) // 2, (h - side) // 2",
-        ("tests/test_clip_http.py::test_extract_load_size_and_crop_equal_torchvision_transforms",),
+        ("tests/http/test_clip_http.py::test_extract_load_size_and_crop_equal_torchvision_transforms",),
         "item 5: a crop one pixel off torchvision's",
     ),
     Mutant(
@@ -161,7 +161,7 @@ MUTANTS = [
         "apis/core/dense.py",
         "img = img.resize((w, h), Image.BICUBIC)",
         "img = img.resize((w, h), Image.BILINEAR)",
-        ("tests/test_clip_http.py::test_extract_load_size_and_crop_equal_torchvision_transforms",),
+        ("tests/http/test_clip_http.py::test_extract_load_size_and_crop_equal_torchvision_transforms",),
         "item 5: the wrong resampling filter keeps every shape",
     ),
     Mutant(
@@ -169,7 +169,7 @@ MUTANTS = [
         "apis/dino/model.py",
         "    if dm.registers:\n        out = F.interpolate(table, size=grid",
         "    if True:\n        out = F.interpolate(table, size=grid",
-        ("tests/test_dino_http.py::test_values_equal_timm_on_the_same_weights",),
+        ("tests/http/test_dino_http.py::test_values_equal_timm_on_the_same_weights",),
         "item 10: exact-size antialiased resize where the hub uses (g + 0.1) / M",
     ),
     Mutant(
@@ -177,7 +177,7 @@ MUTANTS = [
         "apis/dino/model.py",
         "scale = ((grid[0] + 0.1) / native[0], (grid[1] + 0.1) / native[1])",
         "scale = ((grid[0] + 0.0) / native[0], (grid[1] + 0.0) / native[1])",
-        ("tests/test_dino_http.py::test_values_equal_timm_on_the_same_weights",),
+        ("tests/http/test_dino_http.py::test_values_equal_timm_on_the_same_weights",),
         "item 10: a shared misreading of the hub's offset",
     ),
     Mutant(
@@ -185,7 +185,7 @@ MUTANTS = [
         "apis/dino/model.py",
         "padding=k // 2, count_include_pad=False)",
         "padding=k // 2, count_include_pad=True)",
-        ("tests/test_dino_http.py::test_log_binning_equals_the_per_cell_definition",),
+        ("tests/http/test_dino_http.py::test_log_binning_equals_the_per_cell_definition",),
         "item 10: edge averages divided by 9",
     ),
     Mutant(
@@ -193,7 +193,7 @@ MUTANTS = [
         "apis/dino/model.py",
         'padded = F.pad(pooled, (k, k, k, k), mode="replicate")',
         "padded = F.pad(pooled, (k, k, k, k))",
-        ("tests/test_dino_http.py::test_log_binning_equals_the_per_cell_definition",),
+        ("tests/http/test_dino_http.py::test_log_binning_equals_the_per_cell_definition",),
         "item 10: neighbours off the grid are zeros instead of the edge cell",
     ),
     Mutant(
@@ -202,8 +202,8 @@ MUTANTS = [
         "items = link.collect(lit_api.max_batch_size,",
         "items = link.collect(1,",
         (
-            "tests/test_clip_http.py::test_concurrent_encode_text_runs_as_batches",
-            "tests/test_clip_http.py::test_concurrent_extracts_of_one_size_share_a_forward",
+            "tests/http/test_clip_http.py::test_concurrent_encode_text_runs_as_batches",
+            "tests/http/test_clip_http.py::test_concurrent_extracts_of_one_size_share_a_forward",
         ),
         "item 13: no batching at all",
     ),
@@ -212,7 +212,7 @@ MUTANTS = [
         "apis/sam2/model.py",
         "(pred.model, output_mode=output_mode, **s)",
         '(pred.model, output_mode=output_mode, **{**s, "use_m2m": False})',
-        ("tests/test_sam2_http.py::test_auto_mask_equals_the_library_generator_field_by_field",),
+        ("tests/http/test_sam2_http.py::test_auto_mask_equals_the_library_generator_field_by_field",),
         "item 9: fine_grained's mask-to-mask refinement not run",
     ),
     Mutant(
@@ -220,7 +220,7 @@ MUTANTS = [
         "apis/sam2/model.py",
         'pred.configure(0.0, s["min_mask_region_area"], s["min_mask_region_area"])',
         "pred.configure(0.0, 0.0, 0.0)",
-        ("tests/test_sam2_http.py::test_auto_mask_equals_the_library_generator_field_by_field",),
+        ("tests/http/test_sam2_http.py::test_auto_mask_equals_the_library_generator_field_by_field",),
         "item 9: min_mask_region_area only as the final filter",
     ),
     Mutant(
@@ -228,7 +228,7 @@ MUTANTS = [
         "apis/sam2/internals.py",
         "pred._transforms.max_sprinkle_area = max_sprinkle_area",
         "pred._transforms.max_sprinkle_area = max_hole_area",
-        ("tests/test_sam2_http.py::test_hole_and_sprinkle_filling_equal_the_library_predictor",),
+        ("tests/http/test_sam2_http.py::test_hole_and_sprinkle_filling_equal_the_library_predictor",),
         "item 10: a shared misreading of the two areas",
     ),
     Mutant(
@@ -236,7 +236,7 @@ MUTANTS = [
         "apis/core/masks.py",
         "contour = max(contours, key=cv2.contourArea)",
         "contour = contours[0]",
-        ("tests/test_sam3_http.py::test_score_threshold_min_area_and_epsilon_including_explicit_zero",),
+        ("tests/http/test_sam3_http.py::test_score_threshold_min_area_and_epsilon_including_explicit_zero",),
         "items 6/10: the polygon of another component",
     ),
     Mutant(
@@ -245,9 +245,9 @@ MUTANTS = [
         "approx = cv2.approxPolyDP(contour, epsilon_factor * cv2.arcLength(contour, True), True)",
         "approx = cv2.approxPolyDP(contour, 2.0 * epsilon_factor, True)",
         (
-            "tests/test_sam3_http.py::"
+            "tests/http/test_sam3_http.py::"
             "test_exact_polygons_outline_the_largest_component_and_simplify_within_epsilon",
-            "tests/test_sam3_http.py::test_score_threshold_min_area_and_epsilon_including_explicit_zero",
+            "tests/http/test_sam3_http.py::test_score_threshold_min_area_and_epsilon_including_explicit_zero",
         ),
         "item 10: epsilon not scaled by the perimeter",
     ),
@@ -257,7 +257,7 @@ MUTANTS = [
         'backbone_fpn=[f[j : j + 1].clone() for f in out["backbone_fpn"]],',
         'backbone_fpn=[f[0:1].clone() for f in out["backbone_fpn"]],',
         (
-            "tests/test_sam3_http.py::test_concurrent_requests_batch_the_backbone_and_answer_like_the_processor",
+            "tests/http/test_sam3_http.py::test_concurrent_requests_batch_the_backbone_and_answer_like_the_processor",
         ),
         "item 8: each image of a batch answered with its neighbour's encoding",
     ),
@@ -267,8 +267,8 @@ MUTANTS = [
         "if self.dtype == torch.float32:",
         "if True:",
         (
-            "tests/test_precision.py::test_float16_clip_and_dino_within_tolerance",
-            "tests/test_precision.py::test_clip_features_and_text_within_tolerance",
+            "tests/http/test_precision.py::test_float16_clip_and_dino_within_tolerance",
+            "tests/http/test_precision.py::test_clip_features_and_text_within_tolerance",
         ),
         "item 11: --dtype accepted and ignored",
     ),
@@ -277,7 +277,7 @@ MUTANTS = [
         "apis/rmbg/model.py",
         "return np.where(matte > threshold, 255, 0).astype(np.uint8)",
         "return np.where(matte > threshold, 255 * (threshold != 0), 0).astype(np.uint8)",
-        ("tests/test_rmbg_http.py::test_mask_both_webp_and_threshold_are_consistent",),
+        ("tests/http/test_rmbg_http.py::test_mask_both_webp_and_threshold_are_consistent",),
         "item 12: an all-zero alpha at threshold 0 (the old set-of-values check passed it)",
     ),
     Mutant(
@@ -285,7 +285,7 @@ MUTANTS = [
         "apis/sam3/model.py",
         "    heads: int = 8\n",
         "    heads: int = 4\n",
-        ("tests/test_sam3_units.py::test_default_architecture_is_the_released_one",),
+        ("tests/unit/test_sam3_units.py::test_default_architecture_is_the_released_one",),
         "item 7: a constructor argument that keeps every parameter's shape",
     ),
     Mutant(
@@ -293,7 +293,7 @@ MUTANTS = [
         "apis/sam2/api.py",
         '            "num_masks": len(out),\n',
         "",
-        ("tests/test_openapi_answers.py::test_answer_matches_its_schema[sam2-auto_mask-float32]",),
+        ("tests/http/test_openapi_answers.py::test_answer_matches_its_schema[sam2-auto_mask-float32]",),
         "issue 21: answers are rendered as bytes, so nothing else holds them to Sam2AutoMaskResponse",
     ),
     Mutant(
@@ -301,7 +301,7 @@ MUTANTS = [
         "apis/sam3/api.py",
         '"image_size": {"width": enc.width,',
         '"image_size": {"width": str(enc.width),',
-        ("tests/test_openapi_answers.py::test_answer_matches_its_schema[sam3-predict-prompts]",),
+        ("tests/http/test_openapi_answers.py::test_answer_matches_its_schema[sam3-predict-prompts]",),
         "issue 21: a string where ImageSize declares an integer",
     ),
     Mutant(
@@ -309,7 +309,7 @@ MUTANTS = [
         "apis/sam3/model.py",
         'layer=TransformerDecoderLayer(\n            activation="relu",',
         'layer=TransformerDecoderLayer(\n            activation="gelu",',
-        ("tests/test_sam3_units.py::test_outputs_equal_sam3s_own_builder_on_the_same_weights",),
+        ("tests/unit/test_sam3_units.py::test_outputs_equal_sam3s_own_builder_on_the_same_weights",),
         "item 7: a function-valued argument the settings comparison cannot see",
     ),
     Mutant(
@@ -317,7 +317,7 @@ MUTANTS = [
         "apis/sam3/model.py",
         "temperature=10000,",
         "temperature=20000,",
-        ("tests/test_sam3_units.py::test_outputs_equal_sam3s_own_builder_on_the_same_weights",),
+        ("tests/unit/test_sam3_units.py::test_outputs_equal_sam3s_own_builder_on_the_same_weights",),
         "item 7: a number that keeps every shape, at the tiny sizes",
     ),
     Mutant(
@@ -326,8 +326,8 @@ MUTANTS = [
         "    s = dict(settings)\n",
         '    s = {**settings, "pred_iou_thresh": settings["pred_iou_thresh"] + 0.05}\n',
         (
-            "tests/test_sam2_http.py::test_request_defaults_reach_the_generator_as_documented",
-            "tests/test_sam2_http.py::test_auto_mask_equals_the_library_generator_field_by_field"
+            "tests/http/test_sam2_http.py::test_request_defaults_reach_the_generator_as_documented",
+            "tests/http/test_sam2_http.py::test_auto_mask_equals_the_library_generator_field_by_field"
             "[thresholds that split the masks]",
         ),
         "item 9: the reported settings are right, the generator gets another threshold",
@@ -337,7 +337,7 @@ MUTANTS = [
         "apis/sam2/options.py",
         '"stability_score_thresh": 0.92,',
         '"stability_score_thresh": 0.9,',
-        ("tests/test_sam2_http.py::test_request_defaults_reach_the_generator_as_documented",),
+        ("tests/http/test_sam2_http.py::test_request_defaults_reach_the_generator_as_documented",),
         "item 9: a default preset value that keeps no mask either way with random weights",
     ),
     Mutant(
@@ -346,7 +346,7 @@ MUTANTS = [
         "contour = max(contours, key=cv2.contourArea)",
         "contour = contours[0]",
         (
-            "tests/test_sam3_http.py::test_exact_polygons_outline_the_largest_component_and_simplify_within_epsilon",
+            "tests/http/test_sam3_http.py::test_exact_polygons_outline_the_largest_component_and_simplify_within_epsilon",
         ),
         "item 10: the polygon of another component, caught without OpenCV's contours in the reference",
     ),
@@ -357,7 +357,7 @@ MUTANTS = [
         "contour = max(contours, key=lambda c: int(cv2.drawContours("
         "np.zeros(mask.shape, np.uint8), [c], -1, 1, -1).sum()))",
         (
-            "tests/test_sam3_http.py::test_exact_polygons_outline_the_largest_component_and_simplify_within_epsilon",
+            "tests/http/test_sam3_http.py::test_exact_polygons_outline_the_largest_component_and_simplify_within_epsilon",
         ),
         "item 10: another reading of 'largest' (the most pixels, not the largest outline)",
     ),
@@ -366,7 +366,7 @@ MUTANTS = [
         "app.py",
         "queue_timeout=args.timeout,",
         "queue_timeout=300.0,",
-        ("tests/test_server_options.py::test_a_request_queued_past_the_timeout_gets_504_queue_timeout",),
+        ("tests/http/test_server_options.py::test_a_request_queued_past_the_timeout_gets_504_queue_timeout",),
         "item 4 (server options): the queue timeout left at its default",
     ),
     Mutant(
@@ -374,7 +374,7 @@ MUTANTS = [
         "apis/family_worker.py",
         'if self.fam.load == "eager":',
         "if True:",
-        ("tests/test_server_options.py::test_lazy_loading_models_and_devices",),
+        ("tests/http/test_server_options.py::test_lazy_loading_models_and_devices",),
         "item 4 (server options): load: lazy accepted and ignored",
     ),
     Mutant(
@@ -382,7 +382,7 @@ MUTANTS = [
         "app.py",
         'line = line.split("#", 1)[0].strip()',
         "line = line.strip()",
-        ("tests/test_server_options.py::test_keys_from_the_key_file_only",),
+        ("tests/http/test_server_options.py::test_keys_from_the_key_file_only",),
         "item 4 (server options): a comment line becomes an accepted key",
     ),
     # issue 32: options and promises checked by their effect
@@ -392,8 +392,8 @@ MUTANTS = [
         "feats = pca_rgb(feats, r.pca_niter,",
         "feats = pca_rgb(feats, 100,",
         (
-            "tests/test_clip_http.py::test_ret_pca_equals_an_svd_of_the_reference_features",
-            "tests/test_dino_http.py::test_pca_is_deterministic_and_equals_an_svd_of_timm_features",
+            "tests/http/test_clip_http.py::test_ret_pca_equals_an_svd_of_the_reference_features",
+            "tests/http/test_dino_http.py::test_pca_is_deterministic_and_equals_an_svd_of_timm_features",
         ),
         "issue 32: every PCA test ran where 100 iterations had converged",
     ),
@@ -402,7 +402,7 @@ MUTANTS = [
         "apis/dino/api.py",
         "patch, r.padding_mode, dense.IMAGENET_MEAN",
         'patch, "constant", dense.IMAGENET_MEAN',
-        ("tests/test_dino_http.py::test_padding_mode_equals_numpy_padding_of_the_normalised_image",),
+        ("tests/http/test_dino_http.py::test_padding_mode_equals_numpy_padding_of_the_normalised_image",),
         "issue 32: DINO pads with zeros whatever the request says",
     ),
     Mutant(
@@ -411,7 +411,7 @@ MUTANTS = [
         "        img = ImageOps.exif_transpose(img)\n",
         "        img = ImageOps.exif_transpose(img).transpose(Image.Transpose.ROTATE_180)"
         " if img.getexif().get(0x0112) == 6 else ImageOps.exif_transpose(img)\n",
-        ("tests/test_image_decoding.py::-k orientation",),
+        ("tests/unit/test_image_decoding.py::-k orientation",),
         "issue 32: 270 degrees where the tag says 90; the size is right",
     ),
     Mutant(
@@ -419,7 +419,7 @@ MUTANTS = [
         "apis/core/images.py",
         "        img.load()\n        img = ImageOps",
         '        img.seek(getattr(img, "n_frames", 1) - 1)\n        img.load()\n        img = ImageOps',
-        ("tests/test_image_decoding.py::test_animations_decode_to_their_first_frame",),
+        ("tests/unit/test_image_decoding.py::test_animations_decode_to_their_first_frame",),
         "issue 32: the last frame has the first one's size",
     ),
     Mutant(
@@ -427,7 +427,7 @@ MUTANTS = [
         "apis/core/images.py",
         "0, 65535) >> 8",
         "0, 65535) // 257",
-        ("tests/test_image_decoding.py::test_16_bit_grey_keeps_the_top_8_bits",),
+        ("tests/unit/test_image_decoding.py::test_16_bit_grey_keeps_the_top_8_bits",),
         "issue 32: off by one at the top of each bucket",
     ),
     Mutant(
@@ -435,7 +435,7 @@ MUTANTS = [
         "apis/core/images.py",
         'if getattr(img, "_tile_size", (w, h)) != (w, h):',
         "if False:",
-        ("tests/test_image_decoding.py::-k orientation",),
+        ("tests/unit/test_image_decoding.py::-k orientation",),
         "issue 32: the bug the pixel test found (Pillow reports a TIFF's size already oriented)",
     ),
     Mutant(
@@ -443,7 +443,9 @@ MUTANTS = [
         "apis/sam2/model.py",
         "(pred.model, output_mode=output_mode, **s)",
         '(pred.model, output_mode=output_mode, **{**s, "crop_nms_thresh": 0.7})',
-        ("tests/test_sam2_http.py::test_crop_nms_and_overlap_equal_the_library_generator_at_two_values",),
+        (
+            "tests/http/test_sam2_http.py::test_crop_nms_and_overlap_equal_the_library_generator_at_two_values",
+        ),
         "issue 32: the default crop NMS whatever the request says",
     ),
     Mutant(
@@ -451,7 +453,9 @@ MUTANTS = [
         "apis/sam2/model.py",
         "(pred.model, output_mode=output_mode, **s)",
         '(pred.model, output_mode=output_mode, **{**s, "crop_overlap_ratio": 512 / 1500})',
-        ("tests/test_sam2_http.py::test_crop_nms_and_overlap_equal_the_library_generator_at_two_values",),
+        (
+            "tests/http/test_sam2_http.py::test_crop_nms_and_overlap_equal_the_library_generator_at_two_values",
+        ),
         "issue 32: the default crop overlap whatever the request says",
     ),
     Mutant(
@@ -459,7 +463,7 @@ MUTANTS = [
         "apis/http/middleware.py",
         "match |= hmac.compare_digest(token, key)",
         "match |= token == key",
-        ("tests/test_guards.py::-k constant_time",),
+        ("tests/unit/test_guards.py::-k constant_time",),
         "issue 32: SECURITY.md's constant-time comparison",
     ),
     Mutant(
@@ -467,7 +471,7 @@ MUTANTS = [
         "apis/http/middleware.py",
         "match |= hmac.compare_digest(token, key)",
         "match = match or hmac.compare_digest(token, key)",
-        ("tests/test_guards.py::-k constant_time",),
+        ("tests/unit/test_guards.py::-k constant_time",),
         "issue 32: time depends on which key matched",
     ),
     Mutant(
@@ -477,7 +481,7 @@ MUTANTS = [
         "return (__import__('logging').getLogger('visionserve').warning('key %s', token.decode())"
         ' if match else "invalid API key")',
         (
-            "tests/test_auth_and_errors.py::"
+            "tests/http/test_auth_and_errors.py::"
             "test_keys_never_reach_the_log_and_info_level_prints_no_debug_lines",
         ),
         "issue 32: SECURITY.md's keys never in logs",
@@ -488,7 +492,7 @@ MUTANTS = [
         "configure_logging(args.log_level, args.log_format)",
         'configure_logging("debug", args.log_format)',
         (
-            "tests/test_auth_and_errors.py::"
+            "tests/http/test_auth_and_errors.py::"
             "test_keys_never_reach_the_log_and_info_level_prints_no_debug_lines",
         ),
         "issue 32: --log-level info prints debug lines",
@@ -498,7 +502,7 @@ MUTANTS = [
         "app.py",
         "configure_logging(args.log_level, args.log_format)",
         'configure_logging("info", args.log_format)',
-        ("tests/test_server_options.py::test_debug_log_level_prints_debug_lines",),
+        ("tests/http/test_server_options.py::test_debug_log_level_prints_debug_lines",),
         "issue 32: --log-level debug ignored",
     ),
     Mutant(
@@ -506,7 +510,7 @@ MUTANTS = [
         "apis/core/dense.py",
         'return x.permute(2, 0, 1) if fmt == "CHW" else x',
         "return x",
-        ("tests/test_dino_http.py::test_layouts_and_upsampling_agree",),
+        ("tests/http/test_dino_http.py::test_layouts_and_upsampling_agree",),
         "issue 32: CHW answered in HWC",
     ),
     Mutant(
@@ -514,7 +518,7 @@ MUTANTS = [
         "apis/sam2/model.py",
         "self.cache: LRUCache[Embedding] = LRUCache(cache_size)",
         "self.cache: LRUCache[Embedding] = LRUCache(max(cache_size, 1))",
-        ("tests/test_sam2_http.py::-k cache_size_0",),
+        ("tests/http/test_sam2_http.py::-k cache_size_0",),
         "issue 32: the off state of cache_size (LRUCache's own capacity check alone is no mutant:"
         " with it gone, the eviction loop still empties a 0-entry cache)",
     ),
@@ -523,7 +527,7 @@ MUTANTS = [
         "apis/sam3/model.py",
         "self.cache: LRUCache[Encoded] = LRUCache(cache_size)",
         "self.cache: LRUCache[Encoded] = LRUCache(max(cache_size, 1))",
-        ("tests/test_sam3_batching.py::-k cache_size",),
+        ("tests/unit/test_sam3_batching.py::-k cache_size",),
         "issue 32: the off state of cache_size",
     ),
     Mutant(
@@ -531,7 +535,7 @@ MUTANTS = [
         "apis/sam2/model.py",
         "return self.cache.fetch_or_find(keys, images, encode)",
         "return self.cache.fetch_or_find(keys, images, lambda todo: [e for i in todo for e in encode([i])])",
-        ("tests/test_sam2_http.py::test_concurrent_prompts_on_new_images_share_one_encoder_pass",),
+        ("tests/http/test_sam2_http.py::test_concurrent_prompts_on_new_images_share_one_encoder_pass",),
         "issue 32: grouped requests, but one image-encoder forward per image",
     ),
     Mutant(
@@ -539,7 +543,7 @@ MUTANTS = [
         "apis/sam3/model.py",
         "return self.cache.fetch_or_find(keys, images, encode)",
         "return self.cache.fetch_or_find(keys, images, lambda todo: [e for i in todo for e in encode([i])])",
-        ("tests/test_sam3_batching.py::-k cache_size",),
+        ("tests/unit/test_sam3_batching.py::-k cache_size",),
         "issue 32: grouped requests, but one backbone forward per image",
     ),
     Mutant(
@@ -547,7 +551,7 @@ MUTANTS = [
         "clients/dino_client.py",
         "    pca_q_max: float = 0.99,\n",
         "    pca_q_max: float = 0.9,\n",
-        ("tests/test_openapi_answers.py::-k client_parameters",),
+        ("tests/http/test_openapi_answers.py::-k client_parameters",),
         "issue 32: client defaults equal the server's",
     ),
     Mutant(
@@ -555,7 +559,7 @@ MUTANTS = [
         "clients/clip_client.py",
         "    pca_niter: int = 5,\n    pca_q_min: float = 0.01,\n    pca_q_max: float = 0.99,\n    tensor",
         "    pca_q_min: float = 0.01,\n    pca_q_max: float = 0.99,\n    tensor",
-        ("tests/test_openapi_answers.py::-k client_parameters",),
+        ("tests/http/test_openapi_answers.py::-k client_parameters",),
         "issue 32: compute_clip_similarity lacked pca_niter, pca_q_min/max and tensor_format",
     ),
     Mutant(
@@ -563,7 +567,7 @@ MUTANTS = [
         "apis/dino/api.py",
         "job.image, r.load_size, False, patch",
         "job.image, None, False, patch",
-        ("tests/test_dino_http.py::test_load_size_equals_torchvision_resize_then_timm",),
+        ("tests/http/test_dino_http.py::test_load_size_equals_torchvision_resize_then_timm",),
         "issue 32: DINO keeps the image's size",
     ),
     Mutant(
@@ -571,7 +575,7 @@ MUTANTS = [
         "apis/core/dense.py",
         'arr, "features", r.output_dtype, r.response_format',
         'arr, "features", "float32", r.response_format',
-        ("tests/test_dino_http.py::test_float16_and_npy_carry_the_float32_values",),
+        ("tests/http/test_dino_http.py::test_float16_and_npy_carry_the_float32_values",),
         "issue 32: float16 asked, float32 answered (DINO's test; CLIP's catches it too)",
     ),
     Mutant(
@@ -579,7 +583,7 @@ MUTANTS = [
         "apis/core/dense.py",
         'arr, "features", r.output_dtype, r.response_format',
         'arr, "features", r.output_dtype, "json"',
-        ("tests/test_dino_http.py::test_float16_and_npy_carry_the_float32_values",),
+        ("tests/http/test_dino_http.py::test_float16_and_npy_carry_the_float32_values",),
         "issue 32: response_format ignored",
     ),
     Mutant(
@@ -587,7 +591,7 @@ MUTANTS = [
         "apis/core/images.py",
         "        img = ImageOps.exif_transpose(img)\n",
         "",
-        ("tests/test_image_decoding.py::-k orientation",),
+        ("tests/unit/test_image_decoding.py::-k orientation",),
         "issue 32: stored pixels as they are",
     ),
     Mutant(
@@ -595,7 +599,7 @@ MUTANTS = [
         "apis/core/images.py",
         'if img.mode.startswith("I;16") or img.mode == "I":',
         "if False:",
-        ("tests/test_image_decoding.py::test_16_bit_grey_keeps_the_top_8_bits",),
+        ("tests/unit/test_image_decoding.py::test_16_bit_grey_keeps_the_top_8_bits",),
         "issue 32: Pillow's own convert() of I;16",
     ),
     Mutant(
@@ -603,7 +607,7 @@ MUTANTS = [
         "apis/core/images.py",
         "rotated = img.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8)",
         "rotated = False",
-        ("tests/test_image_decoding.py::-k orientation",),
+        ("tests/unit/test_image_decoding.py::-k orientation",),
         "issue 32: the header size of a turned JPEG, PNG or WebP",
     ),
     Mutant(
@@ -611,7 +615,7 @@ MUTANTS = [
         "clients/dino_client.py",
         '    tensor_format: str = "HWC",\n',
         "",
-        ("tests/test_openapi_answers.py::-k client_parameters",),
+        ("tests/http/test_openapi_answers.py::-k client_parameters",),
         "issue 32: a request field the client cannot send",
     ),
     Mutant(
@@ -619,7 +623,7 @@ MUTANTS = [
         "clients/sam2_client.py",
         'preset: str = "fine_grained",',
         'preset: str = "coarse",',
-        ("tests/test_openapi_answers.py::-k client_parameters",),
+        ("tests/http/test_openapi_answers.py::-k client_parameters",),
         "issue 32: client defaults equal the server's",
     ),
     Mutant(
@@ -627,7 +631,7 @@ MUTANTS = [
         "clients/rmbg_client.py",
         '    output: str = "rgba",\n    output_format: str = "png",',
         '    output: str = "mask",\n    output_format: str = "png",',
-        ("tests/test_openapi_answers.py::-k client_parameters",),
+        ("tests/http/test_openapi_answers.py::-k client_parameters",),
         "issue 32: client defaults equal the server's",
     ),
     Mutant(
@@ -635,7 +639,7 @@ MUTANTS = [
         "apis/core/settings.py",
         "max_text_chars: int = Field(2000,",
         "max_text_chars: int = Field(2001,",
-        ("tests/test_guards.py::test_default_limits_are_the_numbers_security_md_states",),
+        ("tests/unit/test_guards.py::test_default_limits_are_the_numbers_security_md_states",),
         "issue 32: SECURITY.md's limits by their exact numbers",
     ),
     Mutant(
@@ -643,7 +647,7 @@ MUTANTS = [
         "apis/core/settings.py",
         "max_body_bytes: int = Field(64 * MiB,",
         "max_body_bytes: int = Field(64_000_000,",
-        ("tests/test_guards.py::test_default_limits_are_the_numbers_security_md_states",),
+        ("tests/unit/test_guards.py::test_default_limits_are_the_numbers_security_md_states",),
         "issue 32: SECURITY.md's limits by their exact numbers",
     ),
     Mutant(
@@ -651,7 +655,7 @@ MUTANTS = [
         "apis/family_http.py",
         "job.image_id is None or not self.fam.route_by_image:",
         "job.image_id is None:",
-        ("tests/test_units.py::-k affinity",),
+        ("tests/unit/test_units.py::-k affinity",),
         "issue 32: the off state of route_by_image",
     ),
     Mutant(
@@ -659,7 +663,7 @@ MUTANTS = [
         "apis/dino/api.py",
         "data, shape = encode_array(vectors.images.numpy(), r.output_dtype)",
         'data, shape = encode_array(vectors.images.numpy(), "float32")',
-        ("tests/test_embeddings_http.py::-k float16",),
+        ("tests/http/test_embeddings_http.py::-k float16",),
         "issue 32: /dino/embed answers float32 bytes whatever output_dtype says",
     ),
     Mutant(
@@ -667,7 +671,7 @@ MUTANTS = [
         "apis/clip/api.py",
         "image_data, image_shape = encode_array(vectors.images.numpy(), dtype)",
         'image_data, image_shape = encode_array(vectors.images.numpy(), "float32")',
-        ("tests/test_embeddings_http.py::-k float16",),
+        ("tests/http/test_embeddings_http.py::-k float16",),
         "issue 32: /clip/embed's image half always float32",
     ),
     Mutant(
@@ -675,7 +679,7 @@ MUTANTS = [
         "apis/family_http.py",
         "job.image_id is None or not self.fam.route_by_image:",
         "job.image_id is None:",
-        ("tests/test_off_states.py::-k route_by_image",),
+        ("tests/http/test_off_states.py::-k route_by_image",),
         "issue 32: the off state on a real server with two workers",
     ),
     Mutant(
@@ -683,7 +687,7 @@ MUTANTS = [
         "apis/sam2/api.py",
         "self.compute_dtype, self.fam.cache_size, self.fam.prompt_threads",
         "self.compute_dtype, 16, self.fam.prompt_threads",
-        ("tests/test_off_states.py::-k sam2_cache_size_0",),
+        ("tests/http/test_off_states.py::-k sam2_cache_size_0",),
         "issue 32: cache_size: 0 in the config, the loader's default (16) served",
     ),
     Mutant(
@@ -691,7 +695,7 @@ MUTANTS = [
         "apis/sam3/api.py",
         "self.torch_device, self.compute_dtype, self.fam.cache_size)",
         "self.torch_device, self.compute_dtype)",
-        ("tests/test_off_states.py::-k sam3_cache_size_0",),
+        ("tests/http/test_off_states.py::-k sam3_cache_size_0",),
         "issue 32: cache_size: 0 in the config, the loader's default (8) served",
     ),
     Mutant(
@@ -699,7 +703,7 @@ MUTANTS = [
         "apis/video_sessions.py",
         "    endpoint = False\n    uses_model = False\n",
         "    endpoint = False\n    uses_model = True\n",
-        ("tests/test_sam2_video_http.py::test_session_calls_load_only_the_sessions_model",),
+        ("tests/http/test_sam2_video_http.py::test_session_calls_load_only_the_sessions_model",),
         "a session holds its own model: under load: lazy its calls must not load the default",
     ),
     Mutant(
@@ -707,7 +711,7 @@ MUTANTS = [
         "apis/family_worker.py",
         'if self.fam.load == "eager":',
         "if False:",
-        ("tests/test_off_states.py::-k eager",),
+        ("tests/http/test_off_states.py::-k eager",),
         "issue 32: load: eager (the off state of lazy) accepted and ignored",
     ),
     Mutant(
@@ -715,7 +719,7 @@ MUTANTS = [
         "apis/server.py",
         "or (cfg.public_docs and path in _DOC_PATHS)",
         "or (path in _DOC_PATHS)",
-        ("tests/test_auth_and_errors.py::test_health_open_info_and_docs_need_key",),
+        ("tests/http/test_auth_and_errors.py::test_health_open_info_and_docs_need_key",),
         "issue 32: the off state (the default) of public_docs",
     ),
     Mutant(
@@ -723,7 +727,7 @@ MUTANTS = [
         "apis/server.py",
         'or (cfg.public_metrics and path == "/metrics")',
         'or (path == "/metrics")',
-        ("tests/test_auth_and_errors.py::test_health_open_info_and_docs_need_key",),
+        ("tests/http/test_auth_and_errors.py::test_health_open_info_and_docs_need_key",),
         "issue 32: the off state (the default) of public_metrics",
     ),
     Mutant(
@@ -732,8 +736,8 @@ MUTANTS = [
         "if all(r is None for r in requested):",
         "if True:",
         (
-            "tests/test_dino_http.py::test_values_equal_timm_on_the_same_weights",
-            "tests/test_sam2_http.py::test_model_spellings_select_configured_models_only",
+            "tests/http/test_dino_http.py::test_values_equal_timm_on_the_same_weights",
+            "tests/http/test_sam2_http.py::test_model_spellings_select_configured_models_only",
         ),
         "issue 32: model_name / model_type / model_cfg accepted and ignored",
     ),
@@ -742,7 +746,7 @@ MUTANTS = [
         "apis/dino/model.py",
         "layer = layer % dm.depth",
         "layer = dm.depth - 1",
-        ("tests/test_dino_http.py::test_query_value_and_middle_layer_equal_timm",),
+        ("tests/http/test_dino_http.py::test_query_value_and_middle_layer_equal_timm",),
         "issue 32: every facet from the last block",
     ),
     Mutant(
@@ -750,7 +754,7 @@ MUTANTS = [
         "apis/dino/model.py",
         'i = ("query", "key", "value").index(facet)',
         'i = ("key", "query", "value").index(facet)',
-        ("tests/test_dino_http.py::test_query_value_and_middle_layer_equal_timm",),
+        ("tests/http/test_dino_http.py::test_query_value_and_middle_layer_equal_timm",),
         "issue 32: two facets swapped",
     ),
     Mutant(
@@ -758,7 +762,7 @@ MUTANTS = [
         "apis/clip/model.py",
         "_encode_text_prefix(cm.model, tokens[:, :n])\n    return F.normalize(emb.float(), dim=-1)",
         "_encode_text_prefix(cm.model, tokens[:, :n])\n    return emb.float()",
-        ("tests/test_clip_http.py::test_encode_text_equals_direct_and_is_normalised",),
+        ("tests/http/test_clip_http.py::test_encode_text_equals_direct_and_is_normalised",),
         "issue 32: /clip/encode_text's documented L2 norm",
     ),
     Mutant(
@@ -766,7 +770,7 @@ MUTANTS = [
         "apis/clip/model.py",
         "return int(pooled_at.max()) + 1",
         "return int(pooled_at.min()) + 1",
-        ("tests/test_clip_text_prefix.py::test_mixed_lengths_equal_open_clip_encode_text",),
+        ("tests/unit/test_clip_text_prefix.py::test_mixed_lengths_equal_open_clip_encode_text",),
         "issue 32: longer prompts of a batch lose their end",
     ),
     Mutant(
@@ -774,7 +778,7 @@ MUTANTS = [
         "apis/sam2/api.py",
         "            normalize_coords=r.normalize_coords,\n",
         "            normalize_coords=True,\n",
-        ("tests/test_sam2_http.py::test_prompt_masks_equal_the_predictor",),
+        ("tests/http/test_sam2_http.py::test_prompt_masks_equal_the_predictor",),
         "issue 32: coordinates always read as pixels",
     ),
     Mutant(
@@ -782,7 +786,7 @@ MUTANTS = [
         "apis/sam2/api.py",
         "            mask_input=mask,\n",
         "            mask_input=None,\n",
-        ("tests/test_sam2_http.py::test_follow_up_with_the_previous_low_res_mask",),
+        ("tests/http/test_sam2_http.py::test_follow_up_with_the_previous_low_res_mask",),
         "issue 32: the previous low-res mask ignored",
     ),
     Mutant(
@@ -790,7 +794,7 @@ MUTANTS = [
         "apis/sam2/api.py",
         "            mask_threshold=r.mask_threshold,\n",
         "            mask_threshold=0.0,\n",
-        ("tests/test_sam2_http.py::test_mask_threshold_equals_the_library_predictors",),
+        ("tests/http/test_sam2_http.py::test_mask_threshold_equals_the_library_predictors",),
         "issue 32: always the library's default threshold",
     ),
     Mutant(
@@ -799,7 +803,7 @@ MUTANTS = [
         "np.packbits(mask.astype(bool, copy=False).ravel())",
         'np.packbits(mask.astype(bool, copy=False).ravel(), bitorder="little")',
         (
-            "tests/test_sam2_http.py::test_packbits_prompt_masks_decode_to_the_float32_ones_in_a_smaller_answer",
+            "tests/http/test_sam2_http.py::test_packbits_prompt_masks_decode_to_the_float32_ones_in_a_smaller_answer",
         ),
         "issue 32: mask_encoding packbits in the other bit order",
     ),
@@ -808,7 +812,7 @@ MUTANTS = [
         "apis/sam3/api.py",
         "score_threshold=fam.score_threshold if r.score_threshold is None else r.score_threshold,",
         "score_threshold=fam.score_threshold,",
-        ("tests/test_sam3_http.py::test_score_threshold_min_area_and_epsilon_including_explicit_zero",),
+        ("tests/http/test_sam3_http.py::test_score_threshold_min_area_and_epsilon_including_explicit_zero",),
         "issue 32: the request's score_threshold ignored",
     ),
     Mutant(
@@ -817,7 +821,7 @@ MUTANTS = [
         "mask_format=r.mask_format,",
         'mask_format="rle",',
         (
-            "tests/test_sam3_http.py::test_rle_and_png_masks_decode_to_the_same_mask_and_area_is_its_pixel_count",
+            "tests/http/test_sam3_http.py::test_rle_and_png_masks_decode_to_the_same_mask_and_area_is_its_pixel_count",
         ),
         "issue 32: png masks answered as RLE",
     ),
@@ -826,7 +830,7 @@ MUTANTS = [
         "apis/sam2/video.py",
         "for result in self._tracked(start, max_frames, reverse=True):",
         "for result in self._tracked(start, max_frames, reverse=False):",
-        ("tests/test_sam2_video.py::test_every_frame_equals_the_library",),
+        ("tests/unit/test_sam2_video.py::test_every_frame_equals_the_library",),
         "issue 32: direction backward",
     ),
     Mutant(
@@ -835,7 +839,7 @@ MUTANTS = [
         "entry.session.propagate(r.direction, r.start_frame_index, r.max_frames)",
         'entry.session.propagate("forward", None, None)',
         (
-            "tests/test_sam2_video_http.py::test_backward_from_a_start_frame_and_kept_clicks_equal_the_library",
+            "tests/http/test_sam2_video_http.py::test_backward_from_a_start_frame_and_kept_clicks_equal_the_library",
         ),
         "issue 32: direction, start_frame_index and max_frames over HTTP",
     ),
@@ -845,7 +849,7 @@ MUTANTS = [
         "clear_old_points=r.clear_old_points,",
         "clear_old_points=True,",
         (
-            "tests/test_sam2_video_http.py::test_backward_from_a_start_frame_and_kept_clicks_equal_the_library",
+            "tests/http/test_sam2_video_http.py::test_backward_from_a_start_frame_and_kept_clicks_equal_the_library",
         ),
         "issue 32: a second click replaces the first",
     ),
@@ -854,7 +858,9 @@ MUTANTS = [
         "apis/core/sessions.py",
         "if len(self._entries) >= self.max_sessions:",
         "if len(self._entries) > self.max_sessions:",
-        ("tests/test_session_store.py::test_least_recently_used_is_evicted_410_and_busy_ones_are_kept_429",),
+        (
+            "tests/unit/test_session_store.py::test_least_recently_used_is_evicted_410_and_busy_ones_are_kept_429",
+        ),
         "issue 32: video.max_sessions by its number",
     ),
     Mutant(
@@ -862,7 +868,7 @@ MUTANTS = [
         "apis/openai_routes.py",
         'url = req.modality == "image" or not texts_too',
         "url = not texts_too",
-        ("tests/test_embeddings_http.py::-k modality",),
+        ("tests/http/test_embeddings_http.py::-k modality",),
         "issue 32: image URLs to CLIP read as texts",
     ),
     Mutant(
@@ -871,7 +877,7 @@ MUTANTS = [
         "pixels = list(pool.map(pixels_of, r.images, names))",
         "pixels = list(pool.map(pixels_of, r.images[::-1], names[::-1]))",
         (
-            "tests/test_embeddings_http.py::test_images_of_one_request_decoded_in_parallel_keep_their_order_and_first_error",
+            "tests/http/test_embeddings_http.py::test_images_of_one_request_decoded_in_parallel_keep_their_order_and_first_error",
         ),
         "issue 32: the decoding threads' order",
     ),
@@ -880,7 +886,7 @@ MUTANTS = [
         "apis/server.py",
         'operation["security"] = [] if is_open(path) else [{"bearerAuth": []}]',
         'operation["security"] = []',
-        ("tests/test_openapi_security.py::test_every_keyed_operation_names_the_bearer_scheme",),
+        ("tests/http/test_openapi_security.py::test_every_keyed_operation_names_the_bearer_scheme",),
         "issue 32: the published document says no key is needed",
     ),
     Mutant(
@@ -888,7 +894,7 @@ MUTANTS = [
         "app.py",
         "                getattr(cfg, name).enabled = False\n",
         "                pass\n",
-        ("tests/test_server_options.py::test_lazy_loading_models_and_devices",),
+        ("tests/http/test_server_options.py::test_lazy_loading_models_and_devices",),
         "issue 32: every configured family served",
     ),
     Mutant(
@@ -896,7 +902,7 @@ MUTANTS = [
         "apis/http/middleware.py",
         'return None if match else "invalid API key"',
         "return None",
-        ("tests/test_auth_and_errors.py::-k refused_without_a_valid_bearer_key",),
+        ("tests/http/test_auth_and_errors.py::-k refused_without_a_valid_bearer_key",),
         "issue 32: --api-key checked for a header only",
     ),
     Mutant(
@@ -904,7 +910,7 @@ MUTANTS = [
         "apis/http/middleware.py",
         "MAX_AUTH_HEADER = 4096",
         "MAX_AUTH_HEADER = 8192",
-        ("tests/test_guards.py::-k auth_header",),
+        ("tests/unit/test_guards.py::-k auth_header",),
         "issue 32: SECURITY.md's 4 KiB",
     ),
     Mutant(
@@ -912,7 +918,7 @@ MUTANTS = [
         "apis/http/middleware.py",
         "if len(header) > MAX_AUTH_HEADER:",
         "if len(header) >= MAX_AUTH_HEADER:",
-        ("tests/test_guards.py::-k auth_header",),
+        ("tests/unit/test_guards.py::-k auth_header",),
         "issue 32: a 4096-byte header refused",
     ),
     Mutant(
@@ -920,7 +926,7 @@ MUTANTS = [
         "apis/http/middleware.py",
         "token = token.strip()",
         "token = token",
-        ("tests/test_guards.py::-k auth_header",),
+        ("tests/unit/test_guards.py::-k auth_header",),
         "issue 32: SECURITY.md: surrounding spaces are trimmed",
     ),
     Mutant(
@@ -928,7 +934,7 @@ MUTANTS = [
         "apis/http/middleware.py",
         'if _count(scope, b"authorization") > 1:',
         'if _count(scope, b"authorization") > 2:',
-        ("tests/test_hardening.py::test_two_authorization_headers_are_refused_even_if_both_are_valid",),
+        ("tests/http/test_hardening.py::test_two_authorization_headers_are_refused_even_if_both_are_valid",),
         "issue 32: SECURITY.md: two Authorization headers are 401",
     ),
     Mutant(
@@ -936,7 +942,7 @@ MUTANTS = [
         "apis/core/settings.py",
         "    enabled: bool = False\n    allowed_hosts",
         "    enabled: bool = True\n    allowed_hosts",
-        ("tests/test_guards.py::-k switches",),
+        ("tests/unit/test_guards.py::-k switches",),
         "issue 32: SECURITY.md: image_url off by default",
     ),
     Mutant(
@@ -944,7 +950,7 @@ MUTANTS = [
         "apis/http/inputs.py",
         "real = os.path.realpath(candidate)",
         "real = os.path.abspath(candidate)",
-        ("tests/test_hardening.py::-k paths_outside",),
+        ("tests/http/test_hardening.py::-k paths_outside",),
         "issue 32: SECURITY.md: a symlink that leaves the root",
     ),
     Mutant(
@@ -952,7 +958,7 @@ MUTANTS = [
         "apis/http/inputs.py",
         "if not (a.is_global or cfg.allow_private_networks",
         "if not (True or cfg.allow_private_networks",
-        ("tests/test_hardening.py::-k non_public_targets",),
+        ("tests/http/test_hardening.py::-k non_public_targets",),
         "issue 32: SECURITY.md: private / loopback targets refused",
     ),
     Mutant(
@@ -960,7 +966,7 @@ MUTANTS = [
         "apis/clip/schemas.py",
         "MAX_SCALE = 1e8",
         "MAX_SCALE = 1e9",
-        ("tests/test_guards.py::-k switches",),
+        ("tests/unit/test_guards.py::-k switches",),
         "issue 32: SECURITY.md's 10^8",
     ),
     Mutant(
@@ -968,7 +974,7 @@ MUTANTS = [
         "apis/sam2/schemas.py",
         "MASK_INPUT_LIMIT = 1e4",
         "MASK_INPUT_LIMIT = 1.5e4",
-        ("tests/test_guards.py::-k switches",),
+        ("tests/unit/test_guards.py::-k switches",),
         "issue 32: SECURITY.md's 10^4 (the old test tried 2e4 only)",
     ),
     Mutant(
@@ -976,7 +982,7 @@ MUTANTS = [
         "clients/sam2_client.py",
         'selector={"model_cfg": model_cfg, "checkpoint_path": checkpoint_path},',
         'selector={"model_cfg": model_cfg},',
-        ("tests/test_openapi_answers.py::-k video_session_clients",),
+        ("tests/http/test_openapi_answers.py::-k video_session_clients",),
         "issue 32: a session field the client cannot send (the gap this test found)",
     ),
     Mutant(
@@ -984,7 +990,7 @@ MUTANTS = [
         "clients/video.py",
         'self, direction: str = "forward",',
         'self, direction: str = "both",',
-        ("tests/test_openapi_answers.py::-k video_session_clients",),
+        ("tests/http/test_openapi_answers.py::-k video_session_clients",),
         "issue 32: a video client default off the server's",
     ),
     Mutant(
@@ -992,7 +998,7 @@ MUTANTS = [
         "clients/sam2_client.py",
         "clear_old_points: bool = True,",
         "clear_old_points: bool = False,",
-        ("tests/test_openapi_answers.py::-k video_session_clients",),
+        ("tests/http/test_openapi_answers.py::-k video_session_clients",),
         "issue 32: a video client default off the server's",
     ),
     Mutant(
@@ -1000,7 +1006,7 @@ MUTANTS = [
         "apis/core/video.py",
         "if len(frames) == max_frames:",
         "if len(frames) == max_frames + 1:",
-        ("tests/test_sam2_video.py::test_decode_video_reads_mp4_and_enforces_limits",),
+        ("tests/unit/test_sam2_video.py::test_decode_video_reads_mp4_and_enforces_limits",),
         "issue 32: video.max_frames by its number",
     ),
     Mutant(
@@ -1008,7 +1014,7 @@ MUTANTS = [
         "apis/core/video.py",
         "int(cols[-1] - cols[0]) + 1, int(rows[-1] - rows[0]) + 1]",
         "int(cols[-1] - cols[0]), int(rows[-1] - rows[0])]",
-        ("tests/test_sam2_video.py::test_mask_encodings_decode_to_the_same_pixels",),
+        ("tests/unit/test_sam2_video.py::test_mask_encodings_decode_to_the_same_pixels",),
         "issue 32: bbox against pycocotools' toBbox",
     ),
     Mutant(
@@ -1016,7 +1022,7 @@ MUTANTS = [
         "apis/core/video.py",
         '    if encoding == "png":\n        return png_base64(mask)',
         '    if encoding == "png":\n        return coco_rle(mask)',
-        ("tests/test_sam2_video.py::test_mask_encodings_decode_to_the_same_pixels",),
+        ("tests/unit/test_sam2_video.py::test_mask_encodings_decode_to_the_same_pixels",),
         "issue 32: mask_encoding png ignored",
     ),
     Mutant(
@@ -1024,7 +1030,7 @@ MUTANTS = [
         "apis/core/sessions.py",
         '        410,\n        f"video session {session_id!r} is gone',
         '        404,\n        f"video session {session_id!r} is gone',
-        ("tests/test_sam2_video_http.py::test_a_session_whose_worker_died_is_lost",),
+        ("tests/http/test_sam2_video_http.py::test_a_session_whose_worker_died_is_lost",),
         "issue 32: a killed worker's sessions are 410",
     ),
     Mutant(
@@ -1032,7 +1038,7 @@ MUTANTS = [
         "apis/core/sessions.py",
         '"memory_bytes": sum(s["memory_bytes"] or 0 for s in sessions),',
         '"memory_bytes": 0,',
-        ("tests/test_sam2_video_http.py::test_memory_per_session_in_info_and_metrics",),
+        ("tests/http/test_sam2_video_http.py::test_memory_per_session_in_info_and_metrics",),
         "issue 32: memory in /info and /metrics",
     ),
     Mutant(
@@ -1041,7 +1047,7 @@ MUTANTS = [
         "            if not parts.ended and link in self._links:\n                link.send(Withdraw(uid))",
         "            pass",
         (
-            "tests/test_dispatch.py::test_streams_interleave_take_new_requests_between_parts_and_stop_when_withdrawn",
+            "tests/unit/test_dispatch.py::test_streams_interleave_take_new_requests_between_parts_and_stop_when_withdrawn",
         ),
         "issue 32: a client that leaves a stream: the worker runs on",
     ),
@@ -1050,7 +1056,7 @@ MUTANTS = [
         "apis/http/playground.py",
         '"Content-Security-Policy": "default-src \'self\';',
         '"Content-Security-Policy": "default-src *;',
-        ("tests/test_playground.py::test_the_page_is_open_and_loads_nothing_from_elsewhere",),
+        ("tests/e2e/test_playground.py::test_the_page_is_open_and_loads_nothing_from_elsewhere",),
         "issue 32: the playground may load from elsewhere",
     ),
     Mutant(
@@ -1058,7 +1064,7 @@ MUTANTS = [
         "app.py",
         "    host = text.strip()\n",
         "    host = '127.0.0.1'\n",
-        ("tests/test_deploy.py::test_host_takes_any_address_or_host_name",),
+        ("tests/e2e/test_deploy.py::test_host_takes_any_address_or_host_name",),
         "issue 32: --host accepted and ignored",
     ),
     Mutant(
@@ -1066,7 +1072,7 @@ MUTANTS = [
         "clients/folders.py",
         "todo = [f for f in files if f.relative_to(root).as_posix() not in journal.records]",
         "todo = list(files)",
-        ("tests/test_folder_commands.py::test_dino_embed_resumes",),
+        ("tests/http/test_folder_commands.py::test_dino_embed_resumes",),
         "issue 32: a resumed run redoes every image",
     ),
     Mutant(
@@ -1074,7 +1080,7 @@ MUTANTS = [
         "app.py",
         'log.warning("AUTH DISABLED',
         'log.info("AUTH DISABLED',
-        ("tests/test_off_states.py::-k no_auth",),
+        ("tests/http/test_off_states.py::-k no_auth",),
         "issue 32: SECURITY.md: --no-auth is logged as a warning",
     ),
     Mutant(
@@ -1082,7 +1088,7 @@ MUTANTS = [
         "apis/http/middleware.py",
         "if seen > self.max_bytes:",
         "if False:",
-        ("tests/test_hardening.py::test_a_chunked_body_is_cut_at_the_limit",),
+        ("tests/http/test_hardening.py::test_a_chunked_body_is_cut_at_the_limit",),
         "issue 32: SECURITY.md: chunked bodies are counted while they stream and cut at the limit",
     ),
     Mutant(
@@ -1090,7 +1096,7 @@ MUTANTS = [
         "apis/sam3/video.py",
         "coords /= torch.tensor([self.width, self.height], dtype=torch.float32)",
         "coords /= torch.tensor([self.height, self.width], dtype=torch.float32)",
-        ("tests/test_sam3_video.py::test_text_prompt_then_points_match_the_library",),
+        ("tests/unit/test_sam3_video.py::test_text_prompt_then_points_match_the_library",),
         "issue 32: points refinements (pixels to the library's normalised units)",
     ),
     Mutant(
@@ -1098,7 +1104,7 @@ MUTANTS = [
         "apis/family_http.py",
         '"total_model_instances": sum(len(w["models_loaded"]) for w in snaps),',
         '"total_model_instances": len(snaps),',
-        ("tests/test_family_health.py::-k seed_004",),
+        ("tests/http/test_family_health.py::-k seed_004",),
         "issue 32: /<family>/health's model copies (DINO's demo worker holds two models)",
     ),
     Mutant(
@@ -1106,7 +1112,7 @@ MUTANTS = [
         "apis/http/playground/app.js",
         "if (resp.status === 404) return false;",
         "if (resp.status === 404) return true;",
-        ("tests/test_playground.py::test_panels_of_families_not_served_are_hidden",),
+        ("tests/e2e/test_playground.py::test_panels_of_families_not_served_are_hidden",),
         "issue 32: the panels of families the server does not serve are hidden",
     ),
     Mutant(
@@ -1114,7 +1120,7 @@ MUTANTS = [
         "apis/sam2/model.py",
         "model = build_sam2_video_predictor(config, checkpoint, **build)",
         "model = build_sam2_video_predictor(config, None, **build)",
-        ("tests/test_weights_hub.py::test_download_then_serve_offline",),
+        ("tests/http/test_weights_hub.py::test_download_then_serve_offline",),
         "issue 32: a family serving its random initialisation instead of the files the hub served",
     ),
     Mutant(
@@ -1122,7 +1128,7 @@ MUTANTS = [
         "apis/sam2/video.py",
         "self._forget(index + 1)",
         "self._forget(index + 2)",
-        ("tests/test_sam2_video_http.py::test_live_frames_equal_offline_propagation",),
+        ("tests/http/test_sam2_video_http.py::test_live_frames_equal_offline_propagation",),
         "issue 32: live sessions over HTTP: the newest frame and the memory it needs kept",
     ),
     Mutant(
@@ -1134,7 +1140,7 @@ MUTANTS = [
         "                    link.answer(uid, part)\n"
         "                    part = next_part(lit_api, streams[uid])\n"
         "                if not part.more:",
-        ("tests/test_sam2_video_http.py::test_streams_interleave_and_sessions_stay_on_their_worker",),
+        ("tests/http/test_sam2_video_http.py::test_streams_interleave_and_sessions_stay_on_their_worker",),
         "issue 32: two sessions' streams interleave on one worker, answered between parts",
     ),
     Mutant(
@@ -1142,7 +1148,7 @@ MUTANTS = [
         "apis/video_sessions.py",
         "frames = video.decode_video(r.video, r.max_frames, limits.max_image_pixels)",
         "frames = video.decode_video(r.video, r.max_frames, limits.max_image_pixels)[1:]",
-        ("tests/test_sam2_video_http.py::test_an_mp4_clip_is_decoded_in_the_worker",),
+        ("tests/http/test_sam2_video_http.py::test_an_mp4_clip_is_decoded_in_the_worker",),
         "issue 32: an MP4 sent as `video` becomes the session's frames, every one",
     ),
     Mutant(
@@ -1150,7 +1156,7 @@ MUTANTS = [
         "apis/sam3/video.py",
         "out.append([x1 / self.width, y1 / self.height, (x2 - x1) / self.width, (y2 - y1) / self.height])",
         "out.append([x1 / self.width, y1 / self.height, x2 / self.width, y2 / self.height])",
-        ("tests/test_sam3_video_http.py::test_prompt_propagated_equals_the_library[box]",),
+        ("tests/http/test_sam3_video_http.py::test_prompt_propagated_equals_the_library[box]",),
         "issue 32: a box prompt over HTTP: pixels [x1, y1, x2, y2] to sam3's normalised [x, y, w, h]",
     ),
     Mutant(
@@ -1158,7 +1164,9 @@ MUTANTS = [
         "apis/video_sessions.py",
         "result = entry.session.add_frame(_rgb(job.image))",
         "result = entry.session.add_frame(_rgb(job.image)[..., ::-1])",
-        ("tests/test_sam3_video_http.py::test_live_session_answers_each_frame_as_the_session_in_process",),
+        (
+            "tests/http/test_sam3_video_http.py::test_live_session_answers_each_frame_as_the_session_in_process",
+        ),
         "issue 32: SAM 3 live sessions over HTTP: /frames answers as the session in process",
     ),
     Mutant(
@@ -1167,7 +1175,7 @@ MUTANTS = [
         'if all(out is None for out in state["previous_stages_out"]):\n'
         '            raise APIError(400, "add a prompt',
         'if False:\n            raise APIError(400, "add a prompt',
-        ("tests/test_sam3_video_http.py::test_bad_prompts_and_limits_get_their_4xx",),
+        ("tests/http/test_sam3_video_http.py::test_bad_prompts_and_limits_get_their_4xx",),
         "issue 32: SAM 3 session calls out of order get their 4xx",
     ),
     Mutant(
@@ -1175,7 +1183,7 @@ MUTANTS = [
         "clients/video.py",
         '"frames": None if frames is None else [encode_image(f) for f in frames],',
         '"frames": None if frames is None else [encode_image(f) for f in frames[::-1]],',
-        ("tests/test_sam3_video_http.py::test_client_session_and_track_command",),
+        ("tests/http/test_sam3_video_http.py::test_client_session_and_track_command",),
         "issue 32: Sam3VideoSession on frames tracks them in their order",
     ),
     Mutant(
@@ -1183,7 +1191,7 @@ MUTANTS = [
         "clients/video.py",
         "if e.status not in (404, 410):",
         "if e.status not in (404,):",
-        ("tests/test_sam3_video_http.py::test_a_session_whose_worker_died_is_lost",),
+        ("tests/http/test_sam3_video_http.py::test_a_session_whose_worker_died_is_lost",),
         "issue 32: a session lost with its worker (410) closes without error",
     ),
 ]

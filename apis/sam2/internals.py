@@ -15,7 +15,7 @@ and apis/sam2/model.py and video.py use those. What they have no public API for 
 * module attributes replaced: the progress bar and the connected-components kernel; a
   pre-hook on memory attention's ``memory``/``memory_pos`` arguments.
 
-tests/test_internals_contract.py fails on another release and checks each name used here.
+tests/unit/test_internals_contract.py fails on another release and checks each name used here.
 """
 
 from __future__ import annotations

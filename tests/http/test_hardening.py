@@ -33,7 +33,7 @@ import yaml
 from PIL import Image
 
 from tests.conftest import KEYS, ROOT, ServerProcess
-from tests.test_image_decoding import _dds, _ico_of_big_png
+from tests.unit.test_image_decoding import _dds, _ico_of_big_png
 
 DEMO = ROOT / "configs" / "demo.yaml"
 BODY_LIMIT = 4 * 1024 * 1024

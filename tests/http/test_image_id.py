@@ -19,11 +19,11 @@ from clients import sam2_client as sc
 from clients.common import VisionServeError, encode_image, image_file_bytes, post
 from clients.sam3_client import Sam3ServiceClient
 from tests.conftest import KEYS, ServerProcess
-from tests.test_sam2_http import ARCH as SAM2_ARCH
-from tests.test_sam2_http import assert_same_answer, direct, reference, sam2_checkpoint, scene  # noqa: F401
-from tests.test_sam3_http import ARCH as SAM3_ARCH
-from tests.test_sam3_http import sam3_checkpoint  # noqa: F401
-from tests.test_sam3_http import scene as scene3
+from tests.http.test_sam2_http import ARCH as SAM2_ARCH
+from tests.http.test_sam2_http import assert_same_answer, direct, reference, sam2_checkpoint, scene  # noqa: F401
+from tests.http.test_sam3_http import ARCH as SAM3_ARCH
+from tests.http.test_sam3_http import sam3_checkpoint  # noqa: F401
+from tests.http.test_sam3_http import scene as scene3
 
 CLICK = {"point_coords": [[30, 20]], "point_labels": [1]}
 MODEL = "sam2.1_hiera_t"

@@ -24,7 +24,7 @@ from apis.sam3.video import (
     load_video_checkpoint,
 )
 from tests.conftest import ROOT
-from tests.test_sam3_units import _settings
+from tests.unit.test_sam3_units import _settings
 
 ARCH = ROOT / "configs" / "models" / "sam3-video-tiny.json"
 N, H, W = 4, 48, 64

@@ -21,15 +21,15 @@ from clients import sam2_client as sc
 from clients.common import encode_image
 from clients.sam3_client import Sam3ServiceClient
 from tests.conftest import CLIP_ARCH, KEYS, ServerProcess
-from tests.test_clip_http import ref_model, reference_dense, reference_text  # noqa: F401 (fixture)
-from tests.test_dino_http import dino_models, reference  # noqa: F401 (fixture)
-from tests.test_sam2_http import ARCH as SAM2_ARCH
-from tests.test_sam2_http import direct, sam2_checkpoint  # noqa: F401 (fixture)
-from tests.test_sam2_http import reference as sam2_reference  # noqa: F401 (fixture)
-from tests.test_sam2_http import scene as sam2_scene
-from tests.test_sam3_http import ARCH as SAM3_ARCH
-from tests.test_sam3_http import processor, raw_scores, sam3_checkpoint  # noqa: F401 (fixture)
-from tests.test_sam3_http import scene as sam3_scene
+from tests.http.test_clip_http import ref_model, reference_dense, reference_text  # noqa: F401 (fixture)
+from tests.http.test_dino_http import dino_models, reference  # noqa: F401 (fixture)
+from tests.http.test_sam2_http import ARCH as SAM2_ARCH
+from tests.http.test_sam2_http import direct, sam2_checkpoint  # noqa: F401 (fixture)
+from tests.http.test_sam2_http import reference as sam2_reference  # noqa: F401 (fixture)
+from tests.http.test_sam2_http import scene as sam2_scene
+from tests.http.test_sam3_http import ARCH as SAM3_ARCH
+from tests.http.test_sam3_http import processor, raw_scores, sam3_checkpoint  # noqa: F401 (fixture)
+from tests.http.test_sam3_http import scene as sam3_scene
 
 TOLERANCE = {"bfloat16": 0.05, "float16": 0.01}
 

@@ -20,10 +20,10 @@ from clients import sam2_client as sc
 from clients.common import encode_image
 from clients.sam3_client import Sam3ServiceClient
 from tests.conftest import ServerProcess
-from tests.test_sam2_http import ARCH as SAM2_ARCH
-from tests.test_sam2_http import build_tiny, scene
-from tests.test_sam3_http import ARCH as SAM3_ARCH
-from tests.test_sam3_http import tiny_model
+from tests.http.test_sam2_http import ARCH as SAM2_ARCH
+from tests.http.test_sam2_http import build_tiny, scene
+from tests.http.test_sam3_http import ARCH as SAM3_ARCH
+from tests.http.test_sam3_http import tiny_model
 
 SAM2 = "sam2.1_hiera_t"
 SAM3 = "sam3-tiny"

@@ -60,7 +60,7 @@ BASES: dict[str, list[dict]] = {
 
 def request_models() -> dict[str, type]:
     """The ``POST /<family>/<route>`` bodies (the video session routes have their own paths and
-    session ids: tests/test_sam2_video_http.py and tests/test_sam3_video_http.py cover them)."""
+    session ids: tests/http/test_sam2_video_http.py and tests/http/test_sam3_video_http.py cover them)."""
     return {
         f"{api.family}/{r.name}": r.request
         for api in (e.api_class() for e in FAMILIES.values())

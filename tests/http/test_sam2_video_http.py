@@ -4,7 +4,7 @@ to their worker, streams that interleave and stop when their client leaves.
 One server with two workers on the tiny SAM 2.1 serves the module; the references run sam2's own
 ``SAM2VideoPredictor`` in this process on the same checkpoint and the same JPEG frames. The maths
 of the session (box and mask prompts, backward, live memory) is tested on its own in
-tests/test_sam2_video.py; here every answer travels through the server.
+tests/unit/test_sam2_video.py; here every answer travels through the server.
 """
 
 from __future__ import annotations

@@ -104,7 +104,7 @@ def test_metrics_port_serves_metrics_alone_without_a_key(server):
     assert len(build) == 1 and dict(build[0])["version"] and m[("visionserve_build_info", build[0])] == 1
     assert value(m, "process_resident_memory_bytes") > 0 and value(m, "process_open_fds") > 0
     assert any(name == "python_gc_objects_collected_total" for name, _ in m)
-    assert not any(name == "visionserve_gpu_memory_bytes" for name, _ in m)  # CPU: tests/test_cuda.py
+    assert not any(name == "visionserve_gpu_memory_bytes" for name, _ in m)  # CPU: tests/http/test_cuda.py
     for path in ("/clip/encode_text", "/info", "/health", "/metrics/x"):
         assert requests.get(server.metrics_url + path).status_code == 404
     assert requests.post(server.metrics_url + "/metrics").status_code == 405
@@ -339,7 +339,7 @@ def test_a_v1_request_joins_its_familys_gauge_when_its_handler_submits():
 
 def test_gpu_memory_of_a_cuda_worker_becomes_a_metric(monkeypatch):
     """The CUDA code path without a GPU: torch's allocator counters, faked, through the
-    collector (tests/test_cuda.py reads the real ones on a GPU)."""
+    collector (tests/http/test_cuda.py reads the real ones on a GPU)."""
     import torch
 
     assert gpu_memory(torch.device("cpu")) == {}

@@ -24,7 +24,7 @@ import requests
 import yaml
 
 from tests.conftest import KEYS, ROOT, ServerProcess
-from tests.test_playground import CHROMIUM, DRIVER, webdriver
+from tests.e2e.test_playground import CHROMIUM, DRIVER, webdriver
 
 CDN_HOST = "cdn.jsdelivr.net"  # where FastAPI's get_swagger_ui_html points
 CDN_PREFIX = "/npm/swagger-ui-dist@5/"

@@ -1,5 +1,5 @@
 """A client that leaves stops its computation at the next chunk boundary (apis/core/withdrawal.py,
-WorkerLink.withdrawn, run_batch and FamilyAPI), driven directly; tests/test_observability.py
+WorkerLink.withdrawn, run_batch and FamilyAPI), driven directly; tests/http/test_observability.py
 measures it on the real server (auto_mask)."""
 
 from __future__ import annotations

@@ -297,9 +297,9 @@ def check_dino_sam2_sam3_rmbg(server, hub_files: dict[str, bytes], tmp: Path) ->
     from apis.sam3.model import Sam3Arch, build_sam3_image
     from clients import dino_client, rmbg_client, sam2_client
     from clients.sam3_client import Sam3ServiceClient
-    from tests import test_sam3_http
-    from tests.test_rmbg_http import V14, photo, reference_matte
-    from tests.test_sam2_http import assert_same_answer, build_tiny, direct, scene
+    from tests.http import test_sam3_http
+    from tests.http.test_rmbg_http import V14, photo, reference_matte
+    from tests.http.test_sam2_http import assert_same_answer, build_tiny, direct, scene
 
     auth = {"api_key": KEY}
     # DINO: the last block's tokens of a 56x56 image (the native grid: no positional resize)

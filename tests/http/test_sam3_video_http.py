@@ -7,7 +7,7 @@ and ``tracker.`` keys): its image model loads the detector, and the first sessio
 model around that detector (apis/sam3/video.py). The references build sam3's whole video model
 from the same file, strictly, and run it the library's way (``init_state`` on the frames,
 ``add_prompt``, ``propagate_in_video``). The session maths (points, live frames, feature reuse) is
-tested without a server in tests/test_sam3_video.py.
+tested without a server in tests/unit/test_sam3_video.py.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from apis.sam3.video import Sam3VideoArch, build_sam3_video
 from clients import sam3_client
 from clients.common import VisionServeError
 from tests.conftest import KEYS, ROOT, ServerProcess
-from tests.test_sam3_video import tiny_model
+from tests.unit.test_sam3_video import tiny_model
 
 ARCH = ROOT / "configs" / "models" / "sam3-video-tiny.json"
 AUTH = {"Authorization": f"Bearer {KEYS[0]}"}
@@ -179,7 +179,7 @@ def test_prompt_propagated_equals_the_library(server, reference, prompt):
 def test_live_session_answers_each_frame_as_the_session_in_process(server, checkpoint):
     """Frames appended to a live session through ``/frames``, a text prompt on the newest one:
     every answer equals the same live session run in this process on the same weights (whose
-    equality with the library's offline propagation tests/test_sam3_video.py checks)."""
+    equality with the library's offline propagation tests/unit/test_sam3_video.py checks)."""
     from apis.core.settings import ModelEntry
     from apis.sam3.model import load_sam3
     from apis.sam3.video import VideoSession, video_model

@@ -1,7 +1,7 @@
 """SAM 3 find-queries batched into one detector forward give what sam3's own ``Sam3Processor``
 gives one prompt at a time: text prompts, exemplar boxes (positive and negative), and both, on
 two cached images at once, at several chunk sizes. In-process, on the tiny model of
-``tests/test_sam3_http.py`` (scores spread around 0.5)."""
+``tests/http/test_sam3_http.py`` (scores spread around 0.5)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from PIL import Image
 from sam3.model.sam3_image_processor import Sam3Processor
 
 from apis.sam3.model import Query, Sam3Arch, Sam3Runner, instance_mask, normalized_cxcywh
-from tests.test_sam3_http import ARCH, scene, tiny_model
+from tests.http.test_sam3_http import ARCH, scene, tiny_model
 
 IMAGES = [scene(seed=0), scene(h=50, w=70, seed=1)]
 # (image, text, boxes [x1, y1, x2, y2] px, labels)

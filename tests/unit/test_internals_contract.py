@@ -1,6 +1,6 @@
 """The releases whose internals the server was checked against: uvicorn, FastAPI, pydantic and
 sam2, each library's in one module (apis/uvicorn_internals.py, apis/fastapi_internals.py,
-apis/pydantic_internals.py, apis/sam2/internals.py; LitServe's: tests/test_litserve_contract.py).
+apis/pydantic_internals.py, apis/sam2/internals.py; LitServe's: tests/unit/test_litserve_contract.py).
 
 Another release may rename or change them without an error at import time, so these tests fail
 until someone has read the named module against the new release and updated its version constant

@@ -400,6 +400,17 @@ def test_box_prompts_equal_sam3_processor(client, processor, case):
 # ----------------------------------------------------------------------------- bad input
 
 
+def test_server_refuses_to_start_on_a_checkpoint_that_does_not_fit(tmp_path):
+    bad = tmp_path / "bad.pt"
+    torch.save({"model": {"detector.nothing": torch.zeros(1)}}, bad)
+    config = {"sam3": {"models": [{"name": "sam3-tiny", "weights": str(bad), "arch_config": str(ARCH)}]}}
+    server = ServerProcess(config, tmp_path, ["--no-auth"])
+    assert server.proc.wait(120) != 0
+    server.stop()
+    assert "does not fit the configured architecture" in server.log()
+    assert str(bad) in server.log()
+
+
 BAD = {
     "no prompts": ({"prompts": []}, 422, "at least 1"),
     "empty prompt": ({"prompts": [""]}, 422, "prompts[0] is blank"),

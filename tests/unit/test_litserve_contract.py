@@ -12,7 +12,7 @@ from pathlib import Path
 from apis import litserve_internals
 from apis.litserve_internals import LITSERVE_VERSION, VisionServer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_installed_litserve_is_the_release_the_internals_were_checked_against():
