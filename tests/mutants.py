@@ -1172,8 +1172,7 @@ MUTANTS = [
     Mutant(
         "sam3 video: propagating before a prompt not refused",
         "apis/sam3/video.py",
-        'if all(out is None for out in state["previous_stages_out"]):\n'
-        '            raise APIError(400, "add a prompt',
+        'if not internals.prompted(state):\n            raise APIError(400, "add a prompt',
         'if False:\n            raise APIError(400, "add a prompt',
         ("tests/http/test_sam3_video_http.py::test_bad_prompts_and_limits_get_their_4xx",),
         "issue 32: SAM 3 session calls out of order get their 4xx",

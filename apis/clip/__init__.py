@@ -13,18 +13,19 @@ def download(entry: ModelEntry) -> list[str]:
     """open_clip's own download (``hf-hub:`` names read the architecture from the repo too)."""
     import open_clip
     from huggingface_hub import hf_hub_download
-    from open_clip.pretrained import download_pretrained, download_pretrained_from_hf
+
+    from apis.open_clip_internals import download_from_hf
 
     if entry.name.startswith("hf-hub:"):
         repo = entry.name.removeprefix("hf-hub:")
-        return [hf_hub_download(repo, "open_clip_config.json"), download_pretrained_from_hf(repo)]
+        return [hf_hub_download(repo, "open_clip_config.json"), download_from_hf(repo)]
     cfg = open_clip.get_pretrained_cfg(entry.name, entry.pretrained)
     if not cfg:
         raise WeightsUnavailable(
             f"clip model {entry.name}: open_clip has no pretrained weights '{entry.pretrained}' for it "
             "(open_clip.list_pretrained() lists them); or give `weights`: a local file or hf://<org>/<repo>/<file>"
         )
-    return [download_pretrained(cfg)]
+    return [open_clip.download_pretrained(cfg)]
 
 
 def hub_repo(entry: ModelEntry) -> str | None:

@@ -16,9 +16,8 @@ from typing import Any
 import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.transform import PreprocessCfg, image_transform_v2
-from open_clip.transformer import text_global_pool
 
+from apis import open_clip_internals as internals
 from apis.clip.options import SimilarityMode
 from apis.core.cache import LRUCache
 from apis.core.dense import interpolate_pos_embed
@@ -84,7 +83,7 @@ def load_clip(entry: ModelEntry, device: str | torch.device, dtype: torch.dtype 
     model = open_clip.create_model(entry.name, pretrained=pretrained, device=device)
     model.eval()
     visual = model.visual
-    if not isinstance(visual, open_clip.transformer.VisionTransformer) or not _standard_blocks(
+    if not internals.is_vision_transformer(visual) or not internals.standard_blocks(
         visual.transformer.resblocks
     ):
         raise ValueError(
@@ -99,8 +98,7 @@ def load_clip(entry: ModelEntry, device: str | torch.device, dtype: torch.dtype 
         embed_dim=visual.output_dim,
         device=torch.device(device),
         dtype=dtype,
-        # what create_model_and_transforms returns as its validation transform
-        preprocess=image_transform_v2(PreprocessCfg(**visual.preprocess_cfg), is_train=False),
+        preprocess=internals.eval_transform(open_clip.get_model_preprocess_cfg(model)),
     )
 
 
@@ -131,19 +129,6 @@ def dense_features(cm: ClipModel, x: torch.Tensor) -> torch.Tensor:
         v = attn.out_proj(v)[:, 1:]
         v = visual.ln_post(v) @ visual.proj
     return v.float().reshape(b, gh, gw, -1)
-
-
-def _standard_blocks(blocks: torch.nn.ModuleList) -> bool:
-    """Whether every block is a plain self-attention ``ResidualAttentionBlock`` that
-    ``attention_block`` reproduces exactly."""
-    return all(
-        isinstance(b.attn, torch.nn.MultiheadAttention)
-        and b.attn._qkv_same_embed_dim
-        and b.attn.bias_k is None
-        and not b.attn.add_zero_attn
-        and not hasattr(b, "ln_1_kv")
-        for b in blocks
-    )
 
 
 def attention_block(blk: Any, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -178,9 +163,9 @@ def _deciding_length(model: Any, tokens: torch.Tensor) -> int | None:
     are short (a dozen tokens of CLIP's 77), so cutting the padding saves most of the work.
     """
     if (
-        not isinstance(model, open_clip.model.CLIP)
+        not isinstance(model, open_clip.CLIP)
         or getattr(model, "attn_mask", None) is None
-        or not _standard_blocks(model.transformer.resblocks)
+        or not internals.standard_blocks(model.transformer.resblocks)
     ):
         return None
     if model.text_pool_type == "argmax":
@@ -201,7 +186,7 @@ def _encode_text_prefix(model: Any, tokens: torch.Tensor) -> torch.Tensor:
     for blk in model.transformer.resblocks:
         x = attention_block(blk, x, mask)
     x = model.ln_final(x)
-    x = text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+    x = internals.text_pool(x, tokens, model.text_pool_type, getattr(model, "text_eos_id", None))
     if model.text_projection is None:
         return x
     return (
@@ -235,7 +220,7 @@ def count_tokens(cm: ClipModel, texts: list[str]) -> list[int]:
     context length as the tokenizer cuts the text."""
     tok = cm.tokenizer
     ctx = tok.context_length
-    if isinstance(tok, open_clip.tokenizer.SimpleTokenizer):
+    if isinstance(tok, open_clip.SimpleTokenizer):
         return [min(len(tok.encode(t)) + 2, ctx) for t in texts]
     pad = getattr(getattr(tok, "tokenizer", None), "pad_token_id", None)
     ids = tok(texts)

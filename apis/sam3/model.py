@@ -49,7 +49,7 @@ from apis.core.cache import LRUCache
 from apis.core.masks import coco_rle, largest_polygon, png_base64
 from apis.core.precision import Autocast
 from apis.core.settings import ModelEntry
-from apis.sam3 import compat
+from apis.sam3 import internals
 
 # ----------------------------------------------------------------------------- architecture
 
@@ -158,7 +158,7 @@ def detector_modules(
     """The detector's parts as sam3's ``model_builder`` makes them, with ``arch``'s sizes: the
     image model's and the video model's detectors share them. ``tracker_neck`` adds the neck's
     second set of convolutions whose features feed the video tracker (sam3's ``add_sam2_neck``)."""
-    compat.install()
+    internals.install()
     d = arch.d_model
     vit = ViT(
         img_size=arch.resolution,
@@ -193,7 +193,7 @@ def detector_modules(
         add_sam2_neck=tracker_neck,
     )
     text = VETextEncoder(
-        tokenizer=SimpleTokenizer(bpe_path=bpe_path or compat.bpe_path()),
+        tokenizer=SimpleTokenizer(bpe_path=bpe_path or internals.bpe_path()),
         d_model=d,
         width=arch.text_width,
         heads=arch.text_heads,
@@ -335,7 +335,7 @@ def load_sam3(
     arch = Sam3VideoArch.from_json(entry.arch_config) if entry.arch_config is not None else Sam3VideoArch()
     model = build_sam3_image(arch)
     if entry.is_random:
-        compat.init_untrained(model)
+        internals.init_untrained(model)
     else:
         if entry.weights:
             path = entry.weights
@@ -346,7 +346,7 @@ def load_sam3(
         load_checkpoint(model, path)
     device = torch.device(device)
     model = model.to(device).eval()
-    compat.move_caches(model, device)
+    internals.move_caches(model, device)
     return Sam3Runner(model, arch, device, dtype, cache_size, entry)
 
 
@@ -542,7 +542,7 @@ class Sam3Runner(Autocast):
         n = len(queries)
         most = max(len(q.boxes) for q in queries)
         if most == 0:
-            return self.model._get_dummy_prompt(num_prompts=n)
+            return internals.dummy_prompt(self.model, n)
         boxes = torch.zeros(most, n, 4, device=self.device)
         labels = torch.zeros(most, n, device=self.device, dtype=torch.bool)
         padding = torch.ones(n, most, device=self.device, dtype=torch.bool)

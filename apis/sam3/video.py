@@ -40,7 +40,6 @@ with the stream.
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import zlib
 from collections.abc import Iterator, Sequence
@@ -50,16 +49,14 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from sam3.model import sam3_video_inference
 from sam3.model.decoder import TransformerDecoderLayerv2, TransformerEncoderCrossAttention
 from sam3.model.io_utils import load_resource_as_video_frames
 from sam3.model.memory import CXBlock, SimpleFuser, SimpleMaskDownSampler, SimpleMaskEncoder
 from sam3.model.model_misc import TransformerWrapper
-from sam3.model.necks import Sam3DualViTDetNeck
 from sam3.model.position_encoding import PositionEmbeddingSine
 from sam3.model.sam3_image import Sam3Image, Sam3ImageOnVideoMultiGPU
 from sam3.model.sam3_tracking_predictor import Sam3TrackerPredictor
-from sam3.model.sam3_video_inference import Sam3VideoInference, Sam3VideoInferenceWithInstanceInteractivity
+from sam3.model.sam3_video_inference import Sam3VideoInferenceWithInstanceInteractivity
 from sam3.model.vl_combiner import SAM3VLBackbone
 from sam3.sam.transformer import RoPEAttention
 
@@ -67,7 +64,7 @@ from apis.core.cache import LRUCache
 from apis.core.errors import APIError
 from apis.core.settings import ModelEntry
 from apis.core.video import FrameResult, TrackedObject, check_frame
-from apis.sam3 import compat
+from apis.sam3 import internals
 from apis.sam3.model import (
     TRACKER_NECK,
     Sam3Runner,
@@ -82,7 +79,7 @@ from apis.sam3.model import (
 
 def build_tracker(arch: Sam3VideoArch) -> Sam3TrackerPredictor:
     """sam3's SAM 2-style tracker as its ``build_tracker`` makes it, with ``arch``'s sizes."""
-    compat.install_video()
+    internals.install_video()
     d = arch.d_model
     feat = arch.resolution // arch.patch_size
     mask_size = feat * 16  # sam3's 1152 at 1008 px: the tracker's input mask size
@@ -175,7 +172,7 @@ def build_sam3_video(
 ) -> Sam3VideoInferenceWithInstanceInteractivity:
     """sam3's video model with random weights, built as ``build_sam3_video_model`` does (same
     classes, arguments and heuristics) with ``arch``'s sizes."""
-    compat.install_video()
+    internals.install_video()
     tracker = build_tracker(arch)
     parts = detector_modules(arch, bpe_path, tracker_neck=True)
     parts["dot_prod_scoring"] = dot_product_scoring(arch)  # the video builder's own scorer (same sizes)
@@ -248,7 +245,7 @@ def load_sam3_video(
     arch = Sam3VideoArch.from_json(entry.arch_config) if entry.arch_config is not None else Sam3VideoArch()
     model = build_sam3_video(arch)
     if entry.is_random:
-        compat.init_untrained(model)
+        internals.init_untrained(model)
     else:
         path = entry.weights or download_released()
         if not Path(path).is_file():
@@ -256,7 +253,7 @@ def load_sam3_video(
         load_video_checkpoint(model, path)
     device = torch.device(device)
     model = model.to(device).eval()
-    compat.move_caches(model, device)
+    internals.move_caches(model, device)
     return model
 
 
@@ -267,18 +264,10 @@ def on_detector(image: Sam3Image, arch: Sam3VideoArch) -> Sam3VideoInferenceWith
     tracker and the neck's second set of convolutions that feed it (sam3's ``add_sam2_neck``),
     which start as a clone of the detector's as sam3 builds them. Load their weights with
     :func:`load_tracker_weights`."""
-    compat.install_video()
+    internals.install_video()
     tracker = build_tracker(arch)
     vl = image.backbone
-    neck = vl.vision_backbone
-    video_neck = Sam3DualViTDetNeck(
-        trunk=neck.trunk,
-        position_encoding=neck.position_encoding,
-        d_model=arch.d_model,
-        scale_factors=neck.scale_factors,
-    )
-    video_neck.convs = neck.convs
-    video_neck.sam2_convs = copy.deepcopy(neck.convs)
+    video_neck = internals.neck_with_tracker_convs(vl.vision_backbone, arch.d_model)
     parts = {
         "backbone": SAM3VLBackbone(visual=video_neck, text=vl.language_backbone, scalp=vl.scalp),
         "transformer": image.transformer,
@@ -323,7 +312,7 @@ def video_model(runner: Sam3Runner) -> Sam3VideoInferenceWithInstanceInteractivi
         if entry is not None and not entry.is_random:
             load_tracker_weights(model, entry.weights or download_released())
         model = model.to(runner.device).eval()
-        compat.move_caches(model, runner.device)
+        internals.move_caches(model, runner.device)
         runner.video = model
     return runner.video
 
@@ -332,22 +321,8 @@ def video_model(runner: Sam3Runner) -> Sam3VideoInferenceWithInstanceInteractivi
 
 DIRECTIONS = ("forward", "backward", "both")
 LIVE_LENGTH = 2**31 - 1  # the num_frames a live session's trackers see: an unbounded clip
-# sam3's per-frame prompt lists (``Sam3VideoInference._construct_initial_input_batch``)
-PER_FRAME_INPUTS = (
-    "previous_stages_out",
-    "per_frame_raw_point_input",
-    "per_frame_raw_box_input",
-    "per_frame_visual_prompt",
-    "per_frame_geometric_prompt",
-)
 
-
-def _tqdm_off(iterable=None, *args, **kwargs):
-    """sam3 draws a tqdm bar per propagation (one per live frame in a server's log): none here."""
-    return iterable
-
-
-sam3_video_inference.tqdm = _tqdm_off
+internals.silence_progress_bars()
 
 
 class CachedFeatures:
@@ -393,8 +368,7 @@ class CachedFeatures:
                 self.texts.put(key, out)
             return out
 
-        backbone.forward_image = image
-        backbone.forward_text = text
+        internals.replace_backbone_forwards(backbone, image, text)
 
     @contextlib.contextmanager
     def serving(self, images: LRUCache[dict]) -> Iterator[None]:
@@ -407,11 +381,7 @@ class CachedFeatures:
 
 def features(model: Sam3VideoInferenceWithInstanceInteractivity) -> CachedFeatures:
     """The model's :class:`CachedFeatures`, installed on first use."""
-    cached = getattr(model, "_visionserve_features", None)
-    if cached is None:
-        cached = CachedFeatures(model.detector.backbone)
-        model._visionserve_features = cached
-    return cached
+    return internals.kept_on(model, lambda: CachedFeatures(model.detector.backbone))
 
 
 def _tensor_bytes(obj: Any, seen: set[int]) -> int:
@@ -456,9 +426,8 @@ class VideoSession:
         self.live = state is None
         self.closed = False
         self.offload_video_to_cpu = offload_video_to_cpu
-        self.num_frames = 0 if state is None else state["num_frames"]
-        self.height = 0 if state is None else state["orig_height"]
-        self.width = 0 if state is None else state["orig_width"]
+        self.num_frames = 0 if state is None else internals.num_frames(state)
+        self.height, self.width = (0, 0) if state is None else internals.frame_size(state)
         self.features = features(model)
         self.image_features: LRUCache[dict] = LRUCache(feature_frames)
         self.text: str | None = None
@@ -503,8 +472,7 @@ class VideoSession:
     def _unbounded(self) -> None:
         """A live session's trackers see an unbounded clip (see the module's notes)."""
         if self.live:
-            for tracker_state in self._state()["tracker_inference_states"]:
-                tracker_state["num_frames"] = LIVE_LENGTH
+            internals.set_tracker_length(self._state(), LIVE_LENGTH)
 
     def _check_frame_index(self, frame_index: int, param: str = "frame_index") -> None:
         if not 0 <= frame_index < self.num_frames:
@@ -585,7 +553,7 @@ class VideoSession:
                 raise APIError(
                     400, "points need one point_label (1 in, 0 out) per point", param="point_labels"
                 )
-            if frame_index not in state["cached_frame_outputs"]:
+            if not internals.has_outputs(state, frame_index):
                 raise APIError(
                     400,
                     f"frame {frame_index} has no outputs yet: prompt a concept and propagate "
@@ -638,13 +606,13 @@ class VideoSession:
             self._check_frame_index(start_frame_index, "start_frame_index")
         if max_frames is not None and max_frames < 1:
             raise APIError(400, f"max_frames must be at least 1, got {max_frames}", param="max_frames")
-        if all(out is None for out in state["previous_stages_out"]):
+        if not internals.prompted(state):
             raise APIError(400, "add a prompt before propagating", param="frame_index")
         reverses = {"forward": [False], "backward": [True], "both": [False, True]}[direction]
         if self.refined:  # sam3 asserts that every frame it goes over after points has outputs
             for reverse in reverses:
-                order, _ = self.model._get_processing_order(state, start_frame_index, max_frames, reverse)
-                missing = [t for t in order if t not in state["cached_frame_outputs"]]
+                order = internals.processing_order(self.model, state, start_frame_index, max_frames, reverse)
+                missing = [t for t in order if not internals.has_outputs(state, t)]
                 if missing:
                     raise APIError(
                         400,
@@ -686,24 +654,20 @@ class VideoSession:
             self.state = self.model.init_state(
                 resource_path=[pil], offload_video_to_cpu=self.offload_video_to_cpu
             )
-            self.state["input_batch"].img_batch = list(self.state["input_batch"].img_batch)  # it grows
-            self.height, self.width = self.state["orig_height"], self.state["orig_width"]
+            internals.make_growable(self.state)
+            self.height, self.width = internals.frame_size(self.state)
         else:
             self._append(self.state, pil)
         state = self.state
-        self.num_frames = state["num_frames"]
+        self.num_frames = internals.num_frames(state)
         index = self.num_frames - 1
-        if all(out is None for out in state["previous_stages_out"]):
+        if not internals.prompted(state):
             return FrameResult(frame_index=index, objects=[])
         return self._step(index)
 
     def _step(self, index: int) -> FrameResult:
-        """sam3's propagation over one frame of a live session. The base class's propagation: the
-        interactive subclass answers a second call from what the first cached (its action
-        history) instead of running the new frame."""
-        steps = Sam3VideoInference.propagate_in_video(
-            self.model, self._state(), start_frame_idx=index, max_frame_num_to_track=0
-        )
+        """sam3's propagation over one frame of a live session."""
+        steps = internals.propagate_one(self.model, self._state(), index)
         with self.features.serving(self.image_features):
             (_, out), *_ = list(steps)
         self._unbounded()
@@ -719,25 +683,14 @@ class VideoSession:
             img_mean=self.model.image_mean,
             img_std=self.model.image_std,
         )
-        batch = state["input_batch"]
-        index = len(batch.img_batch)
-        batch.img_batch.append(pixels[0])
-        stage = copy.deepcopy(batch.find_inputs[0])
-        stage.img_ids.fill_(index)
-        batch.find_inputs.append(stage)
-        batch.find_targets.append(None)
-        batch.find_metadatas.append(None)
-        for key in PER_FRAME_INPUTS:
-            state[key].append(None)
-        state["per_frame_cur_step"].append(0)
-        state["num_frames"] = index + 1
+        internals.append_frame(state, pixels[0])
 
     def describe(self) -> dict[str, Any]:
         """Frames, the instances of the latest outputs, and the bytes of tensors the session holds."""
         if self.state is None and not self.closed:
             return {"num_frames": 0, "objects": [], "text": None, "memory_bytes": 0, "frames_held": 0}
         state = self._state()
-        objects = sorted({int(i) for out in state["cached_frame_outputs"].values() for i in out})
+        objects = sorted(internals.object_ids(state))
         return {
             "num_frames": self.num_frames,
             "objects": objects,

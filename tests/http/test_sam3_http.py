@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from apis.sam3 import compat as sam3_compat
+from apis.sam3 import internals as sam3_internals
 from apis.sam3.model import Sam3Arch, build_sam3_image
 from clients.common import encode_image, post
 from clients.sam3_client import Sam3ServiceClient, VisionServeError, decode_instance_mask
@@ -40,7 +40,7 @@ def scene(h: int = 61, w: int = 45, seed: int = 0) -> np.ndarray:
 def tiny_model(seed: int = 0):
     torch.manual_seed(seed)
     model = build_sam3_image(Sam3Arch.from_json(ARCH))
-    sam3_compat.init_untrained(model)
+    sam3_internals.init_untrained(model)
     with torch.no_grad():  # spread the scores around 0.5 (untrained ones sit near 0.15)
         model.dot_prod_scoring.hs_proj.weight.mul_(8)
         model.transformer.decoder.presence_token_head.layers[-1].bias.fill_(3.0)

@@ -118,7 +118,7 @@ def hub_files(tmp_path_factory) -> dict[str, bytes]:
     from sam2.build_sam import build_sam2
 
     from apis.rmbg.model import tiny_onnx
-    from apis.sam3 import compat as sam3_compat
+    from apis.sam3 import internals as sam3_internals
     from apis.sam3.model import Sam3Arch, build_sam3_image
 
     tmp = tmp_path_factory.mktemp("hub-files")
@@ -143,7 +143,7 @@ def hub_files(tmp_path_factory) -> dict[str, bytes]:
     sam2 = build_sam2(spec["config"], None, device="cpu", hydra_overrides_extra=spec["overrides"])
     files["facebook/sam2.1-hiera-tiny/sam2.1_hiera_tiny.pt"] = _torch_bytes({"model": sam2.state_dict()})
     sam3 = build_sam3_image(Sam3Arch.from_json(SAM3_ARCH))
-    sam3_compat.init_untrained(sam3)
+    sam3_internals.init_untrained(sam3)
     files["facebook/sam3/config.json"] = b"{}"
     files["facebook/sam3/sam3.pt"] = _torch_bytes(
         {"model": {f"detector.{k}": v for k, v in sam3.state_dict().items()}}

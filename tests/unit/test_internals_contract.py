@@ -1,6 +1,7 @@
-"""The releases whose internals the server was checked against: uvicorn, FastAPI, pydantic and
-sam2, each library's in one module (apis/uvicorn_internals.py, apis/fastapi_internals.py,
-apis/pydantic_internals.py, apis/sam2/internals.py; LitServe's: tests/unit/test_litserve_contract.py).
+"""The releases whose internals the server was checked against: uvicorn, FastAPI, pydantic, sam2,
+sam3 and open_clip, each library's in one module (apis/uvicorn_internals.py,
+apis/fastapi_internals.py, apis/pydantic_internals.py, apis/sam2/internals.py,
+apis/sam3/internals.py, apis/open_clip_internals.py; LitServe's: tests/unit/test_litserve_contract.py).
 
 Another release may rename or change them without an error at import time, so these tests fail
 until someone has read the named module against the new release and updated its version constant
@@ -173,3 +174,109 @@ def test_the_inference_state_has_the_keys_init_state_makes():
     read = inspect.getsource(SAM2VideoPredictor)
     for key in ("cond_frame_outputs", "non_cond_frame_outputs", "object_score_logits"):
         assert f'"{key}"' in read, f"SAM2VideoPredictor no longer writes {key}"
+
+
+# ----------------------------------------------------------------------------- sam3
+
+
+def test_the_installed_sam3_is_the_release_the_internals_were_checked_against():
+    from apis.sam3 import internals
+
+    assert version("sam3") == internals.SAM3_VERSION, _read_again(
+        "sam3", internals, "SAM3_VERSION", internals.SAM3_VERSION
+    )
+
+
+def test_the_sam3_private_functions_take_the_arguments_passed_to_them():
+    from sam3.model import sam3_video_inference
+    from sam3.model.decoder import TransformerDecoder
+    from sam3.model.necks import Sam3DualViTDetNeck
+    from sam3.model.position_encoding import PositionEmbeddingSine
+    from sam3.model.sam3_image import Sam3Image, Sam3ImageOnVideoMultiGPU
+    from sam3.model.sam3_tracking_predictor import Sam3TrackerPredictor
+    from sam3.model.sam3_video_inference import Sam3VideoInference
+    from sam3.model.text_encoder_ve import TextTransformer
+    from sam3.model.vl_combiner import SAM3VLBackbone
+    from sam3.perflib import connected_components
+
+    assert "precompute_resolution" in _parameters(PositionEmbeddingSine.__init__)
+    assert _parameters(TransformerDecoder._get_coords) == ["H", "W", "device"]
+    assert {"frame_idx_begin", "frame_idx_end", "multigpu_buffer"} <= set(
+        _parameters(Sam3ImageOnVideoMultiGPU._build_multigpu_buffer_next_chunk)
+    )
+    assert _parameters(Sam3Image._get_dummy_prompt) == ["self", "num_prompts"]
+    assert _parameters(Sam3VideoInference._get_processing_order) == [
+        "self", "inference_state", "start_frame_idx", "max_frame_num_to_track", "reverse"
+    ]  # fmt: skip
+    assert _parameters(Sam3VideoInference.propagate_in_video)[:4] == [
+        "self", "inference_state", "start_frame_idx", "max_frame_num_to_track"
+    ]  # fmt: skip
+    assert _parameters(SAM3VLBackbone.forward_text) == [
+        "self",
+        "captions",
+        "input_boxes",
+        "additional_text",
+        "device",
+    ]
+    assert _parameters(SAM3VLBackbone.forward_image) == ["self", "samples"]
+    assert callable(connected_components.connected_components_cpu)
+    assert "tqdm(" in inspect.getsource(sam3_video_inference)  # the bar silenced
+    source = inspect.getsource(Sam3TrackerPredictor.init_state)
+    assert '"offload_state_to_cpu"' in source and '"storage_device"' in source
+    neck = inspect.getsource(Sam3DualViTDetNeck)
+    assert "self.convs" in neck and "self.sam2_convs" in neck and "add_sam2_neck" in neck
+    text = inspect.getsource(TextTransformer)
+    assert "self.positional_embedding" in text and "self.text_projection" in text
+    for name in ("cache", "compilable_cord_cache", "coord_cache"):
+        assert f"self.{name}" in inspect.getsource(PositionEmbeddingSine) + inspect.getsource(
+            TransformerDecoder
+        )
+
+
+def test_the_sam3_video_state_has_the_keys_read_and_grown():
+    from sam3.model.sam3_tracking_predictor import Sam3TrackerPredictor
+    from sam3.model.sam3_video_inference import Sam3VideoInference
+
+    from apis.sam3 import internals
+
+    made = inspect.getsource(Sam3VideoInference.init_state) + inspect.getsource(
+        Sam3VideoInference._construct_initial_input_batch
+    )
+    keys = set(re.findall(r'inference_state\["(\w+)"\] =', made))
+    used = {"num_frames", "orig_height", "orig_width", "tracker_inference_states", "cached_frame_outputs"}
+    used |= {"input_batch", "per_frame_cur_step", *internals.PER_FRAME_INPUTS}
+    assert used <= keys, f"init_state no longer makes {sorted(used - keys)}"
+    for field in ("img_batch", "find_inputs", "find_targets", "find_metadatas"):
+        assert f"{field}=" in made, f"sam3's input batch no longer has {field}"
+    assert 'inference_state["num_frames"] =' in inspect.getsource(Sam3TrackerPredictor.init_state)
+
+
+# ----------------------------------------------------------------------------- open_clip
+
+
+def test_the_installed_open_clip_is_the_release_the_internals_were_checked_against():
+    from apis import open_clip_internals
+
+    assert version("open_clip_torch") == open_clip_internals.OPEN_CLIP_VERSION, _read_again(
+        "open_clip_torch", open_clip_internals, "OPEN_CLIP_VERSION", open_clip_internals.OPEN_CLIP_VERSION
+    )
+
+
+def test_the_open_clip_internals_take_the_arguments_passed_to_them():
+    import torch
+    from open_clip.pretrained import download_pretrained_from_hf
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+    from open_clip.transformer import ResidualAttentionBlock, text_global_pool
+
+    from apis import open_clip_internals
+
+    assert _parameters(text_global_pool) == ["x", "text", "pool_type", "eos_token_id"]
+    assert _parameters(image_transform_v2)[:2] == ["cfg", "is_train"]
+    assert {"size", "mode", "mean", "std", "interpolation", "resize_mode"} <= set(vars(PreprocessCfg()))
+    assert _parameters(download_pretrained_from_hf)[0] == "model_id"
+    assert open_clip_internals.bpe_vocabulary().endswith("bpe_simple_vocab_16e6.txt.gz")
+    plain = torch.nn.ModuleList([ResidualAttentionBlock(8, 2)])
+    assert plain[0].attn._qkv_same_embed_dim and open_clip_internals.standard_blocks(plain)
+    assert not open_clip_internals.standard_blocks(
+        torch.nn.ModuleList([ResidualAttentionBlock(8, 2, is_cross_attention=True)])
+    )

@@ -13,7 +13,7 @@ from pycocotools import mask as coco_mask
 from torch.overrides import TorchFunctionMode
 
 from apis.core.masks import coco_rle, largest_polygon, png_base64
-from apis.sam3 import compat as sam3_compat
+from apis.sam3 import internals as sam3_internals
 from apis.sam3.model import Detections, Filters, Sam3Arch, build_sam3_image, instances, load_checkpoint
 from clients.sam3_client import decode_instance_mask, decode_instance_masks, save_instances_overlay
 from tests.conftest import ROOT
@@ -58,9 +58,9 @@ def test_default_architecture_is_the_released_one():
     and the same settings in every module (a constructor argument that keeps shapes)."""
     from sam3.model_builder import build_sam3_image_model
 
-    sam3_compat.install()  # the library's builder allocates on "cuda" otherwise
+    sam3_internals.install()  # the library's builder allocates on "cuda" otherwise
     with NoRandomInit():
-        lib = build_sam3_image_model(bpe_path=sam3_compat.bpe_path(), device="cpu", load_from_HF=False)
+        lib = build_sam3_image_model(bpe_path=sam3_internals.bpe_path(), device="cpu", load_from_HF=False)
     want = {k: tuple(v.shape) for k, v in lib.state_dict().items()}
     want_settings = _settings(lib)
     del lib
@@ -81,7 +81,7 @@ def test_default_architecture_is_the_released_one():
 def test_checkpoints_that_do_not_fit_are_refused(tmp_path):
     torch.manual_seed(0)
     model = build_sam3_image(Sam3Arch.from_json(TINY))
-    sam3_compat.init_untrained(model)  # no NaNs from torch.empty, so tensors compare equal
+    sam3_internals.init_untrained(model)  # no NaNs from torch.empty, so tensors compare equal
     state = model.state_dict()
 
     plain = tmp_path / "plain.pt"
@@ -117,8 +117,8 @@ def test_unknown_architecture_fields_are_refused(tmp_path):
 def test_cpu_compatibility_patches():
     from sam3.model.position_encoding import PositionEmbeddingSine
 
-    sam3_compat.install()
-    sam3_compat.install()  # idempotent
+    sam3_internals.install()
+    sam3_internals.install()  # idempotent
     pos = PositionEmbeddingSine(num_pos_feats=32, normalize=True, precompute_resolution=224)
     if not torch.cuda.is_available():
         assert pos.cache == {}  # skipped, filled on first use instead
@@ -127,10 +127,10 @@ def test_cpu_compatibility_patches():
     out = pos(torch.zeros(1, 1, 14, 14))
     assert out.shape == (1, 32, 14, 14) and (14, 14) in pos.cache
     model = build_sam3_image(Sam3Arch.from_json(TINY))
-    sam3_compat.init_untrained(model)
+    sam3_internals.init_untrained(model)
     text = model.backbone.language_backbone.encoder
     assert torch.isfinite(text.positional_embedding).all() and text.positional_embedding.std() > 0
-    sam3_compat.move_caches(model, torch.device("cpu"))
+    sam3_internals.move_caches(model, torch.device("cpu"))
     assert model.transformer.decoder.compilable_cord_cache[0].device.type == "cpu"
 
 
@@ -311,14 +311,14 @@ def _library_builder_with_sizes(monkeypatch, arch: Sam3Arch) -> torch.nn.Module:
             return torch.nn.LayerNorm(d)
 
     monkeypatch.setattr(mb, "nn", _Nn())
-    # precompute_resolution=1008 is the released resolution too (skipped on CPU by sam3_compat)
+    # precompute_resolution=1008 is the released resolution too (skipped on CPU by sam3_internals)
     create_pos = mb._create_position_encoding
     monkeypatch.setattr(
         mb,
         "_create_position_encoding",
         lambda precompute_resolution=None: create_pos(precompute_resolution and arch.resolution),
     )
-    return mb.build_sam3_image_model(bpe_path=sam3_compat.bpe_path(), device="cpu", load_from_HF=False)
+    return mb.build_sam3_image_model(bpe_path=sam3_internals.bpe_path(), device="cpu", load_from_HF=False)
 
 
 def test_outputs_equal_sam3s_own_builder_on_the_same_weights(monkeypatch):
@@ -328,14 +328,14 @@ def test_outputs_equal_sam3s_own_builder_on_the_same_weights(monkeypatch):
     constructor argument that keeps every shape (an activation, a temperature, a flag) differs."""
     from sam3.model.sam3_image_processor import Sam3Processor
 
-    sam3_compat.install()
+    sam3_internals.install()
     arch = Sam3Arch.from_json(TINY)
     torch.manual_seed(3)
     lib = _library_builder_with_sizes(monkeypatch, arch).eval()
-    sam3_compat.init_untrained(lib)
+    sam3_internals.init_untrained(lib)
     ours = build_sam3_image(arch).eval()
     ours.load_state_dict(lib.state_dict(), strict=True)
-    sam3_compat.move_caches(ours, torch.device("cpu"))
+    sam3_internals.move_caches(ours, torch.device("cpu"))
 
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (150, 200, 3), dtype=np.uint8))
     outs = []

@@ -14,7 +14,7 @@ from PIL import Image
 
 from apis.core.errors import APIError
 from apis.core.settings import ModelEntry
-from apis.sam3 import compat as sam3_compat
+from apis.sam3 import internals as sam3_internals
 from apis.sam3.video import (
     Sam3VideoArch,
     VideoSession,
@@ -43,7 +43,7 @@ def one_thread():
 def tiny_model(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = build_sam3_video(Sam3VideoArch.from_json(ARCH))
-    sam3_compat.init_untrained(model)
+    sam3_internals.init_untrained(model)
     with torch.no_grad():  # detections above sam3's new-object threshold (0.7), as trained ones are
         model.detector.dot_prod_scoring.hs_proj.weight.mul_(8)
         model.detector.transformer.decoder.presence_token_head.layers[-1].bias.fill_(3.0)
@@ -251,13 +251,13 @@ def test_cpu_connected_components():
     search finds them, shapes kept, and an empty batch (sam3's own version fails on it)."""
     rng = np.random.default_rng(1)
     masks = torch.from_numpy(rng.random((3, 1, 17, 23)) > 0.6).to(torch.uint8)
-    labels, sizes = sam3_compat.connected_components_cpu(masks)
+    labels, sizes = sam3_internals.connected_components_cpu(masks)
     assert labels.shape == sizes.shape == masks.shape
     for i in range(3):
         ref_labels, ref_sizes = _components(masks[i, 0].numpy().astype(bool))
         assert np.array_equal(labels[i, 0].numpy() > 0, ref_labels > 0)
         assert np.array_equal(sizes[i, 0].numpy(), ref_sizes)
-    labels, sizes = sam3_compat.connected_components_cpu(torch.zeros(0, 1, 8, 8, dtype=torch.uint8))
+    labels, sizes = sam3_internals.connected_components_cpu(torch.zeros(0, 1, 8, 8, dtype=torch.uint8))
     assert labels.shape == sizes.shape == (0, 1, 8, 8)
 
 

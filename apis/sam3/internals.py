@@ -1,7 +1,17 @@
-"""What sam3 0.1.4 needs to run on a CPU-only host, on a second GPU, and with random weights.
+"""Every contact with sam3's internals, checked against sam3 0.1.4 (the pin in pyproject.toml).
 
-Each patch below fixes one place where the library assumes the first CUDA device; none changes
-a number the model computes. :func:`install` is idempotent and runs before any model is built.
+sam3 has public entry points for what the server does on whole requests (``Sam3Processor``,
+``Sam3Image.forward_grounding``, the video model's ``init_state``, ``add_prompt`` and
+``propagate_in_video``); apis/sam3/model.py and video.py use those. What has no public API is
+here: patches that let the library run on a CPU-only host, on a second GPU and with random
+weights; two private methods (the empty geometric prompt, the propagation order); module
+attributes replaced (the progress bar, the connected-components kernel); the video neck's
+tracker convolutions; the backbone's forwards routed through a cache; and the video inference
+state, read and grown through the functions at the end. tests/unit/test_internals_contract.py
+fails on another release and checks each name used here.
+
+The patches: none changes a number the model computes. :func:`install` is idempotent and runs
+before any model is built.
 
 * ``PositionEmbeddingSine(precompute_resolution=...)`` fills its cache with tensors made on
   ``"cuda"``. Without CUDA we skip the precomputation: ``forward`` computes and caches the same
@@ -37,20 +47,31 @@ The video model (:func:`install_video`, on top of the above) needs four more:
 
 from __future__ import annotations
 
+import copy
 import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
-from open_clip.tokenizer import default_bpe
 from sam3.model.decoder import TransformerDecoder
+from sam3.model.necks import Sam3DualViTDetNeck
 from sam3.model.position_encoding import PositionEmbeddingSine
 from sam3.model.text_encoder_ve import TextTransformer
 
+from apis import open_clip_internals
+
+SAM3_VERSION = "0.1.4"
+
 _MARK = "_visionserve_cpu_safe"
+_KEPT = "_visionserve_kept"
+T = TypeVar("T")
+
+# sam3's video modules are imported by the functions that need them: the image routes never do.
 
 
 def bpe_path() -> str:
     """The CLIP BPE vocabulary sam3's tokenizer reads (the copy inside open_clip)."""
-    return default_bpe()
+    return open_clip_internals.bpe_vocabulary()
 
 
 def install() -> None:
@@ -171,3 +192,138 @@ def connected_components_cpu(masks: torch.Tensor) -> torch.Tensor | tuple[torch.
         counts[i] = sizes[labels[i]]
     device = masks.device
     return torch.from_numpy(labels).to(device).view(shape), torch.from_numpy(counts).to(device).view(shape)
+
+
+# ----------------------------------------------------------------------------- image model
+
+
+def dummy_prompt(model: torch.nn.Module, n: int) -> Any:
+    """The empty geometric prompt of ``n`` find-queries (``Sam3Image._get_dummy_prompt``)."""
+    return model._get_dummy_prompt(num_prompts=n)
+
+
+# ----------------------------------------------------------------------------- video model
+
+
+def neck_with_tracker_convs(neck: Sam3DualViTDetNeck, d_model: int) -> Sam3DualViTDetNeck:
+    """A neck on ``neck``'s trunk and convolutions, plus the second set of convolutions that feed
+    the video tracker (sam3's ``add_sam2_neck``), cloned from the first as sam3 builds them."""
+    video_neck = Sam3DualViTDetNeck(
+        trunk=neck.trunk,
+        position_encoding=neck.position_encoding,
+        d_model=d_model,
+        scale_factors=neck.scale_factors,
+    )
+    video_neck.convs = neck.convs
+    video_neck.sam2_convs = copy.deepcopy(neck.convs)
+    return video_neck
+
+
+def _tqdm_off(iterable=None, *args, **kwargs):
+    return iterable
+
+
+def silence_progress_bars() -> None:
+    """sam3 draws a tqdm bar per propagation (one per live frame in a server's log): none here."""
+    from sam3.model import sam3_video_inference
+
+    sam3_video_inference.tqdm = _tqdm_off
+
+
+def replace_backbone_forwards(backbone: torch.nn.Module, image: Callable, text: Callable) -> None:
+    """Route the detector backbone's ``forward_image`` and ``forward_text``, which the video model
+    calls on every frame and prompt, through ``image`` and ``text``."""
+    backbone.forward_image = image
+    backbone.forward_text = text
+
+
+def kept_on(model: torch.nn.Module, make: Callable[[], T]) -> T:
+    """An object kept on ``model`` as long as the model lives (sam3 has no slot for it), made by
+    ``make`` on first use."""
+    kept = getattr(model, _KEPT, None)
+    if kept is None:
+        kept = make()
+        setattr(model, _KEPT, kept)
+    return kept
+
+
+# ----------------------------------------------------------------------------- video inference state
+
+# sam3's per-frame prompt lists (``Sam3VideoInference._construct_initial_input_batch``)
+PER_FRAME_INPUTS = (
+    "previous_stages_out",
+    "per_frame_raw_point_input",
+    "per_frame_raw_box_input",
+    "per_frame_visual_prompt",
+    "per_frame_geometric_prompt",
+)
+
+
+def num_frames(state: dict[str, Any]) -> int:
+    return state["num_frames"]
+
+
+def frame_size(state: dict[str, Any]) -> tuple[int, int]:
+    """(height, width) of the session's frames as they came."""
+    return state["orig_height"], state["orig_width"]
+
+
+def prompted(state: dict[str, Any]) -> bool:
+    """Whether a concept was prompted on some frame."""
+    return not all(out is None for out in state["previous_stages_out"])
+
+
+def has_outputs(state: dict[str, Any], frame_index: int) -> bool:
+    """Whether the frame has tracked outputs (a prompt or a propagation reached it)."""
+    return frame_index in state["cached_frame_outputs"]
+
+
+def object_ids(state: dict[str, Any]) -> set[int]:
+    """The ids of every instance in the frames' outputs."""
+    return {int(i) for out in state["cached_frame_outputs"].values() for i in out}
+
+
+def set_tracker_length(state: dict[str, Any], length: int) -> None:
+    """The clip length the trackers see (it scales their object-pointer positions)."""
+    for tracker_state in state["tracker_inference_states"]:
+        tracker_state["num_frames"] = length
+
+
+def processing_order(
+    model: torch.nn.Module, state: dict[str, Any], start: int | None, max_frames: int | None, reverse: bool
+) -> list[int]:
+    """The frames ``propagate_in_video`` goes over with these arguments, in order."""
+    order, _ = model._get_processing_order(state, start, max_frames, reverse)
+    return list(order)
+
+
+def propagate_one(model: torch.nn.Module, state: dict[str, Any], frame_index: int) -> Any:
+    """The base class's propagation over one frame: the interactive subclass answers a second
+    call from what the first cached (its action history) instead of running the new frame."""
+    from sam3.model.sam3_video_inference import Sam3VideoInference
+
+    return Sam3VideoInference.propagate_in_video(
+        model, state, start_frame_idx=frame_index, max_frame_num_to_track=0
+    )
+
+
+def make_growable(state: dict[str, Any]) -> None:
+    """Let :func:`append_frame` add frames to a state that ``init_state`` made."""
+    state["input_batch"].img_batch = list(state["input_batch"].img_batch)
+
+
+def append_frame(state: dict[str, Any], pixels: torch.Tensor) -> None:
+    """One more frame: its pixels (as sam3's loader makes them), its find-stage (a copy of frame
+    0's, which holds the session's text id) and empty per-frame inputs."""
+    batch = state["input_batch"]
+    index = len(batch.img_batch)
+    batch.img_batch.append(pixels)
+    stage = copy.deepcopy(batch.find_inputs[0])
+    stage.img_ids.fill_(index)
+    batch.find_inputs.append(stage)
+    batch.find_targets.append(None)
+    batch.find_metadatas.append(None)
+    for key in PER_FRAME_INPUTS:
+        state[key].append(None)
+    state["per_frame_cur_step"].append(0)
+    state["num_frames"] = index + 1
