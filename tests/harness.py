@@ -3,10 +3,10 @@ through it as one worker batch, with no server, no subprocess and no LitServer.
 
 A request takes the path it takes in a server, by the family's public entry points: the HTTP
 half validates it and builds its job (``job_for``), then the worker half runs the jobs as one
-batch (``run_batch``, the worker loop's own function: decode, predict, encode). A test gets the
-:class:`~apis.core.replies.Reply` a client would, a second after the models are built instead of
-after a server's start-up. Every call into apis/ of that path is in this file, so a change of
-either half's entry points is adapted here once.
+batch (``run_batch``, the worker loop's own function, which calls the family's ``answer``: its
+routes' decode, predict and encode). A test gets the :class:`~apis.core.replies.Reply` a client
+would, a second after the models are built instead of after a server's start-up. Every call into
+apis/ of that path is in this file, so a change of either half's entry points is adapted here once.
 """
 
 from __future__ import annotations
