@@ -76,6 +76,26 @@ def use_features(
     pred._is_batch = False
 
 
+def use_batch_features(
+    pred: SAM2ImagePredictor,
+    image_embeds: list[torch.Tensor],
+    high_res_feats: list[list[torch.Tensor]],
+    orig_hws: list[tuple[int, int]],
+) -> None:
+    """Make these images the current batch, as ``set_image_batch`` would, without stacking their
+    features: ``_predict`` and ``_prep_prompts`` index them by ``img_idx`` (lists index as its
+    tensors do), so an image's (1, C, h, w) cached tensors are read, not copied."""
+    pred.reset_predictor()
+    levels = range(len(high_res_feats[0]))
+    pred._features = {
+        "image_embed": [e[0] for e in image_embeds],
+        "high_res_feats": [[f[level][0] for f in high_res_feats] for level in levels],
+    }
+    pred._orig_hw = list(orig_hws)
+    pred._is_image_set = True
+    pred._is_batch = True
+
+
 def set_postprocessing(
     pred: SAM2ImagePredictor, mask_threshold: float, max_hole_area: float, max_sprinkle_area: float
 ) -> None:
@@ -86,15 +106,21 @@ def set_postprocessing(
     pred._transforms.max_sprinkle_area = max_sprinkle_area
 
 
-def prep_prompts(pred: SAM2ImagePredictor, points, labels, box, mask_input, normalize_coords: bool):
-    """``predict``'s prompt preparation: (mask_input, coords, labels, box) as tensors."""
-    return pred._prep_prompts(points, labels, box, mask_input, normalize_coords)
+def prep_prompts(
+    pred: SAM2ImagePredictor, points, labels, box, mask_input, normalize_coords: bool, img_idx: int = -1
+):
+    """``predict``'s prompt preparation for image ``img_idx`` of the current batch (-1: the current
+    image): (mask_input, coords, labels, box) as tensors."""
+    return pred._prep_prompts(points, labels, box, mask_input, normalize_coords, img_idx)
 
 
-def decode_logits(pred: SAM2ImagePredictor, coords, labels, box, mask_input, multimask_output: bool):
-    """``predict``'s decoder step on the current image: (mask logits, iou, low-res logits),
-    the mask logits at the size :func:`low_res_only` leaves them."""
-    return pred._predict(coords, labels, box, mask_input, multimask_output, True)
+def decode_logits(
+    pred: SAM2ImagePredictor, coords, labels, box, mask_input, multimask_output: bool, img_idx: int = -1
+):
+    """``predict``'s decoder step on image ``img_idx`` of the current batch: (mask logits, iou,
+    low-res logits), the mask logits at the size :func:`low_res_only` leaves them. It only reads the
+    predictor, so several threads may run it at once."""
+    return pred._predict(coords, labels, box, mask_input, multimask_output, True, img_idx)
 
 
 def postprocess_masks(
