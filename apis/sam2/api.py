@@ -362,6 +362,7 @@ class Sam2API(ServesVideo, FamilyAPI):
             self.fam.cache_size,
             self.fam.prompt_threads,
             self.fam.parallel_prompts,
+            self.fam.trace_decoder,
         )
 
     def open_video(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import threading
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -105,7 +106,8 @@ class Sam2Predictor(SAM2ImagePredictor, Autocast):
     in one batch. ``encoded_images`` counts what the image encoder actually processed and
     ``encoder_batches`` its forwards by batch size. ``prompt_threads``: torch's threads for a
     prompt's decoder on CPU (0: the worker's all); ``parallel_prompts``: how many prompts of one
-    batch are decoded at once on CPU (0: the worker's threads / ``prompt_threads``)."""
+    batch are decoded at once on CPU (0: the worker's threads / ``prompt_threads``);
+    ``trace_decoder``: the decoder traced and frozen by torch.jit, once per kind of prompt (float32)."""
 
     def __init__(
         self,
@@ -114,10 +116,14 @@ class Sam2Predictor(SAM2ImagePredictor, Autocast):
         dtype: torch.dtype = torch.float32,
         prompt_threads: int = 0,
         parallel_prompts: int = 0,
+        trace_decoder: bool = False,
     ):
         super().__init__(model)
         self.prompt_threads = prompt_threads
         self.parallel_prompts = parallel_prompts
+        self.trace_decoder = trace_decoder and dtype == torch.float32
+        self._traced: dict[tuple[bool, ...], Any] = {}
+        self._tracing = threading.Lock()
         internals.set_feature_sizes(self, model.image_size)
         self.cache: LRUCache[Embedding] = LRUCache(cache_size)
         self.dtype = dtype
@@ -211,6 +217,20 @@ class Sam2Predictor(SAM2ImagePredictor, Autocast):
         width = self.parallel_prompts or threads // min(self.prompt_threads or threads, threads)
         return ThreadPoolExecutor(width, thread_name_prefix="sam2-decoder") if width > 1 else None
 
+    def decode(self, emb: Embedding, multimask: bool, coords, labels, box, mask_input, img_idx: int):
+        """The decoder on image ``img_idx`` of the current batch: (mask logits, iou, low-res
+        logits), by the library's ``_predict``, or with ``trace_decoder`` by its steps traced for
+        this kind of prompt (the first prompt of a kind traces them)."""
+        if not self.trace_decoder:
+            return internals.decode_logits(self, coords, labels, box, mask_input, multimask, img_idx)
+        prompt = tuple(t for t in (coords, labels, box, mask_input) if t is not None)
+        kind = (coords is not None, box is not None, mask_input is not None, multimask)
+        inputs = (emb.image_embed, *emb.high_res_feats, *prompt)
+        with self._tracing:
+            if kind not in self._traced:
+                self._traced[kind] = internals.traced_decoder(self.model, kind, inputs)
+        return self._traced[kind](*inputs)
+
     @contextlib.contextmanager
     def whole_image(self, key: str, image: np.ndarray, file: bytes | None = None):
         self._whole = (key, image, file)
@@ -227,6 +247,7 @@ def load_sam2(
     cache_size: int = 16,
     prompt_threads: int = 0,
     parallel_prompts: int = 0,
+    trace_decoder: bool = False,
 ) -> Sam2Predictor:
     """Build the configured variant and load its checkpoint (sam2's strict loader: a file that
     does not fit the architecture fails loudly). ``weights`` None downloads the released one.
@@ -249,7 +270,7 @@ def load_sam2(
     else:  # sam2's download, loaded into the configured architecture
         checkpoint = internals.hf_download(hf_repo(entry))
         model = build_sam2_video_predictor(config, checkpoint, **build)
-    return Sam2Predictor(model, cache_size, dtype, prompt_threads, parallel_prompts)
+    return Sam2Predictor(model, cache_size, dtype, prompt_threads, parallel_prompts, trace_decoder)
 
 
 # ----------------------------------------------------------------------------- the two routes
@@ -313,9 +334,7 @@ def decode_prompts(
             mask_input, coords, labels, box = internals.prep_prompts(
                 pred, points, labels, box, p.mask_input, p.normalize_coords, j
             )
-            logits, iou, low = internals.decode_logits(
-                pred, coords, labels, box, mask_input, p.multimask_output, j
-            )
+            logits, iou, low = pred.decode(images[j], p.multimask_output, coords, labels, box, mask_input, j)
         return Decoded(images[j], logits, iou, low)
 
     pool = pred.decoders if len(todo) > 1 else None
