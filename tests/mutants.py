@@ -543,6 +543,14 @@ MUTANTS = [
         "issue 37: parallel_prompts read, but every click of a batch on the worker's one thread",
     ),
     Mutant(
+        "sam2: trace_decoder ignored",
+        "apis/sam2/model.py",
+        "self.trace_decoder = trace_decoder and dtype == torch.float32",
+        "self.trace_decoder = False",
+        ("tests/test_sam2_http.py::test_a_batch_of_prompts_decoded_at_once_equals_the_predictor",),
+        "issue 37: the setting read, the decoder run by Python's _predict all the same",
+    ),
+    Mutant(
         "sam3: new images encoded one at a time",
         "apis/sam3/model.py",
         "return self.cache.fetch_or_find(keys, images, encode)",
