@@ -15,8 +15,9 @@ class Sam2Family(CachedFamily):
         1,
         ge=0,
         description="Threads torch uses on CPU for a prompt's mask decoder (prompt_mask); 0: all of the "
-        "worker's. Its ops are small, so a second thread costs more in hand-offs than it computes: on a "
-        "2-core CPU a hiera_l click took 98 ms and 98 CPU ms on one, 142 ms and 155 CPU ms on two.",
+        "worker's. Its ops are small: with another job runnable a second thread costs more in hand-offs "
+        "than it computes (on a 2-core CPU a hiera_l click took 92 ms on one, 155 ms on two); on a quiet "
+        "machine two win (53 ms), so 0 suits a machine that serves clicks and little else.",
     )
     parallel_prompts: int = Field(
         0,
