@@ -218,6 +218,15 @@ def report(loads: list[Workload]) -> list[list[str]]:
     return rows
 
 
+def with_settings(config: dict, settings: list[str]) -> dict:
+    """``config`` with each ``FAMILY.KEY=VALUE`` of ``--set`` in it."""
+    for setting in settings:
+        path, _, value = setting.partition("=")
+        family, _, key = path.partition(".")
+        config[family][key] = yaml.safe_load(value)
+    return config
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--peer", required=True, help="a bench/peer_<name>.py module: infinity, roboflow")
@@ -225,6 +234,13 @@ def main() -> None:
     ap.add_argument("--venvs", type=Path, default=CACHE / "venvs", help="the peers' virtualenvs (DIR/<name>)")
     ap.add_argument("--work", type=Path, default=CACHE / "work", help="model files and logs (DIR/<name>)")
     ap.add_argument("--only", default="", help="comma-separated workload names to run (default all)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FAMILY.KEY=VALUE",
+        help="a setting of ours over the peer's config (a YAML value; repeatable): sam2.prompt_threads=2",
+    )
     args = ap.parse_args()
     if args.rounds < 2:
         ap.error("--rounds must be at least 2: the sides run in turns")
@@ -238,7 +254,7 @@ def main() -> None:
         wanted = set(args.only.split(","))
         loads = [w for w in loads if w.name in wanted]
     config = work / "visionserve.yaml"
-    config.write_text(yaml.safe_dump(peer.ours_config(work)))
+    config.write_text(yaml.safe_dump(with_settings(peer.ours_config(work), args.set)))
     loads_before = load_average()
     for i in range(args.rounds):
         for side in ("peer", "ours", "alone") if i % 2 == 0 else ("alone", "ours", "peer"):

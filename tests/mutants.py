@@ -539,6 +539,22 @@ MUTANTS = [
         "issue 32: grouped requests, but one image-encoder forward per image",
     ),
     Mutant(
+        "sam2: a batch's prompts decoded one after another",
+        "apis/sam2/model.py",
+        "pool = pred.decoders if len(todo) > 1 else None",
+        "pool = None",
+        ("tests/http/test_sam2_http.py::test_a_batch_of_prompts_decoded_at_once_equals_the_predictor",),
+        "issue 37: parallel_prompts read, but every click of a batch on the worker's one thread",
+    ),
+    Mutant(
+        "sam2: trace_decoder ignored",
+        "apis/sam2/model.py",
+        "self.trace_decoder = trace_decoder and dtype == torch.float32",
+        "self.trace_decoder = False",
+        ("tests/http/test_sam2_http.py::test_a_batch_of_prompts_decoded_at_once_equals_the_predictor",),
+        "issue 37: the setting read, the decoder run by Python's _predict all the same",
+    ),
+    Mutant(
         "sam3: new images encoded one at a time",
         "apis/sam3/model.py",
         "return self.cache.fetch_or_find(keys, images, encode)",
@@ -685,8 +701,8 @@ MUTANTS = [
     Mutant(
         "cache: sam2 family cache_size not passed",
         "apis/sam2/api.py",
-        "self.compute_dtype, self.fam.cache_size, self.fam.prompt_threads",
-        "self.compute_dtype, 16, self.fam.prompt_threads",
+        "self.compute_dtype,\n            self.fam.cache_size,",
+        "self.compute_dtype,\n            16,",
         ("tests/http/test_off_states.py::-k sam2_cache_size_0",),
         "issue 32: cache_size: 0 in the config, the loader's default (16) served",
     ),

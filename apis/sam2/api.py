@@ -205,8 +205,10 @@ class PromptMask(_EncodesImages):
     def predict(
         self, model: sam2_model.Sam2Predictor, items: list[PromptInput]
     ) -> list[PromptOutput | APIError]:
-        """The images encoded (cached ones skipped), then each prompt through the decoder."""
-        out: list[PromptOutput | APIError] = []
+        """The images encoded (cached ones skipped), then the prompts through the decoder together:
+        on CPU several at once (``sam2_model.decode_prompts``)."""
+        out: list[PromptOutput | APIError | None] = []
+        ready: list[sam2_model.Embedding | None] = []
         for item, emb in zip(items, super().predict(model, items), strict=True):
             try:
                 if emb is None:
@@ -215,9 +217,15 @@ class PromptMask(_EncodesImages):
                     check_prompt_fits(item.request, emb.orig_hw[::-1], self.api.cfg.limits.max_response_bytes)
             except APIError as e:
                 out.append(e)
+                ready.append(None)
                 continue
-            out.append(PromptOutput(*sam2_model.predict_prompt(model, emb, item.prompt)))
-        return out
+            out.append(None)
+            ready.append(emb)
+        decoded = sam2_model.decode_prompts(model, ready, [item.prompt for item in items])
+        return [
+            error or PromptOutput(*sam2_model.prompt_masks(model, item.prompt, dec))
+            for error, item, dec in zip(out, items, decoded, strict=True)
+        ]
 
     def encode(self, job: Job, item: PromptInput, output: PromptOutput) -> dict:
         r: Sam2PromptRequest = job.request
@@ -348,7 +356,13 @@ class Sam2API(ServesVideo, FamilyAPI):
 
     def load_model(self, entry: ModelEntry) -> sam2_model.Sam2Predictor:
         return sam2_model.load_sam2(
-            entry, self.torch_device, self.compute_dtype, self.fam.cache_size, self.fam.prompt_threads
+            entry,
+            self.torch_device,
+            self.compute_dtype,
+            self.fam.cache_size,
+            self.fam.prompt_threads,
+            self.fam.parallel_prompts,
+            self.fam.trace_decoder,
         )
 
     def open_video(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -76,6 +77,26 @@ def use_features(
     pred._is_batch = False
 
 
+def use_batch_features(
+    pred: SAM2ImagePredictor,
+    image_embeds: list[torch.Tensor],
+    high_res_feats: list[list[torch.Tensor]],
+    orig_hws: list[tuple[int, int]],
+) -> None:
+    """Make these images the current batch, as ``set_image_batch`` would, without stacking their
+    features: ``_predict`` and ``_prep_prompts`` index them by ``img_idx`` (lists index as its
+    tensors do), so an image's (1, C, h, w) cached tensors are read, not copied."""
+    pred.reset_predictor()
+    levels = range(len(high_res_feats[0]))
+    pred._features = {
+        "image_embed": [e[0] for e in image_embeds],
+        "high_res_feats": [[f[level][0] for f in high_res_feats] for level in levels],
+    }
+    pred._orig_hw = list(orig_hws)
+    pred._is_image_set = True
+    pred._is_batch = True
+
+
 def set_postprocessing(
     pred: SAM2ImagePredictor, mask_threshold: float, max_hole_area: float, max_sprinkle_area: float
 ) -> None:
@@ -86,15 +107,69 @@ def set_postprocessing(
     pred._transforms.max_sprinkle_area = max_sprinkle_area
 
 
-def prep_prompts(pred: SAM2ImagePredictor, points, labels, box, mask_input, normalize_coords: bool):
-    """``predict``'s prompt preparation: (mask_input, coords, labels, box) as tensors."""
-    return pred._prep_prompts(points, labels, box, mask_input, normalize_coords)
+def prep_prompts(
+    pred: SAM2ImagePredictor, points, labels, box, mask_input, normalize_coords: bool, img_idx: int = -1
+):
+    """``predict``'s prompt preparation for image ``img_idx`` of the current batch (-1: the current
+    image): (mask_input, coords, labels, box) as tensors."""
+    return pred._prep_prompts(points, labels, box, mask_input, normalize_coords, img_idx)
 
 
-def decode_logits(pred: SAM2ImagePredictor, coords, labels, box, mask_input, multimask_output: bool):
-    """``predict``'s decoder step on the current image: (mask logits, iou, low-res logits),
-    the mask logits at the size :func:`low_res_only` leaves them."""
-    return pred._predict(coords, labels, box, mask_input, multimask_output, True)
+def decode_logits(
+    pred: SAM2ImagePredictor, coords, labels, box, mask_input, multimask_output: bool, img_idx: int = -1
+):
+    """``predict``'s decoder step on image ``img_idx`` of the current batch: (mask logits, iou,
+    low-res logits), the mask logits at the size :func:`low_res_only` leaves them. It only reads the
+    predictor, so several threads may run it at once."""
+    return pred._predict(coords, labels, box, mask_input, multimask_output, True, img_idx)
+
+
+class PromptDecoder(torch.nn.Module):
+    """The model steps of ``SAM2ImagePredictor._predict`` (prompt encoder, mask decoder, the clamp
+    of the low-res logits) for one prompt of one kind, the image's features given as inputs, so
+    that torch.jit can trace and freeze it: ``forward(image_embed, feat_s0, feat_s1, [coords,
+    labels], [box], [mask_input])`` with the tensors :func:`prep_prompts` gives, those the kind has."""
+
+    def __init__(self, model: torch.nn.Module, points: bool, box: bool, mask: bool, multimask: bool):
+        super().__init__()
+        self.prompt_encoder = model.sam_prompt_encoder
+        self.mask_decoder = model.sam_mask_decoder
+        self.points, self.box, self.mask, self.multimask = points, box, mask, multimask
+
+    def forward(self, image_embed, feat_s0, feat_s1, *prompt):
+        given = iter(prompt)
+        points = (next(given), next(given)) if self.points else None
+        if self.box:  # the box's corners go first, labelled 2 and 3, as _predict does
+            corners = next(given).reshape(-1, 2, 2)
+            labels = torch.tensor([[2, 3]], dtype=torch.int, device=corners.device).repeat(corners.size(0), 1)
+            if points is None:
+                points = (corners, labels)
+            else:
+                points = (torch.cat([corners, points[0]], dim=1), torch.cat([labels, points[1]], dim=1))
+        mask_input = next(given) if self.mask else None
+        sparse, dense = self.prompt_encoder(points=points, boxes=None, masks=mask_input)
+        logits, iou, _, _ = self.mask_decoder(
+            image_embeddings=image_embed,
+            image_pe=self.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=self.multimask,
+            repeat_image=False,  # one prompt
+            high_res_features=[feat_s0, feat_s1],
+        )
+        return logits, iou, torch.clamp(logits, -32.0, 32.0)
+
+
+def traced_decoder(model: torch.nn.Module, kind: tuple[bool, bool, bool, bool], example: tuple) -> Any:
+    """:class:`PromptDecoder` of this ``kind`` (points, box, mask, multimask) traced on ``example``
+    (its inputs) and frozen: its ops run without Python between them."""
+    with torch.no_grad(), warnings.catch_warnings():
+        # the tracer's notes on sam2's shape asserts and the box labels, constants for one kind;
+        # torch 2.14 calls torch.jit deprecated, which trace_decoder's description says
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        traced = torch.jit.trace(PromptDecoder(model, *kind).eval(), example, check_trace=False)
+        return torch.jit.freeze(traced)
 
 
 def postprocess_masks(

@@ -11,9 +11,12 @@ ships for CUDA (without it ``max_hole_area``, ``max_sprinkle_area`` and AMG's
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import threading
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,11 +105,25 @@ class Sam2Predictor(SAM2ImagePredictor, Autocast):
     """SAM2ImagePredictor whose image embeddings come from an LRU cache, missing ones computed
     in one batch. ``encoded_images`` counts what the image encoder actually processed and
     ``encoder_batches`` its forwards by batch size. ``prompt_threads``: torch's threads for a
-    prompt's decoder on CPU (0: the worker's all)."""
+    prompt's decoder on CPU (0: the worker's all); ``parallel_prompts``: how many prompts of one
+    batch are decoded at once on CPU (0: the worker's threads / ``prompt_threads``);
+    ``trace_decoder``: the decoder traced and frozen by torch.jit, once per kind of prompt (float32)."""
 
-    def __init__(self, model, cache_size: int, dtype: torch.dtype = torch.float32, prompt_threads: int = 0):
+    def __init__(
+        self,
+        model,
+        cache_size: int,
+        dtype: torch.dtype = torch.float32,
+        prompt_threads: int = 0,
+        parallel_prompts: int = 0,
+        trace_decoder: bool = False,
+    ):
         super().__init__(model)
         self.prompt_threads = prompt_threads
+        self.parallel_prompts = parallel_prompts
+        self.trace_decoder = trace_decoder and dtype == torch.float32
+        self._traced: dict[tuple[bool, ...], Any] = {}
+        self._tracing = threading.Lock()
         internals.set_feature_sizes(self, model.image_size)
         self.cache: LRUCache[Embedding] = LRUCache(cache_size)
         self.dtype = dtype
@@ -187,6 +204,33 @@ class Sam2Predictor(SAM2ImagePredictor, Autocast):
         finally:
             torch.set_num_threads(before)
 
+    @functools.cached_property
+    def decoders(self) -> ThreadPoolExecutor | None:
+        """The threads that decode a batch's prompts at once on CPU (None: one after another, as
+        on a GPU). Each runs its ops on ``prompt_threads`` torch threads: the decoder's ops are
+        too small for two, and its Python holds the GIL for a small part of a click, so on two
+        cores four clicks on two threads took 0.67x the time of one after another
+        (docs/benchmarks.md)."""
+        if self.device.type != "cpu":
+            return None
+        threads = torch.get_num_threads()
+        width = self.parallel_prompts or threads // min(self.prompt_threads or threads, threads)
+        return ThreadPoolExecutor(width, thread_name_prefix="sam2-decoder") if width > 1 else None
+
+    def decode(self, emb: Embedding, multimask: bool, coords, labels, box, mask_input, img_idx: int):
+        """The decoder on image ``img_idx`` of the current batch: (mask logits, iou, low-res
+        logits), by the library's ``_predict``, or with ``trace_decoder`` by its steps traced for
+        this kind of prompt (the first prompt of a kind traces them)."""
+        if not self.trace_decoder:
+            return internals.decode_logits(self, coords, labels, box, mask_input, multimask, img_idx)
+        prompt = tuple(t for t in (coords, labels, box, mask_input) if t is not None)
+        kind = (coords is not None, box is not None, mask_input is not None, multimask)
+        inputs = (emb.image_embed, *emb.high_res_feats, *prompt)
+        with self._tracing:
+            if kind not in self._traced:
+                self._traced[kind] = internals.traced_decoder(self.model, kind, inputs)
+        return self._traced[kind](*inputs)
+
     @contextlib.contextmanager
     def whole_image(self, key: str, image: np.ndarray, file: bytes | None = None):
         self._whole = (key, image, file)
@@ -202,6 +246,8 @@ def load_sam2(
     dtype: torch.dtype = torch.float32,
     cache_size: int = 16,
     prompt_threads: int = 0,
+    parallel_prompts: int = 0,
+    trace_decoder: bool = False,
 ) -> Sam2Predictor:
     """Build the configured variant and load its checkpoint (sam2's strict loader: a file that
     does not fit the architecture fails loudly). ``weights`` None downloads the released one.
@@ -224,7 +270,7 @@ def load_sam2(
     else:  # sam2's download, loaded into the configured architecture
         checkpoint = internals.hf_download(hf_repo(entry))
         model = build_sam2_video_predictor(config, checkpoint, **build)
-    return Sam2Predictor(model, cache_size, dtype, prompt_threads)
+    return Sam2Predictor(model, cache_size, dtype, prompt_threads, parallel_prompts, trace_decoder)
 
 
 # ----------------------------------------------------------------------------- the two routes
@@ -253,42 +299,84 @@ def upsample(logits: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     return np.stack([cv2.resize(m, (w, h), interpolation=cv2.INTER_LINEAR) for m in logits])
 
 
+@dataclass
+class Decoded:
+    """One prompt's decoder output on its image, before upsampling."""
+
+    emb: Embedding
+    logits: torch.Tensor  # (1, C, L, L) mask logits
+    iou: torch.Tensor  # (1, C)
+    low: torch.Tensor  # (1, C, L, L) the logits clamped to +-32, as the library answers them
+
+
 @torch.inference_mode()
-def predict_prompt(pred: Sam2Predictor, emb: Embedding, prompt: Prompt):
-    """(masks (C, H, W), iou (C,) float32, low-res logits (C, L, L) float32), as
-    ``SAM2ImagePredictor.predict`` computes them; masks are bool, or float32 logits with
+def decode_prompts(
+    pred: Sam2Predictor, embs: Sequence[Embedding | None], prompts: Sequence[Prompt]
+) -> list[Decoded | None]:
+    """The prompt encoder and mask decoder for each prompt on its image (None where the image is
+    None), as ``SAM2ImagePredictor.predict`` runs them; on CPU several prompts at once
+    (:meth:`Sam2Predictor.decoders`). The decoder only reads the predictor's batch of images."""
+    todo = [k for k, emb in enumerate(embs) if emb is not None]
+    out: list[Decoded | None] = [None] * len(embs)
+    if not todo:
+        return out
+    images = [embs[k] for k in todo]
+    internals.use_batch_features(
+        pred, [e.image_embed for e in images], [e.high_res_feats for e in images], [e.orig_hw for e in images]
+    )
+
+    def decode(j: int) -> Decoded:
+        p = prompts[todo[j]]
+        points = None if p.point_coords is None else np.asarray(p.point_coords, np.float32)
+        labels = None if p.point_labels is None else np.asarray(p.point_labels, np.int32)
+        box = None if p.box is None else np.asarray(p.box, np.float32)
+        with torch.inference_mode(), pred.autocast():  # both are per thread
+            mask_input, coords, labels, box = internals.prep_prompts(
+                pred, points, labels, box, p.mask_input, p.normalize_coords, j
+            )
+            logits, iou, low = pred.decode(images[j], p.multimask_output, coords, labels, box, mask_input, j)
+        return Decoded(images[j], logits, iou, low)
+
+    pool = pred.decoders if len(todo) > 1 else None
+    with pred.decoder_threads(), internals.low_res_only(pred):
+        decoded = list(pool.map(decode, range(len(todo)))) if pool else [decode(j) for j in range(len(todo))]
+    pred.reset_predictor()
+    for k, d in zip(todo, decoded, strict=True):
+        out[k] = d
+    return out
+
+
+@torch.inference_mode()
+def prompt_masks(pred: Sam2Predictor, prompt: Prompt, dec: Decoded):
+    """(masks (C, H, W), iou (C,) float32, low-res logits (C, L, L) float32) from a decoded
+    prompt, as ``SAM2ImagePredictor.predict`` answers; masks are bool, or float32 logits with
     ``return_logits``. ``best_only`` keeps the one mask of highest predicted IoU (C = 1).
 
-    The prompt and the decoder are the library's own (apis/sam2/internals.py); only
-    the kept masks are upsampled to the image's size, on CPU by :func:`upsample` unless the
+    Only the kept masks are upsampled to the image's size, on CPU by :func:`upsample` unless the
     answer carries logits or hole / sprinkle filling needs the library's ``postprocess_masks``,
     and the threshold gives bool masks, not float32 ones.
     """
-    pred.use(emb)
     pred.configure(prompt.mask_threshold, prompt.max_hole_area, prompt.max_sprinkle_area)
-    points = None if prompt.point_coords is None else np.asarray(prompt.point_coords, np.float32)
-    labels = None if prompt.point_labels is None else np.asarray(prompt.point_labels, np.int32)
-    box = None if prompt.box is None else np.asarray(prompt.box, np.float32)
-    with pred.autocast(), pred.decoder_threads():
-        mask_input, coords, labels, box = internals.prep_prompts(
-            pred, points, labels, box, prompt.mask_input, prompt.normalize_coords
-        )
-        with internals.low_res_only(pred):
-            logits, iou, low = internals.decode_logits(
-                pred, coords, labels, box, mask_input, prompt.multimask_output
-            )
+    logits, iou, low = dec.logits, dec.iou, dec.low
     keep = slice(None)
     if prompt.best_only:
         best = int(torch.argmax(iou[0]))
         keep = slice(best, best + 1)
     exact = prompt.return_logits or prompt.max_hole_area > 0 or prompt.max_sprinkle_area > 0
     if logits.is_cuda or exact:
-        masks = internals.postprocess_masks(pred, logits[:, keep], emb.orig_hw)[0].cpu().numpy()
+        masks = internals.postprocess_masks(pred, logits[:, keep], dec.emb.orig_hw)[0].cpu().numpy()
     else:
-        masks = upsample(logits[0, keep].float().numpy(), emb.orig_hw)
+        masks = upsample(logits[0, keep].float().numpy(), dec.emb.orig_hw)
     if not prompt.return_logits:
         masks = masks > pred.mask_threshold
     return masks, iou[0, keep].float().cpu().numpy(), low[0, keep].float().cpu().numpy()
+
+
+def predict_prompt(pred: Sam2Predictor, emb: Embedding, prompt: Prompt):
+    """One prompt on one image: :func:`decode_prompts` then :func:`prompt_masks`."""
+    dec = decode_prompts(pred, [emb], [prompt])[0]
+    assert dec is not None
+    return prompt_masks(pred, prompt, dec)
 
 
 @torch.inference_mode()

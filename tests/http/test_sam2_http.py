@@ -137,6 +137,42 @@ def test_prompt_masks_equal_the_predictor(reference, kw, case):
     assert_same_answer(got, want, logits=case == "logits")
 
 
+@pytest.mark.parametrize(("parallel", "trace"), [(1, False), (2, False), (2, True)])
+def test_a_batch_of_prompts_decoded_at_once_equals_the_predictor(reference, sam2_checkpoint, parallel, trace):
+    """``decode_prompts`` on every PROMPTS case over two images, plus an image that is not cached:
+    one after another (``parallel_prompts`` 1) or on two threads of one torch thread each (2),
+    eager or traced (``trace_decoder``): each answer is the library's, the decoder ran on the
+    threads asked for, and traced, Python ran it only to trace each kind of prompt once."""
+    import threading
+
+    from apis.core.settings import ModelEntry
+    from apis.sam2 import model
+
+    entry = ModelEntry(name="sam2.1_hiera_t", weights=str(sam2_checkpoint), arch_config=str(ARCH))
+    pred = model.load_sam2(entry, "cpu", prompt_threads=1, parallel_prompts=parallel, trace_decoder=trace)
+    ran: list[tuple[str, int]] = []
+    pred.model.sam_mask_decoder.register_forward_hook(
+        lambda *_: ran.append((threading.current_thread().name, torch.get_num_threads()))
+    )
+    images = [scene(seed=50), scene(seed=51)]
+    embs = pred.embeddings(["a", "b"], images)
+    cases = [(i, case) for case in PROMPTS for i in range(2)]
+    prompts = [model.Prompt(**PROMPTS[case]) for _, case in cases]
+    decoded = model.decode_prompts(pred, [*(embs[i] for i, _ in cases), None], [*prompts, prompts[0]])
+    assert decoded[-1] is None
+    for (i, case), prompt, dec in zip(cases, prompts, decoded, strict=False):
+        got = model.prompt_masks(pred, prompt, dec)
+        assert_same_answer(got, direct(reference, images[i], **PROMPTS[case]), logits=prompt.return_logits)
+    names = {name for name, _ in ran}
+    if trace:  # points, box, both, one mask: the four kinds among the cases
+        assert len(ran) == 4
+    elif parallel == 1:
+        assert names == {threading.current_thread().name} and len(ran) == len(cases)
+    else:
+        assert len(names) == 2 and all(n.startswith("sam2-decoder") for n in names), names
+        assert {threads for _, threads in ran} == {1}
+
+
 def test_packbits_prompt_masks_decode_to_the_float32_ones_in_a_smaller_answer(kw):
     body = {"image": encode_image(scene()), **PROMPTS["one point"]}
     plain = sc.generate_sam2_prompt_masks(**body, **kw)

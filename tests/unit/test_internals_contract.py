@@ -134,11 +134,12 @@ def test_the_sam2_private_functions_take_the_arguments_passed_to_them():
     from sam2.utils.transforms import SAM2Transforms
 
     assert _parameters(_hf_download) == ["model_id"]
-    assert _parameters(SAM2ImagePredictor._prep_prompts)[:6] == [
-        "self", "point_coords", "point_labels", "box", "mask_logits", "normalize_coords"
+    assert _parameters(SAM2ImagePredictor._prep_prompts)[:7] == [
+        "self", "point_coords", "point_labels", "box", "mask_logits", "normalize_coords", "img_idx"
     ]  # fmt: skip
-    assert _parameters(SAM2ImagePredictor._predict)[:7] == [
-        "self", "point_coords", "point_labels", "boxes", "mask_input", "multimask_output", "return_logits"
+    assert _parameters(SAM2ImagePredictor._predict)[:8] == [
+        "self", "point_coords", "point_labels", "boxes", "mask_input", "multimask_output", "return_logits",
+        "img_idx",
     ]  # fmt: skip
     assert _parameters(SAM2Transforms.postprocess_masks) == ["self", "masks", "orig_hw"]
     transforms = SAM2Transforms(resolution=64, mask_threshold=0.0)
@@ -159,6 +160,9 @@ def test_the_image_predictor_still_keeps_the_state_that_is_written():
     for name in ("_bb_feat_sizes", "_features", "_orig_hw", "_is_image_set", "_is_batch", "_transforms"):
         assert f"self.{name}" in source, f"SAM2ImagePredictor no longer keeps {name}"
     assert 'self._features["image_embed"]' in source and 'self._features["high_res_feats"]' in source
+    # a batch's features are read per image by index (internals.use_batch_features hands it lists)
+    assert 'self._features["image_embed"][img_idx]' in source and "feat_level[img_idx]" in source
+    assert "self._orig_hw[img_idx]" in source
 
 
 def test_the_inference_state_has_the_keys_init_state_makes():
