@@ -1189,8 +1189,8 @@ MUTANTS = [
     Mutant(
         "workers: no module blocked",
         "apis/core/process.py",
-        "        sys.modules[name] = None  # type: ignore[assignment]",
-        "        pass",
+        "            sys.modules[name] = None  # type: ignore[assignment]",
+        "            pass",
         (
             "tests/test_http_process.py::test_only_the_sam3_worker_loads_triton_and_cpu_workers_no_cuda_bindings",
         ),

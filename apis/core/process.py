@@ -57,7 +57,7 @@ def die_with_parent() -> None:
 CUDA_ONLY = ("cuda",)
 
 
-def block_imports(names: Iterable[str], device: str) -> list[str]:
+def block_imports(names: Iterable[str], device: str) -> None:
     """A spawned worker: make ``import name`` fail for each of ``names`` not imported yet, and
     for :data:`CUDA_ONLY` where ``device`` is not a GPU.
 
@@ -66,12 +66,10 @@ def block_imports(names: Iterable[str], device: str) -> list[str]:
     it: torch does for triton, the GPU kernel compiler that ``torch._dynamo`` imports (and
     torchvision imports ``torch._dynamo``), 82 MB in every worker (docs/benchmarks.md, Memory).
     Only in a spawned worker: a process that runs several families in turn (tests, benchmarks)
-    may come to one that needs the module. Returns the names blocked.
+    may come to one that needs the module.
     """
     if multiprocessing.parent_process() is None:
-        return []
-    names = [*names, *(() if device.startswith("cuda") else CUDA_ONLY)]
-    blocked = [name for name in names if name not in sys.modules]
-    for name in blocked:
-        sys.modules[name] = None  # type: ignore[assignment]
-    return blocked
+        return
+    for name in [*names, *(() if device.startswith("cuda") else CUDA_ONLY)]:
+        if name not in sys.modules:  # one already imported stays
+            sys.modules[name] = None  # type: ignore[assignment]
