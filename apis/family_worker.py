@@ -21,7 +21,7 @@ from apis.core.errors import APIError
 from apis.core.images import decode_image
 from apis.core.lazy import lazy_module
 from apis.core.logs import configure_logging
-from apis.core.process import die_with_parent, reuse_freed_memory
+from apis.core.process import block_imports, die_with_parent, reuse_freed_memory
 from apis.core.replies import Reply, Stream
 from apis.core.settings import ModelEntry
 from apis.core.weights import hub_file, is_hf_uri
@@ -55,9 +55,14 @@ class FamilyWorker:
     #: whose requests measurably gain from it, as the worker then keeps its largest request's
     #: memory (docs/benchmarks.md, Allocator: SAM 3, SAM 2 and DINO; not CLIP, not RMBG)
     reuses_freed_memory: ClassVar[bool] = False
+    #: modules no route of the family imports, blocked in its worker before torch loads
+    #: (apis/core/process.py): triton, which torchvision brings in through ``torch._dynamo``
+    #: although we never compile (82 MB). A family that runs triton kernels keeps it (SAM 3)
+    unused_modules: ClassVar[tuple[str, ...]] = ("triton",)
 
     def setup(self, device: str) -> None:
         die_with_parent()
+        block_imports(self.unused_modules, device)
         if self.reuses_freed_memory:
             reuse_freed_memory()
         configure_logging(self.log_level)

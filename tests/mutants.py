@@ -1209,6 +1209,16 @@ MUTANTS = [
         ("tests/http/test_sam3_video_http.py::test_a_session_whose_worker_died_is_lost",),
         "issue 32: a session lost with its worker (410) closes without error",
     ),
+    Mutant(
+        "workers: no module blocked",
+        "apis/core/process.py",
+        "            sys.modules[name] = None  # type: ignore[assignment]",
+        "            pass",
+        (
+            "tests/test_http_process.py::test_only_the_sam3_worker_loads_triton_and_cpu_workers_no_cuda_bindings",
+        ),
+        "issue 36: triton stays out of the workers but SAM 3's, NVIDIA's CUDA bindings out of CPU workers",
+    ),
 ]
 
 

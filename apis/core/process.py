@@ -6,6 +6,8 @@ import ctypes
 import multiprocessing
 import os
 import signal
+import sys
+from collections.abc import Iterable
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -48,3 +50,26 @@ def die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent.pid:  # re-parented: the server is already gone
         os._exit(0)
+
+
+#: NVIDIA's CUDA bindings (``cuda.bindings``), which torch's CUDA build imports where installed:
+#: 11 MB in a worker that runs on the CPU, where nothing calls them
+CUDA_ONLY = ("cuda",)
+
+
+def block_imports(names: Iterable[str], device: str) -> None:
+    """A spawned worker: make ``import name`` fail for each of ``names`` not imported yet, and
+    for :data:`CUDA_ONLY` where ``device`` is not a GPU.
+
+    Python raises ModuleNotFoundError for a module whose ``sys.modules`` entry is None (the
+    import system's module cache), and libraries that treat a module as optional go on without
+    it: torch does for triton, the GPU kernel compiler that ``torch._dynamo`` imports (and
+    torchvision imports ``torch._dynamo``), 82 MB in every worker (docs/benchmarks.md, Memory).
+    Only in a spawned worker: a process that runs several families in turn (tests, benchmarks)
+    may come to one that needs the module.
+    """
+    if multiprocessing.parent_process() is None:
+        return
+    for name in [*names, *(() if device.startswith("cuda") else CUDA_ONLY)]:
+        if name not in sys.modules:  # one already imported stays
+            sys.modules[name] = None  # type: ignore[assignment]

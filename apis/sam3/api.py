@@ -199,6 +199,7 @@ class Sam3API(ServesVideo, FamilyAPI):
     routes = (Predict, Embed, *VIDEO_ROUTES)
     video_prompts = Sam3Prompts
     reuses_freed_memory = True  # /sam3/predict 1.35x and 1.28x (docs/benchmarks.md, Allocator)
+    unused_modules = ()  # sam3 imports triton unguarded (sam3/model/edt.py), its kernels on CUDA
 
     def load_model(self, entry: ModelEntry) -> sam3_model.Sam3Runner:
         return sam3_model.load_sam3(entry, self.torch_device, self.compute_dtype, self.fam.cache_size)

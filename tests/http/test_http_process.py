@@ -1,6 +1,7 @@
 """The HTTP process runs no model, so it loads no model library: torch, torchvision (pulled in by
 open_clip, timm, sam2 and sam3) and onnxruntime stay in the workers (apis/core/lazy.py), and the
-server's helper processes stay small."""
+server's helper processes stay small. A worker loads only what its family uses: triton only for
+SAM 3, NVIDIA's CUDA bindings only on a GPU (apis/core/process.py, ``block_imports``)."""
 
 from __future__ import annotations
 
@@ -56,6 +57,26 @@ def test_the_http_process_loads_no_model_library_while_the_workers_do(demo_serve
     assert all(rss_mb(pid) < 40 and not loads(pid, "torch") for pid in helpers), {
         p: rss_mb(p) for p in helpers
     }
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/<pid>/maps (Linux)")
+def test_only_the_sam3_worker_loads_triton_and_cpu_workers_no_cuda_bindings(demo_server):
+    auth = {"Authorization": f"Bearer {KEYS[0]}"}
+    for route, body in BODIES.items():  # every family still answers without what it was denied
+        r = requests.post(demo_server.url + route, json=body, headers=auth, timeout=120)
+        assert r.status_code == 200, (route, r.text[:300])
+    info = requests.get(demo_server.url + "/info", headers=auth).json()
+    workers = {name: fam["workers"][0] for name, fam in info["families"].items()}
+
+    def loads(pid: int, package: str) -> bool:
+        return any(f"/site-packages/{package}/" in path for path in shared_objects(pid))
+
+    # torchvision imports torch._dynamo, which imports triton where it is not blocked
+    assert loads(workers["sam3"]["pid"], "triton")
+    assert not any(loads(workers[f]["pid"], "triton") for f in ("clip", "dino", "sam2", "rmbg"))
+    # torch's CUDA build imports NVIDIA's cuda.bindings where installed, unless the worker blocks it
+    cpu = [w["pid"] for w in workers.values() if w["device"] == "cpu"]
+    assert not any(loads(pid, "cuda") for pid in cpu), cpu
 
 
 def children(pid: int) -> list[int]:
