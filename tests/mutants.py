@@ -1215,7 +1215,7 @@ MUTANTS = [
         "            sys.modules[name] = None  # type: ignore[assignment]",
         "            pass",
         (
-            "tests/test_http_process.py::test_only_the_sam3_worker_loads_triton_and_cpu_workers_no_cuda_bindings",
+            "tests/http/test_http_process.py::test_only_the_sam3_worker_loads_triton_and_cpu_workers_no_cuda_bindings",
         ),
         "issue 36: triton stays out of the workers but SAM 3's, NVIDIA's CUDA bindings out of CPU workers",
     ),
