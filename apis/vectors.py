@@ -181,7 +181,7 @@ class VectorsRoute(Route):
             pixels = [pixels_of(b, n) for b, n in zip(r.images, names, strict=True)]
         else:  # the first bad image (in request order) answers the request, as one by one would
             pixels = list(pool.map(pixels_of, r.images, names))
-        return _EmbedInput(pixels, list(getattr(r, "texts", [])))
+        return _EmbedInput(pixels, list(getattr(r, "texts", [])), isinstance(job.answer, OpenAIList))
 
     def predict(self, model: Any, items: list[_EmbedInput]) -> list[Vectors]:
         """Every image of the batch's requests through one forward, every text through another
@@ -200,7 +200,7 @@ class VectorsRoute(Route):
         out, i, t = [], 0, 0
         for item in items:
             n, m = len(item.pixels), len(item.texts)
-            tokens = self.count_tokens(model, item.texts)
+            tokens = self.count_tokens(model, item.texts) if item.counts_tokens else []
             out.append(Vectors(images_emb[i : i + n], texts_emb[t : t + m], model.image_tokens, tokens))
             i, t = i + n, t + m
         return out
@@ -222,6 +222,7 @@ class VectorsRoute(Route):
 class _EmbedInput:
     pixels: list[torch.Tensor]
     texts: list[str]
+    counts_tokens: bool  # /v1/embeddings' usage: tokenizing the texts again is not free
 
 
 def openai_answer(shape: OpenAIList, vectors: Vectors) -> dict:

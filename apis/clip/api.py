@@ -53,6 +53,10 @@ class _DenseRoute(Route):
         """Values per patch of the answer (for the response-size check)."""
         return 1
 
+    def texts(self, request: ClipExtractRequest) -> list[str]:
+        """Texts whose embeddings the answer needs, made in predict with the features."""
+        return []
+
     def check(self, request: ClipExtractRequest | ClipSimilarityRequest) -> None:
         texts = [("text", getattr(request, "text", ""))]
         texts += [(f"negatives[{i}]", t) for i, t in enumerate(getattr(request, "negatives", None) or [])]
@@ -77,9 +81,7 @@ class _DenseRoute(Route):
             dense.CLIP_MEAN,
             dense.CLIP_STD,
         )
-        return DenseInput(
-            x, geom, [r.text, *(r.negatives or [])] if isinstance(r, ClipSimilarityRequest) else []
-        )
+        return DenseInput(x, geom, self.texts(r))
 
     def batch_key(self, item: DenseInput) -> Hashable:
         return item.x.shape
@@ -113,6 +115,9 @@ class Similarity(_DenseRoute):
     request = ClipSimilarityRequest
     response = ClipSimilarityResponse
     summary = "Per-patch image-text similarity map."
+
+    def texts(self, request: ClipSimilarityRequest) -> list[str]:
+        return [request.text, *(request.negatives or [])]
 
     def encode(self, job: Job, item: DenseInput, output: tuple[torch.Tensor, torch.Tensor]) -> dict:
         r: ClipSimilarityRequest = job.request
