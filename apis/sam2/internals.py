@@ -5,8 +5,11 @@ sam2 has public entry points for what this server does on whole requests (``set_
 and apis/sam2/model.py and video.py use those. What they have no public API for is here:
 
 * the image predictor's state and steps: its feature sizes, the current image's features
-  (set from the cache), post-processing settings, the prompt encoder and mask decoder steps
-  (``_prep_prompts``, ``_predict``) and the mask upsampling (``_transforms.postprocess_masks``);
+  (set from the cache), post-processing settings, the prompt preparation (``_prep_prompts``)
+  and the mask upsampling (``_transforms.postprocess_masks``);
+* the mask decoder's steps (``MaskDecoder.predict_masks``, ``TwoWayTransformer.forward`` and
+  its first layer's attention modules), run by :class:`PromptDecoder` with the image's share
+  computed once;
 * the automatic generator's per-crop and per-point-batch steps (``_process_crop``,
   ``_process_batch``);
 * the hub download (``build_sam._hf_download``) and the compiled extension (``sam2._C``);
@@ -20,15 +23,15 @@ tests/unit/test_internals_contract.py fails on another release and checks each n
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import sam2.sam2_video_predictor
 import sam2.utils.misc
 import torch
+import torch.nn.functional as F
 from sam2.build_sam import _hf_download
 
 from apis.core import withdrawal
@@ -115,29 +118,62 @@ def prep_prompts(
     return pred._prep_prompts(points, labels, box, mask_input, normalize_coords, img_idx)
 
 
-def decode_logits(
-    pred: SAM2ImagePredictor, coords, labels, box, mask_input, multimask_output: bool, img_idx: int = -1
-):
-    """``predict``'s decoder step on image ``img_idx`` of the current batch: (mask logits, iou,
-    low-res logits), the mask logits at the size :func:`low_res_only` leaves them. It only reads the
-    predictor, so several threads may run it at once."""
-    return pred._predict(coords, labels, box, mask_input, multimask_output, True, img_idx)
-
-
 class PromptDecoder(torch.nn.Module):
     """The model steps of ``SAM2ImagePredictor._predict`` (prompt encoder, mask decoder, the clamp
     of the low-res logits) for one prompt of one kind, the image's features given as inputs, so
-    that torch.jit can trace and freeze it: ``forward(image_embed, feat_s0, feat_s1, [coords,
-    labels], [box], [mask_input])`` with the tensors :func:`prep_prompts` gives, those the kind has."""
+    that torch.jit can trace and freeze it.
+
+    The mask decoder's work that depends on the image alone is taken as inputs too: its first
+    layer projects the 4,096 image tokens for both cross-attentions (keys and values of the
+    tokens' attention to the image, queries of the image's to the tokens) before any prompt
+    token reaches them, about a fifth of a click's FLOPs (:meth:`image_side`, computed once per
+    image). A mask input changes those tokens, so that kind computes them itself.
+
+    ``forward(image_embed, feat_s0, feat_s1, [k, v, q], [coords, labels], [box], [mask_input])``
+    with the tensors :func:`prep_prompts` gives, those the kind has. The steps are
+    ``MaskDecoder.forward``, ``predict_masks`` and ``TwoWayTransformer.forward`` of sam2 1.1.0,
+    in the same order on the same modules, so the answers equal ``_predict``'s.
+    """
 
     def __init__(self, model: torch.nn.Module, points: bool, box: bool, mask: bool, multimask: bool):
         super().__init__()
         self.prompt_encoder = model.sam_prompt_encoder
         self.mask_decoder = model.sam_mask_decoder
         self.points, self.box, self.mask, self.multimask = points, box, mask, multimask
+        assert self.mask_decoder.use_high_res_features, "sam2's image predictor always passes them"
+        assert self.mask_decoder.transformer.layers[0].skip_first_layer_pe, "as TwoWayTransformer builds it"
 
-    def forward(self, image_embed, feat_s0, feat_s1, *prompt):
-        given = iter(prompt)
+    def image_tokens(
+        self, image_embed: torch.Tensor, dense: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The transformer's image tokens and their positional encoding, (1, HW, C) each."""
+        keys = (image_embed + dense).flatten(2).permute(0, 2, 1)
+        return keys, self.prompt_encoder.get_dense_pe().flatten(2).permute(0, 2, 1)
+
+    def image_side(self, image_embed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The first layer's projections of an image's tokens with no mask input: (k, v, q)."""
+        keys, pe = self.image_tokens(image_embed, self.no_mask(image_embed))
+        return self._projected(keys, pe)
+
+    def no_mask(self, image_embed: torch.Tensor) -> torch.Tensor:
+        """The dense prompt embedding of a prompt without a mask input."""
+        _, c, h, w = image_embed.shape
+        return self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, c, h, w)
+
+    def _projected(
+        self, keys: torch.Tensor, pe: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        first = self.mask_decoder.transformer.layers[0]
+        with_pe = keys + pe
+        return (
+            first.cross_attn_token_to_image.k_proj(with_pe),
+            first.cross_attn_token_to_image.v_proj(keys),
+            first.cross_attn_image_to_token.q_proj(with_pe),
+        )
+
+    def forward(self, image_embed, feat_s0, feat_s1, *inputs):
+        given = iter(inputs)
+        side = None if self.mask else (next(given), next(given), next(given))
         points = (next(given), next(given)) if self.points else None
         if self.box:  # the box's corners go first, labelled 2 and 3, as _predict does
             corners = next(given).reshape(-1, 2, 2)
@@ -148,28 +184,71 @@ class PromptDecoder(torch.nn.Module):
                 points = (torch.cat([corners, points[0]], dim=1), torch.cat([labels, points[1]], dim=1))
         mask_input = next(given) if self.mask else None
         sparse, dense = self.prompt_encoder(points=points, boxes=None, masks=mask_input)
-        logits, iou, _, _ = self.mask_decoder(
-            image_embeddings=image_embed,
-            image_pe=self.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=self.multimask,
-            repeat_image=False,  # one prompt
-            high_res_features=[feat_s0, feat_s1],
+        keys, pe = self.image_tokens(image_embed, dense)
+        if side is None:
+            side = self._projected(keys, pe)
+        md = self.mask_decoder
+        s = 1 if md.pred_obj_scores else 0
+        first_tokens = [md.obj_score_token.weight] if md.pred_obj_scores else []
+        output_tokens = torch.cat([*first_tokens, md.iou_token.weight, md.mask_tokens.weight], dim=0)
+        tokens = torch.cat((output_tokens.unsqueeze(0).expand(sparse.size(0), -1, -1), sparse), dim=1)
+        queries, keys = self._transformer(tokens, keys, pe, side)
+        b, c, h, w = image_embed.shape
+        src = keys.transpose(1, 2).view(b, c, h, w)
+        dc1, ln1, act1, dc2, act2 = md.output_upscaling
+        upscaled = act1(ln1(dc1(src) + feat_s1))
+        upscaled = act2(dc2(upscaled) + feat_s0)
+        mask_tokens = queries[:, s + 1 : s + 1 + md.num_mask_tokens, :]
+        hyper_in = torch.stack(
+            [mlp(mask_tokens[:, i, :]) for i, mlp in enumerate(md.output_hypernetworks_mlps)], dim=1
         )
+        b, c, h, w = upscaled.shape
+        logits = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
+        iou = md.iou_prediction_head(queries[:, s, :])
+        if self.multimask:
+            logits, iou = logits[:, 1:], iou[:, 1:]
+        elif md.dynamic_multimask_via_stability:
+            logits, iou = md._dynamic_multimask_via_stability(logits, iou)
+        else:
+            logits, iou = logits[:, 0:1], iou[:, 0:1]
         return logits, iou, torch.clamp(logits, -32.0, 32.0)
 
+    def _transformer(self, tokens, keys, pe, side):
+        """``TwoWayTransformer.forward`` with its first layer's image projections given."""
+        t = self.mask_decoder.transformer
+        first, *rest = t.layers
+        k0, v0, q0 = side
+        queries = first.norm1(first.self_attn(q=tokens, k=tokens, v=tokens))  # its first layer skips the PE
+        to_image = first.cross_attn_token_to_image
+        queries = first.norm2(queries + _attend(to_image, to_image.q_proj(queries + tokens), k0, v0))
+        queries = first.norm3(queries + first.mlp(queries))
+        to_token = first.cross_attn_image_to_token
+        q = queries + tokens
+        keys = first.norm4(keys + _attend(to_token, q0, to_token.k_proj(q), to_token.v_proj(queries)))
+        for layer in rest:
+            queries, keys = layer(queries=queries, keys=keys, query_pe=tokens, key_pe=pe)
+        attn_out = t.final_attn_token_to_image(q=queries + tokens, k=keys + pe, v=keys)
+        return t.norm_final_attn(queries + attn_out), keys
 
-def traced_decoder(model: torch.nn.Module, kind: tuple[bool, bool, bool, bool], example: tuple) -> Any:
-    """:class:`PromptDecoder` of this ``kind`` (points, box, mask, multimask) traced on ``example``
-    (its inputs) and frozen: its ops run without Python between them."""
+
+def _attend(attn: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """sam2's ``Attention.forward`` after its input projections (``q``, ``k``, ``v`` projected)."""
+    heads = attn.num_heads
+    out = F.scaled_dot_product_attention(
+        attn._separate_heads(q, heads), attn._separate_heads(k, heads), attn._separate_heads(v, heads)
+    )
+    return attn.out_proj(attn._recombine_heads(out))
+
+
+def traced_decoder(decoder: PromptDecoder, example: tuple) -> Any:
+    """``decoder`` traced on ``example`` (its inputs) and frozen: its ops run without Python
+    between them."""
     with torch.no_grad(), warnings.catch_warnings():
         # the tracer's notes on sam2's shape asserts and the box labels, constants for one kind;
         # torch 2.14 calls torch.jit deprecated, which trace_decoder's description says
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", FutureWarning)
-        traced = torch.jit.trace(PromptDecoder(model, *kind).eval(), example, check_trace=False)
-        return torch.jit.freeze(traced)
+        return torch.jit.freeze(torch.jit.trace(decoder.eval(), example, check_trace=False))
 
 
 def postprocess_masks(
@@ -177,16 +256,6 @@ def postprocess_masks(
 ) -> torch.Tensor:
     """The library's upsampling to the image's size, with its hole and sprinkle filling."""
     return pred._transforms.postprocess_masks(logits, orig_hw)
-
-
-@contextlib.contextmanager
-def low_res_only(pred: SAM2ImagePredictor) -> Iterator[None]:
-    """Inside, :func:`decode_logits` answers the decoder's logits as they are, not upsampled."""
-    pred._transforms.postprocess_masks = lambda masks, orig_hw: masks
-    try:
-        yield
-    finally:
-        del pred._transforms.postprocess_masks
 
 
 def mask_generator(model: torch.nn.Module, **settings: Any) -> SAM2AutomaticMaskGenerator:

@@ -13,9 +13,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import sys
 import threading
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,15 +100,17 @@ class Embedding:
     high_res_feats: list[torch.Tensor]
     orig_hw: tuple[int, int]
     file: bytes | None = None  # the image file: auto_mask on an image_id needs pixels for its crops
+    #: the mask decoder's image-only work, computed at the image's first prompt (hiera_l: 6 MB)
+    decoder_side: tuple[torch.Tensor, ...] | None = None
 
 
 class Sam2Predictor(SAM2ImagePredictor, Autocast):
     """SAM2ImagePredictor whose image embeddings come from an LRU cache, missing ones computed
     in one batch. ``encoded_images`` counts what the image encoder actually processed and
-    ``encoder_batches`` its forwards by batch size. ``prompt_threads``: torch's threads for a
-    prompt's decoder on CPU (0: the worker's all); ``parallel_prompts``: how many prompts of one
-    batch are decoded at once on CPU (0: the worker's threads / ``prompt_threads``);
-    ``trace_decoder``: the decoder traced and frozen by torch.jit, once per kind of prompt (float32)."""
+    ``encoder_batches`` its forwards by batch size. ``prompt_threads`` and
+    ``parallel_prompts``: how a batch's prompts share the CPU (:meth:`thread_plan`);
+    ``trace_decoder``: on CPU, the decoder traced and frozen by torch.jit, once per kind of prompt
+    (float32)."""
 
     def __init__(
         self,
@@ -116,12 +119,13 @@ class Sam2Predictor(SAM2ImagePredictor, Autocast):
         dtype: torch.dtype = torch.float32,
         prompt_threads: int = 0,
         parallel_prompts: int = 0,
-        trace_decoder: bool = False,
+        trace_decoder: bool = True,
     ):
         super().__init__(model)
         self.prompt_threads = prompt_threads
         self.parallel_prompts = parallel_prompts
-        self.trace_decoder = trace_decoder and dtype == torch.float32
+        self.trace_decoder = trace_decoder and dtype == torch.float32 and self.device.type == "cpu"
+        self._decoders: dict[tuple[bool, ...], internals.PromptDecoder] = {}
         self._traced: dict[tuple[bool, ...], Any] = {}
         self._tracing = threading.Lock()
         internals.set_feature_sizes(self, model.image_size)
@@ -188,47 +192,51 @@ class Sam2Predictor(SAM2ImagePredictor, Autocast):
         else:
             super().set_image(image)
 
-    @contextlib.contextmanager
-    def decoder_threads(self) -> Iterator[None]:
-        """torch's intra-op threads limited to ``prompt_threads`` inside, on CPU: the decoder's ops
-        are small, and a second OpenMP thread spent more CPU waking up than it took off the click
-        (docs/benchmarks.md, Peers: Roboflow Inference)."""
-        before = torch.get_num_threads()
-        limit = self.prompt_threads if self.device.type == "cpu" else 0
-        if not 0 < limit < before:
-            yield
-            return
-        torch.set_num_threads(limit)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(before)
+    def thread_plan(self, prompts: int) -> tuple[int, int]:
+        """(prompts decoded at once, torch threads for each) for a batch of ``prompts`` on CPU.
+
+        ``prompt_threads`` 0 adapts to the batch: a lone prompt gets all the worker's threads (on
+        a quiet 2-core CPU a hiera_l click took 46 ms on two, 72 ms on one), several share them,
+        one each before two for one (four clicks on two threads at once: 0.67x the time of one
+        after another, where two threads on each click lose to their hand-offs between the
+        decoder's small ops). A fixed ``prompt_threads`` gives every prompt that many.
+        """
+        threads = torch.get_num_threads()
+        if self.prompt_threads:
+            each = min(self.prompt_threads, threads)
+            width = self.parallel_prompts or max(1, threads // each)
+        else:
+            width = min(prompts, self.parallel_prompts or threads)
+            each = max(1, threads // width)
+        return min(width, prompts), each
 
     @functools.cached_property
-    def decoders(self) -> ThreadPoolExecutor | None:
-        """The threads that decode a batch's prompts at once on CPU (None: one after another, as
-        on a GPU). Each runs its ops on ``prompt_threads`` torch threads: the decoder's ops are
-        too small for two, and its Python holds the GIL for a small part of a click, so on two
-        cores four clicks on two threads took 0.67x the time of one after another
-        (docs/benchmarks.md)."""
-        if self.device.type != "cpu":
-            return None
-        threads = torch.get_num_threads()
-        width = self.parallel_prompts or threads // min(self.prompt_threads or threads, threads)
-        return ThreadPoolExecutor(width, thread_name_prefix="sam2-decoder") if width > 1 else None
+    def decoders(self) -> ThreadPoolExecutor:
+        """The threads that decode a batch's prompts at once on CPU, as many as
+        :meth:`thread_plan` runs at once for the largest batch."""
+        width, _ = self.thread_plan(sys.maxsize)
+        return ThreadPoolExecutor(width, thread_name_prefix="sam2-decoder")
 
-    def decode(self, emb: Embedding, multimask: bool, coords, labels, box, mask_input, img_idx: int):
-        """The decoder on image ``img_idx`` of the current batch: (mask logits, iou, low-res
-        logits), by the library's ``_predict``, or with ``trace_decoder`` by its steps traced for
-        this kind of prompt (the first prompt of a kind traces them)."""
-        if not self.trace_decoder:
-            return internals.decode_logits(self, coords, labels, box, mask_input, multimask, img_idx)
-        prompt = tuple(t for t in (coords, labels, box, mask_input) if t is not None)
+    def decode(self, emb: Embedding, multimask: bool, coords, labels, box, mask_input):
+        """The prompt encoder and mask decoder on ``emb``'s image: (mask logits, iou, low-res
+        logits), as the library's ``_predict`` answers them, by :class:`internals.PromptDecoder`
+        for this kind of prompt: eager, or with ``trace_decoder`` traced at its first prompt. The
+        image's share of the decoder's work is computed at its first prompt and kept with it."""
         kind = (coords is not None, box is not None, mask_input is not None, multimask)
-        inputs = (emb.image_embed, *emb.high_res_feats, *prompt)
+        with self._tracing:
+            decoder = self._decoders.get(kind)
+            if decoder is None:
+                decoder = self._decoders[kind] = internals.PromptDecoder(self.model, *kind).eval()
+        if mask_input is None and emb.decoder_side is None:
+            emb.decoder_side = decoder.image_side(emb.image_embed)
+        side = () if mask_input is not None else emb.decoder_side
+        prompt = tuple(t for t in (coords, labels, box, mask_input) if t is not None)
+        inputs = (emb.image_embed, *emb.high_res_feats, *side, *prompt)
+        if not self.trace_decoder:
+            return decoder(*inputs)
         with self._tracing:
             if kind not in self._traced:
-                self._traced[kind] = internals.traced_decoder(self.model, kind, inputs)
+                self._traced[kind] = internals.traced_decoder(decoder, inputs)
         return self._traced[kind](*inputs)
 
     @contextlib.contextmanager
@@ -247,7 +255,7 @@ def load_sam2(
     cache_size: int = 16,
     prompt_threads: int = 0,
     parallel_prompts: int = 0,
-    trace_decoder: bool = False,
+    trace_decoder: bool = True,
 ) -> Sam2Predictor:
     """Build the configured variant and load its checkpoint (sam2's strict loader: a file that
     does not fit the architecture fails loudly). ``weights`` None downloads the released one.
@@ -326,6 +334,8 @@ def decode_prompts(
     )
 
     def decode(j: int) -> Decoded:
+        if each:  # OpenMP's thread count is each thread's own: set where the prompt is decoded
+            torch.set_num_threads(each)
         p = prompts[todo[j]]
         points = None if p.point_coords is None else np.asarray(p.point_coords, np.float32)
         labels = None if p.point_labels is None else np.asarray(p.point_labels, np.int32)
@@ -334,12 +344,18 @@ def decode_prompts(
             mask_input, coords, labels, box = internals.prep_prompts(
                 pred, points, labels, box, p.mask_input, p.normalize_coords, j
             )
-            logits, iou, low = pred.decode(images[j], p.multimask_output, coords, labels, box, mask_input, j)
+            logits, iou, low = pred.decode(images[j], p.multimask_output, coords, labels, box, mask_input)
         return Decoded(images[j], logits, iou, low)
 
-    pool = pred.decoders if len(todo) > 1 else None
-    with pred.decoder_threads(), internals.low_res_only(pred):
-        decoded = list(pool.map(decode, range(len(todo)))) if pool else [decode(j) for j in range(len(todo))]
+    width, each = pred.thread_plan(len(todo)) if pred.device.type == "cpu" else (1, 0)
+    threads = torch.get_num_threads()
+    try:
+        if width > 1:
+            decoded = list(pred.decoders.map(decode, range(len(todo))))
+        else:
+            decoded = [decode(j) for j in range(len(todo))]
+    finally:
+        torch.set_num_threads(threads)  # the decoding threads' settings reach torch's global count
     pred.reset_predictor()
     for k, d in zip(todo, decoded, strict=True):
         out[k] = d

@@ -12,24 +12,26 @@ class Sam2Family(CachedFamily):
 
     video: VideoSettings = Field(default_factory=VideoSettings)
     prompt_threads: int = Field(
-        1,
+        0,
         ge=0,
-        description="Threads torch uses on CPU for a prompt's mask decoder (prompt_mask); 0: all of the "
-        "worker's. Its ops are small: with another job runnable a second thread costs more in hand-offs "
-        "than it computes (on a 2-core CPU a hiera_l click took 92 ms on one, 155 ms on two); on a quiet "
-        "machine two win (53 ms), so 0 suits a machine that serves clicks and little else.",
+        description="Threads torch uses on CPU for each prompt's mask decoder (prompt_mask); 0 adapts to "
+        "the batch: a lone prompt gets all the worker's threads, several share them (one each first). "
+        "On a quiet 2-core CPU a hiera_l click took 46 ms on two threads and 72 ms on one; with another "
+        "job runnable, two lose to their hand-offs between the decoder's small ops (155 vs 92 ms), so "
+        "1 suits a machine that is busy with other work.",
     )
     parallel_prompts: int = Field(
         0,
         ge=0,
-        description="Prompts of one batch (prompt_mask) decoded at once on CPU, each on its own thread "
-        "with prompt_threads torch threads; 0: the worker's threads / prompt_threads; 1: one after "
-        "another (always so on a GPU). On a 2-core CPU four hiera_l clicks took 65 ms each on two "
-        "threads, 96 ms one after another.",
+        description="Prompts of one batch (prompt_mask) decoded at once on CPU, each on its own thread; "
+        "0: as many as the worker has threads (or threads / prompt_threads); 1: one after another "
+        "(always so on a GPU). On a 2-core CPU four hiera_l clicks took 65 ms each on two threads, "
+        "96 ms one after another.",
     )
     trace_decoder: bool = Field(
-        False,
-        description="Run prompt_mask's prompt encoder and mask decoder as a torch.jit graph (traced and "
-        "frozen at the first prompt of each kind: points, box, mask input, multimask; float32 only): no "
-        "Python between its ops. On a 2-core CPU a hiera_l click took 43 ms on two threads, 53 ms without.",
+        True,
+        description="Run prompt_mask's prompt encoder and mask decoder on CPU as a torch.jit graph "
+        "(traced and frozen at the first prompt of each kind: points, box, mask input, multimask; "
+        "about 0.3 s each for hiera_l; float32 only): no Python between its ops, the same answers. On a "
+        "2-core CPU a hiera_l click took 36 ms on two threads, 46 ms without. false: eager, as on a GPU.",
     )

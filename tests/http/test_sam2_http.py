@@ -137,29 +137,48 @@ def test_prompt_masks_equal_the_predictor(reference, kw, case):
     assert_same_answer(got, want, logits=case == "logits")
 
 
-@pytest.mark.parametrize(("parallel", "trace"), [(1, False), (2, False), (2, True)])
-def test_a_batch_of_prompts_decoded_at_once_equals_the_predictor(reference, sam2_checkpoint, parallel, trace):
+@pytest.mark.parametrize(
+    ("prompt_threads", "parallel", "trace"), [(1, 1, False), (1, 2, False), (0, 0, False), (0, 0, True)]
+)
+def test_a_batch_of_prompts_decoded_at_once_equals_the_predictor(
+    request, reference, sam2_checkpoint, prompt_threads, parallel, trace
+):
     """``decode_prompts`` on every PROMPTS case over two images, plus an image that is not cached:
-    one after another (``parallel_prompts`` 1) or on two threads of one torch thread each (2),
-    eager or traced (``trace_decoder``): each answer is the library's, the decoder ran on the
-    threads asked for, and traced, Python ran it only to trace each kind of prompt once."""
+    one after another (``parallel_prompts`` 1), on two threads of one torch thread each (a fixed
+    ``prompt_threads`` or the adaptive 0), eager or traced (``trace_decoder``): each answer is the
+    library's, the decoder ran on the threads asked for, and traced, Python ran it only to trace
+    each kind of prompt once. Each image's share of the decoder is computed once, at its first
+    prompt without a mask input; a prompt with one computes its own. Then a lone click: on all the
+    worker's threads when adaptive."""
     import threading
 
     from apis.core.settings import ModelEntry
     from apis.sam2 import model
 
     entry = ModelEntry(name="sam2.1_hiera_t", weights=str(sam2_checkpoint), arch_config=str(ARCH))
-    pred = model.load_sam2(entry, "cpu", prompt_threads=1, parallel_prompts=parallel, trace_decoder=trace)
+    pred = model.load_sam2(
+        entry, "cpu", prompt_threads=prompt_threads, parallel_prompts=parallel, trace_decoder=trace
+    )
+    decoder = pred.model.sam_mask_decoder
     ran: list[tuple[str, int]] = []
-    pred.model.sam_mask_decoder.register_forward_hook(
+    decoder.iou_prediction_head.register_forward_hook(
         lambda *_: ran.append((threading.current_thread().name, torch.get_num_threads()))
+    )
+    image_sides: list[int] = []
+    decoder.transformer.layers[0].cross_attn_token_to_image.k_proj.register_forward_hook(
+        lambda _m, args, _out: image_sides.append(args[0].shape[1])
     )
     images = [scene(seed=50), scene(seed=51)]
     embs = pred.embeddings(["a", "b"], images)
     cases = [(i, case) for case in PROMPTS for i in range(2)]
     prompts = [model.Prompt(**PROMPTS[case]) for _, case in cases]
+    threads = torch.get_num_threads()
+    if threads != 2:  # a worker's two threads, whatever this test process was given
+        torch.set_num_threads(2)
+        request.addfinalizer(lambda: torch.set_num_threads(threads))
+        threads = 2
     decoded = model.decode_prompts(pred, [*(embs[i] for i, _ in cases), None], [*prompts, prompts[0]])
-    assert decoded[-1] is None
+    assert decoded[-1] is None and torch.get_num_threads() == threads
     for (i, case), prompt, dec in zip(cases, prompts, decoded, strict=False):
         got = model.prompt_masks(pred, prompt, dec)
         assert_same_answer(got, direct(reference, images[i], **PROMPTS[case]), logits=prompt.return_logits)
@@ -171,6 +190,14 @@ def test_a_batch_of_prompts_decoded_at_once_equals_the_predictor(reference, sam2
     else:
         assert len(names) == 2 and all(n.startswith("sam2-decoder") for n in names), names
         assert {threads for _, threads in ran} == {1}
+    masked = sum(p.mask_input is not None for p in prompts)
+    image_tokens = embs[0].image_embed.shape[-1] * embs[0].image_embed.shape[-2]
+    # once per image, plus each mask-input prompt's own (traced: only while tracing its kind)
+    assert image_sides.count(image_tokens) == 2 + (min(masked, 1) if trace else masked)
+    ran.clear()
+    model.decode_prompts(pred, [embs[0]], [prompts[0]])
+    if not trace:
+        assert ran == [(threading.current_thread().name, prompt_threads or threads)]
 
 
 def test_packbits_prompt_masks_decode_to_the_float32_ones_in_a_smaller_answer(kw):

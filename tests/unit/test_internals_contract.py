@@ -137,10 +137,6 @@ def test_the_sam2_private_functions_take_the_arguments_passed_to_them():
     assert _parameters(SAM2ImagePredictor._prep_prompts)[:7] == [
         "self", "point_coords", "point_labels", "box", "mask_logits", "normalize_coords", "img_idx"
     ]  # fmt: skip
-    assert _parameters(SAM2ImagePredictor._predict)[:8] == [
-        "self", "point_coords", "point_labels", "boxes", "mask_input", "multimask_output", "return_logits",
-        "img_idx",
-    ]  # fmt: skip
     assert _parameters(SAM2Transforms.postprocess_masks) == ["self", "masks", "orig_hw"]
     transforms = SAM2Transforms(resolution=64, mask_threshold=0.0)
     assert {"mask_threshold", "max_hole_area", "max_sprinkle_area"} <= set(vars(transforms))
@@ -151,6 +147,40 @@ def test_the_sam2_private_functions_take_the_arguments_passed_to_them():
     assert {"memory", "memory_pos"} <= set(_parameters(MemoryAttention.forward))
     assert callable(sam2.utils.misc.get_connected_components)
     assert "tqdm(" in inspect.getsource(sam2.sam2_video_predictor)  # the bar silenced
+
+
+def test_the_mask_decoder_still_runs_the_steps_the_prompt_decoder_repeats():
+    """internals.PromptDecoder runs sam2's mask decoder step by step (its first layer's image
+    projections given): these are the steps of sam2 1.1.0 it repeats. Its answers are checked
+    against SAM2ImagePredictor in tests/http/test_sam2_http.py."""
+    from sam2.modeling.sam.mask_decoder import MaskDecoder
+    from sam2.modeling.sam.transformer import Attention, TwoWayAttentionBlock, TwoWayTransformer
+
+    steps = {
+        MaskDecoder.predict_masks: [
+            "src = src + dense_prompt_embeddings",
+            "hs, src = self.transformer(src, pos_src, tokens)",
+            "upscaled_embedding = act1(ln1(dc1(src) + feat_s1))",
+            "upscaled_embedding = act2(dc2(upscaled_embedding) + feat_s0)",
+            "iou_pred = self.iou_prediction_head(iou_token_out)",
+        ],
+        MaskDecoder.forward: [
+            "masks = masks[:, 1:, :, :]",
+            "self._dynamic_multimask_via_stability(masks, iou_pred)",
+        ],
+        TwoWayAttentionBlock.forward: [
+            "queries = self.self_attn(q=queries, k=queries, v=queries)",
+            "attn_out = self.cross_attn_token_to_image(q=q, k=k, v=keys)",
+            "attn_out = self.cross_attn_image_to_token(q=k, k=q, v=queries)",
+        ],
+        TwoWayTransformer.forward: ["attn_out = self.final_attn_token_to_image(q=q, k=k, v=keys)"],
+        Attention.forward: ["out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)"],
+    }
+    for fn, lines in steps.items():
+        source = inspect.getsource(fn)
+        for line in lines:
+            assert line in source, f"{fn.__qualname__} no longer runs {line!r}"
+    assert {"_separate_heads", "_recombine_heads"} <= set(vars(Attention))
 
 
 def test_the_image_predictor_still_keeps_the_state_that_is_written():

@@ -289,18 +289,25 @@ def test_affinity_keys_name_the_image_id_and_model_of_the_routes_that_cache_imag
         assert api.affinity(Job(route, job.model_id, None, image_id=job.image_id)) is None
 
 
-@pytest.mark.parametrize(("device", "limit", "inside"), [("cpu", 1, 1), ("cpu", 0, None), ("cuda", 1, None)])
-def test_sam2_decoder_threads(device: str, limit: int, inside: int | None) -> None:
-    """A prompt's decoder runs on ``prompt_threads`` torch threads on CPU, the worker's threads
-    are back afterwards; 0, or a GPU, leaves them as they are."""
+@pytest.mark.parametrize(
+    ("prompt_threads", "parallel", "threads", "prompts", "plan"),
+    [
+        (0, 0, 2, 1, (1, 2)),  # a lone click on all the worker's threads
+        (0, 0, 2, 4, (2, 1)),  # four share two threads, one each
+        (0, 0, 8, 2, (2, 4)),  # two share eight, four each
+        (0, 3, 8, 5, (3, 2)),  # at most three at once
+        (1, 0, 2, 1, (1, 1)),  # a fixed count: one thread even alone
+        (1, 0, 2, 4, (2, 1)),
+        (2, 0, 8, 9, (4, 2)),
+        (1, 1, 2, 4, (1, 1)),  # one after another
+    ],
+)
+def test_sam2_thread_plan(prompt_threads, parallel, threads, prompts, plan) -> None:
+    """How a batch's prompts share the CPU: (prompts decoded at once, torch threads for each)."""
     before = torch.get_num_threads()
-    if before < 2:
-        torch.set_num_threads(2)
+    holder = type("Holder", (), {"prompt_threads": prompt_threads, "parallel_prompts": parallel})()
+    torch.set_num_threads(threads)
     try:
-        threads = torch.get_num_threads()
-        holder = type("Holder", (), {"prompt_threads": limit, "device": torch.device(device)})()
-        with Sam2Predictor.decoder_threads(holder):
-            assert torch.get_num_threads() == (inside or threads)
-        assert torch.get_num_threads() == threads
+        assert Sam2Predictor.thread_plan(holder, prompts) == plan
     finally:
         torch.set_num_threads(before)
