@@ -29,8 +29,7 @@ from apis.families import FAMILIES
 from apis.family import FamilyAPI, Job
 from apis.http.errors import ERROR_RESPONSES, validation_message
 from apis.http.inputs import fetch_url
-from apis.http.responses import error_response, reply_response
-from apis.http.routing import JsonBodyRoute
+from apis.http.routing import JsonBodyRoute, error_response, reply_response
 from apis.http.schemas import StrictRequest, is_blank
 from apis.route import AnswerFormat
 from apis.vectors import OpenAIOptions, VectorsRoute, check_count, read_image

@@ -92,7 +92,7 @@ class AnswerFormat(Enum):
 class Job:
     """One request as it travels to a worker: the validated request object (its image fields
     emptied, other fields the HTTP process read replaced by what it read), the model's id, the
-    image's file bytes, and on caching routes the image_id (apis/core/image_ids.py), which a
+    image's file bytes, and on caching routes the image_id (apis/core/images.py), which a
     request may send alone; a session's calls name their session. ``openai`` holds what OpenAI's
     list needs beyond the request (given exactly when ``answer_format`` is OPENAI_EMBEDDINGS)."""
 
