@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     from apis.core.logs import configure_logging
     from apis.core.process import reuse_freed_memory
     from apis.core.settings import CachedFamily
-    from apis.http.drain import install_sigterm_drain
+    from apis.http.middleware import install_sigterm_drain
     from apis.server import CommandLine, build_server, close_dispatchers, random_weight_models
 
     configure_logging(args.log_level, args.log_format)

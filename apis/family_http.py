@@ -19,13 +19,12 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from apis.core.errors import APIError
-from apis.core.image_ids import content_id
-from apis.core.images import probe_image
+from apis.core.images import content_id, probe_image
 from apis.core.logs import REQUEST_ID
 from apis.core.replies import Reply
 from apis.http import metrics
 from apis.http.inputs import IMAGE_FIELDS, ImageInput, read_image_bytes
-from apis.http.responses import error_response, reply_response
+from apis.http.routing import error_response, reply_response
 from apis.litserve_internals import FamilyEndpointsBase
 from apis.route import Job, Route
 from apis.transport.dispatch import Dispatcher

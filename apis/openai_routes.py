@@ -29,10 +29,10 @@ from apis.families import FAMILIES
 from apis.family import FamilyAPI, Job
 from apis.http.errors import ERROR_RESPONSES, validation_message
 from apis.http.inputs import fetch_url
-from apis.http.responses import error_response, reply_response
-from apis.http.routing import JsonBodyRoute
+from apis.http.routing import JsonBodyRoute, error_response, reply_response
 from apis.http.schemas import StrictRequest, is_blank
-from apis.vectors import OpenAIList, VectorsRoute, check_count, read_image
+from apis.route import AnswerFormat
+from apis.vectors import OpenAIOptions, VectorsRoute, check_count, read_image
 
 _DATA_URI = re.compile(r"data:image/[\w.+-]+;base64,")
 _BASE64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
@@ -207,8 +207,10 @@ class OpenAIEmbeddings:
             kinds.append("text")
             texts.append(item)
         route: VectorsRoute = api.handlers["embed"]
-        answer = OpenAIList(tuple(kinds), req.encoding_format, model_id, req.dimensions)
-        return api, Job(route.name, model_id, route.openai_request(images, texts), answer=answer)
+        request = route.openai_request(images, texts)
+        options = OpenAIOptions(tuple(kinds), req.encoding_format, req.dimensions)
+        job = Job(route.name, model_id, request, answer_format=AnswerFormat.OPENAI_EMBEDDINGS, openai=options)
+        return api, job
 
     def image_of(self, item: str, param: str, urls: bool) -> bytes | None:
         """:func:`image_input`, and with ``urls`` an http(s) URL fetched under the server's URL

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from apis.family import FamilyAPI
+    from apis.vectors import OpenAIOptions
 
 
 class Route:
@@ -76,12 +78,23 @@ class Route:
         raise NotImplementedError
 
 
+class AnswerFormat(Enum):
+    """Whose format a job's answer takes. ``/v1/embeddings`` sends the family's own embed job, so
+    that it batches with the family's other requests, but wants OpenAI's list back, rendered in
+    the worker like every answer; the job names the format, and the one route that renders both
+    (apis/vectors.py) tests this value, not the presence of some other field."""
+
+    ROUTE = "route"  # the route's own JSON (its response model)
+    OPENAI_EMBEDDINGS = "openai_embeddings"  # OpenAI's embeddings list (apis/openai_routes.py)
+
+
 @dataclass
 class Job:
     """One request as it travels to a worker: the validated request object (its image fields
     emptied, other fields the HTTP process read replaced by what it read), the model's id, the
-    image's file bytes, and on caching routes the image_id (apis/core/image_ids.py), which a
-    request may send alone; a session's calls name their session."""
+    image's file bytes, and on caching routes the image_id (apis/core/images.py), which a
+    request may send alone; a session's calls name their session. ``openai`` holds what OpenAI's
+    list needs beyond the request (given exactly when ``answer_format`` is OPENAI_EMBEDDINGS)."""
 
     route: str
     model_id: str
@@ -91,6 +104,9 @@ class Job:
     request_id: str = "-"  # the worker's log lines name it (apis/http/metrics.py)
     image_id: str | None = None
     session_id: str | None = None  # video session calls (apis/video_sessions.py)
-    #: how the answer is rendered when it is not the route's own JSON: an
-    #: :class:`apis.vectors.OpenAIList` for /v1/embeddings
-    answer: Any = None
+    answer_format: AnswerFormat = AnswerFormat.ROUTE
+    openai: OpenAIOptions | None = None
+
+    def __post_init__(self) -> None:
+        if (self.openai is not None) != (self.answer_format is AnswerFormat.OPENAI_EMBEDDINGS):
+            raise ValueError("a job carries OpenAI's options exactly when its answer is OpenAI's list")

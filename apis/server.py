@@ -16,12 +16,11 @@ from apis.config import WORKER_ENV, ServerConfig
 from apis.core.errors import APIError
 from apis.families import FAMILIES
 from apis.family import FamilyAPI
-from apis.http.drain import DrainGate, DrainState
 from apis.http.errors import install_error_handlers
 from apis.http.metrics import Metrics, MetricsListener, RequestContext
-from apis.http.middleware import BearerAuth, BodyLimit
+from apis.http.middleware import BearerAuth, BodyLimit, DrainGate, DrainState
 from apis.http.playground import install_playground, is_playground
-from apis.http.responses import error_response
+from apis.http.routing import error_response
 from apis.litserve_internals import VisionServer, listen_socket
 from apis.openai_routes import install_openai_routes
 from apis.uvicorn_internals import http_protocol

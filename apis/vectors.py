@@ -30,6 +30,7 @@ from apis.core.replies import non_finite
 from apis.core.settings import Limits
 from apis.family import Job, Route
 from apis.http.inputs import decode_base64
+from apis.route import AnswerFormat
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -82,14 +83,14 @@ def _decode(data: bytes, limits: Limits, param: str):
 
 
 @dataclass(frozen=True)
-class OpenAIList:
-    """A :class:`~apis.route.Job`'s ``answer`` when /v1/embeddings asked (apis/openai_routes.py):
-    OpenAI's embeddings list instead of the family's JSON. ``kinds``: "image" or "text" for each
-    input in request order (the job's images and texts keep their own order)."""
+class OpenAIOptions:
+    """What OpenAI's embeddings list needs beyond the family's embed request, carried as a
+    :class:`~apis.route.Job`'s ``openai`` when /v1/embeddings asked (apis/openai_routes.py; the
+    list names the job's ``model_id``). ``kinds``: "image" or "text" for each input in request
+    order (the job's images and texts keep their own order)."""
 
     kinds: tuple[str, ...]
     encoding_format: str
-    model: str
     dimensions: int | None
 
     def image_params(self) -> list[str]:
@@ -156,7 +157,8 @@ class VectorsRoute(Route):
     def decode(self, model: Any, job: Job) -> _EmbedInput:
         r = job.request
         dim = self.dim(model)
-        asked = job.answer.dimensions if isinstance(job.answer, OpenAIList) else None
+        openai = openai_options(job)
+        asked = openai.dimensions if openai else None
         if asked is not None and asked != dim:
             raise APIError(
                 400,
@@ -171,17 +173,13 @@ class VectorsRoute(Route):
         def pixels_of(data: bytes, name: str) -> torch.Tensor:
             return self.preprocess(model, _decode(data, limits, name))
 
-        names = (
-            job.answer.image_params()
-            if isinstance(job.answer, OpenAIList)
-            else [f"images[{i}]" for i in range(len(r.images))]
-        )
+        names = openai.image_params() if openai else [f"images[{i}]" for i in range(len(r.images))]
         pool = _decoding_pool() if len(r.images) > 1 else None
         if pool is None:
             pixels = [pixels_of(b, n) for b, n in zip(r.images, names, strict=True)]
         else:  # the first bad image (in request order) answers the request, as one by one would
             pixels = list(pool.map(pixels_of, r.images, names))
-        return _EmbedInput(pixels, list(getattr(r, "texts", [])), isinstance(job.answer, OpenAIList))
+        return _EmbedInput(pixels, list(getattr(r, "texts", [])), openai is not None)
 
     def predict(self, model: Any, items: list[_EmbedInput]) -> list[Vectors]:
         """Every image of the batch's requests through one forward, every text through another
@@ -207,8 +205,9 @@ class VectorsRoute(Route):
 
     def encode(self, job: Job, item: _EmbedInput, vectors: Vectors) -> dict:
         vectors = self.chosen(job.request, vectors)
-        if isinstance(job.answer, OpenAIList):
-            return openai_answer(job.answer, vectors)
+        openai = openai_options(job)
+        if openai:
+            return openai_answer(openai, job.model_id, vectors)
         return self.family_answer(job, vectors)
 
     def chunked(self, forward: Callable[[Any], torch.Tensor], items: Sequence) -> torch.Tensor:
@@ -225,7 +224,13 @@ class _EmbedInput:
     counts_tokens: bool  # /v1/embeddings' usage: tokenizing the texts again is not free
 
 
-def openai_answer(shape: OpenAIList, vectors: Vectors) -> dict:
+def openai_options(job: Job) -> OpenAIOptions | None:
+    """The job's OpenAI options when its answer is OpenAI's list, None for the family's own JSON:
+    the one test of the answer format."""
+    return job.openai if job.answer_format is AnswerFormat.OPENAI_EMBEDDINGS else None
+
+
+def openai_answer(shape: OpenAIOptions, model_id: str, vectors: Vectors) -> dict:
     """OpenAI's embeddings list, inputs in request order; ``base64`` is little-endian float32,
     as OpenAI sends it. Usage counts the text tokens and, per image, the ViT's tokens."""
     images, texts = vectors.images, vectors.texts
@@ -241,6 +246,6 @@ def openai_answer(shape: OpenAIList, vectors: Vectors) -> dict:
     return {
         "object": "list",
         "data": data,
-        "model": shape.model,
+        "model": model_id,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     }

@@ -34,7 +34,7 @@ from apis.core.replies import Stream
 from apis.core.sessions import Entry, SessionStore, lost, not_found, worker_token
 from apis.family import FamilyAPI, Job, Route
 from apis.http.inputs import IMAGE_FIELDS, ImageInput, read_image_bytes, read_path
-from apis.http.responses import PartsResponse, reply_response
+from apis.http.routing import PartsResponse, reply_response
 from apis.http.schemas import StrictRequest
 
 video = lazy_module("apis.core.video")  # OpenCV, in the worker only

@@ -49,8 +49,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from apis.config import load_config  # noqa: E402
-from apis.core.masks import coco_rle  # noqa: E402
-from apis.core.tensors import encode_array  # noqa: E402
+from apis.core.encodings import coco_rle, encode_array  # noqa: E402
 from apis.families import FAMILIES  # noqa: E402
 from apis.sam2 import model as sam2_model  # noqa: E402
 from apis.sam2.api import encode_binary  # noqa: E402

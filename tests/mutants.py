@@ -233,7 +233,7 @@ MUTANTS = [
     ),
     Mutant(
         "sam3: first contour, not the largest",
-        "apis/core/masks.py",
+        "apis/core/encodings.py",
         "contour = max(contours, key=cv2.contourArea)",
         "contour = contours[0]",
         ("tests/http/test_sam3_http.py::test_score_threshold_min_area_and_epsilon_including_explicit_zero",),
@@ -241,7 +241,7 @@ MUTANTS = [
     ),
     Mutant(
         "sam3: polygon simplified with a fixed epsilon",
-        "apis/core/masks.py",
+        "apis/core/encodings.py",
         "approx = cv2.approxPolyDP(contour, epsilon_factor * cv2.arcLength(contour, True), True)",
         "approx = cv2.approxPolyDP(contour, 2.0 * epsilon_factor, True)",
         (
@@ -342,7 +342,7 @@ MUTANTS = [
     ),
     Mutant(
         "sam3: first contour, against the independent outline",
-        "apis/core/masks.py",
+        "apis/core/encodings.py",
         "contour = max(contours, key=cv2.contourArea)",
         "contour = contours[0]",
         (
@@ -352,7 +352,7 @@ MUTANTS = [
     ),
     Mutant(
         "sam3: largest by pixel count",
-        "apis/core/masks.py",
+        "apis/core/encodings.py",
         "contour = max(contours, key=cv2.contourArea)",
         "contour = max(contours, key=lambda c: int(cv2.drawContours("
         "np.zeros(mask.shape, np.uint8), [c], -1, 1, -1).sum()))",

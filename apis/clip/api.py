@@ -19,10 +19,10 @@ from apis.clip.schemas import (
     ClipTextRequest,
     ClipTextResponse,
 )
+from apis.core.encodings import encode_array, tensor_answer
 from apis.core.lazy import lazy_module
 from apis.core.registry import Key, canonical
 from apis.core.settings import ModelEntry
-from apis.core.tensors import encode_array, tensor_answer
 from apis.family import FamilyAPI, Job, Route
 from apis.vectors import Vectors, VectorsRoute, check_count
 

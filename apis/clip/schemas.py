@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from apis.clip.options import SimilarityMode
-from apis.core.tensors import OutputDType
+from apis.core.encodings import OutputDType
 from apis.http.inputs import ImageInput
 from apis.http.schemas import DenseOptions, DenseResponse, StrictRequest, is_blank
 

@@ -1,6 +1,6 @@
 """LRU cache of encoded images, shared by the families that prompt one image many times (SAM 2, SAM 3).
 
-Entries are keyed by image_id (apis/core/image_ids.py: the SHA-256 of the image file), so a request
+Entries are keyed by image_id (apis/core/images.py: the SHA-256 of the image file), so a request
 that sends only the id finds the entry a request with the image made, in the one cache of each
 model in each worker.
 """

@@ -14,9 +14,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from apis.core.encodings import (
+    InterpolationMode,
+    PaddingMode,
+    TensorFormat,
+    check_response_size,
+    tensor_answer,
+)
 from apis.core.errors import APIError
 from apis.core.settings import Limits
-from apis.core.tensors import InterpolationMode, PaddingMode, TensorFormat, check_response_size, tensor_answer
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -1,11 +1,22 @@
-"""Image files, checked: :func:`probe_image` reads only the header (format and size) so bad or
-oversized images are refused before any decoding; :func:`decode_image` decodes the pixels.
+"""Image files, checked and named: :func:`probe_image` reads only the header (format and size)
+so bad or oversized images are refused before any decoding; :func:`decode_image` decodes the
+pixels; :func:`content_id` names the file.
 
 The HTTP process probes (apis/http/inputs.py reads the bytes); the model worker decodes.
+
+Embed once, prompt many: ``image_id`` names an image a SAM worker has encoded and cached. It is
+the lowercase hex SHA-256 of the image FILE's bytes as the server received them (after base64
+decoding, reading the path or fetching the URL), so a client computes it locally without asking.
+The HTTP process computes it for every request that carries an image to a caching route; it is
+the key of the worker's cache (apis/core/cache.py) and of the dispatcher's affinity
+(apis/transport/dispatch.py), and clients send it as the ``X-Image-Key`` header, the key a load
+balancer hashes on to keep an image's requests on one replica.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
 import struct
 from io import BytesIO
 
@@ -185,3 +196,21 @@ def decode_image(data: bytes, limits: Limits) -> Image.Image:
         raise APIError(
             400, f"the image data is truncated or corrupt: {e}", param="image", code="invalid_image"
         ) from None
+
+
+IMAGE_ID = re.compile(r"[0-9a-f]{64}")  # what content_id gives: requests' image_id must match it
+
+
+def content_id(data: bytes) -> str:
+    """The image_id of an image file: hex SHA-256 of its bytes."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def not_cached(image_id: str, family: str) -> APIError:
+    return APIError(
+        404,
+        f"image_id {image_id} is not cached on this server (never embedded here, or evicted): send the "
+        f"image itself again (image, image_url or image_path), or POST it to /{family}/embed first",
+        param="image_id",
+        code="image_not_cached",
+    )

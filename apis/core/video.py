@@ -17,8 +17,8 @@ from typing import Any, Literal
 import cv2
 import numpy as np
 
+from apis.core.encodings import coco_rle, png_base64
 from apis.core.errors import APIError
-from apis.core.masks import coco_rle, png_base64
 
 MaskEncoding = Literal["coco_rle", "png", "polygons"]
 MASK_ENCODINGS: tuple[str, ...] = ("coco_rle", "png", "polygons")

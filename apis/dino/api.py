@@ -6,10 +6,10 @@ from __future__ import annotations
 from collections.abc import Hashable
 from dataclasses import dataclass, replace
 
+from apis.core.encodings import encode_array
 from apis.core.errors import APIError
 from apis.core.lazy import lazy_module
 from apis.core.settings import ModelEntry
-from apis.core.tensors import encode_array
 from apis.dino.options import POOLINGS, Facet
 from apis.dino.schemas import (
     DinoEmbedRequest,

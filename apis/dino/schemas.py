@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from apis.core.tensors import OutputDType
+from apis.core.encodings import OutputDType
 from apis.dino.options import Facet, Pooling
 from apis.http.schemas import DenseOptions, DenseResponse, StrictRequest
 

@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from apis.core.errors import APIError
-from apis.http.responses import error_response
+from apis.http.routing import error_response
 
 
 class ErrorDetail(BaseModel):

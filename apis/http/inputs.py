@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from apis.config import ServerConfig
 from apis.core.errors import APIError
-from apis.core.image_ids import IMAGE_ID
+from apis.core.images import IMAGE_ID
 from apis.core.settings import PathInput, UrlInput
 
 IMAGE_FIELDS = ("image", "image_url", "image_path")

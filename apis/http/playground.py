@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from fastapi.responses import Response
 
 from apis.core.errors import APIError
-from apis.http.responses import error_response
+from apis.http.routing import error_response
 
 PREFIX = "/playground"
 _FILES = {

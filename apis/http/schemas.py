@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic.fields import FieldInfo
 
-from apis.core.tensors import InterpolationMode, OutputDType, PaddingMode, ResponseFormat, TensorFormat
+from apis.core.encodings import InterpolationMode, OutputDType, PaddingMode, ResponseFormat, TensorFormat
 from apis.http.inputs import ImageInput
 from apis.pydantic_internals import replace_fields
 

@@ -10,10 +10,10 @@ import numpy as np
 import pybase64
 from PIL import Image
 
+from apis.core.encodings import check_answer_bytes, human_bytes
 from apis.core.errors import APIError
 from apis.core.lazy import lazy_module
 from apis.core.settings import ModelEntry
-from apis.core.tensors import check_answer_bytes, human_bytes
 from apis.family import FamilyAPI, Job, Route
 from apis.rmbg.schemas import RmbgModelSelector, RmbgRemoveRequest, RmbgRemoveResponse
 

@@ -15,12 +15,19 @@ import numpy as np
 import pybase64
 
 from apis.core.cache import cache_stats
+from apis.core.encodings import (
+    base64_len,
+    check_answer_bytes,
+    check_response_size,
+    coco_rle,
+    encode_array,
+    human_bytes,
+    png_base64,
+)
 from apis.core.errors import APIError
-from apis.core.image_ids import not_cached
-from apis.core.images import decode_image
+from apis.core.images import decode_image, not_cached
 from apis.core.lazy import lazy_module
 from apis.core.settings import ModelEntry
-from apis.core.tensors import base64_len, check_answer_bytes, check_response_size, encode_array, human_bytes
 from apis.family import FamilyAPI, Job, Route
 from apis.http.inputs import EmbedResponse, embed_answer
 from apis.sam2.options import variant_name
@@ -39,7 +46,6 @@ from apis.sam2.schemas import (
 from apis.video_sessions import VIDEO_ROUTES, ServesVideo
 
 sam2_model = lazy_module("apis.sam2.model")  # the library loads in the worker (apis/core/lazy.py)
-mask_codec = lazy_module("apis.core.masks")  # cv2, pycocotools: worker only
 video = lazy_module("apis.sam2.video")
 
 
@@ -61,7 +67,7 @@ def encode_binary(mask: np.ndarray, encoding: MaskEncoding) -> str:
         return encode_array(mask)[0]
     if encoding == "packbits":
         return pybase64.b64encode_as_string(np.packbits(mask.astype(bool, copy=False).ravel()))
-    return mask_codec.png_base64(mask)
+    return png_base64(mask)
 
 
 def _binary_size(h: int, w: int, encoding: MaskEncoding) -> int:
@@ -233,7 +239,7 @@ class PromptMask(_EncodesImages):
         encoding = r.mask_encoding
         out: dict[str, Any] = {}
         if encoding == "coco_rle":
-            out["masks"] = [mask_codec.coco_rle(m) for m in masks]
+            out["masks"] = [coco_rle(m) for m in masks]
             size = sum(len(r["counts"]) for r in out["masks"])
             check_answer_bytes(
                 size,

@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 
 from apis.core.cache import cache_stats
+from apis.core.encodings import check_answer_bytes, human_bytes, largest_polygon
 from apis.core.errors import APIError
-from apis.core.image_ids import not_cached
+from apis.core.images import not_cached
 from apis.core.lazy import lazy_module
 from apis.core.settings import ModelEntry
-from apis.core.tensors import check_answer_bytes, human_bytes
 from apis.family import FamilyAPI, Job, Route
 from apis.http.inputs import EmbedResponse, embed_answer
 from apis.sam3.schemas import (
@@ -30,7 +30,6 @@ from apis.video_sessions import VIDEO_ROUTES, ServesVideo, SessionPrompts
 
 sam3_model = lazy_module("apis.sam3.model")  # the library loads in the worker (apis/core/lazy.py)
 core_video = lazy_module("apis.core.video")
-mask_codec = lazy_module("apis.core.masks")  # cv2, pycocotools: worker only
 
 
 @dataclass
@@ -188,7 +187,7 @@ class Sam3Prompts(SessionPrompts):
     def answer(self, api: FamilyAPI, result: Any, encoding: str) -> dict[str, Any]:
         out = core_video.frame_answer(result, encoding)
         for obj, tracked in zip(out["objects"], result.objects, strict=True):
-            outline = mask_codec.largest_polygon(tracked.mask, api.fam.epsilon_factor)
+            outline = largest_polygon(tracked.mask, api.fam.epsilon_factor)
             obj["polygon"] = None if outline is None else outline[0]
         return out
 

@@ -46,7 +46,7 @@ from sam3.model.vl_combiner import SAM3VLBackbone
 
 from apis.core import withdrawal
 from apis.core.cache import LRUCache
-from apis.core.masks import coco_rle, largest_polygon, png_base64
+from apis.core.encodings import coco_rle, largest_polygon, png_base64
 from apis.core.precision import Autocast
 from apis.core.settings import ModelEntry
 from apis.sam3 import internals

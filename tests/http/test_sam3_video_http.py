@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from apis.core.masks import largest_polygon
+from apis.core.encodings import largest_polygon
 from apis.sam3.video import Sam3VideoArch, build_sam3_video
 from clients import sam3_client
 from clients.common import VisionServeError

@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from apis.core.replies import Reply, Stream
-from apis.http.responses import reply_response
+from apis.http.routing import reply_response
 from apis.transport.arena import Arena, ArenaOffer
 from apis.transport.dispatch import Dispatcher, WorkerLink, frame
 from apis.transport.worker_loop import run_batch, serve

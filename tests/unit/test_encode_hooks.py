@@ -13,10 +13,10 @@ from apis.clip.api import ClassifyInput
 from apis.clip.schemas import ClipClassifyRequest
 from apis.config import load_config
 from apis.families import FAMILIES
-from apis.route import Job
+from apis.route import AnswerFormat, Job
 from apis.sam2.api import PromptOutput
 from apis.sam2.schemas import Sam2PromptRequest
-from apis.vectors import OpenAIList, Vectors
+from apis.vectors import OpenAIOptions, Vectors
 
 CFG = load_config("configs/demo.yaml")
 
@@ -67,7 +67,17 @@ def test_embed_encode_answers_the_family_json_or_openai_list_in_input_order():
     request = route.request(images=[], texts=["t"])
     own = route.encode(Job("embed", "m", request), None, vectors)
     assert own["image_shape"] == [2, 4] and own["text_shape"] == [1, 4]
-    shape = OpenAIList(("image", "text", "image"), "float", "m", None)
-    listed = route.encode(Job("embed", "m", request, answer=shape), None, vectors)
+    options = OpenAIOptions(("image", "text", "image"), "float", None)
+    job = Job("embed", "m", request, answer_format=AnswerFormat.OPENAI_EMBEDDINGS, openai=options)
+    listed = route.encode(job, None, vectors)
     assert [d["embedding"] for d in listed["data"]] == [[1, 0, 0, 0], [1, 1, 1, 1], [0, 1, 0, 0]]
     assert listed["usage"]["prompt_tokens"] == 2 * 50 + 7
+
+
+def test_a_job_carries_openai_options_exactly_when_its_answer_is_openai_s_list():
+    request = api("clip").handlers["embed"].request(images=[], texts=["t"])
+    options = OpenAIOptions(("text",), "float", None)
+    with pytest.raises(ValueError):
+        Job("embed", "m", request, openai=options)
+    with pytest.raises(ValueError):
+        Job("embed", "m", request, answer_format=AnswerFormat.OPENAI_EMBEDDINGS)

@@ -14,10 +14,10 @@ import pytest
 from pydantic import ValidationError
 
 from apis.clip.schemas import ClipSimilarityRequest, ClipTextRequest
+from apis.core.encodings import encode_array, tensor_answer
 from apis.core.errors import APIError
 from apis.core.replies import Reply, non_finite_at
 from apis.core.settings import Limits
-from apis.core.tensors import encode_array, tensor_answer
 from apis.http.schemas import is_blank
 from apis.sam2.schemas import Sam2AutoMaskRequest, Sam2PromptRequest, auto_mask_points, generator_settings
 from apis.sam3.schemas import Sam3PredictRequest

@@ -12,7 +12,7 @@ from PIL import Image
 from pycocotools import mask as coco_mask
 from torch.overrides import TorchFunctionMode
 
-from apis.core.masks import coco_rle, largest_polygon, png_base64
+from apis.core.encodings import coco_rle, largest_polygon, png_base64
 from apis.sam3 import internals as sam3_internals
 from apis.sam3.model import Detections, Filters, Sam3Arch, build_sam3_image, instances, load_checkpoint
 from clients.sam3_client import decode_instance_mask, decode_instance_masks, save_instances_overlay

@@ -1,9 +1,13 @@
-"""Dense tensors on the wire: base64 of raw little-endian values, plus ``shape`` and ``dtype``,
-or (``response_format: npy``) the ``.npy`` file itself as the response body.
+"""How tensors and masks are written in answers, and the size checks before them.
 
-float32 is the default (what the seed clients decode); float16 halves the bytes on request and
-npy drops base64's third. Sizes are checked before anything is computed, so nobody builds a
-4 GB JSON by accident.
+Dense tensors: base64 of raw little-endian values, plus ``shape`` and ``dtype``, or
+(``response_format: npy``) the ``.npy`` file itself as the response body. float32 is the default
+(what the seed clients decode); float16 halves the bytes on request and npy drops base64's third.
+Sizes are checked before anything is computed, so nobody builds a 4 GB JSON by accident.
+
+Binary masks of the segmentation routes (SAM 2, SAM 3): a PNG, COCO RLE, or the outline of the
+largest component. The HTTP process imports this module for the types and size checks; OpenCV
+and pycocotools load on first use, in the worker (apis/core/lazy.py).
 """
 
 from __future__ import annotations
@@ -15,9 +19,14 @@ from typing import Literal
 
 import numpy as np
 import pybase64
+from PIL import Image
 
 from apis.core.errors import APIError
+from apis.core.lazy import lazy_module
 from apis.core.replies import Reply, non_finite
+
+cv2 = lazy_module("cv2")
+coco_mask = lazy_module("pycocotools.mask")
 
 OutputDType = Literal["float32", "float16"]
 ResponseFormat = Literal["json", "npy"]
@@ -102,3 +111,28 @@ def tensor_answer(
         return Reply.npy(buf.getvalue(), meta)
     data, shape = encode_array(arr, dtype)
     return {field: data, "shape": shape, "dtype": dtype, **meta}
+
+
+def png_base64(mask: np.ndarray) -> str:
+    """(H, W) mask as a base64 8-bit greyscale PNG, 0 or 255 (any image tool opens it)."""
+    buf = io.BytesIO()
+    Image.fromarray(mask.astype(np.uint8) * 255, "L").save(buf, format="PNG")
+    return pybase64.b64encode_as_string(buf.getvalue())
+
+
+def coco_rle(mask: np.ndarray) -> dict:
+    """(H, W) mask as COCO compressed RLE, ``{"size": [H, W], "counts": str}`` (pycocotools)."""
+    rle = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def largest_polygon(mask: np.ndarray, epsilon_factor: float) -> tuple[list[list[int]], float] | None:
+    """Outline of the mask's largest external contour, simplified by ``cv2.approxPolyDP`` with
+    epsilon = ``epsilon_factor`` x the contour's perimeter, and the area of that polygon.
+    None for an empty mask. ``epsilon_factor`` 0 keeps every corner of the contour."""
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    if not contours:
+        return None
+    contour = max(contours, key=cv2.contourArea)
+    approx = cv2.approxPolyDP(contour, epsilon_factor * cv2.arcLength(contour, True), True)
+    return approx.reshape(-1, 2).tolist(), float(cv2.contourArea(approx))
