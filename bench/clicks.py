@@ -78,16 +78,11 @@ class Clicker:
         self.emb = self.pred.cache.get(image_id)
         self.points = map(click, itertools.count())
 
-    @torch.inference_mode()
     def decoder(self):
-        """The model alone: prompt encoder + mask decoder, as ``predict_prompt`` runs them."""
-        pred = self.pred
-        pred.use(self.emb)
-        coords = np.asarray(next(self.points), np.float32)
-        with pred.autocast():
-            m_in, c, lab, box = pred._prep_prompts(coords, np.ones(1, np.int32), None, None, True)
-            with pred.low_res_only():
-                return pred._predict(c, lab, box, m_in, True, True)
+        """The model alone: prompt encoder + mask decoder, as the route runs them."""
+        prompt = sam2_model.Prompt(point_coords=[next(self.points)], point_labels=[1])
+        dec = sam2_model.decode_prompts(self.pred, [self.emb], [prompt])[0]
+        return dec.logits, dec.iou, dec.low
 
     @torch.inference_mode()
     def library(self):
