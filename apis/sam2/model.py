@@ -196,10 +196,11 @@ class Sam2Predictor(SAM2ImagePredictor, Autocast):
         """(prompts decoded at once, torch threads for each) for a batch of ``prompts`` on CPU.
 
         ``prompt_threads`` 0 adapts to the batch: a lone prompt gets all the worker's threads (on
-        a quiet 2-core CPU a hiera_l click took 46 ms on two, 72 ms on one), several share them,
-        one each before two for one (four clicks on two threads at once: 0.67x the time of one
-        after another, where two threads on each click lose to their hand-offs between the
-        decoder's small ops). A fixed ``prompt_threads`` gives every prompt that many.
+        a quiet 2-core CPU a hiera_l click's decoder took 39 ms on two, 67 ms on one:
+        bench/decoder.py); several share them, one each before two for one (four clicks on two
+        threads at once: 0.67x the time of one after another, where two threads on each click
+        lose to their hand-offs between the decoder's small ops). A fixed ``prompt_threads``
+        gives every prompt that many.
         """
         threads = torch.get_num_threads()
         if self.prompt_threads:

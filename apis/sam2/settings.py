@@ -16,9 +16,9 @@ class Sam2Family(CachedFamily):
         ge=0,
         description="Threads torch uses on CPU for each prompt's mask decoder (prompt_mask); 0 adapts to "
         "the batch: a lone prompt gets all the worker's threads, several share them (one each first). "
-        "On a quiet 2-core CPU a hiera_l click took 46 ms on two threads and 72 ms on one; with another "
-        "job runnable, two lose to their hand-offs between the decoder's small ops (155 vs 92 ms), so "
-        "1 suits a machine that is busy with other work.",
+        "On a quiet 2-core CPU a hiera_l click's decoder took 39 ms on two threads and 67 ms on one; "
+        "with another job runnable, two lose to their hand-offs between the decoder's small ops (155 vs "
+        "92 ms), so 1 suits a machine that is busy with other work.",
     )
     parallel_prompts: int = Field(
         0,
@@ -32,6 +32,7 @@ class Sam2Family(CachedFamily):
         True,
         description="Run prompt_mask's prompt encoder and mask decoder on CPU as a torch.jit graph "
         "(traced and frozen at the first prompt of each kind: points, box, mask input, multimask; "
-        "about 0.3 s each for hiera_l; float32 only): no Python between its ops, the same answers. On a "
-        "2-core CPU a hiera_l click took 36 ms on two threads, 46 ms without. false: eager, as on a GPU.",
+        "about 0.3 s each for hiera_l; float32 only): no Python between its ops, the same answers. On "
+        "a 2-core CPU a hiera_l click's decoder took 35 ms on two threads, 39 ms without. false: eager, "
+        "as on a GPU.",
     )
