@@ -109,7 +109,7 @@ class Sam2Predictor(SAM2ImagePredictor, Autocast):
     in one batch. ``encoded_images`` counts what the image encoder actually processed and
     ``encoder_batches`` its forwards by batch size. ``prompt_threads`` and
     ``parallel_prompts``: how a batch's prompts share the CPU (:meth:`thread_plan`);
-    ``trace_decoder``: on CPU, the decoder traced and frozen by torch.jit, once per kind of prompt
+    ``trace_decoder``: on CPU, the decoder traced by torch.jit, once per kind of prompt
     (float32)."""
 
     def __init__(

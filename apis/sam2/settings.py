@@ -31,8 +31,7 @@ class Sam2Family(CachedFamily):
     trace_decoder: bool = Field(
         True,
         description="Run prompt_mask's prompt encoder and mask decoder on CPU as a torch.jit graph "
-        "(traced and frozen at the first prompt of each kind: points, box, mask input, multimask; "
-        "about 0.3 s each for hiera_l; float32 only): no Python between its ops, the same answers. On "
-        "a 2-core CPU a hiera_l click's decoder took 35 ms on two threads, 39 ms without. false: eager, "
-        "as on a GPU.",
+        "(traced at the first prompt of each kind: points, box, mask input, multimask; for hiera_l about "
+        "0.3 s and 10 MB each; float32 only): no Python between its ops, the same answers. On a 2-core "
+        "CPU a hiera_l click's decoder took 35 ms on two threads, 39 ms without. false: eager, as on a GPU.",
     )
