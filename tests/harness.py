@@ -27,10 +27,14 @@ from apis.transport.worker_loop import run_batch
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
-def family(name: str, config: str | Path = DEMO) -> Any:
-    """The family's API (a :class:`~apis.family.FamilyAPI`) from ``config``'s section, after the
-    worker's ``setup("cpu")``: with ``load: eager`` its models are loaded."""
-    api = FAMILIES[name].api_class()(load_config(config))
+def family(name: str, config: str | Path = DEMO, **settings: Any) -> Any:
+    """The family's API (a :class:`~apis.family.FamilyAPI`) from ``config``'s section, with
+    ``settings`` set on that section, after the worker's ``setup("cpu")``: with ``load: eager``
+    its models are loaded."""
+    cfg = load_config(config)
+    for key, value in settings.items():
+        setattr(getattr(cfg, name), key, value)
+    api = FAMILIES[name].api_class()(cfg)
     api.setup("cpu")
     return api
 

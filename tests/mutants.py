@@ -555,6 +555,14 @@ MUTANTS = [
         "issue 37: the setting read, the decoder run eagerly all the same",
     ),
     Mutant(
+        "sam2: the decoder settings not passed from the config",
+        "apis/sam2/api.py",
+        "            self.fam.parallel_prompts,\n            self.fam.trace_decoder,",
+        "            0,\n            True,",
+        ("tests/unit/test_routes_in_process.py::-k settings_reach",),
+        "issue 37: parallel_prompts and trace_decoder read from the config, the defaults served",
+    ),
+    Mutant(
         "sam2: a lone click on one thread",
         "apis/sam2/model.py",
         "each = max(1, threads // width)",

@@ -104,3 +104,18 @@ def test_sam3_predict_equals_sam3_processor_on_the_same_model():
     for g, (score, mask) in zip(got, want, strict=True):
         assert g["score"] == pytest.approx(score, abs=1e-5)
         assert g["area"] == int(mask.sum())
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"prompt_threads": 1, "parallel_prompts": 3, "trace_decoder": False},
+        {"prompt_threads": 2, "parallel_prompts": 0, "trace_decoder": True},
+    ],
+)
+def test_sam2_decoder_settings_reach_the_workers_predictor(settings):
+    """sam2.prompt_threads, parallel_prompts and trace_decoder, each at two values, from the
+    family's config section to the predictor a worker loads; their effects are tested on the
+    predictor itself (tests/unit/test_units.py, tests/http/test_sam2_http.py)."""
+    pred = harness.loaded(harness.family("sam2", **settings))
+    assert (pred.prompt_threads, pred.parallel_prompts, pred.trace_decoder) == tuple(settings.values())
